@@ -1,0 +1,196 @@
+//! The plain C ABI for hosts other than XLA: a version query and a host-memory f32 step.
+//! Every entry point catches panics; errors are returned as codes plus a message buffer.
+
+use crate::cpu::{self, LeafIo, ParamIo};
+use crate::ffi::{Tensor, TensorMut};
+use crate::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig, HYPER_LEN};
+use std::ffi::{c_char, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Bumped whenever a C signature or struct below changes.
+pub const LANTON_ABI_VERSION: u32 = 1;
+
+pub const LANTON_OK: i32 = 0;
+pub const LANTON_ERR_INVALID: i32 = 1;
+pub const LANTON_ERR_PANIC: i32 = 2;
+
+/// One leaf in host memory: `layers` matrices of `rows x cols`, f32, row-major. `param` is
+/// updated in place; the state arrays are read and written. Buffers must not overlap.
+#[repr(C)]
+pub struct LantonLeafF32 {
+    pub layers: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// Non-zero when `rows` is the input dimension d_in (Flax layout), zero for (d_out, d_in).
+    pub rows_are_input: u8,
+    pub param: *mut f32,
+    pub grad: *const f32,
+    pub momentum: *mut f32,
+    pub prev_grad: *mut f32,
+    /// Per-layer noise tracker H, validity flag (0/1), step of the stored G_prev, last ratio r.
+    pub noise: *mut f32,
+    pub valid: *mut f32,
+    pub prev_step: *mut i32,
+    pub ratio: *mut f32,
+}
+
+/// The library version, e.g. "0.1.0" (static, NUL-terminated).
+#[no_mangle]
+pub extern "C" fn lanton_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The C ABI version (see `LANTON_ABI_VERSION`).
+#[no_mangle]
+pub extern "C" fn lanton_abi_version() -> u32 {
+    LANTON_ABI_VERSION
+}
+
+/// Parses the JSON group configuration; absent keys take the library defaults.
+pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("config is not valid JSON: {e}"))?;
+    let obj = v.as_object().ok_or("config must be a JSON object")?;
+    let known = ["kind", "ns_coeffs", "noise_every", "noise_adaptive", "ratio_stat", "ratio_eps", "nesterov", "vector_eps"];
+    if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!("config: unknown key '{k}' (known: {known:?})"));
+    }
+    let kind_s = obj.get("kind").and_then(|k| k.as_str()).ok_or("config: 'kind' (hidden, embed or vector) is required")?;
+    let mut cfg = StepConfig::new(Kind::parse(kind_s).ok_or_else(|| format!("config: unknown kind '{kind_s}'"))?);
+    let num = |k: &str| -> Result<Option<f64>, String> {
+        obj.get(k).map(|x| x.as_f64().ok_or(format!("config: '{k}' must be a number"))).transpose()
+    };
+    let flag = |k: &str| -> Result<Option<bool>, String> {
+        obj.get(k).map(|x| x.as_bool().ok_or(format!("config: '{k}' must be true or false"))).transpose()
+    };
+    if let Some(c) = obj.get("ns_coeffs") {
+        let triples = c.as_array().ok_or("config: 'ns_coeffs' must be a list of [a, b, c]")?;
+        cfg.ns_coeffs = triples
+            .iter()
+            .map(|t| match t.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<_>>()) {
+                Some(a) if a.len() == 3 => Ok([a[0] as f32, a[1] as f32, a[2] as f32]),
+                _ => Err("config: every 'ns_coeffs' entry must be [a, b, c]".to_string()),
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(k) = num("noise_every")? {
+        if k < 1.0 || k.fract() != 0.0 || k > u32::MAX as f64 {
+            return Err(format!("config: 'noise_every' must be a positive integer, got {k}"));
+        }
+        cfg.noise_every = k as u32;
+    }
+    if let Some(b) = flag("noise_adaptive")? {
+        cfg.noise_adaptive = b;
+    }
+    if let Some(b) = flag("nesterov")? {
+        cfg.nesterov = b;
+    }
+    if let Some(s) = obj.get("ratio_stat") {
+        let s = s.as_str().ok_or("config: 'ratio_stat' must be a string")?;
+        cfg.ratio_stat = RatioStat::parse(s).ok_or_else(|| format!("config: unknown ratio_stat '{s}'"))?;
+    }
+    if let Some(e) = num("ratio_eps")? {
+        cfg.ratio_eps = e as f32;
+    }
+    if let Some(e) = num("vector_eps")? {
+        cfg.vector_eps = e as f32;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn write_error(buf: *mut c_char, len: usize, msg: &str) {
+    if buf.is_null() || len == 0 {
+        return;
+    }
+    let n = msg.len().min(len - 1);
+    // SAFETY: the caller promises `buf` holds `len` bytes; we write n + 1 <= len.
+    unsafe {
+        std::ptr::copy_nonoverlapping(msg.as_ptr(), buf as *mut u8, n);
+        *buf.add(n) = 0;
+    }
+}
+
+/// SAFETY: `p` must be null only when `n == 0`, else point at `n` valid elements.
+unsafe fn host<'a, T>(p: *const T, n: usize, what: &str, leaf: usize) -> Result<&'a [T], String> {
+    match (p.is_null(), n) {
+        (_, 0) => Ok(&[]),
+        (true, _) => Err(format!("leaf {leaf}: '{what}' is null")),
+        (false, _) => Ok(std::slice::from_raw_parts(p, n)),
+    }
+}
+
+/// SAFETY: as `host`, and the memory must not be referenced elsewhere during the call.
+unsafe fn host_mut<'a, T>(p: *mut T, n: usize, what: &str, leaf: usize) -> Result<&'a mut [T], String> {
+    match (p.is_null(), n) {
+        (_, 0) => Ok(&mut []),
+        (true, _) => Err(format!("leaf {leaf}: '{what}' is null")),
+        (false, _) => Ok(std::slice::from_raw_parts_mut(p, n)),
+    }
+}
+
+/// One LANTON step for one group of f32 leaves in host memory, parameters updated in place.
+/// `config_json` is a JSON object (keys as in `StepConfig`; "kind" required), `hyper` holds
+/// lr, beta1, beta2, weight_decay, scale, and `step` is the 1-based step t.
+/// Returns LANTON_OK, or an error code with a NUL-terminated message in `err` (if non-null).
+///
+/// # Safety
+/// Every pointer must be valid for the sizes its leaf states, and no two buffers may overlap.
+#[no_mangle]
+pub unsafe extern "C" fn lanton_step_host_f32(
+    config_json: *const c_char,
+    hyper: *const f32,
+    step: i32,
+    leaves: *const LantonLeafF32,
+    n_leaves: usize,
+    err: *mut c_char,
+    err_len: usize,
+) -> i32 {
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+        if config_json.is_null() || hyper.is_null() || (leaves.is_null() && n_leaves > 0) {
+            return Err("config_json, hyper and leaves must not be null".into());
+        }
+        // SAFETY: non-null and NUL-terminated per this function's contract.
+        let text = unsafe { CStr::from_ptr(config_json) }.to_str().map_err(|_| "config_json is not UTF-8")?;
+        let cfg = config_from_json(text)?;
+        // SAFETY: `hyper` holds HYPER_LEN floats per the contract.
+        let h = Hyper::from_slice(unsafe { std::slice::from_raw_parts(hyper, HYPER_LEN) })?;
+        if step < 1 {
+            return Err(format!("step must be >= 1, got {step}"));
+        }
+        // SAFETY: `leaves` holds n_leaves structs per the contract.
+        let specs = if n_leaves == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(leaves, n_leaves) } };
+        let mut io = Vec::with_capacity(n_leaves);
+        for (i, lf) in specs.iter().enumerate() {
+            let shape = LayerShape { layers: lf.layers, rows: lf.rows, cols: lf.cols, rows_are_input: lf.rows_are_input != 0 };
+            let n = lf.layers.checked_mul(lf.rows).and_then(|x| x.checked_mul(lf.cols)).ok_or(format!("leaf {i}: size overflows"))?;
+            let l = lf.layers;
+            // SAFETY: sizes come from the leaf description the caller vouches for.
+            unsafe {
+                io.push(LeafIo {
+                    shape,
+                    params: ParamIo::InPlace { param: TensorMut::F32(host_mut(lf.param, n, "param", i)?) },
+                    grad: Tensor::F32(host(lf.grad, n, "grad", i)?),
+                    momentum: TensorMut::F32(host_mut(lf.momentum, n, "momentum", i)?),
+                    prev_grad: TensorMut::F32(host_mut(lf.prev_grad, n, "prev_grad", i)?),
+                    noise: host_mut(lf.noise, l, "noise", i)?,
+                    valid: host_mut(lf.valid, l, "valid", i)?,
+                    prev_step: host_mut(lf.prev_step, l, "prev_step", i)?,
+                    ratio: host_mut(lf.ratio, l, "ratio", i)?,
+                });
+            }
+        }
+        cpu::group_step(&cfg, &h, step, &mut io);
+        Ok(())
+    }));
+    match result {
+        Ok(Ok(())) => LANTON_OK,
+        Ok(Err(msg)) => {
+            write_error(err, err_len, &msg);
+            LANTON_ERR_INVALID
+        }
+        Err(_) => {
+            write_error(err, err_len, "internal error (panic) in lanton_step_host_f32");
+            LANTON_ERR_PANIC
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Matrix products for Newton-Schulz on CPU, over the `gemm` crate (pure Rust, runtime SIMD
+//! dispatch). All matrices are row-major f32 and contiguous unless strides say otherwise.
+
+use std::sync::OnceLock;
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 21;
+/// Below this size `syrk` stops splitting and computes its square block whole.
+const SYRK_LEAF: usize = 192;
+
+/// Threads for the GEMMs: `LANTON_NUM_THREADS`, else the machine's cores. The pool is ours, so
+/// XLA's intra-op pool (idle while our custom call runs) is not oversubscribed by nested work.
+pub fn pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::env::var("LANTON_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("lanton-gemm-{i}"))
+            .build()
+            .expect("building the lanton GEMM thread pool")
+    })
+}
+
+fn parallelism(macs: usize) -> gemm::Parallelism {
+    let n = pool().current_num_threads();
+    if n > 1 && macs >= PARALLEL_MIN_MACS {
+        gemm::Parallelism::Rayon(n)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// A strided read-only matrix: element (i, j) at `ptr[i*rs + j*cs]`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+/// dst(m x n, row stride ld) = alpha*dst + beta*lhs(m x k)*rhs(k x n).
+///
+/// SAFETY (internal): callers pass views whose extents lie inside live slices, and `dst`
+/// does not overlap `lhs` or `rhs`.
+unsafe fn raw_gemm(m: usize, n: usize, k: usize, dst: *mut f32, ld: isize, alpha: f32, beta: f32, lhs: View, rhs: View) {
+    gemm::gemm(
+        m, n, k, dst, 1, ld, alpha != 0.0, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, alpha, beta,
+        false, false, false, parallelism(m * n * k),
+    );
+}
+
+/// c(m x n) = a(m x k) * b(k x n).
+pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul: slice too short");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return;
+    }
+    let lhs = View { ptr: a.as_ptr(), rs: k as isize, cs: 1 };
+    let rhs = View { ptr: b.as_ptr(), rs: n as isize, cs: 1 };
+    // SAFETY: extents checked above; `c` is a distinct &mut slice.
+    unsafe { raw_gemm(m, n, k, c.as_mut_ptr(), n as isize, 0.0, 1.0, lhs, rhs) }
+}
+
+/// c(m x m) = x(m x k) * x^T, using symmetry: only blocks on and above the diagonal are
+/// multiplied (recursive halving keeps each product large), then mirrored.
+pub fn syrk(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
+    assert!(x.len() >= m * k && c.len() >= m * m, "syrk: slice too short");
+    if m == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * m].fill(0.0);
+        return;
+    }
+    // SAFETY: every block product below reads rows of `x` inside m*k and writes a block of `c`
+    // inside m*m that no other product of this call writes.
+    unsafe { syrk_upper(0, m, m, k, x.as_ptr(), c.as_mut_ptr()) };
+    for i in 1..m {
+        for j in 0..i {
+            c[i * m + j] = c[j * m + i];
+        }
+    }
+}
+
+unsafe fn syrk_upper(r0: usize, r1: usize, m: usize, k: usize, x: *const f32, c: *mut f32) {
+    let len = r1 - r0;
+    let rows = |r: usize| View { ptr: x.add(r * k), rs: k as isize, cs: 1 };
+    // x[rows]^T as a k x cols view: element (p, j) = x[j, p].
+    let cols_t = |r: usize| View { ptr: x.add(r * k), rs: 1, cs: k as isize };
+    if len <= SYRK_LEAF {
+        raw_gemm(len, len, k, c.add(r0 * m + r0), m as isize, 0.0, 1.0, rows(r0), cols_t(r0));
+        return;
+    }
+    let mid = r0 + (len / 2).next_multiple_of(16).min(len - 1);
+    syrk_upper(r0, mid, m, k, x, c);
+    syrk_upper(mid, r1, m, k, x, c);
+    raw_gemm(mid - r0, r1 - mid, k, c.add(r0 * m + mid), m as isize, 0.0, 1.0, rows(r0), cols_t(mid));
+}
+
+/// The same product without symmetry, for the benchmark's side-by-side comparison.
+pub fn xxt_plain(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
+    assert!(x.len() >= m * k && c.len() >= m * m);
+    if m == 0 || k == 0 {
+        c[..m * m].fill(0.0);
+        return;
+    }
+    let lhs = View { ptr: x.as_ptr(), rs: k as isize, cs: 1 };
+    let rhs = View { ptr: x.as_ptr(), rs: 1, cs: k as isize };
+    // SAFETY: extents checked above.
+    unsafe { raw_gemm(m, m, k, c.as_mut_ptr(), m as isize, 0.0, 1.0, lhs, rhs) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
+            }
+        }
+        c
+    }
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn syrk_matches_naive_across_split_sizes() {
+        for &(m, k) in &[(1, 5), (7, 3), (193, 40), (400, 33), (517, 9)] {
+            let x = rand(m * k, m as u64);
+            let xt: Vec<f32> = (0..k * m).map(|idx| x[(idx % m) * k + idx / m]).collect();
+            let want = naive(m, m, k, &x, &xt);
+            let mut got = vec![f32::NAN; m * m];
+            syrk(m, k, &x, &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "m={m} k={k}: {g} vs {w}");
+            }
+            let mut plain = vec![0.0; m * m];
+            xxt_plain(m, k, &x, &mut plain);
+            for (g, w) in plain.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_naive() {
+        let (m, n, k) = (37, 61, 29);
+        let (a, b) = (rand(m * k, 1), rand(k * n, 2));
+        let want = naive(m, n, k, &a, &b);
+        let mut got = vec![0.0; m * n];
+        matmul(m, n, k, &a, &b, &mut got);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-4);
+        }
+    }
+}

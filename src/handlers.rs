@@ -1,0 +1,281 @@
+//! The exported XLA FFI handlers. Each decodes and validates its frame in one place
+//! (`decode_step_call`), then calls the backend's plain group-step function.
+//!
+//! Call layout (shared with jax_bindings/lanton/_ffi.py):
+//!   args: hyper f32[5] (lr, beta1, beta2, weight_decay, scale), step i32[] (t, 1-based),
+//!         then per leaf: param (L,R,C), grad (L,R,C), momentum (L,R,C), prev_grad (L,R,C),
+//!         noise f32[L], valid f32[L], prev_step i32[L]
+//!   rets per leaf: update or new param (L,R,C), momentum, prev_grad, noise, valid, prev_step,
+//!         ratio f32[L]
+//!   attrs: kind, ns_coeffs, noise_every, noise_adaptive, ratio_stat, ratio_eps, nesterov,
+//!         vector_eps, rows_are_input (one per leaf), leaf_names ("\n"-joined, optional)
+
+use crate::cpu::{self, LeafIo, ParamIo};
+use crate::ffi::api::{dtype, XLA_FFI_CallFrame, XLA_FFI_Error, TRAIT_COMMAND_BUFFER_COMPATIBLE};
+use crate::ffi::buffers::float_dtype_ok;
+use crate::ffi::handler::dispatch;
+use crate::ffi::{BufferRef, BufferSet, CallFrame, FfiError, FfiResult, TensorMut};
+use crate::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig, HYPER_LEN};
+
+pub const ARGS_PER_LEAF: usize = 7;
+pub const RETS_PER_LEAF: usize = 7;
+pub const GROUP_ARGS: usize = 2;
+const ARG_NAMES: [&str; ARGS_PER_LEAF] = ["param", "grad", "momentum", "prev_grad", "noise", "valid", "prev_step"];
+const RET_NAMES: [&str; RETS_PER_LEAF] = ["out", "momentum", "prev_grad", "noise", "valid", "prev_step", "ratio"];
+
+/// Reads the structural attributes into a validated config.
+pub fn decode_config(call: &CallFrame) -> FfiResult<StepConfig> {
+    let kind_s = call.attr_str("kind")?;
+    let kind = Kind::parse(&kind_s).ok_or_else(|| {
+        FfiError::invalid(format!("attribute 'kind': expected one of hidden, embed, vector, got '{kind_s}'"))
+    })?;
+    let stat_s = call.attr_str("ratio_stat")?;
+    let ratio_stat = RatioStat::parse(&stat_s)
+        .ok_or_else(|| FfiError::invalid(format!("attribute 'ratio_stat': expected max, mean or min, got '{stat_s}'")))?;
+    let flat = call.attr_f32_array("ns_coeffs")?;
+    if flat.len() % 3 != 0 {
+        return Err(FfiError::invalid(format!(
+            "attribute 'ns_coeffs': expected (a, b, c) triples (a multiple of 3 values), got {}",
+            flat.len()
+        )));
+    }
+    let noise_every = call.attr_i64("noise_every")?;
+    if !(1..=i32::MAX as i64).contains(&noise_every) {
+        return Err(FfiError::invalid(format!("attribute 'noise_every': expected >= 1, got {noise_every}")));
+    }
+    let cfg = StepConfig {
+        kind,
+        ns_coeffs: flat.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
+        noise_every: noise_every as u32,
+        noise_adaptive: call.attr_bool("noise_adaptive")?,
+        ratio_stat,
+        ratio_eps: call.attr_f32("ratio_eps")?,
+        nesterov: call.attr_bool("nesterov")?,
+        vector_eps: call.attr_f32("vector_eps")?,
+    };
+    cfg.validate().map_err(FfiError::invalid)?;
+    Ok(cfg)
+}
+
+fn expect_dtype(b: &BufferRef, want: i32, what: &str) -> FfiResult<()> {
+    if b.dtype != want {
+        return Err(FfiError::invalid(format!("{what}: expected {}, got {}", dtype::name(want), dtype::name(b.dtype))));
+    }
+    Ok(())
+}
+
+fn expect_dims(b: &BufferRef, want: &[i64], what: &str) -> FfiResult<()> {
+    if b.dims != want {
+        return Err(FfiError::invalid(format!("{what}: expected shape {want:?}, got {:?}", b.dims)));
+    }
+    Ok(())
+}
+
+/// A state buffer pair (arg i -> ret j): aliased when donated, otherwise copied through.
+struct Pair<'a> {
+    arg: BufferRef<'a>,
+    ret: BufferRef<'a>,
+    aliased: bool,
+}
+
+/// Everything the CPU step needs, borrowed from the frame.
+pub struct DecodedStep<'a> {
+    pub config: StepConfig,
+    pub hyper: Hyper,
+    pub t: i32,
+    pub leaves: Vec<LeafIo<'a>>,
+}
+
+/// Decodes and validates a step call; `in_place` selects the fused variant's output meaning.
+pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<DecodedStep<'a>> {
+    let config = decode_config(call)?;
+    let nargs = call.num_args();
+    if nargs < GROUP_ARGS || (nargs - GROUP_ARGS) % ARGS_PER_LEAF != 0 {
+        return Err(FfiError::invalid(format!(
+            "expected 2 + {ARGS_PER_LEAF} x (number of leaves) arguments, got {nargs}"
+        )));
+    }
+    let n_leaves = (nargs - GROUP_ARGS) / ARGS_PER_LEAF;
+    if call.num_rets() != n_leaves * RETS_PER_LEAF {
+        return Err(FfiError::invalid(format!(
+            "expected {RETS_PER_LEAF} x {n_leaves} results for {n_leaves} leaves, got {}",
+            call.num_rets()
+        )));
+    }
+    let rows_are_input = call.attr_i64_array("rows_are_input")?;
+    if rows_are_input.len() != n_leaves {
+        return Err(FfiError::invalid(format!(
+            "attribute 'rows_are_input': expected one entry per leaf ({n_leaves}), got {}",
+            rows_are_input.len()
+        )));
+    }
+    let names: Vec<String> = match call.attr("leaf_names")? {
+        Some(_) => call.attr_str("leaf_names")?.split('\n').map(str::to_owned).collect(),
+        None => Vec::new(),
+    };
+    let leaf_name = |i: usize| names.get(i).filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| format!("leaf {i}"));
+
+    let hyper_b = call.arg(0)?;
+    expect_dtype(&hyper_b, dtype::F32, "argument 'hyper'")?;
+    expect_dims(&hyper_b, &[HYPER_LEN as i64], "argument 'hyper'")?;
+    let step_b = call.arg(1)?;
+    expect_dtype(&step_b, dtype::S32, "argument 'step'")?;
+    expect_dims(&step_b, &[], "argument 'step'")?;
+
+    // Validate every leaf's buffers and register them for the aliasing proof.
+    let mut set = BufferSet::new();
+    set.claim(&hyper_b, false, "hyper");
+    set.claim(&step_b, false, "step");
+    let mut decoded = Vec::with_capacity(n_leaves);
+    for i in 0..n_leaves {
+        let name = leaf_name(i);
+        let a = |k: usize| call.arg(GROUP_ARGS + i * ARGS_PER_LEAF + k);
+        let r = |k: usize| call.ret(i * RETS_PER_LEAF + k);
+        let what = |k: usize, ret: bool| format!("{} ({})", name, if ret { RET_NAMES[k] } else { ARG_NAMES[k] });
+        let param = a(0)?;
+        if param.dims.len() != 3 {
+            return Err(FfiError::invalid(format!(
+                "{}: expected rank 3 (layers, rows, cols), got shape {:?}",
+                what(0, false),
+                param.dims
+            )));
+        }
+        let dims3 = param.dims.to_vec();
+        let layers = dims3[0];
+        for k in 0..4 {
+            let b = a(k)?;
+            if !float_dtype_ok(b.dtype) {
+                return Err(FfiError::invalid(format!(
+                    "{}: unsupported dtype {} (expected float32, bfloat16 or float16)",
+                    what(k, false),
+                    dtype::name(b.dtype)
+                )));
+            }
+            expect_dims(&b, &dims3, &what(k, false))?;
+        }
+        for k in 4..7 {
+            let b = a(k)?;
+            expect_dtype(&b, if k == 6 { dtype::S32 } else { dtype::F32 }, &what(k, false))?;
+            expect_dims(&b, &[layers], &what(k, false))?;
+        }
+        // Results mirror their inputs; `out` has the parameter's dtype and shape.
+        let ret_src = [0usize, 2, 3, 4, 5, 6];
+        for (k, &src) in ret_src.iter().enumerate() {
+            let (rb, ab) = (r(k)?, a(src)?);
+            expect_dtype(&rb, ab.dtype, &what(k, true))?;
+            expect_dims(&rb, ab.dims, &what(k, true))?;
+        }
+        let ratio = r(6)?;
+        expect_dtype(&ratio, dtype::F32, &what(6, true))?;
+        expect_dims(&ratio, &[layers], &what(6, true))?;
+
+        let grad = a(1)?;
+        set.claim(&grad, false, what(1, false));
+        // (arg k -> ret j): momentum, prev_grad, noise, valid, prev_step; plus params in place.
+        let mut pairs = Vec::new();
+        let link = |ak: usize, rk: usize, set: &mut BufferSet| -> FfiResult<Pair<'a>> {
+            let (arg, ret) = (a(ak)?, r(rk)?);
+            let aliased = arg.data == ret.data;
+            if !aliased {
+                set.claim(&arg, false, what(ak, false));
+            }
+            set.claim(&ret, true, what(rk, true));
+            Ok(Pair { arg, ret, aliased })
+        };
+        for (ak, rk) in [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5)] {
+            pairs.push(link(ak, rk, &mut set)?);
+        }
+        let param_io = if in_place {
+            link(0, 0, &mut set)?
+        } else {
+            set.claim(&param, false, what(0, false));
+            let out = r(0)?;
+            set.claim(&out, true, what(0, true));
+            Pair { arg: param, ret: out, aliased: false }
+        };
+        set.claim(&ratio, true, what(6, true));
+        let shape = LayerShape {
+            layers: layers as usize,
+            rows: dims3[1] as usize,
+            cols: dims3[2] as usize,
+            rows_are_input: rows_are_input[i] != 0,
+        };
+        decoded.push((name, shape, grad, pairs, param_io, ratio));
+    }
+    set.seal()?;
+
+    let hyper_vals = match set.input(&hyper_b, "hyper")? {
+        crate::ffi::Tensor::F32(s) => s,
+        _ => unreachable!("dtype checked"),
+    };
+    let hyper = Hyper::from_slice(hyper_vals).map_err(FfiError::invalid)?;
+    let t = set.input_i32(&step_b, "step")?[0];
+    if t < 1 {
+        return Err(FfiError::invalid(format!("argument 'step': expected the 1-based step t >= 1, got {t}")));
+    }
+
+    let mut leaves = Vec::with_capacity(n_leaves);
+    for (name, shape, grad, pairs, param_io, ratio) in decoded {
+        let float_out = |p: &Pair<'a>, what: &str| -> FfiResult<TensorMut<'a>> {
+            let mut out = set.output(&p.ret, what)?;
+            if !p.aliased {
+                out.copy_from(&set.input(&p.arg, what)?)?;
+            }
+            Ok(out)
+        };
+        let f32_out = |p: &Pair<'a>, what: &str| -> FfiResult<&'a mut [f32]> {
+            match float_out(p, what)? {
+                TensorMut::F32(s) => Ok(s),
+                _ => unreachable!("dtype checked"),
+            }
+        };
+        let prev_step = set.output_i32(&pairs[4].ret, &name)?;
+        if !pairs[4].aliased {
+            prev_step.copy_from_slice(set.input_i32(&pairs[4].arg, &name)?);
+        }
+        let params = if in_place {
+            ParamIo::InPlace { param: float_out(&param_io, &name)? }
+        } else {
+            ParamIo::Update { param: set.input(&param_io.arg, &name)?, update: set.output(&param_io.ret, &name)? }
+        };
+        leaves.push(LeafIo {
+            shape,
+            params,
+            grad: set.input(&grad, &name)?,
+            momentum: float_out(&pairs[0], &name)?,
+            prev_grad: float_out(&pairs[1], &name)?,
+            noise: f32_out(&pairs[2], &name)?,
+            valid: f32_out(&pairs[3], &name)?,
+            prev_step,
+            ratio: match set.output(&ratio, &name)? {
+                TensorMut::F32(s) => s,
+                _ => unreachable!("dtype checked"),
+            },
+        });
+    }
+    Ok(DecodedStep { config, hyper, t, leaves })
+}
+
+fn run_cpu_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
+    let mut d = decode_step_call(call, in_place)?;
+    cpu::group_step(&d.config, &d.hyper, d.t, &mut d.leaves);
+    Ok(())
+}
+
+/// XLA FFI handler (CPU): one LANTON step for one group; results are optax updates.
+///
+/// # Safety
+/// Called by XLA with a valid call frame.
+#[no_mangle]
+pub unsafe extern "C" fn lanton_step_update_cpu(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
+    dispatch(frame, "lanton_step_update_cpu", TRAIT_COMMAND_BUFFER_COMPATIBLE, |c| run_cpu_step(c, false))
+}
+
+/// XLA FFI handler (CPU): one LANTON step for one group; parameters are updated in place.
+///
+/// # Safety
+/// Called by XLA with a valid call frame.
+#[no_mangle]
+pub unsafe extern "C" fn lanton_step_inplace_cpu(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
+    dispatch(frame, "lanton_step_inplace_cpu", TRAIT_COMMAND_BUFFER_COMPATIBLE, |c| run_cpu_step(c, true))
+}

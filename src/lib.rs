@@ -1,0 +1,11 @@
+//! lanton: the LANTON optimizer step (noise-adaptive layer-wise learning rates on Muon-style
+//! geometry, arXiv 2510.14009) as fused XLA FFI custom calls.
+//!
+//! Layout: `ffi` is the XLA FFI ABI layer, `step` the one definition of the LANTON step,
+//! `cpu` the CPU backend, `handlers` the exported XLA targets, `capi` the plain C ABI.
+
+pub mod capi;
+pub mod cpu;
+pub mod ffi;
+pub mod handlers;
+pub mod step;

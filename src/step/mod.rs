@@ -1,0 +1,294 @@
+//! The LANTON step, defined once (../shared/ALGORITHM.md §2). Backends (CPU, CUDA) implement the
+//! numeric kernels; the rules that decide *what* happens on a step live here:
+//!
+//! ```text
+//! for every layer l of the group (step t = 1, 2, ...):
+//!   skip the layer entirely if G has a non-finite entry (state untouched, zero update)
+//!   B  = b1*B + (1-b1)*G                                   momentum
+//!   if noise step t and G_prev was stored at step t-1:     (Option I)
+//!       n = dual_norm(G - G_prev);  H = b2*H + (1-b2)*n^2;  valid |= n > 0
+//!   if step t+1 is a noise step: G_prev = G
+//! alpha_l = (H_l + eps)^(-1/2) for valid l;  r_l = alpha_l / stat_{valid j}(alpha_j), else 1
+//! for every layer l:
+//!   V = nesterov ? b1*B + (1-b1)*G : B
+//!   delta = -lr * (wd*X + s(kind, shape) * r_l * D_kind(V))
+//! ```
+
+use std::fmt;
+
+/// The LMO geometry of a group (ALGORITHM.md §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// RMS->RMS operator norm: Newton-Schulz polar factor; noise in scaled nuclear norm.
+    Hidden,
+    /// l1->linf operator norm: sign; noise in entrywise l1.
+    Embed,
+    /// RMS norm: B / (rms(B) + eps); noise in sqrt(d)*l2.
+    Vector,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "hidden" => Some(Kind::Hidden),
+            "embed" => Some(Kind::Embed),
+            "vector" => Some(Kind::Vector),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Hidden => "hidden",
+            Kind::Embed => "embed",
+            Kind::Vector => "vector",
+        })
+    }
+}
+
+/// Reference statistic over the group's alpha = (H + eps)^(-1/2) (reconstructed; `Max` default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RatioStat {
+    Max,
+    Mean,
+    Min,
+}
+
+impl RatioStat {
+    pub fn parse(s: &str) -> Option<RatioStat> {
+        match s {
+            "max" => Some(RatioStat::Max),
+            "mean" => Some(RatioStat::Mean),
+            "min" => Some(RatioStat::Min),
+            _ => None,
+        }
+    }
+}
+
+/// Keller Jordan's quintic coefficients, 5 steps: the default direction for `hidden`.
+pub const NS_DEFAULT: [f32; 3] = [3.4445, -4.7750, 2.0315];
+pub const NS_DEFAULT_STEPS: usize = 5;
+
+/// Polar factor used for the nuclear norm: the quintic above to lift small singular values into
+/// [~0.7, ~1.2], then the classic convergent quintic (15, -10, 3)/8 to pin them at 1.
+/// <D, polar(D)> = ||D||_* (ALGORITHM.md: <D, NS5(D)> alone is not accurate enough).
+pub const NUCLEAR_LIFT_STEPS: usize = 6;
+pub const NUCLEAR_REFINE: [f32; 3] = [15.0 / 8.0, -10.0 / 8.0, 3.0 / 8.0];
+pub const NUCLEAR_REFINE_STEPS: usize = 4;
+
+pub fn nuclear_schedule() -> Vec<[f32; 3]> {
+    let mut s = vec![NS_DEFAULT; NUCLEAR_LIFT_STEPS];
+    s.extend(std::iter::repeat(NUCLEAR_REFINE).take(NUCLEAR_REFINE_STEPS));
+    s
+}
+
+/// Structural choices: compile-time attributes of the custom call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepConfig {
+    pub kind: Kind,
+    /// One (a, b, c) triple per Newton-Schulz step (hidden only).
+    pub ns_coeffs: Vec<[f32; 3]>,
+    /// K: the noise tracker is refreshed on steps t >= 2 with t % K == 0.
+    pub noise_every: u32,
+    /// false: r = 1 always and no noise work (the D-Muon / Scion-like baseline).
+    pub noise_adaptive: bool,
+    pub ratio_stat: RatioStat,
+    /// eps in alpha = (H + eps)^(-1/2).
+    pub ratio_eps: f32,
+    pub nesterov: bool,
+    /// eps in B / (rms(B) + eps) for `vector`.
+    pub vector_eps: f32,
+}
+
+impl StepConfig {
+    pub fn new(kind: Kind) -> Self {
+        StepConfig {
+            kind,
+            ns_coeffs: vec![NS_DEFAULT; NS_DEFAULT_STEPS],
+            noise_every: 1,
+            noise_adaptive: true,
+            ratio_stat: RatioStat::Max,
+            ratio_eps: 1e-30,
+            nesterov: false,
+            vector_eps: 1e-8,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.noise_every == 0 {
+            return Err("noise_every must be >= 1".into());
+        }
+        if !(self.ratio_eps >= 0.0) || !(self.vector_eps >= 0.0) {
+            return Err("epsilons must be non-negative".into());
+        }
+        if self.kind == Kind::Hidden && self.ns_coeffs.is_empty() {
+            return Err("hidden groups need at least one Newton-Schulz step".into());
+        }
+        Ok(())
+    }
+
+    /// Is the noise tracker refreshed on step t (1-based)? Step 1 has no previous gradient.
+    pub fn is_noise_step(&self, t: i32) -> bool {
+        self.noise_adaptive && t >= 2 && t % self.noise_every as i32 == 0
+    }
+
+    /// Must G be kept as G_prev on step t? Only when step t+1 will use it.
+    pub fn stores_prev_grad(&self, t: i32) -> bool {
+        self.is_noise_step(t + 1)
+    }
+}
+
+/// G_prev is a real previous gradient only if it was stored on the step just before.
+pub fn prev_grad_usable(prev_step: i32, t: i32) -> bool {
+    prev_step >= 1 && prev_step == t - 1
+}
+
+/// Time-varying values: input buffers, so they can be traced and scheduled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hyper {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub weight_decay: f32,
+    /// Per-kind scale: hidden multiplies it by sqrt(max(d_in, d_out)); embed and vector use it as is.
+    pub scale: f32,
+}
+
+/// Number of f32 entries of the `hyper` input buffer, in this order.
+pub const HYPER_LEN: usize = 5;
+
+impl Hyper {
+    pub fn from_slice(h: &[f32]) -> Result<Hyper, String> {
+        if h.len() != HYPER_LEN {
+            return Err(format!("hyper must hold {HYPER_LEN} values (lr, beta1, beta2, weight_decay, scale), got {}", h.len()));
+        }
+        Ok(Hyper { lr: h[0], beta1: h[1], beta2: h[2], weight_decay: h[3], scale: h[4] })
+    }
+}
+
+/// A leaf seen as `layers` matrices of `rows x cols` (row-major); `rows_are_input` says which
+/// axis is d_in (it matters only for the nuclear-norm scale sqrt(d_out/d_in)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShape {
+    pub layers: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub rows_are_input: bool,
+}
+
+impl LayerShape {
+    pub fn layer_len(&self) -> usize {
+        self.rows * self.cols
+    }
+    pub fn d_in(&self) -> usize {
+        if self.rows_are_input { self.rows } else { self.cols }
+    }
+    pub fn d_out(&self) -> usize {
+        if self.rows_are_input { self.cols } else { self.rows }
+    }
+}
+
+/// s_g(shape): D-Muon's RMS matching for hidden, constants for the other kinds.
+pub fn update_scale(kind: Kind, scale: f32, shape: &LayerShape) -> f32 {
+    match kind {
+        Kind::Hidden => scale * (shape.rows.max(shape.cols) as f32).sqrt(),
+        Kind::Embed | Kind::Vector => scale,
+    }
+}
+
+/// Factor applied to the raw norm (nuclear, l1, l2) to get the dual norm of the group's kind.
+pub fn dual_norm_factor(kind: Kind, shape: &LayerShape) -> f32 {
+    match kind {
+        Kind::Hidden => (shape.d_out() as f32 / shape.d_in() as f32).sqrt(),
+        Kind::Embed => 1.0,
+        Kind::Vector => (shape.layer_len() as f32).sqrt(),
+    }
+}
+
+/// H <- b2*H + (1-b2)*n^2, in f32.
+pub fn track_noise(h: f32, n: f32, beta2: f32) -> f32 {
+    beta2 * h + (1.0 - beta2) * n * n
+}
+
+/// r_l = alpha_l / stat_{valid j} alpha_j with alpha = (H + eps)^(-1/2); 1 where not valid.
+pub fn group_ratios(noise: &[f32], valid: &[bool], stat: RatioStat, eps: f32, out: &mut [f32]) {
+    let alpha = |h: f32| 1.0 / ((h as f64 + eps as f64).sqrt());
+    let valid_alphas = noise.iter().zip(valid).filter(|(_, &v)| v).map(|(&h, _)| alpha(h));
+    let (mut count, mut sum, mut max, mut min) = (0usize, 0.0f64, f64::MIN, f64::MAX);
+    for a in valid_alphas {
+        count += 1;
+        sum += a;
+        max = max.max(a);
+        min = min.min(a);
+    }
+    let reference = match stat {
+        RatioStat::Max => max,
+        RatioStat::Mean => sum / count.max(1) as f64,
+        RatioStat::Min => min,
+    };
+    for ((o, &h), &v) in out.iter_mut().zip(noise).zip(valid) {
+        *o = if v && count > 0 && reference.is_finite() && reference > 0.0 {
+            (alpha(h) / reference) as f32
+        } else {
+            1.0
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cadence_rules() {
+        let mut c = StepConfig::new(Kind::Hidden);
+        c.noise_every = 1;
+        assert!(!c.is_noise_step(1));
+        assert!(c.is_noise_step(2) && c.is_noise_step(3));
+        assert!(c.stores_prev_grad(1));
+        c.noise_every = 10;
+        let noise: Vec<i32> = (1..=40).filter(|&t| c.is_noise_step(t)).collect();
+        assert_eq!(noise, vec![10, 20, 30, 40]);
+        let stores: Vec<i32> = (1..=40).filter(|&t| c.stores_prev_grad(t)).collect();
+        assert_eq!(stores, vec![9, 19, 29, 39]);
+        c.noise_adaptive = false;
+        assert!((1..=40).all(|t| !c.is_noise_step(t) && !c.stores_prev_grad(t)));
+        assert!(prev_grad_usable(9, 10) && !prev_grad_usable(8, 10) && !prev_grad_usable(0, 1));
+    }
+
+    #[test]
+    fn ratios_by_hand() {
+        let noise = [4.0f32, 1.0, 16.0, 0.0];
+        let valid = [true, true, true, false];
+        let mut r = [0.0f32; 4];
+        group_ratios(&noise, &valid, RatioStat::Max, 0.0, &mut r);
+        // alpha = 1/2, 1, 1/4 -> max 1 -> r = 0.5, 1, 0.25; the invalid layer gets 1.
+        assert_eq!(r, [0.5, 1.0, 0.25, 1.0]);
+        group_ratios(&noise, &valid, RatioStat::Min, 0.0, &mut r);
+        assert_eq!(r, [2.0, 4.0, 1.0, 1.0]);
+        group_ratios(&noise, &valid, RatioStat::Mean, 0.0, &mut r);
+        let mean = (0.5 + 1.0 + 0.25) / 3.0;
+        for (got, want) in r.iter().zip([0.5 / mean, 1.0 / mean, 0.25 / mean, 1.0]) {
+            assert!((got - want as f32).abs() < 1e-6);
+        }
+        // Singleton and all-invalid groups step at the base rate.
+        group_ratios(&[3.0], &[true], RatioStat::Max, 0.0, &mut r[..1]);
+        assert_eq!(r[0], 1.0);
+        group_ratios(&[0.0, 0.0], &[false, false], RatioStat::Max, 0.0, &mut r[..2]);
+        assert_eq!(&r[..2], &[1.0, 1.0]);
+    }
+
+    #[test]
+    fn scales_and_factors() {
+        let s = LayerShape { layers: 1, rows: 768, cols: 3072, rows_are_input: true };
+        assert!((update_scale(Kind::Hidden, 0.2, &s) - 0.2 * 3072f32.sqrt()).abs() < 1e-5);
+        assert_eq!(update_scale(Kind::Embed, 0.3, &s), 0.3);
+        assert!((dual_norm_factor(Kind::Hidden, &s) - 2.0).abs() < 1e-6);
+        let t = LayerShape { rows_are_input: false, ..s };
+        assert!((dual_norm_factor(Kind::Hidden, &t) - 0.5).abs() < 1e-6);
+        let v = LayerShape { layers: 3, rows: 1, cols: 64, rows_are_input: true };
+        assert_eq!(dual_norm_factor(Kind::Vector, &v), 8.0);
+    }
+}
