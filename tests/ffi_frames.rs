@@ -1,0 +1,244 @@
+//! The XLA FFI layer driven with a fake Api and hand-built call frames: well-formed calls
+//! (aliased and not, f32 and bf16) agree with the direct step; malformed ones are rejected
+//! with an error that names the problem; the metadata query and panics are handled.
+
+mod common;
+use common::*;
+use lanton::ffi::api::*;
+use lanton::handlers::{lanton_step_inplace_cpu, lanton_step_update_cpu};
+use lanton::step::{Hyper, Kind, LayerShape, StepConfig};
+
+struct LeafSpec {
+    dims: [i64; 3],
+    dtype: i32,
+    rows_are_input: bool,
+}
+
+/// A well-formed step frame for `kind`, with random params and grads; state starts at zero.
+fn step_frame(kind: &str, specs: &[LeafSpec], t: i32, rng: &mut Rng) -> Frame {
+    let mut f = Frame::default();
+    f.args.push(OwnedBuffer::f32(&[5], &[0.02, 0.9, 0.8, 0.01, 0.2]));
+    f.args.push(OwnedBuffer::i32(&[], &[t]));
+    for s in specs {
+        let n = (s.dims[0] * s.dims[1] * s.dims[2]) as usize;
+        let l = [s.dims[0]];
+        let mk = |v: &[f32]| if s.dtype == dtype::BF16 { OwnedBuffer::bf16(&s.dims, v) } else { OwnedBuffer::f32(&s.dims, v) };
+        f.args.push(mk(&rng.normals(n, 0.5)));
+        f.args.push(mk(&rng.normals(n, 1.0)));
+        f.args.push(OwnedBuffer::zeros(dtype::F32, &s.dims)); // momentum: f32
+        f.args.push(mk(&vec![0.0; n]));
+        f.args.push(OwnedBuffer::zeros(dtype::F32, &l));
+        f.args.push(OwnedBuffer::zeros(dtype::F32, &l));
+        f.args.push(OwnedBuffer::zeros(dtype::S32, &l));
+        f.rets.push(OwnedBuffer::zeros(s.dtype, &s.dims));
+        f.rets.push(OwnedBuffer::zeros(dtype::F32, &s.dims));
+        f.rets.push(OwnedBuffer::zeros(s.dtype, &s.dims));
+        f.rets.push(OwnedBuffer::zeros(dtype::F32, &l));
+        f.rets.push(OwnedBuffer::zeros(dtype::F32, &l));
+        f.rets.push(OwnedBuffer::zeros(dtype::S32, &l));
+        f.rets.push(OwnedBuffer::zeros(dtype::F32, &l));
+    }
+    f.set_attr("kind", Attr::Str(kind.into()));
+    f.set_attr("ns_coeffs", Attr::F32Array([3.4445, -4.7750, 2.0315].repeat(5)));
+    f.set_attr("noise_every", Attr::I64(1));
+    f.set_attr("noise_adaptive", Attr::Bool(true));
+    f.set_attr("ratio_stat", Attr::Str("max".into()));
+    f.set_attr("ratio_eps", Attr::F64(1e-30));
+    f.set_attr("nesterov", Attr::Bool(false));
+    f.set_attr("vector_eps", Attr::F64(1e-8));
+    f.set_attr("rows_are_input", Attr::I64Array(specs.iter().map(|s| s.rows_are_input as i64).collect()));
+    f.set_attr("leaf_names", Attr::Str(specs.iter().enumerate().map(|(i, _)| format!("blocks/{i}/kernel")).collect::<Vec<_>>().join("\n")));
+    f
+}
+
+fn two_leaves(dtype: i32) -> Vec<LeafSpec> {
+    vec![
+        LeafSpec { dims: [1, 12, 20], dtype, rows_are_input: true },
+        LeafSpec { dims: [2, 16, 8], dtype, rows_are_input: false },
+    ]
+}
+
+/// Runs the same first steps through the f64 reference and compares the frame's results.
+fn check_against_reference(f: &Frame, specs: &[LeafSpec], in_place: bool, tol: f64) {
+    let cfg = StepConfig::new(Kind::Hidden);
+    let h = Hyper { lr: 0.02, beta1: 0.9, beta2: 0.8, weight_decay: 0.01, scale: 0.2 };
+    let mut refs: Vec<RefLeaf> = Vec::new();
+    let mut grads = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let shape = LayerShape { layers: s.dims[0] as usize, rows: s.dims[1] as usize, cols: s.dims[2] as usize, rows_are_input: s.rows_are_input };
+        refs.push(RefLeaf::new(shape, &f.args[2 + 7 * i].to_f32()));
+        grads.push(f.args[3 + 7 * i].to_f32());
+    }
+    let want = ref_group_step(&cfg, &h, 1, &mut refs, &grads);
+    for (i, rf) in refs.iter().enumerate() {
+        let out = f.rets[7 * i].to_f32();
+        let expect: Vec<f64> = if in_place { rf.param.clone() } else { want[i].clone() };
+        let scale = want[i].iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let err = max_abs_diff(&out, &expect);
+        assert!(err <= tol * scale, "leaf {i}: err {err} vs scale {scale}");
+        let mom = f.rets[7 * i + 1].to_f32();
+        assert!(max_abs_diff(&mom, &rf.momentum) < 1e-6 + tol * 0.1, "leaf {i}: momentum");
+        assert_eq!(f.rets[7 * i + 5].to_f32(), vec![1.0; rf.prev_step.len()], "leaf {i}: prev_step");
+        assert_eq!(f.rets[7 * i + 6].to_f32(), vec![1.0; rf.prev_step.len()], "leaf {i}: ratio at t=1");
+    }
+}
+
+#[test]
+fn update_call_matches_reference_f32() {
+    let specs = two_leaves(dtype::F32);
+    let mut f = step_frame("hidden", &specs, 1, &mut Rng::new(1));
+    f.call(lanton_step_update_cpu).unwrap();
+    check_against_reference(&f, &specs, false, 5e-3);
+}
+
+#[test]
+fn inplace_call_with_donated_buffers_matches_reference() {
+    let specs = two_leaves(dtype::F32);
+    let mut f = step_frame("hidden", &specs, 1, &mut Rng::new(2));
+    // Donation: result k of each leaf shares its input's storage.
+    for i in 0..specs.len() {
+        for (r, a) in [(0, 0), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)] {
+            f.rets[7 * i + r].alias_of_arg = Some(2 + 7 * i + a);
+        }
+    }
+    let params_before: Vec<Vec<f32>> = (0..specs.len()).map(|i| f.args[2 + 7 * i].to_f32()).collect();
+    f.call(lanton_step_inplace_cpu).unwrap();
+    // The donated inputs were overwritten; restore the parameters for the reference.
+    for i in 0..specs.len() {
+        f.args[2 + 7 * i] = OwnedBuffer::f32(&specs[i].dims, &params_before[i]);
+    }
+    check_against_reference(&f, &specs, true, 5e-3);
+}
+
+#[test]
+fn bf16_params_and_grads_match_reference_loosely() {
+    let specs = two_leaves(dtype::BF16);
+    let mut f = step_frame("hidden", &specs, 1, &mut Rng::new(3));
+    f.call(lanton_step_update_cpu).unwrap();
+    check_against_reference(&f, &specs, false, 2e-2);
+}
+
+fn expect_error(f: &mut Frame, handler: Handler, needles: &[&str]) {
+    let err = f.call(handler).expect_err("malformed frame was accepted");
+    for n in needles {
+        assert!(err.contains(n), "error {err:?} should mention {n:?}");
+    }
+}
+
+fn base() -> Frame {
+    step_frame("hidden", &two_leaves(dtype::F32), 1, &mut Rng::new(4))
+}
+
+#[test]
+fn rejects_wrong_dtypes() {
+    let mut f = base();
+    f.args[3] = OwnedBuffer::zeros(dtype::F64, &[1, 12, 20]);
+    expect_error(&mut f, lanton_step_update_cpu, &["blocks/0/kernel (grad)", "unsupported dtype float64"]);
+    let mut f = base();
+    f.args[0] = OwnedBuffer::zeros(dtype::F64, &[5]);
+    expect_error(&mut f, lanton_step_update_cpu, &["hyper", "expected float32, got float64"]);
+    let mut f = base();
+    f.rets[2] = OwnedBuffer::zeros(dtype::BF16, &[1, 12, 20]);
+    expect_error(&mut f, lanton_step_update_cpu, &["blocks/0/kernel (prev_grad)", "expected float32, got bfloat16"]);
+}
+
+#[test]
+fn rejects_wrong_counts_and_shapes() {
+    let mut f = base();
+    f.args.pop();
+    expect_error(&mut f, lanton_step_update_cpu, &["arguments", "got 15"]);
+    let mut f = base();
+    f.rets.pop();
+    expect_error(&mut f, lanton_step_update_cpu, &["results", "got 13"]);
+    let mut f = base();
+    f.args[3 + 7] = OwnedBuffer::zeros(dtype::F32, &[2, 16, 9]);
+    expect_error(&mut f, lanton_step_update_cpu, &["blocks/1/kernel (grad)", "expected shape [2, 16, 8], got [2, 16, 9]"]);
+    let mut f = base();
+    f.args[2] = OwnedBuffer::zeros(dtype::F32, &[12, 20]);
+    expect_error(&mut f, lanton_step_update_cpu, &["blocks/0/kernel (param)", "rank 3"]);
+    let mut f = base();
+    f.args[6] = OwnedBuffer::zeros(dtype::F32, &[3]);
+    expect_error(&mut f, lanton_step_update_cpu, &["(noise)", "expected shape [1], got [3]"]);
+    let mut f = base();
+    f.set_attr("rows_are_input", Attr::I64Array(vec![1]));
+    expect_error(&mut f, lanton_step_update_cpu, &["rows_are_input", "one entry per leaf (2), got 1"]);
+}
+
+#[test]
+fn rejects_bad_attributes() {
+    let mut f = base();
+    f.remove_attr("noise_every");
+    expect_error(&mut f, lanton_step_update_cpu, &["missing attribute 'noise_every'"]);
+    let mut f = base();
+    f.set_attr("kind", Attr::Str("conv".into()));
+    expect_error(&mut f, lanton_step_update_cpu, &["'kind'", "got 'conv'"]);
+    let mut f = base();
+    f.set_attr("noise_every", Attr::Str("ten".into()));
+    expect_error(&mut f, lanton_step_update_cpu, &["'noise_every'", "expected an integer scalar, got a string"]);
+    let mut f = base();
+    f.set_attr("noise_every", Attr::I64(0));
+    expect_error(&mut f, lanton_step_update_cpu, &["'noise_every'", "got 0"]);
+    let mut f = base();
+    f.set_attr("ns_coeffs", Attr::F32Array(vec![1.0, 2.0]));
+    expect_error(&mut f, lanton_step_update_cpu, &["'ns_coeffs'", "got 2"]);
+    let mut f = base();
+    f.set_attr("ratio_stat", Attr::Dict);
+    expect_error(&mut f, lanton_step_update_cpu, &["'ratio_stat'", "expected a string, got a dictionary"]);
+}
+
+#[test]
+fn rejects_bad_step_argument_types_and_overlap() {
+    let mut f = base();
+    f.args[1] = OwnedBuffer::i32(&[], &[0]);
+    expect_error(&mut f, lanton_step_update_cpu, &["'step'", "t >= 1, got 0"]);
+    let mut f = base();
+    f.bad_arg_type = Some(4);
+    expect_error(&mut f, lanton_step_update_cpu, &["argument 4", "expected a buffer"]);
+    // A written result sharing memory with a read-only input (the gradient) is refused.
+    let mut f = base();
+    f.rets[1].alias_of_arg = Some(3);
+    expect_error(&mut f, lanton_step_update_cpu, &["overlap", "blocks/0/kernel (grad)", "blocks/0/kernel (momentum)"]);
+}
+
+#[test]
+fn answers_metadata_query_without_touching_api() {
+    let mut meta = XLA_FFI_Metadata {
+        struct_size: 40,
+        api_version: XLA_FFI_Api_Version { struct_size: 24, extension_start: std::ptr::null_mut(), major_version: 0, minor_version: 0 },
+        traits: 0,
+        state_type_id: 0,
+    };
+    let mut ext = XLA_FFI_Metadata_Extension {
+        extension_base: XLA_FFI_Extension_Base { struct_size: 32, type_: EXTENSION_METADATA, next: std::ptr::null_mut() },
+        metadata: &mut meta,
+    };
+    // Empty frame, as at registration: no args, attrs; the handler must not decode anything.
+    let mut f = Frame::default();
+    f.call_with(lanton_step_update_cpu, &mut ext.extension_base).unwrap();
+    assert_eq!((meta.api_version.major_version, meta.api_version.minor_version), (0, 3));
+    assert_eq!(meta.traits, TRAIT_COMMAND_BUFFER_COMPATIBLE);
+}
+
+#[test]
+fn a_panicking_body_becomes_an_error() {
+    unsafe extern "C" fn panicking(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
+        lanton::ffi::handler::dispatch(frame, "test_handler", 0, |_| panic!("boom in body"))
+    }
+    let mut f = base();
+    expect_error(&mut f, panicking, &["test_handler", "panic", "boom in body"]);
+}
+
+#[test]
+fn stream_error_is_read_and_reported() {
+    unsafe extern "C" fn wants_stream(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
+        lanton::ffi::handler::dispatch(frame, "gpu_only", 0, |c| c.stream().map(|_| ()))
+    }
+    let mut f = base();
+    expect_error(&mut f, wants_stream, &["gpu_only", "Stream_Get", "GPU context is not available"]);
+}
+
+#[test]
+fn null_frame_does_not_crash() {
+    let err = unsafe { lanton_step_update_cpu(std::ptr::null_mut()) };
+    assert!(err.is_null()); // nothing to report through; the handler must simply not crash
+}

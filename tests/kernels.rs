@@ -1,0 +1,116 @@
+//! Each direction and dual norm against a float64 reference on fresh random inputs.
+
+mod common;
+use common::*;
+use lanton::cpu::newton_schulz::{newton_schulz, nuclear_norm, NsWorkspace};
+use lanton::cpu::step::{direction, dual_norm};
+use lanton::step::{Kind, LayerShape, StepConfig};
+
+const SHAPES: &[(usize, usize)] = &[(1, 9), (9, 1), (16, 16), (24, 40), (40, 24), (33, 130), (130, 33)];
+
+fn rel_fro(a: &[f32], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den.max(1e-300)
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+#[test]
+fn newton_schulz_matches_f64_for_tall_wide_and_degenerate_shapes() {
+    let coeffs = StepConfig::new(Kind::Hidden).ns_coeffs;
+    let mut rng = Rng::new(11);
+    let mut ws = NsWorkspace::default();
+    for &(r, c) in SHAPES {
+        for quantize in [false, true] {
+            let mut v = rng.normals(r * c, 1.0);
+            if quantize {
+                v = bf16_round(&v);
+            }
+            let want = newton_schulz_f64(&v, r, c, &coeffs);
+            for symmetric in [true, false] {
+                let mut got = vec![0.0f32; r * c];
+                newton_schulz(&v, r, c, &coeffs, &mut got, &mut ws, symmetric);
+                let err = rel_fro(&got, &want);
+                assert!(err < 2e-4, "NS {r}x{c} sym={symmetric} bf16={quantize}: rel err {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn newton_schulz_orthogonalizes() {
+    // After 5 steps the singular values of the output lie in roughly [0.6, 1.25].
+    let coeffs = StepConfig::new(Kind::Hidden).ns_coeffs;
+    let mut rng = Rng::new(5);
+    let (r, c) = (48, 80);
+    let v = rng.gradient_like(r, c);
+    let mut out = vec![0.0f32; r * c];
+    newton_schulz(&v, r, c, &coeffs, &mut out, &mut NsWorkspace::default(), true);
+    let sv = singular_values(&out, r, c);
+    assert!(sv.iter().all(|&s| (0.55..1.3).contains(&s)), "singular values {sv:?}");
+}
+
+#[test]
+fn nuclear_norm_within_one_percent_of_svd() {
+    let mut rng = Rng::new(23);
+    let mut ws = NsWorkspace::default();
+    let mut shapes = SHAPES.to_vec();
+    shapes.extend([(64, 64), (96, 200), (200, 96)]);
+    for &(r, c) in &shapes {
+        for (label, d) in [("gradient-like", rng.gradient_like(r, c)), ("gaussian", rng.normals(r * c, 0.01))] {
+            let want = nuclear_f64(&d, r, c);
+            let got = nuclear_norm(&d, r, c, &mut ws) as f64;
+            let rel = (got - want).abs() / want;
+            assert!(rel < 0.01, "{label} {r}x{c}: nuclear {got} vs svd {want} (rel {rel})");
+        }
+    }
+    assert_eq!(nuclear_norm(&[0.0; 12], 3, 4, &mut ws), 0.0);
+}
+
+#[test]
+fn dual_norms_match_f64_with_kind_factors() {
+    let mut rng = Rng::new(31);
+    let mut ws = NsWorkspace::default();
+    for &(r, c) in SHAPES {
+        for rows_are_input in [true, false] {
+            let shape = LayerShape { layers: 1, rows: r, cols: c, rows_are_input };
+            for quantize in [false, true] {
+                let mut d = rng.normals(r * c, 0.5);
+                if quantize {
+                    d = bf16_round(&d);
+                }
+                let d64: Vec<f64> = d.iter().map(|&x| x as f64).collect();
+                for kind in [Kind::Hidden, Kind::Embed, Kind::Vector] {
+                    let want = ref_dual_norm(kind, &d64, &shape);
+                    let got = dual_norm(kind, &d, &shape, &mut ws) as f64;
+                    let tol = if kind == Kind::Hidden { 1e-2 } else { 1e-5 };
+                    assert!((got - want).abs() <= tol * want, "{kind} {r}x{c} rows_in={rows_are_input}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sign_and_rms_directions_match_f64() {
+    let mut rng = Rng::new(41);
+    let mut ws = NsWorkspace::default();
+    for &(r, c) in SHAPES {
+        let shape = LayerShape { layers: 1, rows: r, cols: c, rows_are_input: true };
+        let mut v = rng.normals(r * c, 2.0);
+        v[0] = 0.0; // sign(0) = 0
+        for kind in [Kind::Embed, Kind::Vector] {
+            let cfg = StepConfig::new(kind);
+            let want = ref_direction(&cfg, &v.iter().map(|&x| x as f64).collect::<Vec<_>>(), &shape);
+            let mut got = vec![0.0f32; r * c];
+            direction(&cfg, &v, &shape, &mut got, &mut ws);
+            assert!(max_abs_diff(&got, &want) < 1e-5, "{kind} {r}x{c}");
+            if kind == Kind::Embed {
+                assert_eq!(got[0], 0.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The noise tracker, the within-group ratio and the whole update over multi-step sequences,
+//! against a hand-computed example and against the float64 reference of tests/common.
+
+mod common;
+use common::*;
+use lanton::cpu::{group_step, LeafIo, ParamIo};
+use lanton::ffi::{Tensor, TensorMut};
+use lanton::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig};
+
+/// Owned f32 state of one leaf for driving `group_step` directly.
+struct Leaf {
+    shape: LayerShape,
+    param: Vec<f32>,
+    momentum: Vec<f32>,
+    prev_grad: Vec<f32>,
+    noise: Vec<f32>,
+    valid: Vec<f32>,
+    prev_step: Vec<i32>,
+    ratio: Vec<f32>,
+    update: Vec<f32>,
+}
+
+impl Leaf {
+    fn new(shape: LayerShape, param: Vec<f32>) -> Self {
+        let (n, l) = (param.len(), shape.layers);
+        Leaf {
+            shape,
+            param,
+            momentum: vec![0.0; n],
+            prev_grad: vec![0.0; n],
+            noise: vec![0.0; l],
+            valid: vec![0.0; l],
+            prev_step: vec![0; l],
+            ratio: vec![0.0; l],
+            update: vec![0.0; n],
+        }
+    }
+}
+
+/// Runs one step in update mode and applies the update (as optax.apply_updates would).
+fn step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [Leaf], grads: &[Vec<f32>]) {
+    let mut io: Vec<LeafIo> = leaves
+        .iter_mut()
+        .zip(grads)
+        .map(|(lf, g)| LeafIo {
+            shape: lf.shape,
+            params: ParamIo::Update { param: Tensor::F32(&lf.param), update: TensorMut::F32(&mut lf.update) },
+            grad: Tensor::F32(g),
+            momentum: TensorMut::F32(&mut lf.momentum),
+            prev_grad: TensorMut::F32(&mut lf.prev_grad),
+            noise: &mut lf.noise,
+            valid: &mut lf.valid,
+            prev_step: &mut lf.prev_step,
+            ratio: &mut lf.ratio,
+        })
+        .collect();
+    group_step(cfg, h, t, &mut io);
+    for lf in leaves.iter_mut() {
+        lf.param.iter_mut().zip(&lf.update).for_each(|(p, u)| *p += u);
+    }
+}
+
+fn hyper() -> Hyper {
+    Hyper { lr: 0.1, beta1: 0.5, beta2: 0.5, weight_decay: 0.0, scale: 1.0 }
+}
+
+#[test]
+fn hand_computed_embed_sequence() {
+    // Two 1x2 layers (one leaf with a batch axis) in an embed group, K = 1, b1 = b2 = 0.5.
+    let mut cfg = StepConfig::new(Kind::Embed);
+    cfg.ratio_eps = 0.0;
+    let shape = LayerShape { layers: 2, rows: 1, cols: 2, rows_are_input: true };
+    let mut leaves = vec![Leaf::new(shape, vec![0.0; 4])];
+    let h = hyper();
+    // t = 1: no previous gradient, H stays 0, r = 1; G_prev is kept for t = 2.
+    step(&cfg, &h, 1, &mut leaves, &[vec![1.0, -1.0, 2.0, 2.0]]);
+    assert_eq!(leaves[0].noise, vec![0.0, 0.0]);
+    assert_eq!(leaves[0].ratio, vec![1.0, 1.0]);
+    assert_eq!(leaves[0].momentum, vec![0.5, -0.5, 1.0, 1.0]);
+    assert_eq!(leaves[0].update, vec![-0.1, 0.1, -0.1, -0.1]); // -lr * sign(B)
+    assert_eq!(leaves[0].prev_step, vec![1, 1]);
+    // t = 2: n0 = |3-1| + |-1+1| = 2, n1 = |2-2| + |6-2| = 4 -> H = 0.5 * n^2 = (2, 8).
+    step(&cfg, &h, 2, &mut leaves, &[vec![3.0, -1.0, 2.0, 6.0]]);
+    assert_eq!(leaves[0].noise, vec![2.0, 8.0]);
+    assert_eq!(leaves[0].valid, vec![1.0, 1.0]);
+    // alpha = (1/sqrt 2, 1/sqrt 8): r = (1, 0.5).
+    assert_eq!(leaves[0].ratio, vec![1.0, 0.5]);
+    assert_eq!(leaves[0].update, vec![-0.1, 0.1, -0.05, -0.05]);
+    // t = 3: n0 = |3-3| + |-3+1| = 2 -> H0 = 1 + 2 = 3; n1 = |2-2| + |6-6| = 0 -> H1 = 4.
+    step(&cfg, &h, 3, &mut leaves, &[vec![3.0, -3.0, 2.0, 6.0]]);
+    assert_eq!(leaves[0].noise, vec![3.0, 4.0]);
+    let r1 = (3.0f64 / 4.0).sqrt() as f32;
+    assert!((leaves[0].ratio[0] - 1.0).abs() < 1e-7 && (leaves[0].ratio[1] - r1).abs() < 1e-6);
+}
+
+#[test]
+fn cadence_k3_zero_gradient_layer_and_singleton() {
+    let mut cfg = StepConfig::new(Kind::Vector);
+    cfg.noise_every = 3;
+    cfg.ratio_eps = 0.0;
+    let h = hyper();
+    let shape = LayerShape { layers: 1, rows: 1, cols: 4, rows_are_input: true };
+    let mut rng = Rng::new(3);
+    let mut leaves = vec![Leaf::new(shape, rng.normals(4, 1.0)), Leaf::new(shape, rng.normals(4, 1.0))];
+    for t in 1..=7 {
+        let g = vec![rng.normals(4, 1.0), vec![0.0; 4]]; // second layer: always zero gradient
+        step(&cfg, &h, t, &mut leaves, &g);
+        let tracked = t >= 3; // first noise step is t = 3 (G_prev stored at t = 2)
+        assert_eq!(leaves[0].noise[0] > 0.0, tracked, "t={t}");
+        assert_eq!(leaves[0].prev_step[0], if t >= 5 { 5 } else if t >= 2 { 2 } else { 0 }, "t={t}");
+        // The zero-gradient layer never becomes valid, so it is left out and steps at r = 1;
+        // the other layer is then alone: a singleton, also r = 1.
+        assert_eq!(leaves[1].valid[0], 0.0);
+        assert_eq!(leaves[0].ratio[0], 1.0);
+        assert_eq!(leaves[1].ratio[0], 1.0);
+        assert!(leaves[1].update.iter().all(|&u| u == 0.0));
+    }
+}
+
+#[test]
+fn non_finite_gradient_leaves_state_untouched() {
+    let cfg = StepConfig::new(Kind::Hidden);
+    let h = Hyper { weight_decay: 0.1, ..hyper() };
+    let shape = LayerShape { layers: 2, rows: 4, cols: 6, rows_are_input: true };
+    let mut rng = Rng::new(9);
+    let mut leaves = vec![Leaf::new(shape, rng.normals(48, 1.0))];
+    step(&cfg, &h, 1, &mut leaves, &[rng.normals(48, 1.0)]);
+    step(&cfg, &h, 2, &mut leaves, &[rng.normals(48, 1.0)]);
+    let before = (leaves[0].momentum.clone(), leaves[0].prev_grad.clone(), leaves[0].noise.clone(), leaves[0].prev_step.clone());
+    let mut g = rng.normals(48, 1.0);
+    g[30] = f32::NAN; // layer 1 only
+    let p_before = leaves[0].param.clone();
+    step(&cfg, &h, 3, &mut leaves, &[g]);
+    let lf = &leaves[0];
+    assert_eq!(&lf.momentum[24..], &before.0[24..]);
+    assert_eq!(&lf.prev_grad[24..], &before.1[24..]);
+    assert_eq!(lf.noise[1], before.2[1]);
+    assert_eq!(lf.prev_step[1], before.3[1]);
+    assert!(lf.update[24..].iter().all(|&u| u == 0.0));
+    assert_eq!(&lf.param[24..], &p_before[24..]);
+    // Layer 0 went on normally.
+    assert_ne!(&lf.momentum[..24], &before.0[..24]);
+    assert!(lf.param.iter().chain(&lf.momentum).chain(&lf.prev_grad).all(|x| x.is_finite()));
+    // Step 4 cannot use the stale G_prev of layer 1 (stored at t = 2, not t = 3).
+    let noise1 = lf.noise[1];
+    step(&cfg, &h, 4, &mut leaves, &[rng.normals(48, 1.0)]);
+    assert_eq!(leaves[0].noise[1], noise1);
+    assert_eq!(leaves[0].prev_step[1], 4);
+}
+
+fn run_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat, steps: i32) {
+    let mut cfg = StepConfig::new(kind);
+    cfg.noise_every = k;
+    cfg.nesterov = nesterov;
+    cfg.noise_adaptive = noise_adaptive;
+    cfg.ratio_stat = stat;
+    let h = Hyper { lr: 0.02, beta1: 0.9, beta2: 0.8, weight_decay: wd, scale: 0.2 };
+    let shapes = match kind {
+        Kind::Hidden => vec![(1, 12, 20, true), (3, 16, 8, false), (1, 1, 10, true), (2, 9, 1, true)],
+        Kind::Embed => vec![(1, 30, 8, true), (1, 5, 8, false)],
+        Kind::Vector => vec![(4, 1, 16, true), (1, 1, 7, true)],
+    };
+    let mut rng = Rng::new(1000 + k as u64);
+    let mut leaves = Vec::new();
+    let mut refs = Vec::new();
+    for &(l, r, c, rin) in &shapes {
+        let shape = LayerShape { layers: l, rows: r, cols: c, rows_are_input: rin };
+        let p = rng.normals(l * r * c, 0.5);
+        refs.push(RefLeaf::new(shape, &p));
+        leaves.push(Leaf::new(shape, p));
+    }
+    for t in 1..=steps {
+        // Per-layer noise levels differ so the ratios are not all 1.
+        let grads: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(l, r, c, _))| {
+                let base = rng.gradient_like(l * r, c);
+                let noise = rng.normals(l * r * c, 0.2 * (i + 1) as f64);
+                base.iter().zip(noise).map(|(a, b)| a + b).collect()
+            })
+            .collect();
+        step(&cfg, &h, t, &mut leaves, &grads);
+        let want = ref_group_step(&cfg, &h, t, &mut refs, &grads);
+        for (i, (lf, rf)) in leaves.iter().zip(&refs).enumerate() {
+            let ctx = format!("{kind} K={k} t={t} leaf {i}");
+            let scale = want[i].iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-12);
+            let tol = if kind == Kind::Hidden { 5e-3 } else { 1e-4 };
+            assert!(max_abs_diff(&lf.update, &want[i]) <= tol * scale, "{ctx}: update");
+            for (a, b) in lf.noise.iter().zip(&rf.noise) {
+                assert!((*a as f64 - b).abs() <= 2e-2 * b.abs() + 1e-12, "{ctx}: noise {a} vs {b}");
+            }
+            for (a, b) in lf.ratio.iter().zip(&rf.ratio) {
+                assert!((*a as f64 - b).abs() <= 1e-2 * b.abs(), "{ctx}: ratio {a} vs {b}");
+            }
+            assert_eq!(lf.prev_step, rf.prev_step, "{ctx}: prev_step");
+            assert_eq!(lf.valid.iter().map(|&v| v > 0.5).collect::<Vec<_>>(), rf.valid, "{ctx}: valid");
+        }
+    }
+    if noise_adaptive && steps >= 2 * k as i32 {
+        let all: Vec<f32> = leaves.iter().flat_map(|l| l.ratio.clone()).collect();
+        assert!(all.iter().any(|&r| (r - 1.0).abs() > 1e-3), "ratios never left 1: {all:?}");
+    }
+}
+
+#[test]
+fn hidden_matches_reference_k1_and_k3() {
+    run_against_reference(Kind::Hidden, 1, false, 0.0, true, RatioStat::Max, 6);
+    run_against_reference(Kind::Hidden, 3, true, 0.1, true, RatioStat::Max, 8);
+    run_against_reference(Kind::Hidden, 1, false, 0.1, false, RatioStat::Max, 4);
+}
+
+#[test]
+fn embed_and_vector_match_reference() {
+    for kind in [Kind::Embed, Kind::Vector] {
+        run_against_reference(kind, 1, false, 0.0, true, RatioStat::Max, 6);
+        run_against_reference(kind, 2, true, 0.05, true, RatioStat::Mean, 7);
+        run_against_reference(kind, 1, false, 0.0, true, RatioStat::Min, 4);
+        run_against_reference(kind, 1, false, 0.05, false, RatioStat::Max, 4);
+    }
+}
