@@ -1,0 +1,35 @@
+"""Structural configuration of one group's step (compile-time attributes of the custom call)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+KINDS = ("hidden", "embed", "vector")
+RATIO_STATS = ("max", "mean", "min")
+# Keller Jordan's quintic Newton-Schulz coefficients (muon.py), 5 steps.
+NS_DEFAULT = (3.4445, -4.7750, 2.0315)
+NS_DEFAULT_STEPS = 5
+# Polar factor for the nuclear norm (src/step/mod.rs): lift, then the convergent (15, -10, 3)/8.
+NUCLEAR_SCHEDULE = (NS_DEFAULT,) * 6 + ((15 / 8, -10 / 8, 3 / 8),) * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    kind: str
+    ns_coeffs: tuple = (NS_DEFAULT,) * NS_DEFAULT_STEPS
+    noise_every: int = 10
+    noise_adaptive: bool = True
+    ratio_stat: str = "max"
+    ratio_eps: float = 1e-30
+    nesterov: bool = False
+    vector_eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown group kind {self.kind!r}; expected one of {KINDS}")
+        if self.ratio_stat not in RATIO_STATS:
+            raise ValueError(f"unknown ratio_stat {self.ratio_stat!r}; expected one of {RATIO_STATS}")
+        if int(self.noise_every) < 1:
+            raise ValueError(f"noise_every must be >= 1, got {self.noise_every}")
+        if not self.ns_coeffs or any(len(c) != 3 for c in self.ns_coeffs):
+            raise ValueError(f"ns_coeffs must be a non-empty sequence of (a, b, c) triples, got {self.ns_coeffs}")

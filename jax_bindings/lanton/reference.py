@@ -1,0 +1,152 @@
+"""LANTON in pure JAX: the test oracle for the fused kernels and the fallback where they cannot
+run. Same calling convention as `lanton._ffi.group_step`; same math as src/step + src/cpu.
+
+One step for the layers l of a group (Hao et al., arXiv 2510.14009; ../shared/ALGORITHM.md):
+
+    B   = b1*B + (1-b1)*G
+    H   = b2*H + (1-b2)*dual_norm(G - G_prev)^2       on noise steps (t % K == 0, t >= 2)
+    r_l = alpha_l / max_j alpha_j,  alpha = (H + eps)^(-1/2)   (valid layers; else 1)
+    X  <- X - lr*(wd*X + s(shape)*r_l*D(B))
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._config import NUCLEAR_SCHEDULE, StepConfig
+
+f32 = jnp.float32
+
+
+def _oriented(x):
+    """(L, R, C) -> (L, m, n) with m <= n, and whether it was transposed."""
+    if x.shape[-2] > x.shape[-1]:
+        return jnp.swapaxes(x, -1, -2), True
+    return x, False
+
+
+def _iterate(x, coeffs):
+    for a, b, c in coeffs:
+        A = x @ jnp.swapaxes(x, -1, -2)
+        B = b * A + c * (A @ A)
+        x = a * x + B @ x
+    return x
+
+
+def _fro(x):
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+
+
+def newton_schulz(v, coeffs):
+    """Polar-factor direction of each (R, C) matrix of v (L, R, C), in f32."""
+    x, tr = _oriented(v.astype(f32))
+    x = x / (_fro(x) + 1e-7)
+    x = _iterate(x, coeffs)
+    return jnp.swapaxes(x, -1, -2) if tr else x
+
+
+def nuclear_norm(d):
+    """||D||_* = <D, polar(D)> for each matrix of d (L, R, C)."""
+    x, _ = _oriented(d.astype(f32))
+    fro = _fro(x)
+    x0 = x / jnp.where(fro > 0, fro, 1.0)
+    p = _iterate(x0, NUCLEAR_SCHEDULE)
+    return fro[..., 0, 0] * jnp.sum(x0 * p, axis=(-2, -1))
+
+
+def dual_norm(kind, d, rows_are_input):
+    """Dual norm of each layer of d (L, R, C) for the group's kind."""
+    r, c = d.shape[-2:]
+    if kind == "hidden":
+        d_in, d_out = (r, c) if rows_are_input else (c, r)
+        return jnp.sqrt(d_out / d_in) * nuclear_norm(d)
+    if kind == "embed":
+        return jnp.sum(jnp.abs(d), axis=(-2, -1))
+    return jnp.sqrt(r * c) * jnp.sqrt(jnp.sum(jnp.square(d), axis=(-2, -1)))
+
+
+def direction(config: StepConfig, v):
+    if config.kind == "hidden":
+        return newton_schulz(v, config.ns_coeffs)
+    if config.kind == "embed":
+        return jnp.sign(v)
+    rms = jnp.sqrt(jnp.mean(jnp.square(v), axis=(-2, -1), keepdims=True))
+    return v / (rms + config.vector_eps)
+
+
+def update_scale(kind, scale, shape):
+    if kind == "hidden":
+        return scale * jnp.sqrt(f32(max(shape[-2], shape[-1])))
+    return scale
+
+
+def group_ratios(noise, valid, stat, eps):
+    """r = alpha / stat_{valid}(alpha), alpha = (H + eps)^(-1/2); 1 where not valid."""
+    alpha = jax.lax.rsqrt(noise + f32(eps))
+    any_valid = jnp.any(valid)
+    if stat == "max":
+        ref = jnp.max(jnp.where(valid, alpha, -jnp.inf))
+    elif stat == "min":
+        ref = jnp.min(jnp.where(valid, alpha, jnp.inf))
+    else:
+        ref = jnp.sum(jnp.where(valid, alpha, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    ok = valid & any_valid & jnp.isfinite(ref) & (ref > 0)
+    return jnp.where(ok, alpha / jnp.where(ok, ref, 1.0), 1.0)
+
+
+def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bool = False):
+    """Pure-JAX twin of the fused call; see lanton._ffi.group_step for the layout."""
+    del names
+    lr, b1, b2, wd, scale = (hyper[i] for i in range(5))
+    k = int(config.noise_every)
+    noise_step = config.noise_adaptive & (t >= 2) & (t % k == 0)
+    keep = config.noise_adaptive & ((t + 1) % k == 0)
+
+    phase1 = []
+    for param, grad, mom, prev, noise, valid, pstep, rows_in in leaves:
+        g = grad.astype(f32)
+        finite = jnp.all(jnp.isfinite(g), axis=(1, 2))
+        fin3 = finite[:, None, None]
+        b_new = jnp.where(fin3, b1 * mom.astype(f32) + (1 - b1) * g, mom.astype(f32)).astype(mom.dtype)
+        usable = noise_step & finite & (pstep >= 1) & (pstep == t - 1)
+        n = jax.lax.cond(
+            jnp.any(usable),
+            lambda g=g, prev=prev, rows_in=rows_in: dual_norm(config.kind, g - prev.astype(f32), rows_in),
+            lambda g=g: jnp.zeros(g.shape[0], f32),
+        )
+        upd = usable & jnp.isfinite(n)
+        noise_new = jnp.where(upd, b2 * noise + (1 - b2) * n * n, noise)
+        valid_new = jnp.where(upd & (n > 0), f32(1), valid)
+        store = keep & finite
+        prev_new = jnp.where(store[:, None, None], grad.astype(prev.dtype), prev)
+        pstep_new = jnp.where(store, t.astype(jnp.int32), pstep)
+        phase1.append((b_new, prev_new, noise_new, valid_new, pstep_new, finite))
+
+    all_noise = jnp.concatenate([p[2] for p in phase1])
+    all_valid = jnp.concatenate([p[3] > 0.5 for p in phase1])
+    if config.noise_adaptive:
+        ratios = group_ratios(all_noise, all_valid, config.ratio_stat, config.ratio_eps)
+    else:
+        ratios = jnp.ones_like(all_noise)
+
+    outs, start = [], 0
+    for (param, grad, mom, prev, noise, valid, pstep, rows_in), (b_new, prev_new, noise_new, valid_new, pstep_new, finite) in zip(
+        leaves, phase1
+    ):
+        n_layers = param.shape[0]
+        r = ratios[start:start + n_layers]
+        start += n_layers
+        v = b_new.astype(f32)
+        if config.nesterov:
+            v = b1 * v + (1 - b1) * grad.astype(f32)
+        d = direction(config, v)
+        x = param.astype(f32)
+        s = update_scale(config.kind, scale, param.shape)
+        delta = -lr * (wd * x + s * r[:, None, None] * d)
+        delta = jnp.where(finite[:, None, None], delta, 0.0)
+        out = (x + delta) if in_place else delta
+        if in_place:
+            out = jnp.where(finite[:, None, None], out, x)
+        outs.append((out.astype(param.dtype), b_new, prev_new, noise_new, valid_new, pstep_new, r))
+    return outs
