@@ -113,6 +113,18 @@ def _from_canonical(x, lf: _Leaf, shape):
     return jnp.transpose(x, np.argsort(lf.perm))
 
 
+def _static(name, value, default, cast):
+    """A structural option: a compile-time attribute of the custom call, never traced."""
+    if value is None:
+        return default
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"lanton option '{name}' is structural (compiled into the kernel) and cannot be traced; with "
+            f"optax.inject_hyperparams pass static_args=('{name}',)"
+        )
+    return cast(value)
+
+
 def _resolve(tree_or_fn, params, what):
     return tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
 
@@ -128,7 +140,7 @@ class _Lanton:
         self.weight_decay, self.scale = weight_decay, scale
         self.labels, self.dim_numbers, self.backend = labels, dim_numbers, backend
         self.groups = dict(DEFAULT_GROUPS if groups is None else groups)
-        self.momentum_dtype = jnp.dtype(momentum_dtype)
+        self.momentum_dtype = jnp.dtype(_static("momentum_dtype", momentum_dtype, "float32", lambda x: x))
         if self.momentum_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"momentum_dtype must be float32, bfloat16 or float16, got {self.momentum_dtype}")
         self.configs = {}
@@ -138,11 +150,11 @@ class _Lanton:
             self.configs[name] = StepConfig(
                 kind=g.kind,
                 ns_coeffs=tuple(tuple(map(float, c)) for c in (ns_coeffs or StepConfig.ns_coeffs)),
-                noise_every=int(g.noise_every or noise_every),
-                noise_adaptive=bool(noise_adaptive),
+                noise_every=int(g.noise_every or _static("noise_every", noise_every, 10, int)),
+                noise_adaptive=_static("noise_adaptive", noise_adaptive, True, bool),
                 ratio_stat=ratio_stat,
-                ratio_eps=float(ratio_eps),
-                nesterov=bool(nesterov),
+                ratio_eps=_static("ratio_eps", ratio_eps, 1e-30, float),
+                nesterov=_static("nesterov", nesterov, False, bool),
             )
 
     # -- layout -----------------------------------------------------------------------------
@@ -279,16 +291,16 @@ def lanton(
     weight_decay: float = 0.0,
     scale: float = 0.2,
     *,
-    noise_every: int = 10,
+    noise_every: Optional[int] = None,
     noise_adaptive: bool = True,
     nesterov: bool = False,
     ratio_stat: str = "max",
-    ratio_eps: float = 1e-30,
+    ratio_eps: Optional[float] = None,
     ns_coeffs=None,
     labels=None,
     groups: Optional[dict] = None,
     dim_numbers=None,
-    momentum_dtype=jnp.float32,
+    momentum_dtype: str = "float32",
     backend: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""LANTON: layer-wise noise-adaptive learning rates on geometry-aware (Muon-style) updates.
@@ -312,11 +324,11 @@ def lanton(
       weight_decay: decoupled, at the base rate (not scaled by r); `vector` groups get 0 unless
         their Group says otherwise.
       scale: update RMS target (0.2 matches AdamW's, as in D-Muon); a Group may override it.
-      noise_every: K, refresh the noise estimate every K steps (the paper uses 10).
+      noise_every: K, refresh the noise estimate every K steps (default 10, as in the paper).
       noise_adaptive: False gives the noise-off baseline (r = 1: D-Muon / Scion-like).
       nesterov: use b1*B + (1-b1)*G as the direction's input.
       ratio_stat: reference statistic of alpha in the group ("max", "mean", "min").
-      ratio_eps: epsilon in alpha = (H + eps)^(-1/2).
+      ratio_eps: epsilon in alpha = (H + eps)^(-1/2) (default 1e-30).
       ns_coeffs: Newton-Schulz (a, b, c) triples, one per step (default: muon.py's, 5 steps).
       labels: pytree of group names (or None to leave a leaf to another transformation: its
         update passes through unchanged), or a function of the params returning one. Default:
@@ -325,6 +337,11 @@ def lanton(
       dim_numbers: pytree (or function of params) of `lanton.DimSpec` or None per leaf.
       momentum_dtype: dtype of the momentum buffers.
       backend: "auto" (fused kernels where available, else pure JAX), "ffi" or "reference".
+
+    Structural options (noise_every, ratio_eps, ns_coeffs, nesterov, noise_adaptive, groups,
+    momentum_dtype) are compiled into the kernel. `optax.inject_hyperparams(lanton)` injects
+    learning_rate, beta1, beta2, weight_decay and scale; pass callables for labels/dim_numbers
+    and explicit numeric structural options through `static_args`.
     """
     kw = dict(noise_every=noise_every, noise_adaptive=noise_adaptive, nesterov=nesterov, ratio_stat=ratio_stat,
               ratio_eps=ratio_eps, ns_coeffs=ns_coeffs, labels=labels, groups=groups, dim_numbers=dim_numbers,
@@ -349,8 +366,8 @@ class FusedLanton(NamedTuple):
 def fused(learning_rate: ScalarOrSchedule = 0.02, beta1: float = 0.95, beta2: float = 0.9, weight_decay: float = 0.0,
           scale: float = 0.2, **kwargs) -> FusedLanton:
     """The in-place fused path: same options as `lanton`, parameters written by the kernel."""
-    kw = dict(noise_every=10, noise_adaptive=True, nesterov=False, ratio_stat="max", ratio_eps=1e-30, ns_coeffs=None,
-              labels=None, groups=None, dim_numbers=None, momentum_dtype=jnp.float32, backend="auto")
+    kw = dict(noise_every=None, noise_adaptive=True, nesterov=False, ratio_stat="max", ratio_eps=None, ns_coeffs=None,
+              labels=None, groups=None, dim_numbers=None, momentum_dtype="float32", backend="auto")
     unknown = set(kwargs) - set(kw)
     if unknown:
         raise TypeError(f"fused() got unknown options {sorted(unknown)}")

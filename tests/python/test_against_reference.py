@@ -1,0 +1,114 @@
+"""The fused FFI path against lanton.reference over 20+ steps on a small transformer tree."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lanton
+from models import random_grads, transformer_params
+
+pytestmark = pytest.mark.skipif(not lanton.kernels_available(), reason="liblanton not built")
+
+
+def run(backend, params, steps, **kw):
+    tx = lanton.lanton(learning_rate=0.05, backend=backend, **kw)
+    state = tx.init(params)
+    upd = jax.jit(tx.update)
+    for t in range(steps):
+        # Fresh gradients with a shared component, so noise differs from layer to layer.
+        g = random_grads(jax.random.key(100 + t), params)
+        g = jax.tree.map(lambda a, b: a + 0.5 * b, g, random_grads(jax.random.key(7), params))
+        u, state = upd(g, state, params)
+        params = optax.apply_updates(params, u)
+    return params, state
+
+
+CASES = list(itertools.product([1, 10], [0.0, 0.1], [True, False]))
+
+
+@pytest.mark.parametrize("k,wd,adaptive", CASES)
+def test_f32_matches_reference(k, wd, adaptive):
+    params = transformer_params(jax.random.key(0))
+    steps = 22
+    kw = dict(noise_every=k, weight_decay=wd, noise_adaptive=adaptive)
+    pf, sf = run("ffi", params, steps, **kw)
+    pr, sr = run("reference", params, steps, **kw)
+    for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    np.testing.assert_array_equal(sf.count, sr.count)
+    for field in ("noise", "ratio"):
+        for a, b in zip(jax.tree.leaves(getattr(sf, field)), jax.tree.leaves(getattr(sr, field))):
+            np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-30)
+    for field in ("valid", "prev_step"):
+        for a, b in zip(jax.tree.leaves(getattr(sf, field)), jax.tree.leaves(getattr(sr, field))):
+            np.testing.assert_array_equal(a, b)
+    ratios = np.concatenate([np.ravel(r) for r in jax.tree.leaves(sf.ratio)])
+    if adaptive:
+        assert (ratios < 0.999).any(), "noise adaptation never changed a ratio"
+        assert all(np.all(v == 1) for v in jax.tree.leaves(sf.valid))
+    else:
+        assert np.all(ratios == 1.0)
+
+
+def test_bf16_matches_reference_loosely():
+    params = transformer_params(jax.random.key(1), dtype=jnp.bfloat16)
+    pf, sf = run("ffi", params, 20, noise_every=1, weight_decay=0.1)
+    pr, sr = run("reference", params, 20, noise_every=1, weight_decay=0.1)
+    for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
+        assert a.dtype == jnp.bfloat16
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        # bf16 rounding compounds over 20 steps, and a near-zero momentum entry of a sign (embed)
+        # leaf may flip under different rounding: allow one such step, lr * scale = 0.01.
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=1.2e-2)
+        assert np.mean(np.abs(a - b) > 2e-3) < 0.01
+    for a, b in zip(jax.tree.leaves(sf.ratio), jax.tree.leaves(sr.ratio)):
+        np.testing.assert_allclose(a, b, rtol=3e-2)
+
+
+def test_inplace_fused_path_equals_update_path():
+    params = transformer_params(jax.random.key(2))
+    ref_params, ref_state = run("ffi", params, 5, noise_every=2, weight_decay=0.05)
+    fz = lanton.fused(learning_rate=0.05, noise_every=2, weight_decay=0.05)
+    p = jax.tree.map(jnp.copy, params)
+    s = fz.init(p)
+    for t in range(5):
+        g = random_grads(jax.random.key(100 + t), params)
+        g = jax.tree.map(lambda a, b: a + 0.5 * b, g, random_grads(jax.random.key(7), params))
+        p, s = fz.step(g, s, p)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(ref_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_nuclear_norm_accuracy_against_numpy_svd():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 40), (40, 1), (48, 48), (64, 200), (200, 64)]:
+        low = rng.normal(size=(shape[0], 3)) @ rng.normal(size=(3, shape[1]))
+        d = (low + 0.3 * rng.normal(size=shape)).astype(np.float32)
+        want = np.linalg.svd(d.astype(np.float64), compute_uv=False).sum()
+        got = float(lanton.reference.nuclear_norm(jnp.asarray(d)[None])[0])
+        assert abs(got - want) / want < 0.01, (shape, got, want)
+
+
+def test_non_finite_gradients_do_not_corrupt_state():
+    params = transformer_params(jax.random.key(3))
+    tx = lanton.lanton(0.05, noise_every=1)
+    state = tx.init(params)
+    upd = jax.jit(tx.update)
+    u, state = upd(random_grads(jax.random.key(1), params), state, params)
+    g = random_grads(jax.random.key(2), params)
+    g["blocks"][0]["attn"]["q"] = g["blocks"][0]["attn"]["q"].at[0, 0].set(jnp.nan)
+    g["scanned"]["kernel"] = g["scanned"]["kernel"].at[1, 0, 0].set(jnp.inf)
+    u2, state2 = upd(g, state, params)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state2))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(u2))
+    np.testing.assert_array_equal(u2["blocks"][0]["attn"]["q"], 0.0)
+    np.testing.assert_array_equal(state2.momentum["blocks"][0]["attn"]["q"], state.momentum["blocks"][0]["attn"]["q"])
+    # Only the bad layer of the scanned stack is skipped.
+    np.testing.assert_array_equal(u2["scanned"]["kernel"][1], 0.0)
+    assert np.abs(u2["scanned"]["kernel"][0]).sum() > 0
