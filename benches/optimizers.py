@@ -1,0 +1,36 @@
+"""The contenders of the benchmarks, configured as ../shared/BENCHMARKS.md asks."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+import lanton
+from gpt import schedule
+
+
+def hidden_only_dims(params):
+    """optax Muon's fair configuration: Newton-Schulz for hidden matrices only."""
+    labels = lanton.default_labels(params)
+    return jax.tree.map(lambda l: optax.contrib.MuonDimensionNumbers(0, 1) if l == "hidden" else None, labels)
+
+
+def make(name, lr, adam_lr=3e-3, **lanton_kw):
+    """Returns steps -> GradientTransformation for one contender."""
+    if name in ("lanton", "lanton_noise_off"):
+        kw = dict(lanton_kw)
+        if name == "lanton_noise_off":
+            kw["noise_adaptive"] = False
+        return lambda steps: lanton.lanton(learning_rate=schedule(lr, steps), **kw)
+    if name == "muon":
+        return lambda steps: optax.contrib.muon(
+            learning_rate=schedule(lr, steps), adam_learning_rate=schedule(adam_lr, steps),
+            muon_weight_dimension_numbers=hidden_only_dims)
+    if name == "muon_default":
+        return lambda steps: optax.contrib.muon(learning_rate=schedule(lr, steps), adam_learning_rate=schedule(adam_lr, steps))
+    if name == "adamw":
+        return lambda steps: optax.adamw(schedule(lr, steps), b2=0.95, weight_decay=0.1)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+DEFAULT_LR = {"lanton": 0.02, "lanton_noise_off": 0.02, "muon": 0.02, "muon_default": 0.02, "adamw": 3e-3}
