@@ -1,0 +1,151 @@
+"""Step-time benchmark: jitted `update + apply_updates` for lanton (fused FFI), lanton's in-place
+path, lanton.reference (pure JAX), optax.contrib.muon (hidden-only and default) and optax.adamw,
+on the tiny, GPT-2-small and (GPU only) TinyLlama-1.1B parameter sets (../shared/BENCHMARKS.md).
+Warm medians of repeats, outputs blocked on; ratios to optax Muon (hidden-only) from the same run.
+
+lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step); lanton at the
+default K = 10 costs 0.9*off + 0.1*K1 per step on average (`K=10 amortized`).
+
+    python benches/step_time.py --sets tiny,gpt2 --repeats 3 --out benches/results/step_time_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import lanton  # noqa: E402
+from gpt import CONFIG, init_params  # noqa: E402
+from optimizers import hidden_only_dims  # noqa: E402
+
+
+def gpt2_small():
+    d, L = 768, 12
+    z = lambda *s: jnp.zeros(s, jnp.float32)
+    blk = lambda: {"ln_1": {"scale": z(d), "bias": z(d)}, "ln_2": {"scale": z(d), "bias": z(d)},
+                   "q": z(d, d), "k": z(d, d), "v": z(d, d), "o": z(d, d), "q_bias": z(d), "k_bias": z(d), "v_bias": z(d),
+                   "o_bias": z(d), "fc": z(d, 4 * d), "fc_bias": z(4 * d), "proj": z(4 * d, d), "proj_bias": z(d)}
+    return {"wte": z(50257, d), "wpe": z(1024, d), "blocks": [blk() for _ in range(L)], "ln_f": {"scale": z(d), "bias": z(d)}}
+
+
+def tinyllama():
+    d, L, z = 2048, 22, (lambda *s: jnp.zeros(s, jnp.float32))
+    blk = lambda: {"q": z(d, d), "o": z(d, d), "k": z(d, 256), "v": z(d, 256), "gate": z(d, 5632), "up": z(d, 5632),
+                   "down": z(5632, d), "norm_1": {"scale": z(d)}, "norm_2": {"scale": z(d)}}
+    return {"embed": z(32000, d), "lm_head": z(d, 32000), "blocks": [blk() for _ in range(L)], "norm_f": {"scale": z(d)}}
+
+
+def param_set(name):
+    if name == "tiny":
+        return init_params(jax.random.key(0), **CONFIG)
+    p = gpt2_small() if name == "gpt2" else tinyllama()
+    leaves, tdef = jax.tree.flatten(p)
+    ks = jax.random.split(jax.random.key(0), len(leaves))
+    return tdef.unflatten([0.02 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(ks, leaves)])
+
+
+def contenders():
+    muon = lambda **kw: optax.contrib.muon(0.02, adam_learning_rate=3e-3, **kw)
+    return {
+        "lanton noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False)),
+        "lanton K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
+        "lanton in-place, noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
+        "lanton.reference noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, backend="reference")),
+        "lanton.reference K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1, backend="reference")),
+        "optax muon (hidden only)": ("tx", lambda: muon(muon_weight_dimension_numbers=hidden_only_dims)),
+        "optax muon (default)": ("tx", lambda: muon()),
+        "optax adamw": ("tx", lambda: optax.adamw(3e-3, b2=0.95, weight_decay=0.1)),
+    }
+
+
+def time_one(kind, make, params, grads, repeats):
+    if kind == "fused":
+        fz = make()
+        p, s = jax.tree.map(jnp.copy, params), None
+        s = fz.init(p)
+        step = lambda p, s: fz.step(grads, s, p)
+    else:
+        tx = make()
+        s = tx.init(params)
+        p = params
+
+        @jax.jit
+        def _step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        step = lambda p, s: _step(p, s, grads)
+    for _ in range(2):  # compile, then one warm step (t = 2: the first noise step for K = 1)
+        p, s = jax.block_until_ready(step(p, s))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        p, s = jax.block_until_ready(step(p, s))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="tiny,gpt2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default=None, help="comma-separated contender names")
+    ap.add_argument("--out", default=None, help="path prefix for .json and .md results")
+    args = ap.parse_args()
+    backend = jax.default_backend()
+    device = jax.devices()[0].device_kind
+    meta = {"date": datetime.date.today().isoformat(), "backend": backend, "device": device,
+            "machine": f"{platform.machine()} {platform.processor()}".strip(), "jax": jax.__version__,
+            "lanton": lanton.__version__, "kernels": lanton.kernels_available(), "repeats": args.repeats}
+    print(json.dumps(meta))
+    results = {}
+    for set_name in args.sets.split(","):
+        if set_name == "tinyllama" and backend == "cpu":
+            print("skipping tinyllama: GPU only")
+            continue
+        params = param_set(set_name)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        grads = jax.tree.map(lambda x, k: jax.random.normal(k, x.shape, x.dtype),
+                             params, jax.tree.unflatten(jax.tree.structure(params), list(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))))
+        rows = {}
+        for name, (kind, make) in contenders().items():
+            if args.only and name not in args.only.split(","):
+                continue
+            rows[name] = time_one(kind, make, params, grads, args.repeats)
+            print(f"  {set_name:>8} {name:<30} {1000 * rows[name]:10.1f} ms", flush=True)
+        if "lanton noise off" in rows and "lanton K=1" in rows:
+            rows["lanton K=10 amortized"] = 0.9 * rows["lanton noise off"] + 0.1 * rows["lanton K=1"]
+        results[set_name] = {"params": int(n_params), "seconds": rows}
+    base = "optax muon (hidden only)"
+    lines = [f"# Step time ({meta['date']}, {backend}: {device}, {meta['machine']}, jax {meta['jax']})", "",
+             f"Median of {args.repeats} warm steps of jitted update + apply_updates. Ratio: time / {base}, same run.", ""]
+    for set_name, r in results.items():
+        lines += [f"## {set_name} ({r['params'] / 1e6:.2f} M params)", "", "| optimizer | ms / step | ratio |", "|---|---:|---:|"]
+        ref = r["seconds"].get(base)
+        for name, sec in r["seconds"].items():
+            ratio = f"{sec / ref:.2f}" if ref else "-"
+            lines.append(f"| {name} | {1000 * sec:.1f} | {ratio} |")
+        lines.append("")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        Path(args.out + ".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
