@@ -71,6 +71,27 @@ fn nuclear_norm_within_one_percent_of_svd() {
 }
 
 #[test]
+fn nuclear_norm_within_one_percent_on_decaying_spectra() {
+    // Power-law and exponential spectra: the slow-converging small singular values.
+    let mut rng = Rng::new(29);
+    let mut ws = NsWorkspace::default();
+    for &(r, c) in &[(64, 64), (48, 120), (120, 48)] {
+        let k = r.min(c);
+        let spectra: [(&str, Vec<f64>); 2] = [
+            ("power-law", (0..k).map(|i| 1.0 / (1.0 + i as f64)).collect()),
+            ("exponential", (0..k).map(|i| (-(i as f64) / (k as f64 / 8.0)).exp()).collect()),
+        ];
+        for (label, s) in spectra {
+            let d = with_spectrum(&mut rng, r, c, &s);
+            let want: f64 = s.iter().sum();
+            let got = nuclear_norm(&d, r, c, &mut ws) as f64;
+            let rel = (got - want).abs() / want;
+            assert!(rel < 0.01, "{label} {r}x{c}: nuclear {got} vs {want} (rel {rel})");
+        }
+    }
+}
+
+#[test]
 fn dual_norms_match_f64_with_kind_factors() {
     let mut rng = Rng::new(31);
     let mut ws = NsWorkspace::default();

@@ -10,7 +10,7 @@ RATIO_STATS = ("max", "mean", "min")
 NS_DEFAULT = (3.4445, -4.7750, 2.0315)
 NS_DEFAULT_STEPS = 5
 # Polar factor for the nuclear norm (src/step/mod.rs): lift, then the convergent (15, -10, 3)/8.
-NUCLEAR_SCHEDULE = (NS_DEFAULT,) * 6 + ((15 / 8, -10 / 8, 3 / 8),) * 4
+NUCLEAR_SCHEDULE = (NS_DEFAULT,) * 5 + ((15 / 8, -10 / 8, 3 / 8),) * 2
 
 
 @dataclasses.dataclass(frozen=True)

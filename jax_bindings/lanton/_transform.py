@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -125,7 +126,7 @@ def _static(name, value, default, cast):
     return cast(value)
 
 
-def _resolve(tree_or_fn, params, what):
+def _resolve(tree_or_fn, params):
     return tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
 
 
@@ -143,36 +144,41 @@ class _Lanton:
         self.momentum_dtype = jnp.dtype(_static("momentum_dtype", momentum_dtype, "float32", lambda x: x))
         if self.momentum_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"momentum_dtype must be float32, bfloat16 or float16, got {self.momentum_dtype}")
+        # The global options; each group's config is this with its kind (and cadence) set.
+        self.base_config = StepConfig(
+            kind="hidden",
+            ns_coeffs=tuple(tuple(map(float, c)) for c in (ns_coeffs or StepConfig.ns_coeffs)),
+            noise_every=_static("noise_every", noise_every, 10, int),
+            noise_adaptive=_static("noise_adaptive", noise_adaptive, True, bool),
+            ratio_stat=ratio_stat,
+            ratio_eps=_static("ratio_eps", ratio_eps, 1e-30, float),
+            nesterov=_static("nesterov", nesterov, False, bool),
+        )
         self.configs = {}
         for name, g in self.groups.items():
             if not isinstance(g, Group):
                 raise TypeError(f"group '{name}': expected lanton.Group(kind, ...), got {g!r}")
-            self.configs[name] = StepConfig(
-                kind=g.kind,
-                ns_coeffs=tuple(tuple(map(float, c)) for c in (ns_coeffs or StepConfig.ns_coeffs)),
-                noise_every=int(g.noise_every or _static("noise_every", noise_every, 10, int)),
-                noise_adaptive=_static("noise_adaptive", noise_adaptive, True, bool),
-                ratio_stat=ratio_stat,
-                ratio_eps=_static("ratio_eps", ratio_eps, 1e-30, float),
-                nesterov=_static("nesterov", nesterov, False, bool),
-            )
+            self.configs[name] = self._group_config(g)
+
+    def _group_config(self, g: Group) -> StepConfig:
+        return dataclasses.replace(self.base_config, kind=g.kind, noise_every=int(g.noise_every or self.base_config.noise_every))
 
     # -- layout -----------------------------------------------------------------------------
     def plan(self, params):
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-        labels = default_labels(params) if self.labels is None else _resolve(self.labels, params, "labels")
-        label_leaves = self._match(labels, treedef, "labels", leaves_with_path, allow_none=True)
-        dims = None if self.dim_numbers is None else _resolve(self.dim_numbers, params, "dim_numbers")
-        dim_leaves = [None] * len(leaves_with_path) if dims is None else self._match(dims, treedef, "dim_numbers", leaves_with_path, allow_none=True)
+        labels = default_labels(params) if self.labels is None else _resolve(self.labels, params)
+        label_leaves = self._match(labels, treedef, "labels", leaves_with_path)
+        dims = None if self.dim_numbers is None else _resolve(self.dim_numbers, params)
+        dim_leaves = [None] * len(leaves_with_path) if dims is None else self._match(dims, treedef, "dim_numbers", leaves_with_path)
         plan = {}
         for i, ((path, leaf), label, spec) in enumerate(zip(leaves_with_path, label_leaves, dim_leaves)):
             name = path_str(path)
             if label is None:
                 continue
             if label not in self.groups:
-                if label in KINDS:
+                if label in KINDS:  # a bare kind name works as a group even if `groups` omits it
                     self.groups[label] = Group(label)
-                    self.configs[label] = StepConfig(**{**self.configs.get("hidden", StepConfig("hidden")).__dict__, "kind": label})
+                    self.configs[label] = self._group_config(self.groups[label])
                 else:
                     raise ValueError(
                         f"leaf '{name}' has label {label!r}, which is no group; known groups: {sorted(self.groups)}. "
@@ -188,15 +194,20 @@ class _Lanton:
         return plan, treedef, [leaf for _, leaf in leaves_with_path]
 
     @staticmethod
-    def _match(tree, treedef, what, leaves_with_path, allow_none):
-        flat, tdef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None or isinstance(x, (DimSpec, str)))
-        if tdef.num_leaves != treedef.num_leaves:
-            try:
-                flat = treedef.flatten_up_to(tree)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{what} must have the same structure as the parameters: {e}") from None
-        if len(flat) != len(leaves_with_path):
-            raise ValueError(f"{what} has {len(flat)} leaves, the parameters have {len(leaves_with_path)}")
+    def _match(tree, treedef, what, leaves_with_path):
+        """Flattens a labels / dim_numbers tree against the parameters, naming the first leaf
+        that has no entry (None entries are allowed: the leaf is left alone)."""
+        try:
+            flat = treedef.flatten_up_to(tree)
+        except (ValueError, TypeError):
+            is_entry = lambda x: x is None or isinstance(x, (DimSpec, str))
+            have = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_entry)[0]}
+            missing = [path_str(p) for p, _ in leaves_with_path if path_str(p) not in have]
+            detail = f"leaf '{missing[0]}' has no entry" if missing else "its structure differs"
+            raise ValueError(
+                f"{what} must have one entry per parameter leaf (None to leave a leaf to another "
+                f"transformation): {detail}"
+            ) from None
         return flat
 
     # -- state ------------------------------------------------------------------------------

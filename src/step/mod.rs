@@ -73,10 +73,12 @@ pub const NS_DEFAULT_STEPS: usize = 5;
 
 /// Polar factor used for the nuclear norm: the quintic above to lift small singular values into
 /// [~0.7, ~1.2], then the classic convergent quintic (15, -10, 3)/8 to pin them at 1.
+/// 5 + 2 steps: worst relative error 0.24 % on 768x768 power-law spectra, 0.13 % on smaller
+/// gradient-like matrices (4 + 2 exceeds 1 %); see tests/kernels.rs.
 /// <D, polar(D)> = ||D||_* (ALGORITHM.md: <D, NS5(D)> alone is not accurate enough).
-pub const NUCLEAR_LIFT_STEPS: usize = 6;
+pub const NUCLEAR_LIFT_STEPS: usize = 5;
 pub const NUCLEAR_REFINE: [f32; 3] = [15.0 / 8.0, -10.0 / 8.0, 3.0 / 8.0];
-pub const NUCLEAR_REFINE_STEPS: usize = 4;
+pub const NUCLEAR_REFINE_STEPS: usize = 2;
 
 pub fn nuclear_schedule() -> Vec<[f32; 3]> {
     let mut s = vec![NS_DEFAULT; NUCLEAR_LIFT_STEPS];

@@ -598,3 +598,33 @@ pub fn ref_group_step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [RefLeaf
     }
     updates
 }
+
+/// U diag(s) V^T with random orthonormal U (rows x k), V (cols x k), k = min(rows, cols), and
+/// the given singular values: exact spectra for the nuclear-norm tests.
+pub fn with_spectrum(rng: &mut Rng, rows: usize, cols: usize, s: &[f64]) -> Vec<f32> {
+    let k = rows.min(cols);
+    let orthonormal = |rng: &mut Rng, n: usize| -> Vec<Vec<f64>> {
+        let mut q: Vec<Vec<f64>> = Vec::new();
+        while q.len() < k {
+            let mut v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+            for _ in 0..2 {
+                for u in &q {
+                    let d: f64 = u.iter().zip(&v).map(|(a, b)| a * b).sum();
+                    v.iter_mut().zip(u).for_each(|(x, y)| *x -= d * y);
+                }
+            }
+            let nrm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter_mut().for_each(|x| *x /= nrm);
+            q.push(v);
+        }
+        q
+    };
+    let (u, v) = (orthonormal(rng, rows), orthonormal(rng, cols));
+    let mut m = vec![0.0f32; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            m[i * cols + j] = (0..k).map(|t| u[t][i] * s[t] * v[t][j]).sum::<f64>() as f32;
+        }
+    }
+    m
+}

@@ -93,6 +93,13 @@ def test_nuclear_norm_accuracy_against_numpy_svd():
         want = np.linalg.svd(d.astype(np.float64), compute_uv=False).sum()
         got = float(lanton.reference.nuclear_norm(jnp.asarray(d)[None])[0])
         assert abs(got - want) / want < 0.01, (shape, got, want)
+        # A power-law spectrum: the slowly converging small singular values.
+        k = min(shape)
+        u = np.linalg.qr(rng.normal(size=(shape[0], k)))[0]
+        v = np.linalg.qr(rng.normal(size=(shape[1], k)))[0]
+        s = 1.0 / (1.0 + np.arange(k))
+        got = float(lanton.reference.nuclear_norm(jnp.asarray(((u * s) @ v.T).astype(np.float32))[None])[0])
+        assert abs(got - s.sum()) / s.sum() < 0.01, (shape, got, s.sum())
 
 
 def test_non_finite_gradients_do_not_corrupt_state():
@@ -112,3 +119,12 @@ def test_non_finite_gradients_do_not_corrupt_state():
     # Only the bad layer of the scanned stack is skipped.
     np.testing.assert_array_equal(u2["scanned"]["kernel"][1], 0.0)
     assert np.abs(u2["scanned"]["kernel"][0]).sum() > 0
+
+
+def test_bf16_momentum_matches_reference():
+    params = transformer_params(jax.random.key(4))
+    pf, sf = run("ffi", params, 6, noise_every=2, momentum_dtype="bfloat16")
+    pr, sr = run("reference", params, 6, noise_every=2, momentum_dtype="bfloat16")
+    assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(sf.momentum))
+    for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
