@@ -8,6 +8,7 @@ lanton, lanton noise-off, optax.contrib.muon (hidden-only, tuned Adam part) and 
    steps-to-target (steps to reach tuned Muon's final val loss).
 
 Full run (about 1.5 h on the 2-core CPU):   python benches/convergence.py
+Preliminary, no sweep:                      python benches/convergence.py --sweep-steps 0 --seeds 1
 Smoke run (a minute):                       python benches/convergence.py --steps 40 --sweep-steps 20 --seeds 1 --out /tmp/conv
 """
 
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 
 import lanton  # noqa: E402
 from gpt import load_corpus, train  # noqa: E402
-from optimizers import make  # noqa: E402
+from optimizers import DEFAULT_LR, make  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -139,13 +140,16 @@ def main():
             "kernels": lanton.kernels_available(), "steps": args.steps, "sweep_steps": args.sweep_steps, "seeds": args.seeds}
 
     sweep = {}
-    for name in names:
-        sweep[name] = {}
-        for lr in SWEEP[name]:
-            h = run(name, lr, args.sweep_steps, 0, corpus, args.eval_every, f"sweep {name} lr={lr:g}")
-            sweep[name][lr] = h["val_loss"][-1]
-    best = {n: min(sweep[n], key=sweep[n].get) for n in names}
-    print("best learning rates:", best)
+    if args.sweep_steps > 0:
+        for name in names:
+            sweep[name] = {}
+            for lr in SWEEP[name]:
+                h = run(name, lr, args.sweep_steps, 0, corpus, args.eval_every, f"sweep {name} lr={lr:g}")
+                sweep[name][lr] = h["val_loss"][-1]
+        best = {n: min(sweep[n], key=sweep[n].get) for n in names}
+    else:  # no sweep: the libraries' default rates (a preliminary comparison, not a tuned one)
+        best = {n: DEFAULT_LR[n] for n in names}
+    print("learning rates:", best)
 
     final = {n: [run(n, best[n], args.steps, s, corpus, args.eval_every, f"{n} seed {s}") for s in range(args.seeds)] for n in names}
     (out / "results.json").write_text(json.dumps({"meta": meta, "sweep": {n: {str(k): v for k, v in d.items()} for n, d in sweep.items()},
@@ -157,7 +161,8 @@ def main():
     lines = [f"# Convergence: Shakespeare byte-level GPT ({meta['date']})", "",
              f"Machine: {meta['machine']}, {meta['backend']}, jax {meta['jax']}, lanton {meta['lanton']} "
              f"(fused kernels: {meta['kernels']}). {args.steps} steps, batch 32 x 128 bytes, warm-up then cosine, "
-             f"clip 1.0; learning rates swept at {args.sweep_steps} steps; {args.seeds} seeds.", "",
+             f"clip 1.0; " + (f"learning rates swept at {args.sweep_steps} steps" if sweep else "NO learning-rate sweep (default rates)")
+             + f"; {args.seeds} seed(s).", "",
              f"Target: tuned {ref}'s mean final validation loss, {target:.4f}.", "",
              "| optimizer | lr | final val loss (mean) | seed spread | steps to target (mean) | vs muon | ms/step |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -171,7 +176,8 @@ def main():
         lines.append(f"| {n} | {best[n]:g} | {np.mean(finals):.4f} | {max(finals) - min(finals):.4f} | "
                      f"{'not reached' if mean_reach is None else f'{mean_reach:.0f}'} | "
                      f"{'-' if mean_reach is None or summary.get(ref, (0, None))[1] is None else f'{mean_reach / summary[ref][1]:.2f}x'} | {ms:.0f} |")
-    lines += ["", "Sweep (final val loss at the sweep horizon):", ""]
+    if sweep:
+        lines += ["", "Sweep (final val loss at the sweep horizon):", ""]
     for n, d in sweep.items():
         lines.append(f"- {n}: " + ", ".join(f"lr {k:g}: {v:.4f}" for k, v in d.items()))
     if "lanton" in summary and ref in summary:

@@ -3,7 +3,7 @@
 //! directly) for the GPT-2-small shapes, and writes target/bench_newton_schulz.json.
 //! Run: cargo bench --bench newton_schulz
 
-use lanton::cpu::newton_schulz::{newton_schulz, NsWorkspace};
+use lanton::cpu::newton_schulz::{newton_schulz, nuclear_norm, NsWorkspace};
 use lanton::step::{NS_DEFAULT, NS_DEFAULT_STEPS};
 use std::time::Instant;
 
@@ -11,7 +11,10 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let coeffs = vec![NS_DEFAULT; NS_DEFAULT_STEPS];
     let mut rows_json = Vec::new();
-    println!("{:<12} {:>14} {:>14} {:>8}", "shape", "plain GFLOP/s", "lanton GFLOP/s", "speedup");
+    println!(
+        "{:<12} {:>14} {:>14} {:>8} {:>10} {:>12}",
+        "shape", "plain GFLOP/s", "lanton GFLOP/s", "speedup", "NS5 ms", "nuclear ms"
+    );
     for &(r, c) in &[(768usize, 768usize), (768, 3072), (3072, 768)] {
         let (m, n) = (r.min(c), r.max(c));
         let flops = NS_DEFAULT_STEPS as f64 * (4.0 * (m * m * n) as f64 + 2.0 * (m * m * m) as f64);
@@ -26,25 +29,32 @@ fn main() {
             .collect();
         let mut out = vec![0.0f32; r * c];
         let mut ws = NsWorkspace::default();
-        let mut time = |symmetric: bool| {
-            newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, symmetric); // warm-up
-            let reps = if quick { 2 } else { 7 };
+        let reps = if quick { 2 } else { 7 };
+        let mut median = |f: &mut dyn FnMut()| {
+            f(); // warm-up
             let mut times: Vec<f64> = (0..reps)
                 .map(|_| {
                     let t = Instant::now();
-                    newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, symmetric);
+                    f();
                     t.elapsed().as_secs_f64()
                 })
                 .collect();
             times.sort_by(|a, b| a.partial_cmp(b).unwrap());
             times[reps / 2]
         };
-        let plain = time(false);
-        let sym = time(true);
+        let plain = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, false));
+        let sym = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, true));
+        // The noise estimate's cost on a noise step (K steps apart).
+        let nuclear = median(&mut || {
+            std::hint::black_box(nuclear_norm(&v, r, c, &mut ws));
+        });
         let (gp, gs) = (flops / plain / 1e9, flops / sym / 1e9);
-        println!("{:<12} {:>14.1} {:>14.1} {:>7.2}x", format!("{r}x{c}"), gp, gs, plain / sym);
+        println!(
+            "{:<12} {:>14.1} {:>14.1} {:>7.2}x {:>10.1} {:>12.1}",
+            format!("{r}x{c}"), gp, gs, plain / sym, 1e3 * sym, 1e3 * nuclear
+        );
         rows_json.push(serde_json::json!({
-            "shape": [r, c], "plain_s": plain, "lanton_s": sym,
+            "shape": [r, c], "plain_s": plain, "lanton_s": sym, "nuclear_norm_s": nuclear,
             "plain_gflops": gp, "lanton_gflops": gs, "steps": NS_DEFAULT_STEPS,
         }));
     }
