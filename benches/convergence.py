@@ -77,7 +77,7 @@ def group_of(path):
     return {"q": "QK", "k": "QK", "v": "VO", "o": "VO", "fc": "MLP", "proj": "MLP"}.get(last)
 
 
-def plots(final, out, target):
+def plots(final, out, target, target_label="tuned Muon final"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +90,7 @@ def plots(final, out, target):
             axes[0].plot(h["val_step"], h["val_loss"], **kw)
             axes[1].plot(h["val_time"], h["val_loss"], **kw)
     for ax, xl in zip(axes, ("step", "training wall clock (s)")):
-        ax.axhline(target, color="gray", ls=":", lw=1, label="tuned Muon final")
+        ax.axhline(target, color="gray", ls=":", lw=1, label=target_label)
         ax.set_xlabel(xl)
         ax.set_ylabel("validation loss (nats/byte)")
         ax.set_ylim(top=min(2.6, ax.get_ylim()[1]))
@@ -157,13 +157,14 @@ def main():
 
     ref = "muon" if "muon" in final else names[0]
     target = float(np.mean([h["val_loss"][-1] for h in final[ref]]))
-    plots(final, out, target)
+    tuned = "tuned " if sweep else "untuned (default-rate) "
+    plots(final, out, target, f"{tuned}{ref} final")
     lines = [f"# Convergence: Shakespeare byte-level GPT ({meta['date']})", "",
              f"Machine: {meta['machine']}, {meta['backend']}, jax {meta['jax']}, lanton {meta['lanton']} "
              f"(fused kernels: {meta['kernels']}). {args.steps} steps, batch 32 x 128 bytes, warm-up then cosine, "
              f"clip 1.0; " + (f"learning rates swept at {args.sweep_steps} steps" if sweep else "NO learning-rate sweep (default rates)")
              + f"; {args.seeds} seed(s).", "",
-             f"Target: tuned {ref}'s mean final validation loss, {target:.4f}.", "",
+             f"Target: {tuned}{ref}'s mean final validation loss, {target:.4f}.", "",
              "| optimizer | lr | final val loss (mean) | seed spread | steps to target (mean) | vs muon | ms/step |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     summary = {}
@@ -183,7 +184,7 @@ def main():
     if "lanton" in summary and ref in summary:
         (lf, ls), (mf, ms_) = summary["lanton"], summary[ref]
         verdict = "beats" if lf < mf else "does not beat"
-        lines += ["", f"**Verdict:** lanton {verdict} tuned {ref} on final validation loss ({lf:.4f} vs {mf:.4f}, "
+        lines += ["", f"**Verdict:** lanton {verdict} {tuned}{ref} on final validation loss ({lf:.4f} vs {mf:.4f}, "
                   f"difference {lf - mf:+.4f}); steps to reach {ref}'s final loss: "
                   f"{'not reached' if ls is None else f'{ls:.0f} ({ls / ms_:.2f}x of {ms_:.0f})'} (goal: <= 0.8x)."]
         if "lanton_noise_off" in summary:

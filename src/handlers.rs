@@ -204,11 +204,7 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
     }
     set.seal()?;
 
-    let hyper_vals = match set.input(&hyper_b, "hyper")? {
-        crate::ffi::Tensor::F32(s) => s,
-        _ => unreachable!("dtype checked"),
-    };
-    let hyper = Hyper::from_slice(hyper_vals).map_err(FfiError::invalid)?;
+    let hyper = Hyper::from_slice(set.input(&hyper_b, "hyper")?.into_f32("hyper")?).map_err(FfiError::invalid)?;
     let t = set.input_i32(&step_b, "step")?[0];
     if t < 1 {
         return Err(FfiError::invalid(format!("argument 'step': expected the 1-based step t >= 1, got {t}")));
@@ -223,12 +219,7 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
             }
             Ok(out)
         };
-        let f32_out = |p: &Pair<'a>, what: &str| -> FfiResult<&'a mut [f32]> {
-            match float_out(p, what)? {
-                TensorMut::F32(s) => Ok(s),
-                _ => unreachable!("dtype checked"),
-            }
-        };
+        let f32_out = |p: &Pair<'a>, what: &str| -> FfiResult<&'a mut [f32]> { float_out(p, what)?.into_f32(what) };
         let prev_step = set.output_i32(&pairs[4].ret, &name)?;
         if !pairs[4].aliased {
             prev_step.copy_from_slice(set.input_i32(&pairs[4].arg, &name)?);
@@ -247,10 +238,7 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
             noise: f32_out(&pairs[2], &name)?,
             valid: f32_out(&pairs[3], &name)?,
             prev_step,
-            ratio: match set.output(&ratio, &name)? {
-                TensorMut::F32(s) => s,
-                _ => unreachable!("dtype checked"),
-            },
+            ratio: set.output(&ratio, &name)?.into_f32(&name)?,
         });
     }
     Ok(DecodedStep { config, hyper, t, leaves })

@@ -20,7 +20,14 @@ pub enum TensorMut<'a> {
     F16(&'a mut [f16]),
 }
 
-impl Tensor<'_> {
+impl<'a> Tensor<'a> {
+    /// The f32 slice, or an error naming `what` if the tensor has another dtype.
+    pub fn into_f32(self, what: &str) -> FfiResult<&'a [f32]> {
+        match self {
+            Tensor::F32(s) => Ok(s),
+            _ => Err(FfiError::invalid(format!("{what}: expected float32"))),
+        }
+    }
     pub fn len(&self) -> usize {
         match self {
             Tensor::F32(s) => s.len(),
@@ -42,7 +49,14 @@ impl Tensor<'_> {
     }
 }
 
-impl TensorMut<'_> {
+impl<'a> TensorMut<'a> {
+    /// The f32 slice, or an error naming `what` if the tensor has another dtype.
+    pub fn into_f32(self, what: &str) -> FfiResult<&'a mut [f32]> {
+        match self {
+            TensorMut::F32(s) => Ok(s),
+            _ => Err(FfiError::invalid(format!("{what}: expected float32"))),
+        }
+    }
     pub fn len(&self) -> usize {
         match self {
             TensorMut::F32(s) => s.len(),
