@@ -7,35 +7,7 @@ use lanton::cpu::{group_step, LeafIo, ParamIo};
 use lanton::ffi::{Tensor, TensorMut};
 use lanton::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig};
 
-/// Owned f32 state of one leaf for driving `group_step` directly.
-struct Leaf {
-    shape: LayerShape,
-    param: Vec<f32>,
-    momentum: Vec<f32>,
-    prev_grad: Vec<f32>,
-    noise: Vec<f32>,
-    valid: Vec<f32>,
-    prev_step: Vec<i32>,
-    ratio: Vec<f32>,
-    update: Vec<f32>,
-}
-
-impl Leaf {
-    fn new(shape: LayerShape, param: Vec<f32>) -> Self {
-        let (n, l) = (param.len(), shape.layers);
-        Leaf {
-            shape,
-            param,
-            momentum: vec![0.0; n],
-            prev_grad: vec![0.0; n],
-            noise: vec![0.0; l],
-            valid: vec![0.0; l],
-            prev_step: vec![0; l],
-            ratio: vec![0.0; l],
-            update: vec![0.0; n],
-        }
-    }
-}
+type Leaf = OwnedLeaf;
 
 /// Runs one step in update mode and applies the update (as optax.apply_updates would).
 fn step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [Leaf], grads: &[Vec<f32>]) {

@@ -628,3 +628,34 @@ pub fn with_spectrum(rng: &mut Rng, rows: usize, cols: usize, s: &[f64]) -> Vec<
     }
     m
 }
+
+/// Owned f32 state of one leaf (zeroed state, r = 0 until the first step writes it), for
+/// driving the step directly or through the C ABI.
+pub struct OwnedLeaf {
+    pub shape: LayerShape,
+    pub param: Vec<f32>,
+    pub momentum: Vec<f32>,
+    pub prev_grad: Vec<f32>,
+    pub noise: Vec<f32>,
+    pub valid: Vec<f32>,
+    pub prev_step: Vec<i32>,
+    pub ratio: Vec<f32>,
+    pub update: Vec<f32>,
+}
+
+impl OwnedLeaf {
+    pub fn new(shape: LayerShape, param: Vec<f32>) -> Self {
+        let (n, l) = (param.len(), shape.layers);
+        OwnedLeaf {
+            shape,
+            param,
+            momentum: vec![0.0; n],
+            prev_grad: vec![0.0; n],
+            noise: vec![0.0; l],
+            valid: vec![0.0; l],
+            prev_step: vec![0; l],
+            ratio: vec![0.0; l],
+            update: vec![0.0; n],
+        }
+    }
+}
