@@ -30,7 +30,7 @@ fn main() {
         let mut out = vec![0.0f32; r * c];
         let mut ws = NsWorkspace::default();
         let reps = if quick { 2 } else { 7 };
-        let mut median = |f: &mut dyn FnMut()| {
+        let median = |f: &mut dyn FnMut()| {
             f(); // warm-up
             let mut times: Vec<f64> = (0..reps)
                 .map(|_| {
