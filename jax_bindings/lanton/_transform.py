@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -377,19 +378,14 @@ class FusedLanton(NamedTuple):
 def fused(learning_rate: ScalarOrSchedule = 0.02, beta1: float = 0.95, beta2: float = 0.9, weight_decay: float = 0.0,
           scale: float = 0.2, **kwargs) -> FusedLanton:
     """The in-place fused path: same options as `lanton`, parameters written by the kernel."""
-    kw = dict(noise_every=None, noise_adaptive=True, nesterov=False, ratio_stat="max", ratio_eps=None, ns_coeffs=None,
-              labels=None, groups=None, dim_numbers=None, momentum_dtype="float32", backend="auto")
+    # lanton()'s keyword-only options and their defaults: one source of truth for both entry points.
+    kw = {k: p.default for k, p in inspect.signature(lanton).parameters.items() if p.kind is p.KEYWORD_ONLY}
     unknown = set(kwargs) - set(kw)
     if unknown:
         raise TypeError(f"fused() got unknown options {sorted(unknown)}")
     kw.update(kwargs)
     impl = _make(learning_rate, beta1, beta2, weight_decay, scale, kw)
-
-    @jax.jit
-    def _step(grads, state, params):
-        return impl.apply(grads, state, params, in_place=True)
-
-    step = jax.jit(lambda g, s, p: _step(g, s, p), donate_argnums=(1, 2))
+    step = jax.jit(lambda g, s, p: impl.apply(g, s, p, in_place=True), donate_argnums=(1, 2))
     return FusedLanton(impl.init, step)
 
 
