@@ -6,7 +6,11 @@
     parameter, e.g. scanned layers, are batch axes);
   * a path part naming an embedding or output head (`embed*`, `wte`, `wpe`, `lm_head`, `head`,
     `unembed*`) -> "embed";
-  * every other matrix -> "hidden".
+  * every other matrix -> "hidden", or with `split=True` (the paper's noise study) one of
+    "qk" (query/key projections), "vo" (value/output projections), "mlp" (feed-forward
+    matrices) where the key says which, "hidden" where it does not (e.g. a fused qkv matrix).
+    The noise ratio r is taken within a group, so splitting keeps layers whose noise differs by
+    ~100x by construction (MLP vs QK) from throttling each other.
 It covers Flax linen (`params/Dense_0/kernel`), Flax NNX (`State` paths), Equinox modules
 (`.weight`/`.bias` attributes) and plain dicts.
 
@@ -23,6 +27,12 @@ from typing import NamedTuple, Sequence, Union
 import jax
 
 VECTOR_KEYS = frozenset({"bias", "scale", "b", "gamma", "beta", "g", "weight_g"})
+QK_KEYS = frozenset({"q", "k", "wq", "wk", "query", "key", "q_proj", "k_proj", "to_q", "to_k"})
+VO_KEYS = frozenset({"v", "o", "wv", "wo", "value", "out", "v_proj", "o_proj", "out_proj", "to_v", "to_out"})
+MLP_CONTAINERS = frozenset({"mlp", "ffn", "feed_forward", "feedforward", "densereludense"})
+MLP_PARTS = frozenset({"fc", "c_fc", "proj", "c_proj", "w1", "w2", "w3", "gate", "up", "down",
+                       "gate_proj", "up_proj", "down_proj", "wi"})
+SPLIT_GROUPS = ("qk", "vo", "mlp")
 EMBED_PARTS = frozenset({"wte", "wpe", "lm_head", "head", "unembed", "unembedding", "output_embedding", "tok_embeddings"})
 
 
@@ -48,7 +58,7 @@ def path_str(path) -> str:
     return "/".join(path_names(path)) or "<root>"
 
 
-def label_for(path, leaf) -> str:
+def label_for(path, leaf, split: bool = False) -> str:
     names = [n.lower() for n in path_names(path)]
     last = names[-1] if names else ""
     ndim = getattr(leaf, "ndim", 0)
@@ -56,12 +66,25 @@ def label_for(path, leaf) -> str:
         return "vector"
     if any(n in EMBED_PARTS or "embed" in n for n in names):
         return "embed"
+    if split:
+        # The role is named by the last key that is not the array's own name (`kernel`, `weight`).
+        role = [n for n in names if n not in ("kernel", "weight", "w")]
+        role = role[-1] if role else ""
+        if any(n in MLP_CONTAINERS for n in names):
+            return "mlp"
+        if role in QK_KEYS:
+            return "qk"
+        if role in VO_KEYS:
+            return "vo"
+        if role in MLP_PARTS:
+            return "mlp"
     return "hidden"
 
 
-def default_labels(params):
-    """A pytree of group labels ("hidden", "embed", "vector") matching `params`."""
-    return jax.tree_util.tree_map_with_path(label_for, params)
+def default_labels(params, split: bool = False):
+    """A pytree of group labels matching `params`: "hidden", "embed", "vector", and with
+    `split=True` "qk" / "vo" / "mlp" for recognizable hidden matrices (see the module doc)."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: label_for(p, x, split), params)
 
 
 def default_dim_spec(path, leaf) -> DimSpec:

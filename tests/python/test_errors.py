@@ -20,8 +20,8 @@ def params():
 
 def test_label_that_is_no_group(params):
     labels = lanton.default_labels(params)
-    labels["blocks"][1]["mlp"]["fc"] = "mlp"
-    with pytest.raises(ValueError, match=r"leaf 'blocks/1/mlp/fc' has label 'mlp', which is no group"):
+    labels["blocks"][1]["mlp"]["fc"] = "ffn_group"
+    with pytest.raises(ValueError, match=r"leaf 'blocks/1/mlp/fc' has label 'ffn_group', which is no group"):
         lanton.lanton(labels=labels).init(params)
 
 
