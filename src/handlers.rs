@@ -11,6 +11,7 @@
 //!         vector_eps, rows_are_input (one per leaf), leaf_names ("\n"-joined, optional)
 
 use crate::cpu::{self, LeafIo, ParamIo};
+use crate::cuda::{self, CudaOptions};
 use crate::ffi::api::{dtype, XLA_FFI_CallFrame, XLA_FFI_Error, TRAIT_COMMAND_BUFFER_COMPATIBLE};
 use crate::ffi::buffers::float_dtype_ok;
 use crate::ffi::handler::dispatch;
@@ -72,10 +73,33 @@ fn expect_dims(b: &BufferRef, want: &[i64], what: &str) -> FfiResult<()> {
 }
 
 /// A state buffer pair (arg i -> ret j): aliased when donated, otherwise copied through.
-struct Pair<'a> {
-    arg: BufferRef<'a>,
-    ret: BufferRef<'a>,
-    aliased: bool,
+pub struct Pair<'a> {
+    pub arg: BufferRef<'a>,
+    pub ret: BufferRef<'a>,
+    pub aliased: bool,
+}
+
+/// A leaf's validated buffers (backend-neutral: the CUDA path uses the device addresses).
+pub struct LeafBuffers<'a> {
+    pub name: String,
+    pub shape: LayerShape,
+    pub grad: BufferRef<'a>,
+    /// (arg -> ret): momentum, prev_grad, noise, valid, prev_step.
+    pub state: [Pair<'a>; 5],
+    /// param -> out (aliased for the in-place variant when donated).
+    pub param: Pair<'a>,
+    pub ratio: BufferRef<'a>,
+}
+
+/// A decoded, validated step call: every buffer checked for dtype and shape, and the outputs
+/// proved not to overlap anything else (`set` is sealed).
+pub struct StepLayout<'a> {
+    pub config: StepConfig,
+    pub in_place: bool,
+    pub hyper: BufferRef<'a>,
+    pub step: BufferRef<'a>,
+    pub leaves: Vec<LeafBuffers<'a>>,
+    pub set: BufferSet,
 }
 
 /// Everything the CPU step needs, borrowed from the frame.
@@ -87,7 +111,7 @@ pub struct DecodedStep<'a> {
 }
 
 /// Decodes and validates a step call; `in_place` selects the fused variant's output meaning.
-pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<DecodedStep<'a>> {
+pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<StepLayout<'a>> {
     let config = decode_config(call)?;
     let nargs = call.num_args();
     if nargs < GROUP_ARGS || (nargs - GROUP_ARGS) % ARGS_PER_LEAF != 0 {
@@ -126,7 +150,7 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
     let mut set = BufferSet::new();
     set.claim(&hyper_b, false, "hyper");
     set.claim(&step_b, false, "step");
-    let mut decoded = Vec::with_capacity(n_leaves);
+    let mut leaves = Vec::with_capacity(n_leaves);
     for i in 0..n_leaves {
         let name = leaf_name(i);
         let a = |k: usize| call.arg(GROUP_ARGS + i * ARGS_PER_LEAF + k);
@@ -171,8 +195,6 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
 
         let grad = a(1)?;
         set.claim(&grad, false, what(1, false));
-        // (arg k -> ret j): momentum, prev_grad, noise, valid, prev_step; plus params in place.
-        let mut pairs = Vec::new();
         let link = |ak: usize, rk: usize, set: &mut BufferSet| -> FfiResult<Pair<'a>> {
             let (arg, ret) = (a(ak)?, r(rk)?);
             let aliased = arg.data == ret.data;
@@ -182,9 +204,13 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
             set.claim(&ret, true, what(rk, true));
             Ok(Pair { arg, ret, aliased })
         };
-        for (ak, rk) in [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5)] {
-            pairs.push(link(ak, rk, &mut set)?);
-        }
+        let state = [
+            link(2, 1, &mut set)?,
+            link(3, 2, &mut set)?,
+            link(4, 3, &mut set)?,
+            link(5, 4, &mut set)?,
+            link(6, 5, &mut set)?,
+        ];
         let param_io = if in_place {
             link(0, 0, &mut set)?
         } else {
@@ -200,18 +226,23 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
             cols: dims3[2] as usize,
             rows_are_input: rows_are_input[i] != 0,
         };
-        decoded.push((name, shape, grad, pairs, param_io, ratio));
+        leaves.push(LeafBuffers { name, shape, grad, state, param: param_io, ratio });
     }
     set.seal()?;
+    Ok(StepLayout { config, in_place, hyper: hyper_b, step: step_b, leaves, set })
+}
 
+/// The CPU view of a decoded call: host slices, state inputs copied into their results.
+pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<DecodedStep<'a>> {
+    let StepLayout { config, hyper: hyper_b, step: step_b, leaves: bufs, set, .. } = decode_layout(call, in_place)?;
     let hyper = Hyper::from_slice(set.input(&hyper_b, "hyper")?.into_f32("hyper")?).map_err(FfiError::invalid)?;
     let t = set.input_i32(&step_b, "step")?[0];
     if t < 1 {
         return Err(FfiError::invalid(format!("argument 'step': expected the 1-based step t >= 1, got {t}")));
     }
 
-    let mut leaves = Vec::with_capacity(n_leaves);
-    for (name, shape, grad, pairs, param_io, ratio) in decoded {
+    let mut leaves = Vec::with_capacity(bufs.len());
+    for LeafBuffers { name, shape, grad, state, param: param_io, ratio } in bufs {
         let float_out = |p: &Pair<'a>, what: &str| -> FfiResult<TensorMut<'a>> {
             let mut out = set.output(&p.ret, what)?;
             if !p.aliased {
@@ -220,9 +251,9 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
             Ok(out)
         };
         let f32_out = |p: &Pair<'a>, what: &str| -> FfiResult<&'a mut [f32]> { float_out(p, what)?.into_f32(what) };
-        let prev_step = set.output_i32(&pairs[4].ret, &name)?;
-        if !pairs[4].aliased {
-            prev_step.copy_from_slice(set.input_i32(&pairs[4].arg, &name)?);
+        let prev_step = set.output_i32(&state[4].ret, &name)?;
+        if !state[4].aliased {
+            prev_step.copy_from_slice(set.input_i32(&state[4].arg, &name)?);
         }
         let params = if in_place {
             ParamIo::InPlace { param: float_out(&param_io, &name)? }
@@ -233,10 +264,10 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
             shape,
             params,
             grad: set.input(&grad, &name)?,
-            momentum: float_out(&pairs[0], &name)?,
-            prev_grad: float_out(&pairs[1], &name)?,
-            noise: f32_out(&pairs[2], &name)?,
-            valid: f32_out(&pairs[3], &name)?,
+            momentum: float_out(&state[0], &name)?,
+            prev_grad: float_out(&state[1], &name)?,
+            noise: f32_out(&state[2], &name)?,
+            valid: f32_out(&state[3], &name)?,
             prev_step,
             ratio: set.output(&ratio, &name)?.into_f32(&name)?,
         });
@@ -248,6 +279,33 @@ fn run_cpu_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
     let mut d = decode_step_call(call, in_place)?;
     cpu::group_step(&d.config, &d.hyper, d.t, &mut d.leaves);
     Ok(())
+}
+
+/// Reads the CUDA-only attributes (optional; defaults: noise work on, bf16 Newton-Schulz).
+pub fn decode_cuda_options(call: &CallFrame) -> FfiResult<CudaOptions> {
+    let noise_work = match call.attr("noise_work")? {
+        Some(_) => call.attr_bool("noise_work")?,
+        None => true,
+    };
+    let ns_f32 = match call.attr("ns_dtype")? {
+        None => false,
+        Some(_) => match call.attr_str("ns_dtype")?.as_str() {
+            "bfloat16" => false,
+            "float32" => true,
+            other => {
+                return Err(FfiError::invalid(format!(
+                    "attribute 'ns_dtype': expected bfloat16 or float32, got '{other}'"
+                )))
+            }
+        },
+    };
+    Ok(CudaOptions { noise_work, ns_f32 })
+}
+
+fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
+    let layout = decode_layout(call, in_place)?;
+    let opts = decode_cuda_options(call)?;
+    cuda::group_step(call, &layout, opts)
 }
 
 /// XLA FFI handler (CPU): one LANTON step for one group; results are optax updates.
@@ -266,4 +324,22 @@ pub unsafe extern "C" fn lanton_step_update_cpu(frame: *mut XLA_FFI_CallFrame) -
 #[no_mangle]
 pub unsafe extern "C" fn lanton_step_inplace_cpu(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
     dispatch(frame, "lanton_step_inplace_cpu", TRAIT_COMMAND_BUFFER_COMPATIBLE, |c| run_cpu_step(c, true))
+}
+
+/// XLA FFI handler (CUDA): one LANTON step for one group on XLA's stream; optax updates.
+///
+/// # Safety
+/// Called by XLA with a valid call frame.
+#[no_mangle]
+pub unsafe extern "C" fn lanton_step_update_cuda(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
+    dispatch(frame, "lanton_step_update_cuda", TRAIT_COMMAND_BUFFER_COMPATIBLE, |c| run_cuda_step(c, false))
+}
+
+/// XLA FFI handler (CUDA): one LANTON step for one group; parameters updated in place.
+///
+/// # Safety
+/// Called by XLA with a valid call frame.
+#[no_mangle]
+pub unsafe extern "C" fn lanton_step_inplace_cuda(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
+    dispatch(frame, "lanton_step_inplace_cuda", TRAIT_COMMAND_BUFFER_COMPATIBLE, |c| run_cuda_step(c, true))
 }

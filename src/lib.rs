@@ -2,10 +2,11 @@
 //! geometry, arXiv 2510.14009) as fused XLA FFI custom calls.
 //!
 //! Layout: `ffi` is the XLA FFI ABI layer, `step` the one definition of the LANTON step,
-//! `cpu` the CPU backend, `handlers` the exported XLA targets, `capi` the plain C ABI.
+//! `cpu` the CPU backend, `cuda` the CUDA backend, `handlers` the exported XLA targets, `capi` the plain C ABI.
 
 pub mod capi;
 pub mod cpu;
+pub mod cuda;
 pub mod ffi;
 pub mod handlers;
 pub mod step;

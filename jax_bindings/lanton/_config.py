@@ -23,8 +23,17 @@ class StepConfig:
     ratio_eps: float = 1e-30
     nesterov: bool = False
     vector_eps: float = 1e-8
+    # Newton-Schulz operand dtype on CUDA (f32 accumulation either way); the CPU kernels and
+    # the reference always compute in f32.
+    ns_dtype: str = "bfloat16"
+
+    def is_noise_step(self, t):
+        """Step t (1-based, may be traced) refreshes the noise tracker (src/step/mod.rs)."""
+        return self.noise_adaptive & (t >= 2) & (t % int(self.noise_every) == 0)
 
     def __post_init__(self):
+        if self.ns_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"ns_dtype must be 'bfloat16' or 'float32', got {self.ns_dtype!r}")
         if self.kind not in KINDS:
             raise ValueError(f"unknown group kind {self.kind!r}; expected one of {KINDS}")
         if self.ratio_stat not in RATIO_STATS:

@@ -17,10 +17,13 @@ import numpy as np
 
 ABI_VERSION = 1  # must equal LANTON_ABI_VERSION in src/capi.rs
 _LIB_NAME = "liblanton.dylib" if sys.platform == "darwin" else "liblanton.so"
-# target name -> exported handler symbol, per platform
+# target name -> exported handler symbol, per XLA platform
 _TARGETS = {
     "cpu": {"lanton_step_update": "lanton_step_update_cpu", "lanton_step_inplace": "lanton_step_inplace_cpu"},
+    "CUDA": {"lanton_step_update": "lanton_step_update_cuda", "lanton_step_inplace": "lanton_step_inplace_cuda"},
 }
+# jax backend name -> XLA platform of the targets
+_BACKENDS = {"cpu": "cpu", "gpu": "CUDA", "cuda": "CUDA"}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -95,7 +98,7 @@ def available() -> bool:
         load_library()
     except LibraryError:
         return False
-    return jax.default_backend() in _TARGETS
+    return _BACKENDS.get(jax.default_backend()) in _TARGETS
 
 
 def library_info() -> dict:
@@ -136,8 +139,7 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool):
         input_output_aliases=aliases,
         vmap_method="sequential",
     )
-    outs = call(
-        *args,
+    attrs = dict(
         kind=config.kind,
         ns_coeffs=np.asarray(config.ns_coeffs, np.float32).reshape(-1),
         noise_every=int(config.noise_every),
@@ -148,5 +150,17 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool):
         vector_eps=np.float32(config.vector_eps),
         rows_are_input=np.asarray([lf[7] for lf in leaves], np.uint8),
         leaf_names="\n".join(names),
+        ns_dtype=config.ns_dtype,
     )
+    if config.kind == "hidden" and config.noise_adaptive:
+        # The hidden group's noise work (polar iterations) is worth skipping on steps that do
+        # not refresh the tracker. The CPU handler reads t itself; on CUDA the step count stays
+        # on the device, so XLA picks the variant with a conditional.
+        def cuda(*a):
+            return jax.lax.cond(config.is_noise_step(a[1]), lambda *b: call(*b, noise_work=True, **attrs),
+                                lambda *b: call(*b, noise_work=False, **attrs), *a)
+
+        outs = jax.lax.platform_dependent(*args, cpu=lambda *a: call(*a, **attrs), default=cuda)
+    else:
+        outs = call(*args, **attrs)
     return [tuple(outs[RETS_PER_LEAF * i: RETS_PER_LEAF * (i + 1)]) for i in range(len(leaves))]

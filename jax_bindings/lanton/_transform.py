@@ -15,7 +15,7 @@ import optax
 
 from . import _ffi, reference
 from ._config import KINDS, StepConfig
-from .labels import DimSpec, default_dim_spec, default_labels, path_str
+from .labels import SPLIT_GROUPS, DimSpec, default_dim_spec, default_labels, path_str
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -33,6 +33,8 @@ class Group(NamedTuple):
 
 
 DEFAULT_GROUPS = {k: Group(k) for k in KINDS}
+# Labels that work as groups without being declared: the kinds, and the split hidden groups.
+IMPLICIT_GROUPS = {**DEFAULT_GROUPS, **{g: Group("hidden") for g in SPLIT_GROUPS}}
 
 
 class LantonState(NamedTuple):
@@ -135,7 +137,8 @@ class _Lanton:
     """Holds the configuration; builds the per-step group calls."""
 
     def __init__(self, learning_rate, beta1, beta2, weight_decay, scale, *, noise_every, noise_adaptive, nesterov,
-                 ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend):
+                 ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend,
+                 ns_dtype="bfloat16"):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
         self.learning_rate, self.beta1, self.beta2 = learning_rate, beta1, beta2
@@ -154,6 +157,7 @@ class _Lanton:
             ratio_stat=ratio_stat,
             ratio_eps=_static("ratio_eps", ratio_eps, 1e-30, float),
             nesterov=_static("nesterov", nesterov, False, bool),
+            ns_dtype=ns_dtype,
         )
         self.configs = {}
         for name, g in self.groups.items():
@@ -177,8 +181,8 @@ class _Lanton:
             if label is None:
                 continue
             if label not in self.groups:
-                if label in KINDS:  # a bare kind name works as a group even if `groups` omits it
-                    self.groups[label] = Group(label)
+                if label in IMPLICIT_GROUPS:  # a kind or split name works as a group even if `groups` omits it
+                    self.groups[label] = IMPLICIT_GROUPS[label]
                     self.configs[label] = self._group_config(self.groups[label])
                 else:
                     raise ValueError(
@@ -314,6 +318,7 @@ def lanton(
     dim_numbers=None,
     momentum_dtype: str = "float32",
     backend: str = "auto",
+    ns_dtype: str = "bfloat16",
 ) -> optax.GradientTransformationExtraArgs:
     r"""LANTON: layer-wise noise-adaptive learning rates on geometry-aware (Muon-style) updates.
 
@@ -349,6 +354,8 @@ def lanton(
       dim_numbers: pytree (or function of params) of `lanton.DimSpec` or None per leaf.
       momentum_dtype: dtype of the momentum buffers.
       backend: "auto" (fused kernels where available, else pure JAX), "ffi" or "reference".
+      ns_dtype: Newton-Schulz operand dtype of the CUDA kernels, "bfloat16" (default) or
+        "float32"; accumulation is f32 either way. CPU kernels and the reference use f32.
 
     Structural options (noise_every, ratio_eps, ns_coeffs, nesterov, noise_adaptive, groups,
     momentum_dtype) are compiled into the kernel. `optax.inject_hyperparams(lanton)` injects
@@ -357,7 +364,7 @@ def lanton(
     """
     kw = dict(noise_every=noise_every, noise_adaptive=noise_adaptive, nesterov=nesterov, ratio_stat=ratio_stat,
               ratio_eps=ratio_eps, ns_coeffs=ns_coeffs, labels=labels, groups=groups, dim_numbers=dim_numbers,
-              momentum_dtype=momentum_dtype, backend=backend)
+              momentum_dtype=momentum_dtype, backend=backend, ns_dtype=ns_dtype)
     impl = _make(learning_rate, beta1, beta2, weight_decay, scale, kw)
 
     def update_fn(updates, state, params=None, **extra_args):

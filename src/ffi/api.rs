@@ -21,6 +21,17 @@ pub mod dtype {
     pub const F64: i32 = 12;
     pub const BF16: i32 = 16;
 
+    /// Bytes per element (0 for dtypes lanton never receives).
+    pub fn size(d: i32) -> usize {
+        match d {
+            PRED | S8 | U8 => 1,
+            F16 | BF16 => 2,
+            S32 | F32 => 4,
+            S64 | F64 => 8,
+            _ => 0,
+        }
+    }
+
     /// Human-readable name used in error messages.
     pub fn name(d: i32) -> &'static str {
         match d {

@@ -309,6 +309,22 @@ impl<'a> CallFrame<'a> {
         Ok(args.data)
     }
 
+    /// Returns scratch from `allocate` (stream-ordered: later work on the stream may still use
+    /// it until it runs).
+    pub fn free(&self, data: *mut c_void, size: usize) -> FfiResult<()> {
+        let f = self.api.device_memory_free.ok_or_else(|| FfiError::internal("api table has no DeviceMemory_Free"))?;
+        let mut args = XLA_FFI_DeviceMemory_Free_Args {
+            struct_size: std::mem::size_of::<XLA_FFI_DeviceMemory_Free_Args>(),
+            extension_start: std::ptr::null_mut(),
+            ctx: self.raw.ctx,
+            size,
+            data,
+        };
+        // SAFETY: as above.
+        let err = unsafe { f(&mut args) };
+        self.check(err, "DeviceMemory_Free")
+    }
+
     /// Size of XLA's intra-op thread pool, if the platform has one.
     pub fn num_threads(&self) -> Option<usize> {
         let f = self.api.thread_pool_num_threads?;

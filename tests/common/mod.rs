@@ -659,3 +659,53 @@ impl OwnedLeaf {
         }
     }
 }
+
+pub struct LeafSpec {
+    pub dims: [i64; 3],
+    pub dtype: i32,
+    pub rows_are_input: bool,
+}
+
+/// A well-formed step frame for `kind`, with random params and grads; state starts at zero.
+pub fn step_frame(kind: &str, specs: &[LeafSpec], t: i32, rng: &mut Rng) -> Frame {
+    let mut f = Frame::default();
+    f.args.push(OwnedBuffer::f32(&[5], &[0.02, 0.9, 0.8, 0.01, 0.2]));
+    f.args.push(OwnedBuffer::i32(&[], &[t]));
+    for s in specs {
+        let n = (s.dims[0] * s.dims[1] * s.dims[2]) as usize;
+        let l = [s.dims[0]];
+        let mk = |v: &[f32]| if s.dtype == dtype::BF16 { OwnedBuffer::bf16(&s.dims, v) } else { OwnedBuffer::f32(&s.dims, v) };
+        f.args.push(mk(&rng.normals(n, 0.5)));
+        f.args.push(mk(&rng.normals(n, 1.0)));
+        f.args.push(OwnedBuffer::zeros(dtype::F32, &s.dims)); // momentum: f32
+        f.args.push(mk(&vec![0.0; n]));
+        f.args.push(OwnedBuffer::zeros(dtype::F32, &l));
+        f.args.push(OwnedBuffer::zeros(dtype::F32, &l));
+        f.args.push(OwnedBuffer::zeros(dtype::S32, &l));
+        f.rets.push(OwnedBuffer::zeros(s.dtype, &s.dims));
+        f.rets.push(OwnedBuffer::zeros(dtype::F32, &s.dims));
+        f.rets.push(OwnedBuffer::zeros(s.dtype, &s.dims));
+        f.rets.push(OwnedBuffer::zeros(dtype::F32, &l));
+        f.rets.push(OwnedBuffer::zeros(dtype::F32, &l));
+        f.rets.push(OwnedBuffer::zeros(dtype::S32, &l));
+        f.rets.push(OwnedBuffer::zeros(dtype::F32, &l));
+    }
+    f.set_attr("kind", Attr::Str(kind.into()));
+    f.set_attr("ns_coeffs", Attr::F32Array([3.4445, -4.7750, 2.0315].repeat(5)));
+    f.set_attr("noise_every", Attr::I64(1));
+    f.set_attr("noise_adaptive", Attr::Bool(true));
+    f.set_attr("ratio_stat", Attr::Str("max".into()));
+    f.set_attr("ratio_eps", Attr::F64(1e-30));
+    f.set_attr("nesterov", Attr::Bool(false));
+    f.set_attr("vector_eps", Attr::F64(1e-8));
+    f.set_attr("rows_are_input", Attr::I64Array(specs.iter().map(|s| s.rows_are_input as i64).collect()));
+    f.set_attr("leaf_names", Attr::Str(specs.iter().enumerate().map(|(i, _)| format!("blocks/{i}/kernel")).collect::<Vec<_>>().join("\n")));
+    f
+}
+
+pub fn two_leaves(dtype: i32) -> Vec<LeafSpec> {
+    vec![
+        LeafSpec { dims: [1, 12, 20], dtype, rows_are_input: true },
+        LeafSpec { dims: [2, 16, 8], dtype, rows_are_input: false },
+    ]
+}

@@ -1,0 +1,256 @@
+//! The safe layer of the CUDA backend: per-context compiled kernels and cuBLAS handle (created
+//! once, cached for the process), kernel launches and GEMMs on a borrowed stream.
+
+use super::sys::{self, check, check_cublas, CublasHandle};
+use cudarc::driver::sys as cu;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CString};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// The kernel sources, compiled by NVRTC at first use on each device.
+pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+pub const KERNEL_NAMES: [&str; 7] =
+    ["lanton_stats", "lanton_prepare", "lanton_dot", "lanton_track", "lanton_reference", "lanton_affine_diag", "lanton_apply"];
+
+/// Compiled code for one architecture ("sm_90": CUBIN; "compute_90": PTX).
+pub fn compile(arch: &str) -> Result<Vec<u8>, String> {
+    let nv = sys::nvrtc()?;
+    let src = CString::new(KERNEL_SOURCE).expect("kernel source has no NUL");
+    let name = CString::new("lanton_kernels.cu").unwrap();
+    let mut prog: sys::NvrtcProgram = std::ptr::null_mut();
+    // SAFETY: valid C strings; no headers.
+    let rc = unsafe { (nv.nvrtcCreateProgram)(&mut prog, src.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null()) };
+    if rc != 0 {
+        return Err(format!("nvrtcCreateProgram failed ({rc})"));
+    }
+    let opts: Vec<CString> = [format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-default-device".into()]
+        .into_iter()
+        .map(|o| CString::new(o).unwrap())
+        .collect();
+    let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    // SAFETY: prog is live; the option strings outlive the call.
+    let rc = unsafe { (nv.nvrtcCompileProgram)(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
+    let read = |size_fn: unsafe extern "C" fn(sys::NvrtcProgram, *mut usize) -> i32,
+                get_fn: unsafe extern "C" fn(sys::NvrtcProgram, *mut c_char) -> i32| {
+        let mut n = 0usize;
+        // SAFETY: prog is live; the buffer has the size NVRTC reported.
+        unsafe { size_fn(prog, &mut n) };
+        let mut buf = vec![0u8; n];
+        if n > 0 {
+            unsafe { get_fn(prog, buf.as_mut_ptr() as *mut c_char) };
+        }
+        buf
+    };
+    let result = if rc != 0 {
+        let log = read(nv.nvrtcGetProgramLogSize, nv.nvrtcGetProgramLog);
+        Err(format!("NVRTC could not compile the kernels for {arch}:\n{}", String::from_utf8_lossy(&log)))
+    } else if arch.starts_with("sm_") {
+        Ok(read(nv.nvrtcGetCUBINSize, nv.nvrtcGetCUBIN))
+    } else {
+        Ok(read(nv.nvrtcGetPTXSize, nv.nvrtcGetPTX))
+    };
+    // SAFETY: prog was created above and is destroyed once.
+    unsafe { (nv.nvrtcDestroyProgram)(&mut prog) };
+    result
+}
+
+/// Kernels and cuBLAS for one CUDA context.
+pub struct Device {
+    pub functions: [cu::CUfunction; 7],
+    pub sm_count: u32,
+    blas: Mutex<CublasHandle>,
+}
+
+// SAFETY: CUfunction handles are immutable and usable from any thread of the context; the cuBLAS
+// handle is only touched behind its mutex.
+unsafe impl Send for Device {}
+unsafe impl Sync for Device {}
+
+/// Makes `ctx` current on this thread for the guard's lifetime (XLA's own context stays
+/// untouched underneath).
+pub struct ContextGuard;
+
+impl ContextGuard {
+    pub fn push(ctx: cu::CUcontext) -> Result<ContextGuard, String> {
+        // SAFETY: ctx comes from cuStreamGetCtx of XLA's live stream.
+        check(unsafe { cu::cuCtxPushCurrent_v2(ctx) }, "cuCtxPushCurrent")?;
+        Ok(ContextGuard)
+    }
+}
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: pops what `push` pushed.
+        unsafe { cu::cuCtxPopCurrent_v2(&mut ctx) };
+    }
+}
+
+/// The context that owns `stream`.
+pub fn stream_context(stream: cu::CUstream) -> Result<cu::CUcontext, String> {
+    if !sys::driver_present() {
+        return Err("the CUDA driver library (libcuda.so.1) is not loadable on this machine".into());
+    }
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: stream is XLA's live stream for this call.
+    check(unsafe { cu::cuStreamGetCtx(stream, &mut ctx) }, "cuStreamGetCtx")?;
+    Ok(ctx)
+}
+
+/// The cached device state of `ctx` (which must be current), built on first use.
+pub fn device(ctx: cu::CUcontext) -> Result<&'static Device, String> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, &'static Device>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = cache.get(&(ctx as usize)) {
+        return Ok(d);
+    }
+    let d: &'static Device = Box::leak(Box::new(build_device()?));
+    cache.insert(ctx as usize, d);
+    Ok(d)
+}
+
+fn attribute(dev: cu::CUdevice, a: cu::CUdevice_attribute) -> Result<i32, String> {
+    let mut v = 0;
+    // SAFETY: plain query on a valid device.
+    check(unsafe { cu::cuDeviceGetAttribute(&mut v, a, dev) }, "cuDeviceGetAttribute")?;
+    Ok(v)
+}
+
+fn build_device() -> Result<Device, String> {
+    let mut dev: cu::CUdevice = 0;
+    // SAFETY: a context is current (ContextGuard).
+    check(unsafe { cu::cuCtxGetDevice(&mut dev) }, "cuCtxGetDevice")?;
+    use cu::CUdevice_attribute::*;
+    let major = attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let sm_count = attribute(dev, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
+    // CUBIN for the exact architecture; PTX (JIT by the driver) if this NVRTC predates it.
+    let image = compile(&format!("sm_{major}{minor}")).or_else(|e| {
+        compile(&format!("compute_{major}{minor}")).map(|mut ptx| {
+            ptx.push(0);
+            ptx
+        }).map_err(|e2| format!("{e}\n{e2}"))
+    })?;
+    let mut module = std::ptr::null_mut();
+    // SAFETY: image is a CUBIN or NUL-terminated PTX; the module lives for the process.
+    check(unsafe { cu::cuModuleLoadData(&mut module, image.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
+    let mut functions = [std::ptr::null_mut(); 7];
+    for (f, name) in functions.iter_mut().zip(KERNEL_NAMES) {
+        let c = CString::new(name).unwrap();
+        // SAFETY: module loaded above; name is a kernel in it.
+        check(unsafe { cu::cuModuleGetFunction(f, module, c.as_ptr()) }, name)?;
+    }
+    let blas = sys::cublas()?;
+    let mut handle = std::ptr::null_mut();
+    // SAFETY: creates a handle in the current context.
+    check_cublas(blas, unsafe { (blas.cublasCreate_v2)(&mut handle) }, "cublasCreate")?;
+    Ok(Device { functions, sm_count, blas: Mutex::new(handle) })
+}
+
+/// A kernel launch configuration.
+pub struct Grid {
+    pub x: u32,
+    pub y: u32,
+    pub block: u32,
+}
+
+/// One call's view of the device: the stream, and cuBLAS bound to it (locked for the call).
+pub struct Session<'d> {
+    pub device: &'d Device,
+    pub stream: cu::CUstream,
+    blas: MutexGuard<'d, CublasHandle>,
+}
+
+impl<'d> Session<'d> {
+    /// Binds cuBLAS to `stream` with `workspace` (XLA scratch, so nothing is allocated while a
+    /// CUDA graph is being captured).
+    pub fn new(device: &'d Device, stream: cu::CUstream, workspace: *mut c_void, workspace_len: usize) -> Result<Self, String> {
+        let blas = device.blas.lock().unwrap_or_else(|e| e.into_inner());
+        let lib = sys::cublas()?;
+        // SAFETY: the handle belongs to this context and is locked by us.
+        check_cublas(lib, unsafe { (lib.cublasSetStream_v2)(*blas, stream) }, "cublasSetStream")?;
+        check_cublas(lib, unsafe { (lib.cublasSetWorkspace_v2)(*blas, workspace, workspace_len) }, "cublasSetWorkspace")?;
+        Ok(Session { device, stream, blas })
+    }
+
+    /// Launches kernel `k` (index into KERNEL_NAMES) with `params` (pointers to each argument).
+    ///
+    /// # Safety
+    /// `params` must match the kernel's signature and every device pointer in them must be valid
+    /// for the accesses the kernel makes until the stream reaches it.
+    pub unsafe fn launch(&self, k: usize, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
+        if grid.x == 0 || grid.y == 0 {
+            return Ok(());
+        }
+        let rc = cu::cuLaunchKernel(
+            self.device.functions[k], grid.x, grid.y, 1, grid.block, 1, 1, 0, self.stream,
+            params.as_mut_ptr(), std::ptr::null_mut(),
+        );
+        check(rc, KERNEL_NAMES[k])
+    }
+
+    /// dst <- src (device to device, on the stream).
+    pub fn copy(&self, dst: *mut c_void, src: *const c_void, bytes: usize) -> Result<(), String> {
+        if bytes == 0 || dst as *const c_void == src {
+            return Ok(());
+        }
+        // SAFETY: both ranges are device buffers of at least `bytes` (checked by the decoder).
+        check(unsafe { cu::cuMemcpyDtoDAsync_v2(dst as u64, src as u64, bytes, self.stream) }, "cuMemcpyDtoDAsync")
+    }
+
+    /// Zeroes `words` 32-bit words.
+    pub fn zero(&self, dst: *mut c_void, words: usize) -> Result<(), String> {
+        if words == 0 {
+            return Ok(());
+        }
+        // SAFETY: dst is scratch of at least `words` * 4 bytes.
+        check(unsafe { cu::cuMemsetD32Async(dst as u64, 0, words, self.stream) }, "cuMemsetD32Async")
+    }
+
+    /// Batched column-major GEMM, C = alpha * op(A) op(B) + beta * C, strided over `batch`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(&self, g: &Gemm) -> Result<(), String> {
+        if g.batch == 0 {
+            return Ok(());
+        }
+        let lib = sys::cublas()?;
+        // SAFETY: the caller sized every buffer for m, n, k, the strides and the batch.
+        let st = unsafe {
+            (lib.cublasGemmStridedBatchedEx)(
+                *self.blas, g.trans_a as i32, g.trans_b as i32, g.m, g.n, g.k,
+                &g.alpha as *const f32 as *const c_void, g.a, g.dtype, g.lda, g.stride_a,
+                g.b, g.dtype, g.ldb, g.stride_b, &g.beta as *const f32 as *const c_void,
+                g.c, g.dtype, g.ldc, g.stride_c, g.batch, g.compute, CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        check_cublas(lib, st, "cublasGemmStridedBatchedEx")
+    }
+}
+
+pub const CUDA_R_32F: i32 = 0;
+pub const CUDA_R_16BF: i32 = 14;
+pub const CUBLAS_COMPUTE_32F: i32 = 68;
+pub const CUBLAS_GEMM_DEFAULT: i32 = -1;
+
+/// One strided-batched GEMM (all operands of one dtype, f32 accumulation).
+pub struct Gemm {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub alpha: f32,
+    pub a: *const c_void,
+    pub lda: i32,
+    pub stride_a: i64,
+    pub b: *const c_void,
+    pub ldb: i32,
+    pub stride_b: i64,
+    pub beta: f32,
+    pub c: *mut c_void,
+    pub ldc: i32,
+    pub stride_c: i64,
+    pub batch: i32,
+    pub dtype: i32,
+    pub compute: i32,
+}

@@ -1,0 +1,298 @@
+// lanton CUDA kernels, compiled at run time by NVRTC (no headers: bf16/f16 conversions are
+// written out). One group step = these launches on XLA's stream, in this order:
+//   lanton_stats    per leaf: per-layer non-finite count, ||V||^2 and the noise difference's norm
+//   lanton_prepare  per leaf: momentum write, Newton-Schulz input V/||V||, noise input D/||D||,
+//                   G_prev store
+//   [cuBLAS Newton-Schulz on the noise inputs, then lanton_dot: <D0, polar(D0)> per layer]
+//   lanton_track    per leaf: H, valid and prev_step per layer; H/valid copied to group scratch
+//   lanton_reference  one block: the group's reference alpha (max/mean/min over valid layers)
+//   [cuBLAS Newton-Schulz on the direction inputs]
+//   lanton_apply    per leaf: r per layer, direction, weight decay, write-out
+// The rules (cadence, usable G_prev, skipped layers) mirror src/step/mod.rs line for line.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define DT_F16 10
+#define DT_F32 11
+#define DT_BF16 16
+
+#define KIND_HIDDEN 0
+#define KIND_EMBED 1
+#define KIND_VECTOR 2
+
+#define STAT_MAX 0
+#define STAT_MEAN 1
+#define STAT_MIN 2
+
+// Per-layer accumulators (double) in group scratch, ACC_N per layer.
+#define ACC_NONFINITE 0
+#define ACC_V2 1
+#define ACC_D 2
+#define ACC_DOT 3
+#define ACC_N 4
+
+#define BLOCK 256
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                      // round to nearest even
+    return (u16)(u >> 16);
+}
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float load(const void* p, int dt, long long i) {
+    if (dt == DT_F32) return ((const float*)p)[i];
+    if (dt == DT_BF16) return bf16_to_f32(((const u16*)p)[i]);
+    return f16_to_f32(((const u16*)p)[i]);
+}
+__device__ __forceinline__ void store(void* p, int dt, long long i, float v) {
+    if (dt == DT_F32) ((float*)p)[i] = v;
+    else if (dt == DT_BF16) ((u16*)p)[i] = f32_to_bf16(v);
+    else ((u16*)p)[i] = f32_to_f16(v);
+}
+
+// One leaf of the group, passed by value (layout mirrored by `LeafArgs` in src/cuda/step.rs).
+struct LeafArgs {
+    const void* param;   // parameters (read; in place: also written)
+    void* out;           // the update (optax) or the parameters (in place)
+    const void* grad;
+    void* momentum;      // result buffer, holding the incoming momentum
+    void* prev_grad;     // result buffer, holding the incoming G_prev
+    float* noise;        // result buffers, per layer
+    float* valid;
+    int* prev_step;
+    float* ratio;
+    void* ns_in;         // direction Newton-Schulz input (hidden), this leaf's first layer
+    float* noise_in;     // noise Newton-Schulz input (hidden, noise work), this leaf's first layer
+    const void* ns_out;  // direction Newton-Schulz result (hidden), this leaf's first layer
+    const float* noise_out;  // polar factor of noise_in
+    long long layer_len; // rows * cols
+    int layers;
+    int group_layer;     // index of this leaf's first layer among the group's layers
+    int dt_param, dt_grad, dt_mom, dt_prev, dt_ns;
+    int in_place;
+    float shape_scale;   // s(kind, shape) / scale: sqrt(max(rows, cols)) for hidden, else 1
+    float dual_factor;   // dual-norm factor of the kind and shape
+};
+static_assert(sizeof(LeafArgs) == 152, "LeafArgs layout must match src/cuda/step.rs");
+
+// Structural options and the group's scratch, identical for every leaf of a call.
+struct GroupArgs {
+    const float* hyper;  // lr, beta1, beta2, weight_decay, scale
+    const int* step;     // t, 1-based
+    double* acc;         // ACC_N per group layer
+    float* group_h;      // H per group layer (after tracking)
+    float* group_valid;
+    double* reference;   // [0] reference alpha, [1] count of valid layers
+    int kind, noise_every, noise_adaptive, nesterov, ratio_stat, noise_work;
+    float ratio_eps, vector_eps;
+};
+static_assert(sizeof(GroupArgs) == 80, "GroupArgs layout must match src/cuda/step.rs");
+
+__device__ __forceinline__ bool is_noise_step(const GroupArgs& g, int t) {
+    return g.noise_adaptive && t >= 2 && (t % g.noise_every) == 0;
+}
+__device__ __forceinline__ bool prev_usable(int prev_step, int t) { return prev_step >= 1 && prev_step == t - 1; }
+
+// Block-wide sum, result valid in thread 0.
+__device__ double block_sum(double v, double* shared) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = threadIdx.x < (blockDim.x >> 5) ? shared[lane] : 0.0;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    __syncthreads();
+    return v;
+}
+
+// grid (chunks, layers), block BLOCK.
+extern "C" __global__ void lanton_stats(LeafArgs a, GroupArgs g) {
+    __shared__ double shared[32];
+    const int l = blockIdx.y, t = *g.step;
+    const float b1 = g.hyper[1];
+    const bool noise = g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t);
+    const long long base = (long long)l * a.layer_len;
+    double nonfinite = 0, v2 = 0, dn = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x) {
+        float gr = load(a.grad, a.dt_grad, base + i);
+        float b = b1 * load(a.momentum, a.dt_mom, base + i) + (1.f - b1) * gr;
+        float v = g.nesterov ? b1 * b + (1.f - b1) * gr : b;
+        nonfinite += isfinite(gr) ? 0.0 : 1.0;
+        v2 += (double)v * v;
+        if (noise) {
+            float d = gr - load(a.prev_grad, a.dt_prev, base + i);
+            dn += g.kind == KIND_EMBED ? fabs((double)d) : (double)d * d;
+        }
+    }
+    double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
+    nonfinite = block_sum(nonfinite, shared);
+    v2 = block_sum(v2, shared);
+    dn = block_sum(dn, shared);
+    if (threadIdx.x == 0) {
+        if (nonfinite > 0) atomicAdd(acc + ACC_NONFINITE, nonfinite);
+        atomicAdd(acc + ACC_V2, v2);
+        atomicAdd(acc + ACC_D, dn);
+    }
+}
+
+// grid (chunks, layers), block BLOCK.
+extern "C" __global__ void lanton_prepare(LeafArgs a, GroupArgs g) {
+    const int l = blockIdx.y, t = *g.step;
+    const float b1 = g.hyper[1];
+    const double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
+    const bool finite = acc[ACC_NONFINITE] == 0.0;
+    const bool noise = finite && g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t);
+    const bool keep = finite && is_noise_step(g, t + 1);
+    const float inv_v = (float)(1.0 / (sqrt(acc[ACC_V2]) + 1e-7));
+    const double dnorm = sqrt(acc[ACC_D]);
+    const float inv_d = (noise && dnorm > 0.0 && isfinite(dnorm)) ? (float)(1.0 / dnorm) : 0.f;
+    const long long base = (long long)l * a.layer_len;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x) {
+        float gr = load(a.grad, a.dt_grad, base + i);
+        float v = 0.f;
+        if (finite) {
+            float b = b1 * load(a.momentum, a.dt_mom, base + i) + (1.f - b1) * gr;
+            store(a.momentum, a.dt_mom, base + i, b);
+            v = g.nesterov ? b1 * b + (1.f - b1) * gr : b;
+        }
+        if (g.kind == KIND_HIDDEN) {
+            store(a.ns_in, a.dt_ns, base + i, v * inv_v);
+            if (g.noise_work && g.noise_adaptive)
+                a.noise_in[base + i] = inv_d != 0.f ? (gr - load(a.prev_grad, a.dt_prev, base + i)) * inv_d : 0.f;
+        }
+        if (keep) store(a.prev_grad, a.dt_prev, base + i, gr);
+    }
+}
+
+// <D0, P> per layer. grid (chunks, layers), block BLOCK.
+extern "C" __global__ void lanton_dot(LeafArgs a, GroupArgs g) {
+    __shared__ double shared[32];
+    const int l = blockIdx.y;
+    const long long base = (long long)l * a.layer_len;
+    double s = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x)
+        s += (double)a.noise_in[base + i] * a.noise_out[base + i];
+    s = block_sum(s, shared);
+    if (threadIdx.x == 0) atomicAdd(g.acc + (long long)(a.group_layer + l) * ACC_N + ACC_DOT, s);
+}
+
+// One thread per layer. grid ceil(layers / BLOCK).
+extern "C" __global__ void lanton_track(LeafArgs a, GroupArgs g) {
+    const int l = blockIdx.x * blockDim.x + threadIdx.x;
+    if (l >= a.layers) return;
+    const int t = *g.step;
+    const double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
+    const bool finite = acc[ACC_NONFINITE] == 0.0;
+    float h = a.noise[l], valid = a.valid[l];
+    if (finite && g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t)) {
+        double raw = g.kind == KIND_HIDDEN ? sqrt(acc[ACC_D]) * acc[ACC_DOT]
+                   : g.kind == KIND_EMBED  ? acc[ACC_D]
+                                           : sqrt(acc[ACC_D]);
+        float n = (float)raw * a.dual_factor;
+        if (isfinite(n)) {
+            h = g.hyper[2] * h + (1.f - g.hyper[2]) * n * n;
+            if (n > 0.f) valid = 1.f;
+        }
+    }
+    if (finite && is_noise_step(g, t + 1)) a.prev_step[l] = t;
+    a.noise[l] = h;
+    a.valid[l] = valid;
+    g.group_h[a.group_layer + l] = h;
+    g.group_valid[a.group_layer + l] = valid;
+}
+
+__device__ __forceinline__ double alpha_of(float h, float eps) { return 1.0 / sqrt((double)h + (double)eps); }
+
+// The group's reference alpha over valid layers. One block of BLOCK threads.
+extern "C" __global__ void lanton_reference(GroupArgs g, int group_layers) {
+    __shared__ double shared[32];
+    double count = 0, sum = 0, mx = -__longlong_as_double(0x7ff0000000000000LL), mn = __longlong_as_double(0x7ff0000000000000LL);
+    for (int j = threadIdx.x; j < group_layers; j += blockDim.x) {
+        if (g.group_valid[j] > 0.5f) {
+            double al = alpha_of(g.group_h[j], g.ratio_eps);
+            count += 1;
+            sum += al;
+            mx = fmax(mx, al);
+            mn = fmin(mn, al);
+        }
+    }
+    __shared__ double smax[BLOCK], smin[BLOCK];
+    smax[threadIdx.x] = mx;
+    smin[threadIdx.x] = mn;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            smax[threadIdx.x] = fmax(smax[threadIdx.x], smax[threadIdx.x + s]);
+            smin[threadIdx.x] = fmin(smin[threadIdx.x], smin[threadIdx.x + s]);
+        }
+        __syncthreads();
+    }
+    count = block_sum(count, shared);
+    sum = block_sum(sum, shared);
+    if (threadIdx.x == 0) {
+        double ref = g.ratio_stat == STAT_MAX ? smax[0] : g.ratio_stat == STAT_MIN ? smin[0] : sum / fmax(count, 1.0);
+        g.reference[0] = ref;
+        g.reference[1] = count;
+    }
+}
+
+// Newton-Schulz helper: B = b*A + a*I for a batch of s x s matrices (dtype dt).
+extern "C" __global__ void lanton_affine_diag(const void* A, void* B, int dt, int s, long long total, float a, float b) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        long long within = i % ((long long)s * s);
+        float diag = (within / s == within % s) ? a : 0.f;
+        store(B, dt, i, b * load(A, dt, i) + diag);
+    }
+}
+
+// grid (chunks, layers), block BLOCK.
+extern "C" __global__ void lanton_apply(LeafArgs a, GroupArgs g) {
+    const int l = blockIdx.y;
+    const double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
+    const bool finite = acc[ACC_NONFINITE] == 0.0;
+    const float lr = g.hyper[0], b1 = g.hyper[1], wd = g.hyper[3];
+    const double ref = g.reference[0], count = g.reference[1];
+    float r = 1.f;
+    if (g.noise_adaptive && a.valid[l] > 0.5f && count > 0 && isfinite(ref) && ref > 0)
+        r = (float)(alpha_of(a.noise[l], g.ratio_eps) / ref);
+    if (blockIdx.x == 0 && threadIdx.x == 0) a.ratio[l] = r;
+    const long long base = (long long)l * a.layer_len;
+    if (!finite) {  // skipped layer: zero update, parameters untouched
+        if (!a.in_place)
+            for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x)
+                store(a.out, a.dt_param, base + i, 0.f);
+        return;
+    }
+    const float step_d = -lr * g.hyper[4] * a.shape_scale * r, step_x = -lr * wd;
+    float inv_rms = 0.f;
+    if (g.kind == KIND_VECTOR) {
+        float rms = (float)sqrt(acc[ACC_V2]) / sqrtf((float)a.layer_len);
+        inv_rms = 1.f / (rms + g.vector_eps);
+    }
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x) {
+        float d;
+        if (g.kind == KIND_HIDDEN) {
+            d = load(a.ns_out, a.dt_ns, base + i);
+        } else {
+            float v = load(a.momentum, a.dt_mom, base + i);  // already the new momentum
+            if (g.nesterov) v = b1 * v + (1.f - b1) * load(a.grad, a.dt_grad, base + i);
+            d = g.kind == KIND_EMBED ? (v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f)) : v * inv_rms;
+        }
+        float x = load(a.param, a.dt_param, base + i);
+        float delta = step_d * d + step_x * x;
+        store(a.out, a.dt_param, base + i, a.in_place ? x + delta : delta);
+    }
+}

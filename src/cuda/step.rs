@@ -1,0 +1,410 @@
+//! The LANTON group step on the GPU: scratch layout, kernel launches and the batched
+//! Newton-Schulz products, all enqueued on XLA's stream (no host synchronization: the step
+//! count and hyperparameters stay on the device and the kernels apply `crate::step`'s rules).
+
+use super::device::{self, Gemm, Grid, Session, CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_R_32F};
+use crate::ffi::api::dtype;
+use crate::ffi::{CallFrame, FfiError, FfiResult};
+use crate::handlers::StepLayout;
+use crate::step::{self, Kind, RatioStat};
+use cudarc::driver::sys as cu;
+use std::ffi::c_void;
+
+const BLOCK: u32 = 256;
+const ACC_N: usize = 4;
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+const ALIGN: usize = 256;
+
+// Kernel indices in device::KERNEL_NAMES.
+const K_STATS: usize = 0;
+const K_PREPARE: usize = 1;
+const K_DOT: usize = 2;
+const K_TRACK: usize = 3;
+const K_REFERENCE: usize = 4;
+const K_AFFINE_DIAG: usize = 5;
+const K_APPLY: usize = 6;
+
+/// CUDA-only options of a call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CudaOptions {
+    /// Enqueue the hidden group's noise work (polar iterations). The Python shim selects the
+    /// variant with `lax.cond` on the step count, so non-noise steps skip the work entirely;
+    /// the kernels still check the cadence on the device.
+    pub noise_work: bool,
+    /// Newton-Schulz operands in f32 instead of bf16 (f32 accumulation either way).
+    pub ns_f32: bool,
+}
+
+/// Mirrors `struct LeafArgs` in kernels.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LeafArgs {
+    pub param: *const c_void,
+    pub out: *mut c_void,
+    pub grad: *const c_void,
+    pub momentum: *mut c_void,
+    pub prev_grad: *mut c_void,
+    pub noise: *mut f32,
+    pub valid: *mut f32,
+    pub prev_step: *mut i32,
+    pub ratio: *mut f32,
+    pub ns_in: *mut c_void,
+    pub noise_in: *mut f32,
+    pub ns_out: *const c_void,
+    pub noise_out: *const f32,
+    pub layer_len: i64,
+    pub layers: i32,
+    pub group_layer: i32,
+    pub dt_param: i32,
+    pub dt_grad: i32,
+    pub dt_mom: i32,
+    pub dt_prev: i32,
+    pub dt_ns: i32,
+    pub in_place: i32,
+    pub shape_scale: f32,
+    pub dual_factor: f32,
+}
+const _: () = assert!(std::mem::size_of::<LeafArgs>() == 152);
+
+/// Mirrors `struct GroupArgs` in kernels.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GroupArgs {
+    pub hyper: *const f32,
+    pub step: *const i32,
+    pub acc: *mut f64,
+    pub group_h: *mut f32,
+    pub group_valid: *mut f32,
+    pub reference: *mut f64,
+    pub kind: i32,
+    pub noise_every: i32,
+    pub noise_adaptive: i32,
+    pub nesterov: i32,
+    pub ratio_stat: i32,
+    pub noise_work: i32,
+    pub ratio_eps: f32,
+    pub vector_eps: f32,
+}
+const _: () = assert!(std::mem::size_of::<GroupArgs>() == 80);
+
+/// Same-shape hidden layers of the group, batched through one strided GEMM per product.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ShapeClass {
+    pub rows: usize,
+    pub cols: usize,
+    /// Offset (elements) of the class's first matrix in the Newton-Schulz buffers.
+    pub base: usize,
+    pub batch: usize,
+}
+
+impl ShapeClass {
+    fn small(&self) -> usize {
+        self.rows.min(self.cols)
+    }
+}
+
+/// Byte offsets of the sub-buffers of one scratch allocation.
+#[derive(Default)]
+struct Carve {
+    len: usize,
+}
+
+impl Carve {
+    fn take(&mut self, bytes: usize) -> usize {
+        let at = self.len;
+        self.len += bytes.div_ceil(ALIGN) * ALIGN;
+        at
+    }
+}
+
+fn ns_dtype_size(f32_ops: bool) -> (i32, i32, usize) {
+    if f32_ops { (dtype::F32, CUDA_R_32F, 4) } else { (dtype::BF16, CUDA_R_16BF, 2) }
+}
+
+/// Newton-Schulz on every class: X holds the normalized inputs, Y is the other ping-pong
+/// buffer; returns which holds the result. A and Bm are one class's Gram and polynomial.
+#[allow(clippy::too_many_arguments)]
+fn newton_schulz(
+    s: &Session, classes: &[ShapeClass], x: *mut c_void, y: *mut c_void, a: *mut c_void, bm: *mut c_void,
+    f32_ops: bool, coeffs: &[[f32; 3]],
+) -> Result<*mut c_void, String> {
+    let (dt, cuda_dt, size) = ns_dtype_size(f32_ops);
+    let at = |p: *mut c_void, elems: usize| (p as usize + elems * size) as *mut c_void;
+    for c in classes {
+        let (r, cl, sm) = (c.rows as i32, c.cols as i32, c.small() as i32);
+        let (mat, gram) = ((c.rows * c.cols) as i64, (c.small() * c.small()) as i64);
+        let (mut src, mut dst) = (at(x, c.base), at(y, c.base));
+        let batch = c.batch as i32;
+        for &[ca, cb, cc] in coeffs {
+            // Row-major R x C is column-major P = X^T (C x R, ld C). Rows <= cols: A = P^T P;
+            // else A = P P^T (the transposed problem), with no data transposition.
+            let gram_gemm = if c.rows <= c.cols {
+                Gemm { trans_a: true, trans_b: false, m: r, n: r, k: cl, alpha: 1.0, a: src, lda: cl, stride_a: mat,
+                       b: src, ldb: cl, stride_b: mat, beta: 0.0, c: a, ldc: r, stride_c: gram, batch, dtype: cuda_dt,
+                       compute: CUBLAS_COMPUTE_32F }
+            } else {
+                Gemm { trans_a: false, trans_b: true, m: cl, n: cl, k: r, alpha: 1.0, a: src, lda: cl, stride_a: mat,
+                       b: src, ldb: cl, stride_b: mat, beta: 0.0, c: a, ldc: cl, stride_c: gram, batch, dtype: cuda_dt,
+                       compute: CUBLAS_COMPUTE_32F }
+            };
+            s.gemm(&gram_gemm)?;
+            // Bm = b*A + a*I, then Bm += c*A*A.
+            let total = gram * c.batch as i64;
+            let (mut pa, mut pb, mut pdt, mut psm, mut ptot, mut pca, mut pcb) = (a, bm, dt, sm, total, ca, cb);
+            let grid = Grid { x: (total as u64).div_ceil(BLOCK as u64 * 4).clamp(1, 4096) as u32, y: 1, block: BLOCK };
+            // SAFETY: A and Bm hold `total` elements of dtype dt.
+            unsafe {
+                s.launch(K_AFFINE_DIAG, grid, &mut [
+                    &mut pa as *mut _ as *mut c_void, &mut pb as *mut _ as *mut c_void, &mut pdt as *mut _ as *mut c_void,
+                    &mut psm as *mut _ as *mut c_void, &mut ptot as *mut _ as *mut c_void, &mut pca as *mut _ as *mut c_void,
+                    &mut pcb as *mut _ as *mut c_void,
+                ])?;
+            }
+            s.gemm(&Gemm { trans_a: false, trans_b: false, m: sm, n: sm, k: sm, alpha: cc, a, lda: sm, stride_a: gram,
+                           b: a, ldb: sm, stride_b: gram, beta: 1.0, c: bm, ldc: sm, stride_c: gram, batch,
+                           dtype: cuda_dt, compute: CUBLAS_COMPUTE_32F })?;
+            let update = if c.rows <= c.cols {
+                Gemm { trans_a: false, trans_b: false, m: cl, n: r, k: r, alpha: 1.0, a: src, lda: cl, stride_a: mat,
+                       b: bm, ldb: r, stride_b: gram, beta: 0.0, c: dst, ldc: cl, stride_c: mat, batch, dtype: cuda_dt,
+                       compute: CUBLAS_COMPUTE_32F }
+            } else {
+                Gemm { trans_a: false, trans_b: false, m: cl, n: r, k: cl, alpha: 1.0, a: bm, lda: cl, stride_a: gram,
+                       b: src, ldb: cl, stride_b: mat, beta: 0.0, c: dst, ldc: cl, stride_c: mat, batch, dtype: cuda_dt,
+                       compute: CUBLAS_COMPUTE_32F }
+            };
+            s.gemm(&update)?;
+            std::mem::swap(&mut src, &mut dst);
+        }
+    }
+    Ok(if coeffs.len() % 2 == 0 { x } else { y })
+}
+
+fn leaf_grid(layer_len: usize, layers: usize) -> Result<Grid, String> {
+    if layers > 65535 {
+        return Err(format!("{layers} layers in one leaf exceed the CUDA grid limit (65535)"));
+    }
+    let chunks = layer_len.div_ceil(BLOCK as usize * 4).clamp(1, 1024) as u32;
+    Ok(Grid { x: chunks, y: layers as u32, block: BLOCK })
+}
+
+/// Byte offsets of the scratch sub-buffers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Offsets {
+    pub acc: usize,
+    pub reference: usize,
+    pub h: usize,
+    pub valid: usize,
+    /// Bytes from the start that are zeroed before the step (the accumulators above).
+    pub zeroed: usize,
+    pub workspace: usize,
+    pub workspace_len: usize,
+    pub x: usize,
+    pub y: usize,
+    pub a: usize,
+    pub b: usize,
+    pub n0: usize,
+    pub n1: usize,
+    pub n2: usize,
+    pub na: usize,
+    pub nb: usize,
+}
+
+/// Everything one call enqueues, computed on the host from the decoded layout and the
+/// scratch base address (pure: tests build it from fake frames without a GPU).
+pub struct Plan {
+    pub classes: Vec<ShapeClass>,
+    pub offsets: Offsets,
+    /// Scratch bytes to allocate.
+    pub len: usize,
+    pub leaves: Vec<LeafArgs>,
+    pub group: GroupArgs,
+    pub group_layers: usize,
+    pub noise_polar: bool,
+    pub hidden: bool,
+    pub ns_f32: bool,
+}
+
+impl Plan {
+    pub fn new(layout: &StepLayout, opts: CudaOptions, scratch: usize) -> Plan {
+        let cfg = &layout.config;
+        let hidden = cfg.kind == Kind::Hidden;
+        let noise_polar = hidden && cfg.noise_adaptive && opts.noise_work;
+        let group_layers: usize = layout.leaves.iter().map(|l| l.shape.layers).sum();
+        // Same-shape hidden layers share one batched GEMM per product.
+        let mut classes: Vec<ShapeClass> = Vec::new();
+        let mut class_of = Vec::with_capacity(layout.leaves.len());
+        for leaf in &layout.leaves {
+            let sh = leaf.shape;
+            if !hidden {
+                class_of.push((0, 0));
+                continue;
+            }
+            let idx = classes.iter().position(|c| c.rows == sh.rows && c.cols == sh.cols).unwrap_or_else(|| {
+                classes.push(ShapeClass { rows: sh.rows, cols: sh.cols, base: 0, batch: 0 });
+                classes.len() - 1
+            });
+            class_of.push((idx, classes[idx].batch));
+            classes[idx].batch += sh.layers;
+        }
+        let (mut elems, mut gram_max) = (0usize, 0usize);
+        for c in classes.iter_mut() {
+            c.base = elems;
+            elems += c.batch * c.rows * c.cols;
+            gram_max = gram_max.max(c.batch * c.small() * c.small());
+        }
+        let (dt_ns, _, ns_size) = ns_dtype_size(opts.ns_f32);
+        let (noise_elems, noise_gram) = if noise_polar { (elems, gram_max) } else { (0, 0) };
+        let mut carve = Carve::default();
+        let mut o = Offsets {
+            acc: carve.take(group_layers * ACC_N * 8),
+            reference: carve.take(16),
+            h: carve.take(group_layers * 4),
+            valid: carve.take(group_layers * 4),
+            ..Offsets::default()
+        };
+        o.zeroed = carve.len;
+        o.workspace_len = if hidden { CUBLAS_WORKSPACE } else { 0 };
+        o.workspace = carve.take(o.workspace_len);
+        o.x = carve.take(elems * ns_size);
+        o.y = carve.take(elems * ns_size);
+        o.a = carve.take(gram_max * ns_size);
+        o.b = carve.take(gram_max * ns_size);
+        o.n0 = carve.take(noise_elems * 4);
+        o.n1 = carve.take(noise_elems * 4);
+        o.n2 = carve.take(noise_elems * 4);
+        o.na = carve.take(noise_gram * 4);
+        o.nb = carve.take(noise_gram * 4);
+        let at = |off: usize| (scratch + off) as *mut c_void;
+
+        let group = GroupArgs {
+            hyper: layout.hyper.data as *const f32,
+            step: layout.step.data as *const i32,
+            acc: at(o.acc) as *mut f64,
+            group_h: at(o.h) as *mut f32,
+            group_valid: at(o.valid) as *mut f32,
+            reference: at(o.reference) as *mut f64,
+            kind: match cfg.kind { Kind::Hidden => 0, Kind::Embed => 1, Kind::Vector => 2 },
+            noise_every: cfg.noise_every as i32,
+            noise_adaptive: cfg.noise_adaptive as i32,
+            nesterov: cfg.nesterov as i32,
+            ratio_stat: match cfg.ratio_stat { RatioStat::Max => 0, RatioStat::Mean => 1, RatioStat::Min => 2 },
+            // Only the hidden kind's noise work is expensive enough to be skipped.
+            noise_work: (opts.noise_work || !hidden) as i32,
+            ratio_eps: cfg.ratio_eps,
+            vector_eps: cfg.vector_eps,
+        };
+        let mut leaves = Vec::with_capacity(layout.leaves.len());
+        let mut group_layer = 0usize;
+        for (leaf, &(ci, within)) in layout.leaves.iter().zip(&class_of) {
+            let sh = leaf.shape;
+            let ns_elem = if hidden { classes[ci].base + within * sh.rows * sh.cols } else { 0 };
+            // In place, the kernel reads and writes the result buffer (the input is copied into
+            // it first unless donated).
+            let param = if layout.in_place { leaf.param.ret.data } else { leaf.param.arg.data };
+            leaves.push(LeafArgs {
+                param: param as *const c_void,
+                out: leaf.param.ret.data,
+                grad: leaf.grad.data,
+                momentum: leaf.state[0].ret.data,
+                prev_grad: leaf.state[1].ret.data,
+                noise: leaf.state[2].ret.data as *mut f32,
+                valid: leaf.state[3].ret.data as *mut f32,
+                prev_step: leaf.state[4].ret.data as *mut i32,
+                ratio: leaf.ratio.data as *mut f32,
+                ns_in: if hidden { at(o.x + ns_elem * ns_size) } else { std::ptr::null_mut() },
+                noise_in: if noise_polar { at(o.n0 + ns_elem * 4) as *mut f32 } else { std::ptr::null_mut() },
+                ns_out: std::ptr::null(), // the Newton-Schulz result buffer is known after enqueueing it
+                noise_out: std::ptr::null(),
+                layer_len: sh.layer_len() as i64,
+                layers: sh.layers as i32,
+                group_layer: group_layer as i32,
+                dt_param: leaf.param.ret.dtype,
+                dt_grad: leaf.grad.dtype,
+                dt_mom: leaf.state[0].ret.dtype,
+                dt_prev: leaf.state[1].ret.dtype,
+                dt_ns,
+                in_place: layout.in_place as i32,
+                shape_scale: step::update_scale(cfg.kind, 1.0, &sh),
+                dual_factor: step::dual_norm_factor(cfg.kind, &sh),
+            });
+            group_layer += sh.layers;
+        }
+        Plan { classes, offsets: o, len: carve.len, leaves, group, group_layers, noise_polar, hidden, ns_f32: opts.ns_f32 }
+    }
+}
+
+/// Enqueues one LANTON group step on XLA's stream.
+pub fn group_step(call: &CallFrame, layout: &StepLayout, opts: CudaOptions) -> FfiResult<()> {
+    let stream = call.stream()? as cu::CUstream;
+    let internal = |e: String| FfiError::internal(e);
+    let ctx = device::stream_context(stream).map_err(internal)?;
+    let _current = device::ContextGuard::push(ctx).map_err(internal)?;
+    let dev = device::device(ctx).map_err(internal)?;
+    let len = Plan::new(layout, opts, 0).len;
+    let scratch = call.allocate(len, 16)?;
+    let mut plan = Plan::new(layout, opts, scratch as usize);
+    let result = enqueue(dev, stream, layout, &mut plan);
+    let freed = call.free(scratch, len);
+    result.map_err(internal)?;
+    freed
+}
+
+fn enqueue(dev: &device::Device, stream: cu::CUstream, layout: &StepLayout, plan: &mut Plan) -> Result<(), String> {
+    let o = plan.offsets;
+    let base = plan.group.acc as usize - o.acc;
+    let at = |off: usize| (base + off) as *mut c_void;
+    let s = Session::new(dev, stream, at(o.workspace), o.workspace_len)?;
+    s.zero(at(0), o.zeroed / 4)?;
+    // State inputs that were not donated are copied into their results first.
+    for leaf in &layout.leaves {
+        let pairs = leaf.state.iter().chain(layout.in_place.then_some(&leaf.param));
+        for p in pairs {
+            s.copy(p.ret.data, p.arg.data, p.ret.len() * dtype::size(p.ret.dtype))?;
+        }
+    }
+    let g = &mut plan.group;
+    let per_leaf = |k: usize, leaves: &mut [LeafArgs], g: &mut GroupArgs| -> Result<(), String> {
+        for a in leaves.iter_mut() {
+            let (len, layers) = (a.layer_len as usize, a.layers as usize);
+            let grid = if k == K_TRACK {
+                Grid { x: layers.div_ceil(BLOCK as usize) as u32, y: 1, block: BLOCK }
+            } else if len == 0 {
+                continue;
+            } else {
+                leaf_grid(len, layers)?
+            };
+            // SAFETY: LeafArgs/GroupArgs mirror the kernels' structs (sizes asserted on both
+            // sides); every pointer is a decoded XLA buffer or a carved scratch range.
+            unsafe { s.launch(k, grid, &mut [a as *mut LeafArgs as *mut c_void, g as *mut GroupArgs as *mut c_void])? };
+        }
+        Ok(())
+    };
+    per_leaf(K_STATS, &mut plan.leaves, g)?;
+    per_leaf(K_PREPARE, &mut plan.leaves, g)?;
+    if plan.noise_polar {
+        // The polar factor of D0 (kept in n0 for the inner product): one step n0 -> n1, then
+        // n1 and n2 alternate.
+        let schedule = step::nuclear_schedule();
+        newton_schulz(&s, &plan.classes, at(o.n0), at(o.n1), at(o.na), at(o.nb), true, &schedule[..1])?;
+        let polar = newton_schulz(&s, &plan.classes, at(o.n1), at(o.n2), at(o.na), at(o.nb), true, &schedule[1..])?;
+        for a in plan.leaves.iter_mut() {
+            a.noise_out = (polar as usize + (a.noise_in as usize - at(o.n0) as usize)) as *const f32;
+        }
+        per_leaf(K_DOT, &mut plan.leaves, g)?;
+    }
+    per_leaf(K_TRACK, &mut plan.leaves, g)?;
+    let mut group_layers = plan.group_layers as i32;
+    // SAFETY: as above; one block reduces the group's H/valid scratch.
+    unsafe {
+        s.launch(K_REFERENCE, Grid { x: 1, y: 1, block: BLOCK },
+                 &mut [g as *mut GroupArgs as *mut c_void, &mut group_layers as *mut i32 as *mut c_void])?;
+    }
+    if plan.hidden {
+        let coeffs = &layout.config.ns_coeffs;
+        let dir = newton_schulz(&s, &plan.classes, at(o.x), at(o.y), at(o.a), at(o.b), plan.ns_f32, coeffs)?;
+        for a in plan.leaves.iter_mut() {
+            a.ns_out = (dir as usize + (a.ns_in as usize - at(o.x) as usize)) as *const c_void;
+        }
+    }
+    per_leaf(K_APPLY, &mut plan.leaves, g)
+}

@@ -1,0 +1,179 @@
+//! The thin `sys` layer of the CUDA backend: finding the CUDA libraries at run time.
+//!
+//! The driver API comes from `cudarc::driver::sys` (dynamic loading; `libcuda` is the one driver
+//! of the machine, whatever name opens it). cuBLAS and NVRTC are resolved here instead of through
+//! cudarc's loader: cudarc tries the unversioned `libcublas.so` first, which on a machine with a
+//! system toolkit is a *different* copy from the `libcublas.so.13` jax's CUDA plugin already
+//! loaded from its pip wheels. We take, in order: the copy already mapped into this process (the
+//! one jax uses), an explicit path from `LANTON_CUBLAS` / `LANTON_NVRTC`, then the versioned
+//! SONAMEs. Signatures use cudarc's handle types; enum arguments and status results are plain
+//! `i32` (an unknown value in a Rust enum would be undefined behaviour).
+
+use cudarc::driver::sys as cu;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::OnceLock;
+
+/// Paths of the shared objects mapped into this process (dl_iterate_phdr).
+pub fn loaded_objects() -> Vec<String> {
+    unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+        // SAFETY: glibc passes a valid info struct and our `data` (a Vec<String>) for the whole call.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut Vec<String>)) };
+        if !info.dlpi_name.is_null() {
+            // SAFETY: dlpi_name is a NUL-terminated string owned by the loader.
+            out.push(unsafe { CStr::from_ptr(info.dlpi_name) }.to_string_lossy().into_owned());
+        }
+        0
+    }
+    let mut out: Vec<String> = Vec::new();
+    // SAFETY: `visit` only reads the entries and appends to `out`, which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), &mut out as *mut Vec<String> as *mut c_void) };
+    out
+}
+
+/// The library already in the process whose file name starts with `prefix` (e.g. "libcublas.so.").
+pub fn resident(prefix: &str) -> Option<String> {
+    loaded_objects().into_iter().find(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with(prefix)))
+}
+
+/// A dlopen'ed library; never closed (its function pointers are cached for the process).
+pub struct Library {
+    handle: *mut c_void,
+    pub path: String,
+}
+
+// SAFETY: a dlopen handle is process-global and dlsym is thread-safe.
+unsafe impl Send for Library {}
+unsafe impl Sync for Library {}
+
+impl Library {
+    /// Opens the first candidate that loads; the error lists everything tried.
+    pub fn open(what: &str, env: &str, resident_prefix: &str, sonames: &[&str]) -> Result<Library, String> {
+        let mut tried = Vec::new();
+        let mut candidates: Vec<String> = Vec::new();
+        candidates.extend(resident(resident_prefix));
+        candidates.extend(std::env::var(env).ok().filter(|s| !s.is_empty()));
+        candidates.extend(sonames.iter().map(|s| s.to_string()));
+        for c in candidates {
+            let Ok(cs) = CString::new(c.clone()) else { continue };
+            // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
+            let handle = unsafe { libc::dlopen(cs.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+            if !handle.is_null() {
+                return Ok(Library { handle, path: c });
+            }
+            tried.push(c);
+        }
+        Err(format!(
+            "cannot load {what}: tried {tried:?}. Install jax's CUDA plugin (which ships it) or set {env} to its path"
+        ))
+    }
+
+    /// # Safety
+    /// `T` must be the C function pointer type of `name`.
+    unsafe fn sym<T: Copy>(&self, name: &str) -> Result<T, String> {
+        assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<*mut c_void>());
+        let cs = CString::new(name).map_err(|e| e.to_string())?;
+        // SAFETY: valid handle and C string.
+        let p = unsafe { libc::dlsym(self.handle, cs.as_ptr()) };
+        if p.is_null() {
+            return Err(format!("{}: missing symbol {name}", self.path));
+        }
+        // SAFETY: the caller names the right function type; sizes checked above.
+        Ok(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
+    }
+}
+
+macro_rules! fn_table {
+    ($table:ident { $($name:ident : fn($($arg:ty),*) -> $ret:ty;)* }) => {
+        #[allow(non_snake_case)]
+        pub struct $table {
+            pub lib: Library,
+            $(pub $name: unsafe extern "C" fn($($arg),*) -> $ret,)*
+        }
+        impl $table {
+            fn resolve(lib: Library) -> Result<Self, String> {
+                // SAFETY: each field's type is the documented C signature of the symbol it names.
+                unsafe { Ok($table { $($name: lib.sym(stringify!($name))?,)* lib }) }
+            }
+        }
+    };
+}
+
+pub type CublasHandle = cudarc::cublas::sys::cublasHandle_t;
+
+fn_table!(Cublas {
+    cublasCreate_v2: fn(*mut CublasHandle) -> i32;
+    cublasSetStream_v2: fn(CublasHandle, cu::CUstream) -> i32;
+    cublasSetWorkspace_v2: fn(CublasHandle, *mut c_void, usize) -> i32;
+    cublasGetStatusString: fn(i32) -> *const c_char;
+    cublasGemmStridedBatchedEx: fn(
+        CublasHandle, i32, i32, c_int, c_int, c_int, *const c_void,
+        *const c_void, i32, c_int, i64,
+        *const c_void, i32, c_int, i64, *const c_void,
+        *mut c_void, i32, c_int, i64, c_int, i32, i32
+    ) -> i32;
+});
+
+pub type NvrtcProgram = cudarc::nvrtc::sys::nvrtcProgram;
+
+fn_table!(Nvrtc {
+    nvrtcVersion: fn(*mut c_int, *mut c_int) -> i32;
+    nvrtcCreateProgram: fn(*mut NvrtcProgram, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> i32;
+    nvrtcCompileProgram: fn(NvrtcProgram, c_int, *const *const c_char) -> i32;
+    nvrtcGetProgramLogSize: fn(NvrtcProgram, *mut usize) -> i32;
+    nvrtcGetProgramLog: fn(NvrtcProgram, *mut c_char) -> i32;
+    nvrtcGetCUBINSize: fn(NvrtcProgram, *mut usize) -> i32;
+    nvrtcGetCUBIN: fn(NvrtcProgram, *mut c_char) -> i32;
+    nvrtcGetPTXSize: fn(NvrtcProgram, *mut usize) -> i32;
+    nvrtcGetPTX: fn(NvrtcProgram, *mut c_char) -> i32;
+    nvrtcDestroyProgram: fn(*mut NvrtcProgram) -> i32;
+});
+
+/// cuBLAS, once per process.
+pub fn cublas() -> Result<&'static Cublas, String> {
+    static LIB: OnceLock<Result<Cublas, String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        Cublas::resolve(Library::open("cuBLAS", "LANTON_CUBLAS", "libcublas.so.", &["libcublas.so.13", "libcublas.so.12"])?)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// NVRTC, once per process.
+pub fn nvrtc() -> Result<&'static Nvrtc, String> {
+    static LIB: OnceLock<Result<Nvrtc, String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        Nvrtc::resolve(Library::open("NVRTC", "LANTON_NVRTC", "libnvrtc.so.", &["libnvrtc.so.13", "libnvrtc.so.12"])?)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// The CUDA driver is present (cudarc panics on first use otherwise).
+pub fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to dlopen the driver's names.
+    *PRESENT.get_or_init(|| unsafe { cu::is_culib_present() })
+}
+
+/// A driver call's result as Result, with the driver's own message.
+pub fn check(r: cu::CUresult, what: &str) -> Result<(), String> {
+    if r == cu::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut msg: *const c_char = std::ptr::null();
+    // SAFETY: cuGetErrorString writes a static string pointer (or leaves it null).
+    unsafe { cu::cuGetErrorString(r, &mut msg) };
+    let text = if msg.is_null() { String::new() } else { unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned() };
+    Err(format!("{what} failed: {r:?} {text}"))
+}
+
+/// A cuBLAS status as Result.
+pub fn check_cublas(lib: &Cublas, status: i32, what: &str) -> Result<(), String> {
+    if status == 0 {
+        return Ok(());
+    }
+    // SAFETY: returns a static string for any status value.
+    let s = unsafe { (lib.cublasGetStatusString)(status) };
+    let text = if s.is_null() { String::new() } else { unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned() };
+    Err(format!("{what} failed: cuBLAS status {status} {text}"))
+}
