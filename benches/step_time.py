@@ -57,12 +57,17 @@ def param_set(name):
     return tdef.unflatten([0.02 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(ks, leaves)])
 
 
+# Derived floors for one H100 (../shared/BENCHMARKS.md): the whole lanton step, bf16 products.
+LOWER_BOUND_S = {"gpt2": 2.1e-3, "tinyllama": 49e-3}
+
+
 def contenders():
     muon = lambda **kw: optax.contrib.muon(0.02, adam_learning_rate=3e-3, **kw)
     return {
         "lanton noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False)),
         "lanton K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton in-place, noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
+        "lanton noise off, f32 NS": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, ns_dtype="float32")),
         "lanton.reference noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, backend="reference")),
         "lanton.reference K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1, backend="reference")),
         "optax muon (hidden only)": ("tx", lambda: muon(muon_weight_dimension_numbers=hidden_only_dims)),
@@ -133,6 +138,8 @@ def main():
         for name, (kind, make) in contenders().items():
             if args.only and name not in args.only.split(","):
                 continue
+            if "f32 NS" in name and backend == "cpu":
+                continue  # the CPU kernels always use f32
             rows[name] = time_one(kind, make, params, grad_sets, args.repeats)
             print(f"  {set_name:>8} {name:<30} {1000 * rows[name]:10.1f} ms", flush=True)
         if "lanton noise off" in rows and "lanton K=1" in rows:
@@ -142,11 +149,15 @@ def main():
     lines = [f"# Step time ({meta['date']}, {backend}: {device}, {meta['machine']}, jax {meta['jax']})", "",
              f"Median of {args.repeats} warm steps of jitted update + apply_updates. Ratio: time / {base}, same run.", ""]
     for set_name, r in results.items():
-        lines += [f"## {set_name} ({r['params'] / 1e6:.2f} M params)", "", "| optimizer | ms / step | ratio |", "|---|---:|---:|"]
+        floor = LOWER_BOUND_S.get(set_name) if backend == "gpu" else None
+        lines += [f"## {set_name} ({r['params'] / 1e6:.2f} M params)", ""]
+        if floor:
+            lines += [f"Lower bound (one H100, BENCHMARKS.md): {1000 * floor:.1f} ms.", ""]
+        lines += ["| optimizer | ms / step | ratio | x lower bound |", "|---|---:|---:|---:|"]
         ref = r["seconds"].get(base)
         for name, sec in r["seconds"].items():
             ratio = f"{sec / ref:.2f}" if ref else "-"
-            lines.append(f"| {name} | {1000 * sec:.1f} | {ratio} |")
+            lines.append(f"| {name} | {1000 * sec:.1f} | {ratio} | {f'{sec / floor:.2f}' if floor else '-'} |")
         lines.append("")
     table = "\n".join(lines)
     print(table)

@@ -1,0 +1,120 @@
+"""GPU test suite (run by tests/gpu/run.sh on a machine with jax's CUDA plugin; skipped elsewhere).
+
+The CUDA custom calls against lanton.reference (pure JAX, same device) and against the CPU
+kernels, for every group kind, f32 and bf16, odd shapes and many leaves, over enough steps that
+the noise tracker is refreshed (K = 2: G_prev stored on odd steps, used on even ones)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lanton
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs jax's CUDA backend")
+
+
+def model(dtype, key=0, many=1):
+    ks = iter(jax.random.split(jax.random.key(key), 256))
+    n = lambda *s: (0.1 * jax.random.normal(next(ks), s)).astype(dtype)
+    p = {"wte": n(67, 24), "lm_head": n(24, 67), "ln_f": {"scale": 1 + n(24)}}
+    for i in range(2 * many):
+        p[f"block{i}"] = {"q": n(24, 24), "o": n(24, 24), "fc": n(24, 97), "proj": n(97, 24), "bias": n(97),
+                          "odd": n(17, 33)}
+    p["scanned"] = {"kernel": n(3, 24, 40), "norm": {"scale": 1 + n(3, 24)}}
+    return p
+
+
+def grads(params, step):
+    leaves, tdef = jax.tree.flatten(params)
+    ks = jax.random.split(jax.random.key(100 + step), len(leaves))
+    return tdef.unflatten([jax.random.normal(k, x.shape).astype(x.dtype) for k, x in zip(ks, leaves)])
+
+
+def run(params, steps, device, **kw):
+    tx = lanton.lanton(0.02, weight_decay=0.01, noise_every=2, **kw)
+    params = jax.device_put(params, device)
+    state = tx.init(params)
+    upd = jax.jit(tx.update)
+    outs = []
+    for t in range(steps):
+        u, state = upd(jax.device_put(grads(params, t), device), state, params)
+        outs.append(u)
+        params = jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, u)
+    return outs, state
+
+
+def close(a, b, rtol, what):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(b)), 1e-12)
+    err = np.max(np.abs(a - b)) / scale
+    assert err <= rtol, f"{what}: max error {err:.2e} of max |value| > {rtol:.0e}"
+
+
+@pytest.mark.parametrize("dtype,ns_dtype,rtol", [(jnp.float32, "float32", 2e-3), (jnp.float32, "bfloat16", 3e-2),
+                                                 (jnp.bfloat16, "bfloat16", 5e-2)])
+def test_cuda_matches_reference_and_cpu(dtype, ns_dtype, rtol):
+    params = model(dtype)
+    gpu, cpu = jax.devices("gpu")[0], jax.devices("cpu")[0]
+    got, st = run(params, 5, gpu, backend="ffi", ns_dtype=ns_dtype)
+    ref, st_ref = run(params, 5, gpu, backend="reference")
+    on_cpu, st_cpu = run(params, 5, cpu, backend="ffi")
+    for t, (g, r, c) in enumerate(zip(got, ref, on_cpu)):
+        for path, gl in jax.tree_util.tree_leaves_with_path(g):
+            name = f"step {t + 1} {jax.tree_util.keystr(path)}"
+            rl = _at(r, path)
+            cl = _at(c, path)
+            close(gl, rl, rtol, name + " vs reference")
+            close(gl, cl, rtol, name + " vs CPU kernels")
+    # The noise trackers and ratios agree (f32 everywhere; NS dtype only moves them slightly).
+    for k, v in lanton.layer_stats(st).items():
+        w = lanton.layer_stats(st_ref)[k]
+        close(v["noise"], w["noise"], 2e-2, f"{k} noise H")
+        close(v["ratio"], w["ratio"], 2e-2, f"{k} ratio r")
+        assert np.all(np.asarray(v["noise"]) > 0), f"{k}: H never refreshed"
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[getattr(k, "key", getattr(k, "idx", None))]
+    return tree
+
+
+def test_many_leaves_one_call_per_group():
+    params = model(jnp.float32, many=20)  # 120 hidden leaves, 4 shape classes
+    gpu = jax.devices("gpu")[0]
+    got, _ = run(params, 3, gpu, backend="ffi", ns_dtype="float32")
+    ref, _ = run(params, 3, gpu, backend="reference")
+    for g, r in zip(jax.tree.leaves(got[-1]), jax.tree.leaves(ref[-1])):
+        close(g, r, 2e-3, "many leaves")
+
+
+def test_in_place_path_matches_updates():
+    params = model(jnp.float32)
+    gpu = jax.devices("gpu")[0]
+    p = jax.device_put(params, gpu)
+    fused = lanton.fused(0.02, noise_every=2, ns_dtype="float32")
+    tx = lanton.lanton(0.02, noise_every=2, ns_dtype="float32")
+    q = jax.device_put(params, gpu)  # separate buffers: p is donated to the in-place step
+    fs, ts = fused.init(p), tx.init(q)
+    for t in range(4):
+        g = jax.device_put(grads(params, t), gpu)
+        p, fs = fused.step(g, fs, p)
+        u, ts = jax.jit(tx.update)(g, ts, q)
+        q = jax.tree.map(lambda a, b: a + b, q, u)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+        close(a, b, 1e-5, "in place vs update")
+
+
+def test_non_finite_gradient_skips_the_layer_on_gpu():
+    params = model(jnp.float32)
+    gpu = jax.devices("gpu")[0]
+    tx = lanton.lanton(0.02, noise_every=1)
+    p = jax.device_put(params, gpu)
+    st = tx.init(p)
+    g = grads(params, 0)
+    g["block0"]["q"] = g["block0"]["q"].at[3, 4].set(jnp.nan)
+    u, st2 = jax.jit(tx.update)(jax.device_put(g, gpu), st, p)
+    assert np.all(np.asarray(u["block0"]["q"]) == 0)
+    assert np.all(np.isfinite(np.asarray(st2.momentum["block0"]["q"])))
+    assert np.any(np.asarray(u["block0"]["o"]) != 0)
