@@ -41,6 +41,7 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);                                      // round to nearest even
     return (u16)(u >> 16);
 }
+#ifndef LANTON_EMULATE
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -51,6 +52,7 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif  // the host emulation (tests/cuda_emu/emu.h) brings its own
 __device__ __forceinline__ float load(const void* p, int dt, long long i) {
     if (dt == DT_F32) return ((const float*)p)[i];
     if (dt == DT_BF16) return bf16_to_f32(((const u16*)p)[i]);
@@ -169,7 +171,7 @@ extern "C" __global__ void lanton_prepare(LeafArgs a, GroupArgs g) {
             v = g.nesterov ? b1 * b + (1.f - b1) * gr : b;
         }
         if (g.kind == KIND_HIDDEN) {
-            store(a.ns_in, a.dt_ns, base + i, v * inv_v);
+            store(a.ns_in, a.dt_ns, base + i, finite ? v * inv_v : 0.f);  // a skipped layer's NaN stays out
             if (g.noise_work && g.noise_adaptive)
                 a.noise_in[base + i] = inv_d != 0.f ? (gr - load(a.prev_grad, a.dt_prev, base + i)) * inv_d : 0.f;
         }

@@ -9,4 +9,4 @@ pub mod step;
 pub mod sys;
 
 pub use device::{compile, KERNEL_NAMES, KERNEL_SOURCE};
-pub use step::{group_step, CudaOptions, Plan};
+pub use step::{enqueue_on, group_step, CudaOptions, Plan, Queue};

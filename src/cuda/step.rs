@@ -124,8 +124,8 @@ fn ns_dtype_size(f32_ops: bool) -> (i32, i32, usize) {
 /// Newton-Schulz on every class: X holds the normalized inputs, Y is the other ping-pong
 /// buffer; returns which holds the result. A and Bm are one class's Gram and polynomial.
 #[allow(clippy::too_many_arguments)]
-fn newton_schulz(
-    s: &Session, classes: &[ShapeClass], x: *mut c_void, y: *mut c_void, a: *mut c_void, bm: *mut c_void,
+fn newton_schulz<Q: Queue>(
+    s: &Q, classes: &[ShapeClass], x: *mut c_void, y: *mut c_void, a: *mut c_void, bm: *mut c_void,
     f32_ops: bool, coeffs: &[[f32; 3]],
 ) -> Result<*mut c_void, String> {
     let (dt, cuda_dt, size) = ns_dtype_size(f32_ops);
@@ -222,6 +222,8 @@ pub struct Plan {
     pub noise_polar: bool,
     pub hidden: bool,
     pub ns_f32: bool,
+    /// The scratch base address the pointers above were computed for.
+    pub scratch: usize,
 }
 
 impl Plan {
@@ -329,7 +331,9 @@ impl Plan {
             });
             group_layer += sh.layers;
         }
-        Plan { classes, offsets: o, len: carve.len, leaves, group, group_layers, noise_polar, hidden, ns_f32: opts.ns_f32 }
+        Plan {
+            classes, offsets: o, len: carve.len, leaves, group, group_layers, noise_polar, hidden, ns_f32: opts.ns_f32, scratch,
+        }
     }
 }
 
@@ -349,11 +353,44 @@ pub fn group_step(call: &CallFrame, layout: &StepLayout, opts: CudaOptions) -> F
     freed
 }
 
+/// What the step needs from a stream: kernel launches, GEMMs, copies and fills, in order.
+/// `Session` is the CUDA one; tests/cuda_emulated.rs runs the same plan on the host.
+pub trait Queue {
+    /// # Safety
+    /// `params` must match kernel `k`'s signature and its pointers be valid for the kernel.
+    unsafe fn launch(&self, k: usize, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String>;
+    fn gemm(&self, g: &Gemm) -> Result<(), String>;
+    fn copy(&self, dst: *mut c_void, src: *const c_void, bytes: usize) -> Result<(), String>;
+    fn zero(&self, dst: *mut c_void, words: usize) -> Result<(), String>;
+}
+
+impl Queue for Session<'_> {
+    unsafe fn launch(&self, k: usize, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
+        Session::launch(self, k, grid, params)
+    }
+    fn gemm(&self, g: &Gemm) -> Result<(), String> {
+        Session::gemm(self, g)
+    }
+    fn copy(&self, dst: *mut c_void, src: *const c_void, bytes: usize) -> Result<(), String> {
+        Session::copy(self, dst, src, bytes)
+    }
+    fn zero(&self, dst: *mut c_void, words: usize) -> Result<(), String> {
+        Session::zero(self, dst, words)
+    }
+}
+
 fn enqueue(dev: &device::Device, stream: cu::CUstream, layout: &StepLayout, plan: &mut Plan) -> Result<(), String> {
     let o = plan.offsets;
-    let base = plan.group.acc as usize - o.acc;
-    let at = |off: usize| (base + off) as *mut c_void;
+    let at = |off: usize| (plan.scratch + off) as *mut c_void;
     let s = Session::new(dev, stream, at(o.workspace), o.workspace_len)?;
+    enqueue_on(&s, layout, plan)
+}
+
+/// Enqueues the plan's launches and products on `s`, in stream order.
+pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Result<(), String> {
+    let o = plan.offsets;
+    let base = plan.scratch;
+    let at = |off: usize| (base + off) as *mut c_void;
     s.zero(at(0), o.zeroed / 4)?;
     // State inputs that were not donated are copied into their results first.
     for leaf in &layout.leaves {
@@ -385,8 +422,8 @@ fn enqueue(dev: &device::Device, stream: cu::CUstream, layout: &StepLayout, plan
         // The polar factor of D0 (kept in n0 for the inner product): one step n0 -> n1, then
         // n1 and n2 alternate.
         let schedule = step::nuclear_schedule();
-        newton_schulz(&s, &plan.classes, at(o.n0), at(o.n1), at(o.na), at(o.nb), true, &schedule[..1])?;
-        let polar = newton_schulz(&s, &plan.classes, at(o.n1), at(o.n2), at(o.na), at(o.nb), true, &schedule[1..])?;
+        newton_schulz(s, &plan.classes, at(o.n0), at(o.n1), at(o.na), at(o.nb), true, &schedule[..1])?;
+        let polar = newton_schulz(s, &plan.classes, at(o.n1), at(o.n2), at(o.na), at(o.nb), true, &schedule[1..])?;
         for a in plan.leaves.iter_mut() {
             a.noise_out = (polar as usize + (a.noise_in as usize - at(o.n0) as usize)) as *const f32;
         }
@@ -401,7 +438,7 @@ fn enqueue(dev: &device::Device, stream: cu::CUstream, layout: &StepLayout, plan
     }
     if plan.hidden {
         let coeffs = &layout.config.ns_coeffs;
-        let dir = newton_schulz(&s, &plan.classes, at(o.x), at(o.y), at(o.a), at(o.b), plan.ns_f32, coeffs)?;
+        let dir = newton_schulz(s, &plan.classes, at(o.x), at(o.y), at(o.a), at(o.b), plan.ns_f32, coeffs)?;
         for a in plan.leaves.iter_mut() {
             a.ns_out = (dir as usize + (a.ns_in as usize - at(o.x) as usize)) as *const c_void;
         }

@@ -1,0 +1,68 @@
+// Host emulation of the CUDA features src/cuda/kernels.cu uses, so its kernels can run on a
+// CPU in tests (tests/cuda_emulated.rs): each block runs with one OS thread per CUDA thread,
+// __syncthreads is a block barrier, warp shuffles go through a per-warp barrier, atomics take a
+// lock. Blocks run one after another (the kernels never rely on inter-block order).
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define LANTON_EMULATE 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct emu_dim3 { unsigned x = 1, y = 1, z = 1; };
+inline thread_local emu_dim3 threadIdx, blockIdx;
+inline emu_dim3 blockDim, gridDim;
+inline std::unique_ptr<std::barrier<>> emu_block_barrier;
+inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
+inline double emu_shfl[1024];
+inline std::mutex emu_atomic_lock;
+
+inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+template <class T> T __shfl_down_sync(unsigned, T v, int o) {
+    auto& bar = *emu_warp_barriers[threadIdx.x / 32];
+    emu_shfl[threadIdx.x] = (double)v;
+    bar.arrive_and_wait();
+    unsigned lane = threadIdx.x & 31, src = threadIdx.x + o;
+    T r = (lane + o < 32 && src < blockDim.x) ? (T)emu_shfl[src] : v;
+    bar.arrive_and_wait();
+    return r;
+}
+inline double atomicAdd(double* p, double v) {
+    std::lock_guard<std::mutex> g(emu_atomic_lock);
+    double old = *p;
+    *p = old + v;
+    return old;
+}
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline double __longlong_as_double(long long u) { double d; std::memcpy(&d, &u, 8); return d; }
+using std::isfinite;
+inline float f16_to_f32(unsigned short h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }
+inline unsigned short f32_to_f16(float f) { _Float16 x = (_Float16)f; unsigned short h; std::memcpy(&h, &x, 2); return h; }
+
+// Runs `body` for every block of the grid with `block` threads each.
+template <class F> void emu_run(unsigned gx, unsigned gy, unsigned block, F body) {
+    blockDim = {block, 1, 1};
+    gridDim = {gx, gy, 1};
+    emu_block_barrier = std::make_unique<std::barrier<>>(block);
+    emu_warp_barriers.clear();
+    for (unsigned w = 0; w < (block + 31) / 32; ++w)
+        emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - 32 * w)));
+    for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx) {
+            std::vector<std::thread> threads;
+            for (unsigned t = 0; t < block; ++t)
+                threads.emplace_back([=] { blockIdx = {bx, by, 1}; threadIdx = {t, 0, 0}; body(); });
+            for (auto& t : threads) t.join();
+        }
+}

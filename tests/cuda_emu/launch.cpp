@@ -1,0 +1,24 @@
+// The emulated cuLaunchKernel: kernel name, grid and the argument pointers, as the driver gets them.
+#include "emu.h"
+#include "../../src/cuda/kernels.cu"
+#include <string>
+
+extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned block, void** p) {
+    // One launch at a time: the emulated grid state is global (tests run on several threads).
+    static std::mutex one_at_a_time;
+    std::lock_guard<std::mutex> guard(one_at_a_time);
+    std::string k(name);
+    if (k == "lanton_stats") emu_run(gx, gy, block, [&] { lanton_stats(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_prepare") emu_run(gx, gy, block, [&] { lanton_prepare(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_dot") emu_run(gx, gy, block, [&] { lanton_dot(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_track") emu_run(gx, gy, block, [&] { lanton_track(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_apply") emu_run(gx, gy, block, [&] { lanton_apply(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_reference") emu_run(gx, gy, block, [&] { lanton_reference(*(GroupArgs*)p[0], *(int*)p[1]); });
+    else if (k == "lanton_affine_diag")
+        emu_run(gx, gy, block, [&] {
+            lanton_affine_diag(*(const void**)p[0], *(void**)p[1], *(int*)p[2], *(int*)p[3], *(long long*)p[4],
+                               *(float*)p[5], *(float*)p[6]);
+        });
+    else return 1;
+    return 0;
+}

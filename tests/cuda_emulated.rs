@@ -1,0 +1,236 @@
+//! The CUDA step without a GPU: kernels.cu is compiled for the host with an emulation header
+//! (tests/cuda_emu: one OS thread per CUDA thread, barriers for __syncthreads and warp shuffles)
+//! and driven by the real launch plan and `enqueue_on` (src/cuda/step.rs), with a naive
+//! column-major strided-batched GEMM standing in for cuBLAS. Results must match the CPU
+//! handler's over several steps (noise refreshes, G_prev stores, skipped layers), for every
+//! group kind, f32 and bf16 data, f32 and bf16 Newton-Schulz operands.
+//!
+//! What this cannot check: the CUDA driver and cuBLAS calls themselves, real concurrency
+//! between blocks, and anything about speed (tests/gpu/run.sh does, on a GPU).
+
+mod common;
+use common::*;
+use half::bf16;
+use lanton::cuda::device::{Gemm, Grid, CUDA_R_16BF, CUDA_R_32F};
+use lanton::cuda::{enqueue_on, Plan, Queue, KERNEL_NAMES};
+use lanton::ffi::api::*;
+use lanton::handlers::{decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_update_cpu};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CString};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, *mut *mut c_void) -> i32;
+
+/// g++ builds the emulated kernels once per test binary.
+fn emu_launch() -> LaunchFn {
+    static F: OnceLock<usize> = OnceLock::new();
+    let addr = *F.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let so = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("liblanton_cuda_emu.so");
+        let out = Command::new("g++")
+            .args(["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-o"])
+            .arg(&so)
+            .arg(root.join("tests/cuda_emu/launch.cpp"))
+            .output()
+            .expect("g++ is needed to emulate the CUDA kernels on the host");
+        assert!(out.status.success(), "g++ failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let path = CString::new(so.to_str().unwrap()).unwrap();
+        // SAFETY: loads the library just built; kept for the process.
+        let h = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
+        assert!(!h.is_null(), "dlopen of the emulated kernels failed");
+        let f = unsafe { libc::dlsym(h, c"emu_launch".as_ptr()) };
+        assert!(!f.is_null());
+        f as usize
+    });
+    // SAFETY: emu_launch has this signature (tests/cuda_emu/launch.cpp).
+    unsafe { std::mem::transmute::<usize, LaunchFn>(addr) }
+}
+
+struct HostQueue;
+
+unsafe fn ld(p: *const c_void, dt: i32, i: usize) -> f64 {
+    if dt == CUDA_R_32F { *(p as *const f32).add(i) as f64 } else { (*(p as *const bf16).add(i)).to_f64() }
+}
+unsafe fn st(p: *mut c_void, dt: i32, i: usize, v: f64) {
+    if dt == CUDA_R_32F { *(p as *mut f32).add(i) = v as f32 } else { *(p as *mut bf16).add(i) = bf16::from_f64(v) }
+}
+
+impl Queue for HostQueue {
+    unsafe fn launch(&self, k: usize, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
+        let name = CString::new(KERNEL_NAMES[k]).unwrap();
+        match emu_launch()(name.as_ptr(), grid.x, grid.y, grid.block, params.as_mut_ptr()) {
+            0 => Ok(()),
+            rc => Err(format!("emulated launch of {} failed: {rc}", KERNEL_NAMES[k])),
+        }
+    }
+    fn gemm(&self, g: &Gemm) -> Result<(), String> {
+        assert!(g.dtype == CUDA_R_32F || g.dtype == CUDA_R_16BF);
+        for b in 0..g.batch as usize {
+            // SAFETY: the plan sized every operand for the batch (what this test checks).
+            unsafe {
+                let (a, bb, c) = (
+                    (g.a as usize + b * g.stride_a as usize * if g.dtype == CUDA_R_32F { 4 } else { 2 }) as *const c_void,
+                    (g.b as usize + b * g.stride_b as usize * if g.dtype == CUDA_R_32F { 4 } else { 2 }) as *const c_void,
+                    (g.c as usize + b * g.stride_c as usize * if g.dtype == CUDA_R_32F { 4 } else { 2 }) as *mut c_void,
+                );
+                for j in 0..g.n as usize {
+                    for i in 0..g.m as usize {
+                        let mut acc = 0.0f64;
+                        for p in 0..g.k as usize {
+                            let x = if g.trans_a { ld(a, g.dtype, p + i * g.lda as usize) } else { ld(a, g.dtype, i + p * g.lda as usize) };
+                            let y = if g.trans_b { ld(bb, g.dtype, j + p * g.ldb as usize) } else { ld(bb, g.dtype, p + j * g.ldb as usize) };
+                            acc += x * y;
+                        }
+                        let idx = i + j * g.ldc as usize;
+                        let old = if g.beta != 0.0 { g.beta as f64 * ld(c, g.dtype, idx) } else { 0.0 };
+                        st(c, g.dtype, idx, g.alpha as f64 * acc + old);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    fn copy(&self, dst: *mut c_void, src: *const c_void, bytes: usize) -> Result<(), String> {
+        if dst as *const c_void != src {
+            // SAFETY: both are frame buffers of `bytes` (decoded sizes).
+            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
+        }
+        Ok(())
+    }
+    fn zero(&self, dst: *mut c_void, words: usize) -> Result<(), String> {
+        // SAFETY: scratch of at least `words` words.
+        unsafe { std::ptr::write_bytes(dst as *mut u32, 0, words) };
+        Ok(())
+    }
+}
+
+thread_local! {
+    static IN_PLACE: RefCell<bool> = const { RefCell::new(false) };
+}
+
+fn run_emulated(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
+    // SAFETY: a test frame.
+    unsafe {
+        lanton::ffi::handler::dispatch(frame, "emulated_cuda", 0, |c| {
+            let in_place = IN_PLACE.with(|p| *p.borrow());
+            let layout = decode_layout(c, in_place)?;
+            let opts = decode_cuda_options(c)?;
+            let len = Plan::new(&layout, opts, 0).len;
+            let mut scratch = vec![0u64; len.div_ceil(8)];
+            // Poison the scratch that is not zeroed by the plan: nothing may read it unwritten.
+            scratch.iter_mut().for_each(|w| *w = 0x7fc0_0000_7fc0_0000);
+            let mut plan = Plan::new(&layout, opts, scratch.as_mut_ptr() as usize);
+            enqueue_on(&HostQueue, &layout, &mut plan).map_err(lanton::ffi::FfiError::internal)
+        })
+    }
+}
+unsafe extern "C" fn emulated_update(f: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
+    IN_PLACE.with(|p| *p.borrow_mut() = false);
+    run_emulated(f)
+}
+unsafe extern "C" fn emulated_inplace(f: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
+    IN_PLACE.with(|p| *p.borrow_mut() = true);
+    run_emulated(f)
+}
+
+fn buffer_like(b: &OwnedBuffer, v: &[f32]) -> OwnedBuffer {
+    if b.dtype == dtype::BF16 { OwnedBuffer::bf16(&b.dims, v) } else { OwnedBuffer::f32(&b.dims, v) }
+}
+
+/// Runs `steps` steps of one group through `handler`; returns every step's results (as f32).
+fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handler, in_place: bool,
+              ns_dtype: &str, nan_at: Option<(usize, i32)>) -> Vec<Vec<Vec<f32>>> {
+    let mut rng = Rng::new(77);
+    let mut f = step_frame(kind, specs, 1, &mut rng);
+    f.set_attr("noise_every", Attr::I64(k));
+    f.set_attr("ns_dtype", Attr::Str(ns_dtype.into()));
+    let mut out = Vec::new();
+    for t in 1..=steps {
+        f.args[1] = OwnedBuffer::i32(&[], &[t]);
+        for (i, s) in specs.iter().enumerate() {
+            let n = (s.dims[0] * s.dims[1] * s.dims[2]) as usize;
+            let mut g = rng.normals(n, 1.0);
+            if nan_at == Some((i, t)) {
+                g[n - 1] = f32::NAN; // last layer of leaf i
+            }
+            let gb = &f.args[2 + 7 * i + 1];
+            f.args[2 + 7 * i + 1] = buffer_like(gb, &g);
+        }
+        f.call(handler).unwrap();
+        out.push(f.rets.iter().map(|r| r.to_f32()).collect::<Vec<_>>());
+        for i in 0..specs.len() {
+            let (a, r) = (2 + 7 * i, 7 * i);
+            let p = f.args[a].to_f32();
+            let o = f.rets[r].to_f32();
+            let next: Vec<f32> = if in_place { o } else { p.iter().zip(&o).map(|(x, d)| x + d).collect() };
+            f.args[a] = buffer_like(&f.args[a], &next);
+            for (ak, rk) in [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5)] {
+                f.args[a + ak].data = f.rets[r + rk].data.clone();
+            }
+        }
+    }
+    out
+}
+
+fn compare(kind: &str, specs: &[LeafSpec], k: i64, ns_dtype: &str, tol: f64, in_place: bool, nan_at: Option<(usize, i32)>) {
+    let cpu = if in_place { lanton_step_inplace_cpu as Handler } else { lanton_step_update_cpu };
+    let emu = if in_place { emulated_inplace as Handler } else { emulated_update };
+    let want = trajectory(kind, specs, k, 4, cpu, in_place, "float32", nan_at);
+    let got = trajectory(kind, specs, k, 4, emu, in_place, ns_dtype, nan_at);
+    const NAMES: [&str; 7] = ["out", "momentum", "prev_grad", "noise", "valid", "prev_step", "ratio"];
+    for (t, (w, g)) in want.iter().zip(&got).enumerate() {
+        for (j, (wb, gb)) in w.iter().zip(g).enumerate() {
+            let scale = wb.iter().fold(1e-6f64, |m, &x| m.max((x as f64).abs()));
+            let err = wb.iter().zip(gb).fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+            assert!(
+                err <= tol * scale,
+                "{kind} K={k} ns={ns_dtype} step {} leaf {} {}: max error {err:.3e} vs scale {scale:.3e}\nwant {:?}\ngot  {:?}",
+                t + 1, j / 7, NAMES[j % 7], &wb[..wb.len().min(6)], &gb[..gb.len().min(6)]
+            );
+        }
+    }
+}
+
+fn hidden_specs(dt: i32) -> Vec<LeafSpec> {
+    vec![
+        LeafSpec { dims: [2, 16, 8], dtype: dt, rows_are_input: false },
+        LeafSpec { dims: [1, 12, 20], dtype: dt, rows_are_input: true },
+        LeafSpec { dims: [3, 16, 8], dtype: dt, rows_are_input: true },
+    ]
+}
+
+#[test]
+fn hidden_f32_matches_cpu_kernels() {
+    compare("hidden", &hidden_specs(dtype::F32), 2, "float32", 2e-4, false, None);
+    compare("hidden", &hidden_specs(dtype::F32), 1, "float32", 2e-4, false, None);
+}
+
+#[test]
+fn hidden_bf16_newton_schulz_is_close() {
+    // bf16 operands carry 8 mantissa bits: a few percent of the largest entry.
+    compare("hidden", &hidden_specs(dtype::F32), 2, "bfloat16", 6e-2, false, None);
+}
+
+#[test]
+fn hidden_bf16_data_in_place() {
+    compare("hidden", &hidden_specs(dtype::BF16), 2, "float32", 1e-2, true, None);
+}
+
+#[test]
+fn embed_and_vector_match_cpu_kernels() {
+    let embed = vec![LeafSpec { dims: [1, 40, 16], dtype: dtype::F32, rows_are_input: true },
+                     LeafSpec { dims: [1, 16, 40], dtype: dtype::F32, rows_are_input: true }];
+    compare("embed", &embed, 2, "bfloat16", 1e-5, false, None);
+    let vector = vec![LeafSpec { dims: [3, 1, 24], dtype: dtype::F32, rows_are_input: true },
+                      LeafSpec { dims: [1, 1, 7], dtype: dtype::BF16, rows_are_input: true }];
+    compare("vector", &vector, 1, "bfloat16", 1e-5, false, None);
+    compare("vector", &vector, 2, "bfloat16", 1e-5, true, None);
+}
+
+#[test]
+fn a_non_finite_gradient_skips_its_layer_like_the_cpu() {
+    compare("hidden", &hidden_specs(dtype::F32), 1, "float32", 2e-4, false, Some((2, 2)));
+    compare("hidden", &hidden_specs(dtype::F32), 2, "float32", 2e-4, true, Some((0, 3)));
+}
