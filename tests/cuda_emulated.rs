@@ -234,3 +234,12 @@ fn a_non_finite_gradient_skips_its_layer_like_the_cpu() {
     compare("hidden", &hidden_specs(dtype::F32), 1, "float32", 2e-4, false, Some((2, 2)));
     compare("hidden", &hidden_specs(dtype::F32), 2, "float32", 2e-4, true, Some((0, 3)));
 }
+
+#[test]
+fn more_leaves_than_one_launch_holds() {
+    // 30 leaves: two multi-tensor launches per pass (24 + 6), mixed shapes and layer counts.
+    let specs: Vec<LeafSpec> = (0..30)
+        .map(|i| LeafSpec { dims: [1 + (i % 3) as i64, 6 + (i % 4) as i64, 5 + (i % 5) as i64], dtype: dtype::F32, rows_are_input: i % 2 == 0 })
+        .collect();
+    compare("hidden", &specs, 2, "float32", 2e-4, false, None);
+}

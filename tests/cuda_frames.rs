@@ -151,3 +151,32 @@ fn options_change_the_plan() {
         assert_eq!(plan.leaves[0].shape_scale, 1.0);
     }
 }
+
+#[test]
+fn leaves_are_batched_into_multi_tensor_launches() {
+    use lanton::cuda::{batches, MAX_LEAVES};
+    let specs: Vec<LeafSpec> =
+        (0..MAX_LEAVES + 3).map(|i| LeafSpec { dims: [1 + (i % 2) as i64, 40, 70 + i as i64], dtype: dtype::F32, rows_are_input: true }).collect();
+    let mut f = step_frame("hidden", &specs, 2, &mut Rng::new(5));
+    let (plan, _, _) = probe(&mut f);
+    let per_layer = batches(&plan.leaves, false).unwrap();
+    assert_eq!(per_layer.len(), 2);
+    assert_eq!((per_layer[0].0.count, per_layer[1].0.count), (MAX_LEAVES as i32, 3));
+    for (b, blocks) in &per_layer {
+        let n = b.count as usize;
+        let mut total = 0;
+        for i in 0..n {
+            assert_eq!(b.first_block[i], total);
+            // 40 x (70 + i) elements: chunks of 1024 per block.
+            let len = b.leaf[i].layer_len as usize;
+            assert_eq!(b.chunks[i] as usize, len.div_ceil(1024));
+            total += b.chunks[i] * b.leaf[i].layers;
+        }
+        assert_eq!(*blocks as i32, total);
+        assert!(b.first_block[n..].iter().all(|&x| x == total), "tail of the prefix sum");
+    }
+    // track: one thread per layer, one block per leaf here.
+    let track = batches(&plan.leaves, true).unwrap();
+    assert_eq!(track[0].1, MAX_LEAVES as u32);
+    assert!(track[0].0.chunks[..MAX_LEAVES].iter().all(|&c| c == 1));
+}

@@ -1,5 +1,7 @@
 // lanton CUDA kernels, compiled at run time by NVRTC (no headers: bf16/f16 conversions are
-// written out). One group step = these launches on XLA's stream, in this order:
+// written out). The per-leaf passes are multi-tensor launches: one launch covers up to
+// MAX_LEAVES leaves (a LeafBatch passed by value), each block finds its leaf, layer and chunk.
+// One group step = these launches on XLA's stream, in this order:
 //   lanton_stats    per leaf: per-layer non-finite count, ||V||^2 and the noise difference's norm
 //   lanton_prepare  per leaf: momentum write, Newton-Schulz input V/||V||, noise input D/||D||,
 //                   G_prev store
@@ -102,6 +104,24 @@ struct GroupArgs {
 };
 static_assert(sizeof(GroupArgs) == 80, "GroupArgs layout must match src/cuda/step.rs");
 
+// Up to MAX_LEAVES leaves per launch (the batch stays under the 4 KB kernel-parameter limit).
+#define MAX_LEAVES 24
+struct LeafBatch {
+    LeafArgs leaf[MAX_LEAVES];
+    int first_block[MAX_LEAVES + 1];  // prefix sum of each leaf's blocks
+    int chunks[MAX_LEAVES];           // blocks per layer (per-layer passes) or per leaf (track)
+    int count;
+};
+static_assert(sizeof(LeafBatch) == 3848, "LeafBatch layout must match src/cuda/step.rs");
+
+// This block's leaf j, its block index within the leaf, and the leaf's blocks per layer.
+struct Where { int j, local, chunks; };
+__device__ __forceinline__ Where locate(const LeafBatch& b) {
+    int j = 0;
+    while (j + 1 < b.count && b.first_block[j + 1] <= (int)blockIdx.x) ++j;
+    return {j, (int)blockIdx.x - b.first_block[j], b.chunks[j]};
+}
+
 __device__ __forceinline__ bool is_noise_step(const GroupArgs& g, int t) {
     return g.noise_adaptive && t >= 2 && (t % g.noise_every) == 0;
 }
@@ -120,15 +140,18 @@ __device__ double block_sum(double v, double* shared) {
     return v;
 }
 
-// grid (chunks, layers), block BLOCK.
-extern "C" __global__ void lanton_stats(LeafArgs a, GroupArgs g) {
+// grid: the batch's blocks (layers x chunks per leaf), block BLOCK.
+extern "C" __global__ void lanton_stats(LeafBatch batch, GroupArgs g) {
+    const Where w = locate(batch);
+    const LeafArgs& a = batch.leaf[w.j];
+    const int l = w.local / w.chunks, chunk = w.local % w.chunks;
     __shared__ double shared[32];
-    const int l = blockIdx.y, t = *g.step;
+    const int t = *g.step;
     const float b1 = g.hyper[1];
     const bool noise = g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t);
     const long long base = (long long)l * a.layer_len;
     double nonfinite = 0, v2 = 0, dn = 0;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x) {
+    for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x) {
         float gr = load(a.grad, a.dt_grad, base + i);
         float b = b1 * load(a.momentum, a.dt_mom, base + i) + (1.f - b1) * gr;
         float v = g.nesterov ? b1 * b + (1.f - b1) * gr : b;
@@ -150,9 +173,12 @@ extern "C" __global__ void lanton_stats(LeafArgs a, GroupArgs g) {
     }
 }
 
-// grid (chunks, layers), block BLOCK.
-extern "C" __global__ void lanton_prepare(LeafArgs a, GroupArgs g) {
-    const int l = blockIdx.y, t = *g.step;
+// grid: the batch's blocks (layers x chunks per leaf), block BLOCK.
+extern "C" __global__ void lanton_prepare(LeafBatch batch, GroupArgs g) {
+    const Where w = locate(batch);
+    const LeafArgs& a = batch.leaf[w.j];
+    const int l = w.local / w.chunks, chunk = w.local % w.chunks;
+    const int t = *g.step;
     const float b1 = g.hyper[1];
     const double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
     const bool finite = acc[ACC_NONFINITE] == 0.0;
@@ -162,7 +188,7 @@ extern "C" __global__ void lanton_prepare(LeafArgs a, GroupArgs g) {
     const double dnorm = sqrt(acc[ACC_D]);
     const float inv_d = (noise && dnorm > 0.0 && isfinite(dnorm)) ? (float)(1.0 / dnorm) : 0.f;
     const long long base = (long long)l * a.layer_len;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x) {
+    for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x) {
         float gr = load(a.grad, a.dt_grad, base + i);
         float v = 0.f;
         if (finite) {
@@ -179,21 +205,25 @@ extern "C" __global__ void lanton_prepare(LeafArgs a, GroupArgs g) {
     }
 }
 
-// <D0, P> per layer. grid (chunks, layers), block BLOCK.
-extern "C" __global__ void lanton_dot(LeafArgs a, GroupArgs g) {
+// <D0, P> per layer. grid: the batch's blocks, block BLOCK.
+extern "C" __global__ void lanton_dot(LeafBatch batch, GroupArgs g) {
+    const Where w = locate(batch);
+    const LeafArgs& a = batch.leaf[w.j];
+    const int l = w.local / w.chunks, chunk = w.local % w.chunks;
     __shared__ double shared[32];
-    const int l = blockIdx.y;
     const long long base = (long long)l * a.layer_len;
     double s = 0;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x)
+    for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x)
         s += (double)a.noise_in[base + i] * a.noise_out[base + i];
     s = block_sum(s, shared);
     if (threadIdx.x == 0) atomicAdd(g.acc + (long long)(a.group_layer + l) * ACC_N + ACC_DOT, s);
 }
 
-// One thread per layer. grid ceil(layers / BLOCK).
-extern "C" __global__ void lanton_track(LeafArgs a, GroupArgs g) {
-    const int l = blockIdx.x * blockDim.x + threadIdx.x;
+// One thread per layer: chunks = ceil(layers / BLOCK) blocks per leaf.
+extern "C" __global__ void lanton_track(LeafBatch batch, GroupArgs g) {
+    const Where w = locate(batch);
+    const LeafArgs& a = batch.leaf[w.j];
+    const int l = w.local * blockDim.x + threadIdx.x;
     if (l >= a.layers) return;
     const int t = *g.step;
     const double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
@@ -260,9 +290,11 @@ extern "C" __global__ void lanton_affine_diag(const void* A, void* B, int dt, in
     }
 }
 
-// grid (chunks, layers), block BLOCK.
-extern "C" __global__ void lanton_apply(LeafArgs a, GroupArgs g) {
-    const int l = blockIdx.y;
+// grid: the batch's blocks (layers x chunks per leaf), block BLOCK.
+extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
+    const Where w = locate(batch);
+    const LeafArgs& a = batch.leaf[w.j];
+    const int l = w.local / w.chunks, chunk = w.local % w.chunks;
     const double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
     const bool finite = acc[ACC_NONFINITE] == 0.0;
     const float lr = g.hyper[0], b1 = g.hyper[1], wd = g.hyper[3];
@@ -270,11 +302,11 @@ extern "C" __global__ void lanton_apply(LeafArgs a, GroupArgs g) {
     float r = 1.f;
     if (g.noise_adaptive && a.valid[l] > 0.5f && count > 0 && isfinite(ref) && ref > 0)
         r = (float)(alpha_of(a.noise[l], g.ratio_eps) / ref);
-    if (blockIdx.x == 0 && threadIdx.x == 0) a.ratio[l] = r;
+    if (chunk == 0 && threadIdx.x == 0) a.ratio[l] = r;
     const long long base = (long long)l * a.layer_len;
     if (!finite) {  // skipped layer: zero update, parameters untouched
         if (!a.in_place)
-            for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x)
+            for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x)
                 store(a.out, a.dt_param, base + i, 0.f);
         return;
     }
@@ -284,7 +316,7 @@ extern "C" __global__ void lanton_apply(LeafArgs a, GroupArgs g) {
         float rms = (float)sqrt(acc[ACC_V2]) / sqrtf((float)a.layer_len);
         inv_rms = 1.f / (rms + g.vector_eps);
     }
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)gridDim.x * blockDim.x) {
+    for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x) {
         float d;
         if (g.kind == KIND_HIDDEN) {
             d = load(a.ns_out, a.dt_ns, base + i);

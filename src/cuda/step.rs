@@ -66,6 +66,20 @@ pub struct LeafArgs {
 }
 const _: () = assert!(std::mem::size_of::<LeafArgs>() == 152);
 
+/// Leaves per multi-tensor launch (kernel parameters stay under 4 KB).
+pub const MAX_LEAVES: usize = 24;
+
+/// Mirrors `struct LeafBatch` in kernels.cu: up to MAX_LEAVES leaves in one launch.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LeafBatch {
+    pub leaf: [LeafArgs; MAX_LEAVES],
+    pub first_block: [i32; MAX_LEAVES + 1],
+    pub chunks: [i32; MAX_LEAVES],
+    pub count: i32,
+}
+const _: () = assert!(std::mem::size_of::<LeafBatch>() == 3848);
+
 /// Mirrors `struct GroupArgs` in kernels.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -179,12 +193,43 @@ fn newton_schulz<Q: Queue>(
     Ok(if coeffs.len() % 2 == 0 { x } else { y })
 }
 
-fn leaf_grid(layer_len: usize, layers: usize) -> Result<Grid, String> {
-    if layers > 65535 {
-        return Err(format!("{layers} layers in one leaf exceed the CUDA grid limit (65535)"));
+/// Blocks per layer of a per-layer pass over `layer_len` elements.
+fn chunks_per_layer(layer_len: usize) -> usize {
+    layer_len.div_ceil(BLOCK as usize * 4).clamp(1, 1024)
+}
+
+/// The multi-tensor launches of one per-leaf kernel: leaves in batches of MAX_LEAVES, each
+/// block of the grid assigned to (leaf, layer, chunk); `track` runs one thread per layer.
+pub fn batches(leaves: &[LeafArgs], track: bool) -> Result<Vec<(LeafBatch, u32)>, String> {
+    let mut out = Vec::new();
+    for group in leaves.chunks(MAX_LEAVES) {
+        let mut b = LeafBatch { leaf: [group[0]; MAX_LEAVES], first_block: [0; MAX_LEAVES + 1], chunks: [0; MAX_LEAVES], count: group.len() as i32 };
+        let mut total: u64 = 0;
+        for (i, a) in group.iter().enumerate() {
+            let (len, layers) = (a.layer_len as usize, a.layers as usize);
+            let (chunks, blocks) = if track {
+                let c = layers.div_ceil(BLOCK as usize);
+                (c, c)
+            } else if len == 0 {
+                (1, 0)
+            } else {
+                let c = chunks_per_layer(len);
+                (c, c * layers)
+            };
+            b.leaf[i] = *a;
+            b.chunks[i] = chunks as i32;
+            b.first_block[i] = total as i32;
+            total += blocks as u64;
+        }
+        if total > i32::MAX as u64 {
+            return Err(format!("{total} blocks exceed one launch's grid"));
+        }
+        for k in group.len()..=MAX_LEAVES {
+            b.first_block[k] = total as i32;
+        }
+        out.push((b, total as u32));
     }
-    let chunks = layer_len.div_ceil(BLOCK as usize * 4).clamp(1, 1024) as u32;
-    Ok(Grid { x: chunks, y: layers as u32, block: BLOCK })
+    Ok(out)
 }
 
 /// Byte offsets of the scratch sub-buffers.
@@ -401,18 +446,13 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
     }
     let g = &mut plan.group;
     let per_leaf = |k: usize, leaves: &mut [LeafArgs], g: &mut GroupArgs| -> Result<(), String> {
-        for a in leaves.iter_mut() {
-            let (len, layers) = (a.layer_len as usize, a.layers as usize);
-            let grid = if k == K_TRACK {
-                Grid { x: layers.div_ceil(BLOCK as usize) as u32, y: 1, block: BLOCK }
-            } else if len == 0 {
-                continue;
-            } else {
-                leaf_grid(len, layers)?
-            };
-            // SAFETY: LeafArgs/GroupArgs mirror the kernels' structs (sizes asserted on both
+        for (mut batch, blocks) in batches(leaves, k == K_TRACK)? {
+            let grid = Grid { x: blocks, y: 1, block: BLOCK };
+            // SAFETY: LeafBatch/GroupArgs mirror the kernels' structs (sizes asserted on both
             // sides); every pointer is a decoded XLA buffer or a carved scratch range.
-            unsafe { s.launch(k, grid, &mut [a as *mut LeafArgs as *mut c_void, g as *mut GroupArgs as *mut c_void])? };
+            unsafe {
+                s.launch(k, grid, &mut [&mut batch as *mut LeafBatch as *mut c_void, g as *mut GroupArgs as *mut c_void])?
+            };
         }
         Ok(())
     };

@@ -8,11 +8,11 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     static std::mutex one_at_a_time;
     std::lock_guard<std::mutex> guard(one_at_a_time);
     std::string k(name);
-    if (k == "lanton_stats") emu_run(gx, gy, block, [&] { lanton_stats(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
-    else if (k == "lanton_prepare") emu_run(gx, gy, block, [&] { lanton_prepare(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
-    else if (k == "lanton_dot") emu_run(gx, gy, block, [&] { lanton_dot(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
-    else if (k == "lanton_track") emu_run(gx, gy, block, [&] { lanton_track(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
-    else if (k == "lanton_apply") emu_run(gx, gy, block, [&] { lanton_apply(*(LeafArgs*)p[0], *(GroupArgs*)p[1]); });
+    if (k == "lanton_stats") emu_run(gx, gy, block, [&] { lanton_stats(*(LeafBatch*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_prepare") emu_run(gx, gy, block, [&] { lanton_prepare(*(LeafBatch*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_dot") emu_run(gx, gy, block, [&] { lanton_dot(*(LeafBatch*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_track") emu_run(gx, gy, block, [&] { lanton_track(*(LeafBatch*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_apply") emu_run(gx, gy, block, [&] { lanton_apply(*(LeafBatch*)p[0], *(GroupArgs*)p[1]); });
     else if (k == "lanton_reference") emu_run(gx, gy, block, [&] { lanton_reference(*(GroupArgs*)p[0], *(int*)p[1]); });
     else if (k == "lanton_affine_diag")
         emu_run(gx, gy, block, [&] {
