@@ -33,4 +33,4 @@ def make(name, lr, adam_lr=3e-3, **lanton_kw):
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-DEFAULT_LR = {"lanton": 0.02, "lanton_noise_off": 0.02, "muon": 0.02, "muon_default": 0.02, "adamw": 3e-3}
+DEFAULT_LR = {"lanton": 0.03, "lanton_noise_off": 0.03, "muon": 0.02, "muon_default": 0.02, "adamw": 3e-3}

@@ -33,6 +33,10 @@ class Group(NamedTuple):
 
 
 DEFAULT_GROUPS = {k: Group(k) for k in KINDS}
+# A group without its own scale uses `scale` times its kind's factor: embeddings/heads (sign) and
+# gains/biases (RMS) step at half the hidden matrices' RMS by default. Tuned on the Shakespeare
+# GPT (benches/results/tuning/tune.md: 0.1 beat 0.2 and 0.4 at scale 0.2).
+KIND_SCALE = {"hidden": 1.0, "embed": 0.5, "vector": 0.5}
 # Labels that work as groups without being declared: the kinds, and the split hidden groups.
 IMPLICIT_GROUPS = {**DEFAULT_GROUPS, **{g: Group("hidden") for g in SPLIT_GROUPS}}
 
@@ -266,7 +270,7 @@ class _Lanton:
         for gname, group in plan.items():
             g = self.groups[gname]
             wd = g.weight_decay if g.weight_decay is not None else (0.0 if g.kind == "vector" else self.weight_decay)
-            scale = g.scale if g.scale is not None else self.scale
+            scale = g.scale if g.scale is not None else self.scale * KIND_SCALE[g.kind]
             hyper = jnp.stack([jnp.asarray(v, jnp.float32) for v in (lr, self.beta1, self.beta2, wd, scale)])
             args = []
             for lf in group:
@@ -301,8 +305,8 @@ def _make(learning_rate, beta1, beta2, weight_decay, scale, kw) -> _Lanton:
 
 
 def lanton(
-    learning_rate: ScalarOrSchedule = 0.02,
-    beta1: float = 0.95,
+    learning_rate: ScalarOrSchedule = 0.03,
+    beta1: float = 0.8,
     beta2: float = 0.9,
     weight_decay: float = 0.0,
     scale: float = 0.2,
@@ -340,7 +344,10 @@ def lanton(
       beta1: momentum EMA. beta2: EMA of the noise tracker H.
       weight_decay: decoupled, at the base rate (not scaled by r); `vector` groups get 0 unless
         their Group says otherwise.
-      scale: update RMS target (0.2 matches AdamW's, as in D-Muon); a Group may override it.
+      scale: update RMS target of hidden matrices (0.2 matches AdamW's, as in D-Muon); embed and
+        vector groups use half of it (`KIND_SCALE`); a Group's own scale overrides both.
+        Defaults (lr 0.03, beta1 0.8, beta2 0.9, half scale for embed/vector) were tuned on the
+        Shakespeare GPT benchmark (benches/results/tuning/tune.md).
       noise_every: K, refresh the noise estimate every K steps (default 10, as in the paper).
       noise_adaptive: False gives the noise-off baseline (r = 1: D-Muon / Scion-like).
       nesterov: use b1*B + (1-b1)*G as the direction's input.
@@ -382,7 +389,7 @@ class FusedLanton(NamedTuple):
     step: Callable
 
 
-def fused(learning_rate: ScalarOrSchedule = 0.02, beta1: float = 0.95, beta2: float = 0.9, weight_decay: float = 0.0,
+def fused(learning_rate: ScalarOrSchedule = 0.03, beta1: float = 0.8, beta2: float = 0.9, weight_decay: float = 0.0,
           scale: float = 0.2, **kwargs) -> FusedLanton:
     """The in-place fused path: same options as `lanton`, parameters written by the kernel."""
     # lanton()'s keyword-only options and their defaults: one source of truth for both entry points.

@@ -291,3 +291,18 @@ def test_unlabelled_leaves_pass_through_and_custom_groups():
     g = random_grads(jax.random.key(1), params)
     u, s = jax.jit(tx.update)(g, s, params)
     np.testing.assert_array_equal(u["wpe"], g["wpe"])
+
+
+def test_embed_and_vector_groups_step_at_half_the_scale_by_default():
+    params = transformer_params(jax.random.key(3))
+    grads = random_grads(jax.random.key(4), params)
+    tx = lanton.lanton(0.01, scale=0.2)
+    u, _ = tx.update(grads, tx.init(params), params)
+    # Step 1: r = 1 and no weight decay, so embed is lr * 0.1 * sign and vector has RMS lr * 0.1.
+    np.testing.assert_allclose(np.abs(np.asarray(u["wte"])), 0.01 * 0.1, rtol=1e-6)
+    rms = float(np.sqrt(np.mean(np.square(np.asarray(u["ln_f"]["scale"])))))
+    assert abs(rms - 0.01 * 0.1) < 1e-6, rms
+    # A group's own scale overrides the kind factor.
+    tx = lanton.lanton(0.01, scale=0.2, groups={**lanton.DEFAULT_GROUPS, "embed": lanton.Group("embed", scale=0.3)})
+    u, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(np.abs(np.asarray(u["wte"])), 0.01 * 0.3, rtol=1e-6)
