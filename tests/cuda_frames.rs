@@ -49,20 +49,11 @@ fn a_valid_call_without_a_gpu_fails_cleanly_at_the_stream() {
 
 #[test]
 fn cuda_handlers_answer_the_metadata_query() {
-    let mut meta = XLA_FFI_Metadata {
-        struct_size: 40,
-        api_version: XLA_FFI_Api_Version { struct_size: 24, extension_start: std::ptr::null_mut(), major_version: 0, minor_version: 0 },
-        traits: 0,
-        state_type_id: 0,
-    };
-    let mut ext = XLA_FFI_Metadata_Extension {
-        extension_base: XLA_FFI_Extension_Base { struct_size: 32, type_: EXTENSION_METADATA, next: std::ptr::null_mut() },
-        metadata: &mut meta,
-    };
-    let mut f = Frame::default();
-    f.call_with(lanton_step_update_cuda, &mut ext.extension_base).unwrap();
-    assert_eq!(meta.traits, TRAIT_COMMAND_BUFFER_COMPATIBLE, "CUDA handlers must be graph-capturable");
-    assert!(meta.api_version.major_version == 0 && meta.api_version.minor_version >= 1);
+    for h in [lanton_step_update_cuda as Handler, lanton_step_inplace_cuda] {
+        let meta = query_metadata(h);
+        assert_eq!(meta.traits, TRAIT_COMMAND_BUFFER_COMPATIBLE, "CUDA handlers must be graph-capturable");
+        assert_eq!((meta.api_version.major_version, meta.api_version.minor_version), (0, 3));
+    }
 }
 
 thread_local! {

@@ -152,19 +152,7 @@ fn rejects_bad_step_argument_types_and_overlap() {
 
 #[test]
 fn answers_metadata_query_without_touching_api() {
-    let mut meta = XLA_FFI_Metadata {
-        struct_size: 40,
-        api_version: XLA_FFI_Api_Version { struct_size: 24, extension_start: std::ptr::null_mut(), major_version: 0, minor_version: 0 },
-        traits: 0,
-        state_type_id: 0,
-    };
-    let mut ext = XLA_FFI_Metadata_Extension {
-        extension_base: XLA_FFI_Extension_Base { struct_size: 32, type_: EXTENSION_METADATA, next: std::ptr::null_mut() },
-        metadata: &mut meta,
-    };
-    // Empty frame, as at registration: no args, attrs; the handler must not decode anything.
-    let mut f = Frame::default();
-    f.call_with(lanton_step_update_cpu, &mut ext.extension_base).unwrap();
+    let meta = query_metadata(lanton_step_update_cpu);
     assert_eq!((meta.api_version.major_version, meta.api_version.minor_version), (0, 3));
     assert_eq!(meta.traits, TRAIT_COMMAND_BUFFER_COMPATIBLE);
 }

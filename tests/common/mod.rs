@@ -709,3 +709,20 @@ pub fn two_leaves(dtype: i32) -> Vec<LeafSpec> {
         LeafSpec { dims: [2, 16, 8], dtype, rows_are_input: false },
     ]
 }
+
+/// Sends `handler` XLA's registration-time metadata query (an empty frame, as at registration:
+/// the handler must answer without decoding anything) and returns what it filled in.
+pub fn query_metadata(handler: Handler) -> XLA_FFI_Metadata {
+    let mut meta = XLA_FFI_Metadata {
+        struct_size: 40,
+        api_version: XLA_FFI_Api_Version { struct_size: 24, extension_start: std::ptr::null_mut(), major_version: 0, minor_version: 0 },
+        traits: 0,
+        state_type_id: 0,
+    };
+    let mut ext = XLA_FFI_Metadata_Extension {
+        extension_base: XLA_FFI_Extension_Base { struct_size: 32, type_: EXTENSION_METADATA, next: std::ptr::null_mut() },
+        metadata: &mut meta,
+    };
+    Frame::default().call_with(handler, &mut ext.extension_base).unwrap();
+    meta
+}
