@@ -14,7 +14,7 @@ use crate::cpu::{self, LeafIo, ParamIo};
 use crate::cuda::{self, CudaOptions};
 use crate::ffi::api::{dtype, XLA_FFI_CallFrame, XLA_FFI_Error, TRAIT_COMMAND_BUFFER_COMPATIBLE};
 use crate::ffi::buffers::float_dtype_ok;
-use crate::ffi::handler::dispatch;
+use crate::ffi::handler::{dispatch, dispatch_staged};
 use crate::ffi::{BufferRef, BufferSet, CallFrame, FfiError, FfiResult, TensorMut};
 use crate::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig, HYPER_LEN};
 
@@ -327,12 +327,15 @@ pub unsafe extern "C" fn lanton_step_inplace_cpu(frame: *mut XLA_FFI_CallFrame) 
 }
 
 /// XLA FFI handler (CUDA): one LANTON step for one group on XLA's stream; optax updates.
+/// Registered for the initialize stage too, where it compiles the kernels (`prepare_device`).
 ///
 /// # Safety
 /// Called by XLA with a valid call frame.
 #[no_mangle]
 pub unsafe extern "C" fn lanton_step_update_cuda(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
-    dispatch(frame, "lanton_step_update_cuda", TRAIT_COMMAND_BUFFER_COMPATIBLE, |c| run_cuda_step(c, false))
+    dispatch_staged(frame, "lanton_step_update_cuda", TRAIT_COMMAND_BUFFER_COMPATIBLE, cuda::prepare_device, |c| {
+        run_cuda_step(c, false)
+    })
 }
 
 /// XLA FFI handler (CUDA): one LANTON step for one group; parameters updated in place.
@@ -341,5 +344,7 @@ pub unsafe extern "C" fn lanton_step_update_cuda(frame: *mut XLA_FFI_CallFrame) 
 /// Called by XLA with a valid call frame.
 #[no_mangle]
 pub unsafe extern "C" fn lanton_step_inplace_cuda(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
-    dispatch(frame, "lanton_step_inplace_cuda", TRAIT_COMMAND_BUFFER_COMPATIBLE, |c| run_cuda_step(c, true))
+    dispatch_staged(frame, "lanton_step_inplace_cuda", TRAIT_COMMAND_BUFFER_COMPATIBLE, cuda::prepare_device, |c| {
+        run_cuda_step(c, true)
+    })
 }

@@ -171,3 +171,17 @@ fn leaves_are_batched_into_multi_tensor_launches() {
     assert_eq!(track[0].1, MAX_LEAVES as u32);
     assert!(track[0].0.chunks[..MAX_LEAVES].iter().all(|&c| c == 1));
 }
+
+#[test]
+fn initialize_stage_prepares_the_device_and_execute_runs_the_step() {
+    // At initialize the CUDA handler goes for the stream (to compile its kernels) without
+    // decoding the buffers; without a GPU that fails cleanly. The CPU handler ignores the stage.
+    let mut f = Frame { stage: Some(STAGE_INITIALIZE), ..Frame::default() };
+    expect_error(&mut f, lanton_step_update_cuda, &["lanton_step_update_cuda", "Stream_Get"]);
+    f.call(lanton::handlers::lanton_step_update_cpu).unwrap();
+    // Instantiate and prepare stages are no-ops for both.
+    for stage in [0, 1] {
+        let mut f = Frame { stage: Some(stage), ..Frame::default() };
+        f.call(lanton_step_inplace_cuda).unwrap();
+    }
+}

@@ -87,7 +87,11 @@ def _load_and_register() -> ctypes.CDLL:
             fn = getattr(lib, symbol, None)
             if fn is None:
                 raise LibraryError(f"{path} lacks the handler {symbol}; it is too old for this package")
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform=platform)
+            capsule = jax.ffi.pycapsule(fn)
+            # CUDA handlers also run at XLA's initialize stage (kernel compilation and the cuBLAS
+            # handle must not happen while a CUDA graph is being captured).
+            handler = {"initialize": capsule, "execute": capsule} if platform == "CUDA" else capsule
+            jax.ffi.register_ffi_target(name, handler, platform=platform)
     _state["path"] = path
     return lib
 

@@ -9,4 +9,4 @@ pub mod step;
 pub mod sys;
 
 pub use device::{compile, KERNEL_NAMES, KERNEL_SOURCE};
-pub use step::{batches, enqueue_on, group_step, CudaOptions, LeafBatch, Plan, Queue, MAX_LEAVES};
+pub use step::{batches, enqueue_on, group_step, prepare_device, CudaOptions, LeafBatch, Plan, Queue, MAX_LEAVES};

@@ -382,6 +382,18 @@ impl Plan {
     }
 }
 
+/// XLA's initialize stage (before execution and before any CUDA-graph capture): compiles the
+/// kernels and creates the cuBLAS handle for the stream's context, neither of which may happen
+/// while a stream is being captured.
+pub fn prepare_device(call: &CallFrame) -> FfiResult<()> {
+    let stream = call.stream()? as cu::CUstream;
+    let internal = |e: String| FfiError::internal(e);
+    let ctx = device::stream_context(stream).map_err(internal)?;
+    let _current = device::ContextGuard::push(ctx).map_err(internal)?;
+    device::device(ctx).map_err(internal)?;
+    Ok(())
+}
+
 /// Enqueues one LANTON group step on XLA's stream.
 pub fn group_step(call: &CallFrame, layout: &StepLayout, opts: CudaOptions) -> FfiResult<()> {
     let stream = call.stream()? as cu::CUstream;

@@ -65,6 +65,7 @@ pub mod attr_type {
 pub const ARG_BUFFER: i32 = 1;
 pub const RET_BUFFER: i32 = 1;
 pub const EXTENSION_METADATA: i32 = 1;
+pub const STAGE_INITIALIZE: i32 = 2;
 pub const STAGE_EXECUTE: i32 = 3;
 pub const TRAIT_COMMAND_BUFFER_COMPATIBLE: u32 = 1;
 

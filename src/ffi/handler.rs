@@ -16,6 +16,22 @@ pub unsafe fn dispatch(
     traits: u32,
     body: impl FnOnce(&CallFrame) -> FfiResult<()>,
 ) -> *mut XLA_FFI_Error {
+    // SAFETY: forwarded contract.
+    unsafe { dispatch_staged(frame, handler, traits, |_| Ok(()), body) }
+}
+
+/// `dispatch` for handlers registered for XLA's initialize stage too (before any execution or
+/// CUDA-graph capture): `initialize` runs there, `body` at the execute stage.
+///
+/// # Safety
+/// As `dispatch`.
+pub unsafe fn dispatch_staged(
+    frame: *mut XLA_FFI_CallFrame,
+    handler: &str,
+    traits: u32,
+    initialize: impl FnOnce(&CallFrame) -> FfiResult<()>,
+    body: impl FnOnce(&CallFrame) -> FfiResult<()>,
+) -> *mut XLA_FFI_Error {
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: see this function's contract.
         if let Some(answered) = unsafe { answer_metadata(frame, traits) } {
@@ -24,10 +40,11 @@ pub unsafe fn dispatch(
         // SAFETY: see this function's contract.
         let call = unsafe { CallFrame::from_raw(frame) }?;
         // SAFETY: from_raw checked the frame; reading the stage field is plain data.
-        if unsafe { (*frame).stage } != STAGE_EXECUTE {
-            return Ok(true);
+        match unsafe { (*frame).stage } {
+            STAGE_EXECUTE => body(&call).map(|_| true),
+            STAGE_INITIALIZE => initialize(&call).map(|_| true),
+            _ => Ok(true),
         }
-        body(&call).map(|_| true)
     }));
     let err = match outcome {
         Ok(Ok(_)) => return std::ptr::null_mut(),

@@ -165,6 +165,8 @@ pub struct Frame {
     pub attrs: Vec<(String, Attr)>,
     /// Overrides the argument type tag of argument i (to build malformed frames).
     pub bad_arg_type: Option<usize>,
+    /// The XLA stage of the call (default: execute).
+    pub stage: Option<i32>,
 }
 
 pub type Handler = unsafe extern "C" fn(*mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error;
@@ -285,7 +287,7 @@ impl Frame {
             extension_start: ext,
             api: &*api,
             ctx: std::ptr::null_mut(),
-            stage: STAGE_EXECUTE,
+            stage: self.stage.unwrap_or(STAGE_EXECUTE),
             args: XLA_FFI_Args {
                 struct_size: 40,
                 extension_start: std::ptr::null_mut(),
