@@ -2,7 +2,7 @@
 
 Greedy, one knob per stage, each candidate trained once (seed 0) for --steps steps with the
 benchmark's schedule; the best final validation loss so far is carried into the next stage.
-Budget: 14 short runs (--steps 400: about 3 min each on the 2-core CPU). What was tried and
+Budget: 16 short runs (--steps 400: about 3 min each on the 2-core CPU). What was tried and
 what won is written to tune.json and tune.md in --out; the winner becomes lanton's defaults
 (by hand: see the report).
 
@@ -46,9 +46,13 @@ STAGES = [
     ("beta1", [0.95, 0.9, 0.8]),
     ("nesterov", [False, True]),
     ("lr", [0.02, 0.03]),  # again: the betas change the effective step
+    ("noise_every", [10, 5, 20]),  # K: how often the noise estimate is refreshed
 ]
 BASE = {"lr": 0.02, "labels": "single", "ratio_stat": "max", "side_scale": 0.2, "beta2": 0.9, "beta1": 0.95,
-        "nesterov": False}
+        "nesterov": False, "noise_every": 10}
+
+
+NOTES_MARK = "Notes (added by hand)"
 
 
 def make_tx(cfg):
@@ -58,7 +62,8 @@ def make_tx(cfg):
                   vector=lanton.Group("vector", scale=cfg["side_scale"]))
     return lambda steps: lanton.lanton(
         learning_rate=schedule(cfg["lr"], steps), beta1=cfg["beta1"], beta2=cfg["beta2"],
-        ratio_stat=cfg["ratio_stat"], nesterov=cfg["nesterov"], labels=labels, groups=groups)
+        ratio_stat=cfg["ratio_stat"], nesterov=cfg["nesterov"], noise_every=cfg["noise_every"], labels=labels,
+        groups=groups)
 
 
 def main():
@@ -112,15 +117,19 @@ def main():
              f"Greedy search, one knob per stage, {args.steps} steps per run (same schedule, clip and data as the "
              f"convergence benchmark), seed 0, {len(tried)} runs. Machine: {meta['machine']}, jax {meta['jax']}.",
              "Command: `python benches/tune.py`.", "",
-             "| run | lr | labels | ratio_stat | embed/vector scale | beta2 | beta1 | nesterov | val loss | s |",
-             "|---:|---:|---|---|---:|---:|---:|---|---:|---:|"]
+             "| run | lr | labels | ratio_stat | embed/vector scale | beta2 | beta1 | nesterov | K | val loss | s |",
+             "|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for i, r in enumerate(tried.values(), 1):
         c = r["config"]
         lines.append(f"| {i} | {c['lr']} | {c['labels']} | {c['ratio_stat']} | {c['side_scale']} | {c['beta2']} | "
-                     f"{c['beta1']} | {c['nesterov']} | {r['val_loss']:.4f} | {r['seconds']:.0f} |")
+                     f"{c['beta1']} | {c['nesterov']} | {c['noise_every']} | {r['val_loss']:.4f} | {r['seconds']:.0f} |")
     lines += ["", "Chosen per stage: " + ", ".join(f"{s['knob']}={s['chosen']}" for s in log) + ".",
               f"Best: {best} (val {best_loss:.4f})."]
-    (out / "tune.md").write_text("\n".join(lines) + "\n")
+    # Notes written by hand below the generated part survive a re-run.
+    report = out / "tune.md"
+    old = report.read_text() if report.exists() else ""
+    notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else ""
+    report.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
     print("\n".join(lines))
 
 
