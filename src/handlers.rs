@@ -111,6 +111,7 @@ pub struct DecodedStep<'a> {
 }
 
 /// Decodes and validates a step call; `in_place` selects the fused variant's output meaning.
+#[allow(clippy::needless_range_loop)] // i indexes args, rets and attributes alike
 pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<StepLayout<'a>> {
     let config = decode_config(call)?;
     let nargs = call.num_args();

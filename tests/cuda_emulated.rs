@@ -93,7 +93,7 @@ impl Queue for HostQueue {
         Ok(())
     }
     fn copy(&self, dst: *mut c_void, src: *const c_void, bytes: usize) -> Result<(), String> {
-        if dst as *const c_void != src {
+        if !std::ptr::eq(dst, src) {
             // SAFETY: both are frame buffers of `bytes` (decoded sizes).
             unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
         }
@@ -140,6 +140,7 @@ fn buffer_like(b: &OwnedBuffer, v: &[f32]) -> OwnedBuffer {
 }
 
 /// Runs `steps` steps of one group through `handler`; returns every step's results (as f32).
+#[allow(clippy::too_many_arguments)]
 fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handler, in_place: bool,
               ns_dtype: &str, nan_at: Option<(usize, i32)>) -> Vec<Vec<Vec<f32>>> {
     let mut rng = Rng::new(77);

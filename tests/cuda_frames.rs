@@ -56,8 +56,11 @@ fn cuda_handlers_answer_the_metadata_query() {
     }
 }
 
+/// What the probe handler saw: the plan, the options, and each leaf's (param result, grad) addresses.
+type Seen = (Plan, CudaOptions, Vec<(usize, usize)>);
+
 thread_local! {
-    static SEEN: RefCell<Option<(Plan, CudaOptions, Vec<(usize, usize)>)>> = const { RefCell::new(None) };
+    static SEEN: RefCell<Option<Seen>> = const { RefCell::new(None) };
 }
 
 const SCRATCH: usize = 0x7000_0000;
@@ -72,7 +75,7 @@ unsafe extern "C" fn plan_probe(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_E
     })
 }
 
-fn probe(f: &mut Frame) -> (Plan, CudaOptions, Vec<(usize, usize)>) {
+fn probe(f: &mut Frame) -> Seen {
     f.call(plan_probe).unwrap();
     SEEN.with(|s| s.borrow_mut().take()).unwrap()
 }
@@ -99,7 +102,7 @@ fn hidden_plan_batches_same_shapes_and_points_into_the_frame() {
     assert_eq!(plan.group_layers, 6);
     assert_eq!(plan.leaves.iter().map(|l| l.group_layer).collect::<Vec<_>>(), vec![0, 2, 3]);
     // Every sub-buffer inside the allocation, 256-byte aligned, not overlapping.
-    let mut spans = vec![(o.acc, 6 * 4 * 8), (o.reference, 16), (o.h, 24), (o.valid, 24), (o.workspace, o.workspace_len),
+    let mut spans = [(o.acc, 6 * 4 * 8), (o.reference, 16), (o.h, 24), (o.valid, 24), (o.workspace, o.workspace_len),
                          (o.x, (640 + 240) * 2), (o.y, (640 + 240) * 2), (o.n0, (640 + 240) * 4)];
     spans.sort();
     for w in spans.windows(2) {

@@ -47,6 +47,7 @@ struct View {
 ///
 /// SAFETY (internal): callers pass views whose extents lie inside live slices, and `dst`
 /// does not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn raw_gemm(m: usize, n: usize, k: usize, dst: *mut f32, ld: isize, alpha: f32, beta: f32, lhs: View, rhs: View) {
     gemm::gemm(
         m, n, k, dst, 1, ld, alpha != 0.0, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, alpha, beta,

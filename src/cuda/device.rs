@@ -71,9 +71,10 @@ unsafe impl Sync for Device {}
 pub struct ContextGuard;
 
 impl ContextGuard {
-    pub fn push(ctx: cu::CUcontext) -> Result<ContextGuard, String> {
-        // SAFETY: ctx comes from cuStreamGetCtx of XLA's live stream.
-        check(unsafe { cu::cuCtxPushCurrent_v2(ctx) }, "cuCtxPushCurrent")?;
+    /// # Safety
+    /// `ctx` must be a live context (here: the one owning XLA's stream for this call).
+    pub unsafe fn push(ctx: cu::CUcontext) -> Result<ContextGuard, String> {
+        check(cu::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")?;
         Ok(ContextGuard)
     }
 }
@@ -87,13 +88,15 @@ impl Drop for ContextGuard {
 }
 
 /// The context that owns `stream`.
-pub fn stream_context(stream: cu::CUstream) -> Result<cu::CUcontext, String> {
+///
+/// # Safety
+/// `stream` must be a live CUDA stream (here: the one XLA handed to this call).
+pub unsafe fn stream_context(stream: cu::CUstream) -> Result<cu::CUcontext, String> {
     if !sys::driver_present() {
         return Err("the CUDA driver library (libcuda.so.1) is not loadable on this machine".into());
     }
     let mut ctx = std::ptr::null_mut();
-    // SAFETY: stream is XLA's live stream for this call.
-    check(unsafe { cu::cuStreamGetCtx(stream, &mut ctx) }, "cuStreamGetCtx")?;
+    check(cu::cuStreamGetCtx(stream, &mut ctx), "cuStreamGetCtx")?;
     Ok(ctx)
 }
 
@@ -164,12 +167,16 @@ pub struct Session<'d> {
 impl<'d> Session<'d> {
     /// Binds cuBLAS to `stream` with `workspace` (XLA scratch, so nothing is allocated while a
     /// CUDA graph is being captured).
-    pub fn new(device: &'d Device, stream: cu::CUstream, workspace: *mut c_void, workspace_len: usize) -> Result<Self, String> {
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of `device`'s context, current on this thread, and
+    /// `workspace` a device buffer of `workspace_len` bytes that outlives the enqueued work.
+    pub unsafe fn new(device: &'d Device, stream: cu::CUstream, workspace: *mut c_void, workspace_len: usize) -> Result<Self, String> {
         let blas = device.blas.lock().unwrap_or_else(|e| e.into_inner());
         let lib = sys::cublas()?;
-        // SAFETY: the handle belongs to this context and is locked by us.
-        check_cublas(lib, unsafe { (lib.cublasSetStream_v2)(*blas, stream) }, "cublasSetStream")?;
-        check_cublas(lib, unsafe { (lib.cublasSetWorkspace_v2)(*blas, workspace, workspace_len) }, "cublasSetWorkspace")?;
+        // The handle belongs to this context and is locked by us.
+        check_cublas(lib, (lib.cublasSetStream_v2)(*blas, stream), "cublasSetStream")?;
+        check_cublas(lib, (lib.cublasSetWorkspace_v2)(*blas, workspace, workspace_len), "cublasSetWorkspace")?;
         Ok(Session { device, stream, blas })
     }
 
@@ -191,7 +198,7 @@ impl<'d> Session<'d> {
 
     /// dst <- src (device to device, on the stream).
     pub fn copy(&self, dst: *mut c_void, src: *const c_void, bytes: usize) -> Result<(), String> {
-        if bytes == 0 || dst as *const c_void == src {
+        if bytes == 0 || std::ptr::eq(dst, src) {
             return Ok(());
         }
         // SAFETY: both ranges are device buffers of at least `bytes` (checked by the decoder).

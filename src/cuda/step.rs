@@ -135,6 +135,19 @@ fn ns_dtype_size(f32_ops: bool) -> (i32, i32, usize) {
     if f32_ops { (dtype::F32, CUDA_R_32F, 4) } else { (dtype::BF16, CUDA_R_16BF, 2) }
 }
 
+/// One operand of a column-major strided-batched product: pointer, leading dimension, batch stride.
+type Operand = (*mut c_void, i32, i64);
+
+/// C = alpha * op(A) op(B) + beta * C over `batch` matrices, f32 accumulation.
+#[allow(clippy::too_many_arguments)]
+fn batched(
+    (trans_a, trans_b): (bool, bool), (m, n, k): (i32, i32, i32), alpha: f32, (a, lda, stride_a): Operand,
+    (b, ldb, stride_b): Operand, beta: f32, (c, ldc, stride_c): Operand, batch: i32, dtype: i32,
+) -> Gemm {
+    Gemm { trans_a, trans_b, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc, stride_c, batch, dtype,
+           compute: CUBLAS_COMPUTE_32F }
+}
+
 /// Newton-Schulz on every class: X holds the normalized inputs, Y is the other ping-pong
 /// buffer; returns which holds the result. A and Bm are one class's Gram and polynomial.
 #[allow(clippy::too_many_arguments)]
@@ -152,16 +165,13 @@ fn newton_schulz<Q: Queue>(
         for &[ca, cb, cc] in coeffs {
             // Row-major R x C is column-major P = X^T (C x R, ld C). Rows <= cols: A = P^T P;
             // else A = P P^T (the transposed problem), with no data transposition.
-            let gram_gemm = if c.rows <= c.cols {
-                Gemm { trans_a: true, trans_b: false, m: r, n: r, k: cl, alpha: 1.0, a: src, lda: cl, stride_a: mat,
-                       b: src, ldb: cl, stride_b: mat, beta: 0.0, c: a, ldc: r, stride_c: gram, batch, dtype: cuda_dt,
-                       compute: CUBLAS_COMPUTE_32F }
+            let (xs, xd) = ((src, cl, mat), (dst, cl, mat));
+            let (am, bp) = ((a, sm, gram), (bm, sm, gram));
+            s.gemm(&if c.rows <= c.cols {
+                batched((true, false), (r, r, cl), 1.0, xs, xs, 0.0, am, batch, cuda_dt)
             } else {
-                Gemm { trans_a: false, trans_b: true, m: cl, n: cl, k: r, alpha: 1.0, a: src, lda: cl, stride_a: mat,
-                       b: src, ldb: cl, stride_b: mat, beta: 0.0, c: a, ldc: cl, stride_c: gram, batch, dtype: cuda_dt,
-                       compute: CUBLAS_COMPUTE_32F }
-            };
-            s.gemm(&gram_gemm)?;
+                batched((false, true), (cl, cl, r), 1.0, xs, xs, 0.0, am, batch, cuda_dt)
+            })?;
             // Bm = b*A + a*I, then Bm += c*A*A.
             let total = gram * c.batch as i64;
             let (mut pa, mut pb, mut pdt, mut psm, mut ptot, mut pca, mut pcb) = (a, bm, dt, sm, total, ca, cb);
@@ -174,19 +184,13 @@ fn newton_schulz<Q: Queue>(
                     &mut pcb as *mut _ as *mut c_void,
                 ])?;
             }
-            s.gemm(&Gemm { trans_a: false, trans_b: false, m: sm, n: sm, k: sm, alpha: cc, a, lda: sm, stride_a: gram,
-                           b: a, ldb: sm, stride_b: gram, beta: 1.0, c: bm, ldc: sm, stride_c: gram, batch,
-                           dtype: cuda_dt, compute: CUBLAS_COMPUTE_32F })?;
-            let update = if c.rows <= c.cols {
-                Gemm { trans_a: false, trans_b: false, m: cl, n: r, k: r, alpha: 1.0, a: src, lda: cl, stride_a: mat,
-                       b: bm, ldb: r, stride_b: gram, beta: 0.0, c: dst, ldc: cl, stride_c: mat, batch, dtype: cuda_dt,
-                       compute: CUBLAS_COMPUTE_32F }
+            s.gemm(&batched((false, false), (sm, sm, sm), cc, am, am, 1.0, bp, batch, cuda_dt))?;
+            // X' = X Bm (rows <= cols) or Bm X (the transposed problem).
+            s.gemm(&if c.rows <= c.cols {
+                batched((false, false), (cl, r, r), 1.0, xs, bp, 0.0, xd, batch, cuda_dt)
             } else {
-                Gemm { trans_a: false, trans_b: false, m: cl, n: r, k: cl, alpha: 1.0, a: bm, lda: cl, stride_a: gram,
-                       b: src, ldb: cl, stride_b: mat, beta: 0.0, c: dst, ldc: cl, stride_c: mat, batch, dtype: cuda_dt,
-                       compute: CUBLAS_COMPUTE_32F }
-            };
-            s.gemm(&update)?;
+                batched((false, false), (cl, r, cl), 1.0, bp, xs, 0.0, xd, batch, cuda_dt)
+            })?;
             std::mem::swap(&mut src, &mut dst);
         }
     }
@@ -388,8 +392,9 @@ impl Plan {
 pub fn prepare_device(call: &CallFrame) -> FfiResult<()> {
     let stream = call.stream()? as cu::CUstream;
     let internal = |e: String| FfiError::internal(e);
-    let ctx = device::stream_context(stream).map_err(internal)?;
-    let _current = device::ContextGuard::push(ctx).map_err(internal)?;
+    // SAFETY: XLA's stream (and so its context) lives for the whole call.
+    let ctx = unsafe { device::stream_context(stream) }.map_err(internal)?;
+    let _current = unsafe { device::ContextGuard::push(ctx) }.map_err(internal)?;
     device::device(ctx).map_err(internal)?;
     Ok(())
 }
@@ -398,8 +403,9 @@ pub fn prepare_device(call: &CallFrame) -> FfiResult<()> {
 pub fn group_step(call: &CallFrame, layout: &StepLayout, opts: CudaOptions) -> FfiResult<()> {
     let stream = call.stream()? as cu::CUstream;
     let internal = |e: String| FfiError::internal(e);
-    let ctx = device::stream_context(stream).map_err(internal)?;
-    let _current = device::ContextGuard::push(ctx).map_err(internal)?;
+    // SAFETY: XLA's stream (and so its context) lives for the whole call.
+    let ctx = unsafe { device::stream_context(stream) }.map_err(internal)?;
+    let _current = unsafe { device::ContextGuard::push(ctx) }.map_err(internal)?;
     let dev = device::device(ctx).map_err(internal)?;
     let len = Plan::new(layout, opts, 0).len;
     let scratch = call.allocate(len, 16)?;
@@ -439,7 +445,9 @@ impl Queue for Session<'_> {
 fn enqueue(dev: &device::Device, stream: cu::CUstream, layout: &StepLayout, plan: &mut Plan) -> Result<(), String> {
     let o = plan.offsets;
     let at = |off: usize| (plan.scratch + off) as *mut c_void;
-    let s = Session::new(dev, stream, at(o.workspace), o.workspace_len)?;
+    // SAFETY: the caller made the stream's context current; the workspace is carved from this
+    // call's XLA scratch, freed stream-ordered after the enqueued work.
+    let s = unsafe { Session::new(dev, stream, at(o.workspace), o.workspace_len) }?;
     enqueue_on(&s, layout, plan)
 }
 

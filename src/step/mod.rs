@@ -118,6 +118,7 @@ impl StepConfig {
         }
     }
 
+    #[allow(clippy::neg_cmp_op_on_partial_ord)] // !(x >= 0) also rejects NaN
     pub fn validate(&self) -> Result<(), String> {
         if self.noise_every == 0 {
             return Err("noise_every must be >= 1".into());
