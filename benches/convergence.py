@@ -9,6 +9,9 @@ lanton, lanton noise-off, optax.contrib.muon (hidden-only, tuned Adam part) and 
 
 Full run (about 1.5 h on the 2-core CPU):   python benches/convergence.py
 Preliminary, no sweep:                      python benches/convergence.py --sweep-steps 0 --seeds 1
+One optimizer at a fixed rate against a known target (e.g. lanton at its default rate vs the
+full run's tuned-Muon loss):
+    python benches/convergence.py --optimizers lanton --lr lanton=0.03 --target 1.5180 --out DIR
 Smoke run (a minute):                       python benches/convergence.py --steps 40 --sweep-steps 20 --seeds 1 --out /tmp/conv
 """
 
@@ -130,6 +133,8 @@ def main():
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--optimizers", default=",".join(SWEEP))
     ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--lr", default="", help="fixed rates that skip the sweep, e.g. lanton=0.03")
+    ap.add_argument("--target", type=float, help="target val loss (default: this run's tuned muon final loss)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "convergence"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -147,16 +152,17 @@ def main():
             "optax": optax.__version__, "lanton": lanton.__version__, "lanton_defaults": defaults,
             "kernels": lanton.kernels_available(), "steps": args.steps, "sweep_steps": args.sweep_steps, "seeds": args.seeds}
 
+    fixed = {k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(",") if kv)}
     sweep = {}
     if args.sweep_steps > 0:
-        for name in names:
+        for name in (n for n in names if n not in fixed):
             sweep[name] = {}
             for lr in SWEEP[name]:
                 h = run(name, lr, args.sweep_steps, 0, corpus, args.eval_every, f"sweep {name} lr={lr:g}")
                 sweep[name][lr] = h["val_loss"][-1]
-        best = {n: min(sweep[n], key=sweep[n].get) for n in names}
-    else:  # no sweep: the libraries' default rates (a preliminary comparison, not a tuned one)
-        best = {n: DEFAULT_LR[n] for n in names}
+    # Without a sweep: the libraries' default rates (a preliminary comparison, not a tuned one).
+    best = {n: fixed[n] if n in fixed else min(sweep[n], key=sweep[n].get) if n in sweep else DEFAULT_LR[n]
+            for n in names}
     print("learning rates:", best)
 
     final = {n: [run(n, best[n], args.steps, s, corpus, args.eval_every, f"{n} seed {s}") for s in range(args.seeds)] for n in names}
@@ -164,16 +170,20 @@ def main():
                                                   "best_lr": best, "runs": final}))
 
     ref = "muon" if "muon" in final else names[0]
-    target = float(np.mean([h["val_loss"][-1] for h in final[ref]]))
     tuned = "tuned " if sweep else "untuned (default-rate) "
-    plots(final, out, target, f"{tuned}{ref} final")
+    if args.target is None:
+        target, target_label = float(np.mean([h["val_loss"][-1] for h in final[ref]])), f"{tuned}{ref}'s mean final validation loss"
+    else:
+        target, target_label = args.target, "the given target loss (--target)"
+    plots(final, out, target, target_label.replace("'s mean final validation loss", " final"))
     lines = [f"# Convergence: Shakespeare byte-level GPT ({meta['date']})", "",
              f"Machine: {meta['machine']} ({meta['cpus']} cores), {meta['backend']}, jax {meta['jax']}, optax {meta['optax']}, "
              f"lanton {meta['lanton']} (fused kernels: {meta['kernels']}; defaults {meta['lanton_defaults']}, group scales "
              f"factors {lanton._transform.KIND_SCALE}). {args.steps} steps, batch 32 x 128 bytes, warm-up then cosine, "
-             f"clip 1.0; " + (f"learning rates swept at {args.sweep_steps} steps" if sweep else "NO learning-rate sweep (default rates)")
+             f"clip 1.0; " + (f"learning rates swept at {args.sweep_steps} steps" if sweep
+                 else "fixed learning rates, no sweep" if fixed else "NO learning-rate sweep (default rates)")
              + f"; {args.seeds} seed(s).", "",
-             f"Target: {tuned}{ref}'s mean final validation loss, {target:.4f}.", "",
+             f"Target: {target_label}, {target:.4f}." + (f" Fixed rates (no sweep): {fixed}." if fixed else ""), "",
              "| optimizer | lr | final val loss (mean) | seed spread | steps to target (seed-mean curve) | vs muon | ms/step |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     summary = {}
@@ -193,7 +203,7 @@ def main():
         lines += ["", "Sweep (final val loss at the sweep horizon):", ""]
     for n, d in sweep.items():
         lines.append(f"- {n}: " + ", ".join(f"lr {k:g}: {v:.4f}" for k, v in d.items()))
-    if "lanton" in summary and ref in summary:
+    if "lanton" in summary and ref in summary and ref != "lanton":
         (lf, ls), (mf, ms_) = summary["lanton"], summary[ref]
         verdict = "beats" if lf < mf else "does not beat"
         lines += ["", f"**Verdict:** lanton {verdict} {tuned}{ref} on final validation loss ({lf:.4f} vs {mf:.4f}, "
