@@ -172,10 +172,11 @@ def main():
     ref = "muon" if "muon" in final else names[0]
     tuned = "tuned " if sweep else "untuned (default-rate) "
     if args.target is None:
-        target, target_label = float(np.mean([h["val_loss"][-1] for h in final[ref]])), f"{tuned}{ref}'s mean final validation loss"
+        target = float(np.mean([h["val_loss"][-1] for h in final[ref]]))
+        target_label, plot_label = f"{tuned}{ref}'s mean final validation loss", f"{tuned}{ref} final"
     else:
-        target, target_label = args.target, "the given target loss (--target)"
-    plots(final, out, target, target_label.replace("'s mean final validation loss", " final"))
+        target, target_label, plot_label = args.target, "the given target loss (--target)", "target"
+    plots(final, out, target, plot_label)
     lines = [f"# Convergence: Shakespeare byte-level GPT ({meta['date']})", "",
              f"Machine: {meta['machine']} ({meta['cpus']} cores), {meta['backend']}, jax {meta['jax']}, optax {meta['optax']}, "
              f"lanton {meta['lanton']} (fused kernels: {meta['kernels']}; defaults {meta['lanton_defaults']}, group scales "

@@ -2,7 +2,7 @@
 
 Greedy, one knob per stage, each candidate trained once (seed 0) for --steps steps with the
 benchmark's schedule; the best final validation loss so far is carried into the next stage.
-Budget: 16 short runs (--steps 400: about 3 min each on the 2-core CPU). What was tried and
+Budget: 14 short runs (--steps 400: about 3 min each on the 2-core CPU). What was tried and
 what won is written to tune.json and tune.md in --out; the winner becomes lanton's defaults
 (by hand: see the report).
 
