@@ -134,8 +134,8 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
             rows_are_input.len()
         )));
     }
-    let names: Vec<String> = match call.attr("leaf_names")? {
-        Some(_) => call.attr_str("leaf_names")?.split('\n').map(str::to_owned).collect(),
+    let names: Vec<String> = match call.attr_opt("leaf_names", CallFrame::attr_str)? {
+        Some(joined) => joined.split('\n').map(str::to_owned).collect(),
         None => Vec::new(),
     };
     let leaf_name = |i: usize| names.get(i).filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| format!("leaf {i}"));
@@ -284,21 +284,13 @@ fn run_cpu_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
 
 /// Reads the CUDA-only attributes (optional; defaults: noise work on, bf16 Newton-Schulz).
 pub fn decode_cuda_options(call: &CallFrame) -> FfiResult<CudaOptions> {
-    let noise_work = match call.attr("noise_work")? {
-        Some(_) => call.attr_bool("noise_work")?,
-        None => true,
-    };
-    let ns_f32 = match call.attr("ns_dtype")? {
-        None => false,
-        Some(_) => match call.attr_str("ns_dtype")?.as_str() {
-            "bfloat16" => false,
-            "float32" => true,
-            other => {
-                return Err(FfiError::invalid(format!(
-                    "attribute 'ns_dtype': expected bfloat16 or float32, got '{other}'"
-                )))
-            }
-        },
+    let noise_work = call.attr_opt("noise_work", CallFrame::attr_bool)?.unwrap_or(true);
+    let ns_f32 = match call.attr_opt("ns_dtype", CallFrame::attr_str)?.as_deref() {
+        None | Some("bfloat16") => false,
+        Some("float32") => true,
+        Some(other) => {
+            return Err(FfiError::invalid(format!("attribute 'ns_dtype': expected bfloat16 or float32, got '{other}'")))
+        }
     };
     Ok(CudaOptions { noise_work, ns_f32 })
 }

@@ -188,6 +188,15 @@ impl<'a> CallFrame<'a> {
         Ok(None)
     }
 
+    /// An optional attribute: `None` if absent, else what `read` (one of the typed getters)
+    /// makes of it, e.g. `call.attr_opt("ns_dtype", CallFrame::attr_str)`.
+    pub fn attr_opt<T>(&self, name: &str, read: impl FnOnce(&Self, &str) -> FfiResult<T>) -> FfiResult<Option<T>> {
+        match self.attr(name)? {
+            Some(_) => read(self, name).map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn require(&self, name: &str) -> FfiResult<AttrValue<'a>> {
         self.attr(name)?.ok_or_else(|| {
             FfiError::invalid(format!("missing attribute '{name}' (attributes given: {:?})", self.attr_names()))
