@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _ffi, reference
+from . import _checks, _ffi, reference
 from ._config import KINDS, StepConfig
-from .labels import SPLIT_GROUPS, DimSpec, default_dim_spec, default_labels, path_str
+from .labels import SPLIT_GROUPS, DimSpec, default_dim_spec, default_labels, path_str, tree_context
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -43,8 +43,8 @@ IMPLICIT_GROUPS = {**DEFAULT_GROUPS, **{g: Group("hidden") for g in SPLIT_GROUPS
 
 class LantonState(NamedTuple):
     """Per leaf (a MaskedNode for leaves no group handles): momentum and previous gradient in
-    the leaf's shape; noise H, validity, step of the stored gradient and last ratio r over the
-    leaf's batch axes (one entry per layer)."""
+    the leaf's shape; noise H, validity, step of the stored gradient, last ratio r and the number
+    of steps skipped for a non-finite gradient, over the leaf's batch axes (one per layer)."""
 
     count: jax.Array
     momentum: Any
@@ -53,6 +53,12 @@ class LantonState(NamedTuple):
     valid: Any
     prev_step: Any
     ratio: Any
+    skipped: Any
+
+
+# Per-leaf state fields, and the shape each has: the leaf's ("param") or one per layer ("layers").
+STATE_FIELDS = {"momentum": "param", "prev_grad": "param", "noise": "layers", "valid": "layers",
+                "prev_step": "layers", "ratio": "layers", "skipped": "layers"}
 
 
 class _Leaf(NamedTuple):
@@ -76,8 +82,9 @@ def _axes(spec, ndim, name, what):
     return tuple(out)
 
 
-def _plan_leaf(index, name, group_name, kind, shape, spec: Optional[DimSpec], path, leaf) -> _Leaf:
-    """Maps a leaf onto the kernel's (layers, rows, cols) view; batch axes become layers."""
+def _plan_leaf(index, name, group_name, kind, shape, spec: Optional[DimSpec]) -> _Leaf:
+    """Maps a leaf onto the kernel's (layers, rows, cols) view; batch axes become layers.
+    `spec` None: a vector's last axis (the only kind without a spec from `default_dim_spec`)."""
     ndim = len(shape)
     if kind == "vector":
         # The vector is the last axis (or the axes a DimSpec names); leading axes are layers.
@@ -89,7 +96,6 @@ def _plan_leaf(index, name, group_name, kind, shape, spec: Optional[DimSpec], pa
     else:
         if ndim < 2:
             raise ValueError(f"leaf '{name}' of kind '{kind}' needs at least 2 axes (d_in, d_out), got shape {shape}")
-        spec = spec if spec is not None else default_dim_spec(path, leaf)
         red = _axes(spec.reduction_axes, ndim, name, "reduction")
         out = _axes(spec.output_axes, ndim, name, "output")
         if not red or not out:
@@ -133,8 +139,37 @@ def _static(name, value, default, cast):
     return cast(value)
 
 
+def _flag(name):
+    def cast(value):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"lanton option '{name}' must be True or False, got {value!r}")
+        return bool(value)
+    return cast
+
+
 def _resolve(tree_or_fn, params):
     return tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
+
+
+def _is_masked(x):
+    return isinstance(x, optax.MaskedNode)
+
+
+def _is_entry(x):
+    """A leaf of a labels / dim_numbers tree."""
+    return x is None or _is_masked(x) or isinstance(x, (DimSpec, str))
+
+
+def _check_group(name, g):
+    if not isinstance(g, Group):
+        raise TypeError(f"group '{name}': expected lanton.Group(kind, ...), got {g!r}")
+    what = f"Group '{name}' option"
+    if g.scale is not None:
+        _checks.real("scale", g.scale, lo=0.0, lo_open=True, what=what)
+    if g.weight_decay is not None:
+        _checks.real("weight_decay", g.weight_decay, lo=0.0, what=what)
+    if g.noise_every is not None:
+        _checks.positive_int("noise_every", g.noise_every, what=what)
 
 
 class _Lanton:
@@ -145,45 +180,59 @@ class _Lanton:
                  ns_dtype="bfloat16"):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
-        self.learning_rate, self.beta1, self.beta2 = learning_rate, beta1, beta2
-        self.weight_decay, self.scale = weight_decay, scale
+        # Every concrete value is checked here, by name (traced ones cannot be: see _checks).
+        self.learning_rate = _checks.learning_rate(learning_rate)
+        self.beta1 = _checks.real("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
+        self.beta2 = _checks.real("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
+        self.weight_decay = _checks.real("weight_decay", weight_decay, lo=0.0)
+        self.scale = _checks.real("scale", scale, lo=0.0, lo_open=True)
+        for what, tree in (("labels", labels), ("dim_numbers", dim_numbers)):
+            if isinstance(tree, str):
+                raise TypeError(f"lanton option '{what}' must be a pytree or a function of the params, got {tree!r}")
         self.labels, self.dim_numbers, self.backend = labels, dim_numbers, backend
+        if groups is not None and not isinstance(groups, dict):
+            raise TypeError(f"lanton option 'groups' must be a dict of name -> lanton.Group, got {groups!r}")
         self.groups = dict(DEFAULT_GROUPS if groups is None else groups)
+        for name, g in self.groups.items():
+            _check_group(name, g)
         self.momentum_dtype = jnp.dtype(_static("momentum_dtype", momentum_dtype, "float32", lambda x: x))
         if self.momentum_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"momentum_dtype must be float32, bfloat16 or float16, got {self.momentum_dtype}")
         # The global options; each group's config is this with its kind (and cadence) set.
         self.base_config = StepConfig(
             kind="hidden",
-            ns_coeffs=tuple(tuple(map(float, c)) for c in (ns_coeffs or StepConfig.ns_coeffs)),
-            noise_every=_static("noise_every", noise_every, 10, int),
-            noise_adaptive=_static("noise_adaptive", noise_adaptive, True, bool),
+            ns_coeffs=StepConfig.ns_coeffs if ns_coeffs is None else _checks.ns_coeffs(ns_coeffs),
+            noise_every=_static("noise_every", noise_every, 10, lambda v: _checks.positive_int("noise_every", v)),
+            noise_adaptive=_static("noise_adaptive", noise_adaptive, True, _flag("noise_adaptive")),
             ratio_stat=ratio_stat,
-            ratio_eps=_static("ratio_eps", ratio_eps, 1e-30, float),
-            nesterov=_static("nesterov", nesterov, False, bool),
+            ratio_eps=_static("ratio_eps", ratio_eps, 1e-30, lambda v: float(_checks.real("ratio_eps", v, lo=0.0))),
+            nesterov=_static("nesterov", nesterov, False, _flag("nesterov")),
             ns_dtype=ns_dtype,
         )
-        self.configs = {}
-        for name, g in self.groups.items():
-            if not isinstance(g, Group):
-                raise TypeError(f"group '{name}': expected lanton.Group(kind, ...), got {g!r}")
-            self.configs[name] = self._group_config(g)
+        self.configs = {name: self._group_config(g) for name, g in self.groups.items()}
 
     def _group_config(self, g: Group) -> StepConfig:
-        return dataclasses.replace(self.base_config, kind=g.kind, noise_every=int(g.noise_every or self.base_config.noise_every))
+        k = self.base_config.noise_every if g.noise_every is None else int(np.asarray(g.noise_every))
+        return dataclasses.replace(self.base_config, kind=g.kind, noise_every=k)
 
     # -- layout -----------------------------------------------------------------------------
     def plan(self, params):
-        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+        """Groups of planned leaves. Everything is decided from the names a user sees (labels.py:
+        wrapper attributes such as NNX's `.value` dropped), so init and update agree whatever
+        wrapper the tree has. Masked leaves (optax.multi_transform) belong to no group."""
+        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
+        names = [path_str(p) for p, _ in leaves_with_path]
         labels = default_labels(params) if self.labels is None else _resolve(self.labels, params)
-        label_leaves = self._match(labels, treedef, "labels", leaves_with_path)
+        label_leaves = self._match(labels, treedef, "labels", leaves_with_path, names)
         dims = None if self.dim_numbers is None else _resolve(self.dim_numbers, params)
-        dim_leaves = [None] * len(leaves_with_path) if dims is None else self._match(dims, treedef, "dim_numbers", leaves_with_path)
+        dim_leaves = [None] * len(names) if dims is None else self._match(dims, treedef, "dim_numbers", leaves_with_path, names)
+        context = tree_context(params)
         plan = {}
-        for i, ((path, leaf), label, spec) in enumerate(zip(leaves_with_path, label_leaves, dim_leaves)):
-            name = path_str(path)
-            if label is None:
+        for i, ((path, leaf), name, label, spec) in enumerate(zip(leaves_with_path, names, label_leaves, dim_leaves)):
+            if label is None or _is_masked(label) or _is_masked(leaf):
                 continue
+            if not isinstance(label, str):
+                raise TypeError(f"leaf '{name}': a label must be a group name (str) or None, got {label!r}")
             if label not in self.groups:
                 if label in IMPLICIT_GROUPS:  # a kind or split name works as a group even if `groups` omits it
                     self.groups[label] = IMPLICIT_GROUPS[label]
@@ -193,37 +242,43 @@ class _Lanton:
                         f"leaf '{name}' has label {label!r}, which is no group; known groups: {sorted(self.groups)}. "
                         f"Define it, e.g. groups={{{label!r}: lanton.Group('hidden')}}"
                     )
-            dtype = jnp.dtype(leaf.dtype)
-            if dtype not in SUPPORTED_DTYPES:
-                raise TypeError(f"leaf '{name}': unsupported dtype {dtype}; lanton handles float32, bfloat16 and float16")
+            _check_array(name, "parameter", leaf)
             if spec is not None and not isinstance(spec, DimSpec):
                 spec = DimSpec(*spec)
             kind = self.groups[label].kind
-            plan.setdefault(label, []).append(_plan_leaf(i, name, label, kind, tuple(leaf.shape), spec, path, leaf))
+            if spec is None:
+                spec = default_dim_spec(context[name], kind)
+            plan.setdefault(label, []).append(_plan_leaf(i, name, label, kind, tuple(leaf.shape), spec))
         return plan, treedef, [leaf for _, leaf in leaves_with_path]
 
     @staticmethod
-    def _match(tree, treedef, what, leaves_with_path):
-        """Flattens a labels / dim_numbers tree against the parameters, naming the first leaf
-        that has no entry (None entries are allowed: the leaf is left alone)."""
+    def _match(tree, treedef, what, leaves_with_path, names):
+        """One entry of a labels / dim_numbers tree per parameter leaf (None: the leaf is left
+        alone). The tree may match the parameters exactly, or by name: wrappers (NNX Variables)
+        and masked positions (optax.multi_transform) need not be mirrored."""
         try:
-            flat = treedef.flatten_up_to(tree)
+            return treedef.flatten_up_to(tree)
         except (ValueError, TypeError):
-            is_entry = lambda x: x is None or isinstance(x, (DimSpec, str))
-            have = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_entry)[0]}
-            missing = [path_str(p) for p, _ in leaves_with_path if path_str(p) not in have]
-            detail = f"leaf '{missing[0]}' has no entry" if missing else "its structure differs"
-            raise ValueError(
-                f"{what} must have one entry per parameter leaf (None to leave a leaf to another "
-                f"transformation): {detail}"
-            ) from None
-        return flat
+            pass
+        entries = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_entry)[0]}
+        out = []
+        for (_, leaf), name in zip(leaves_with_path, names):
+            if _is_masked(leaf):
+                out.append(None)
+            elif name in entries:
+                out.append(entries[name])
+            else:
+                raise ValueError(
+                    f"{what} must have one entry per parameter leaf (None to leave a leaf to another "
+                    f"transformation): leaf '{name}' has no entry"
+                )
+        return out
 
     # -- state ------------------------------------------------------------------------------
     def init(self, params):
         plan, treedef, leaves = self.plan(params)
         n = len(leaves)
-        fields = {k: [optax.MaskedNode()] * n for k in ("momentum", "prev_grad", "noise", "valid", "prev_step", "ratio")}
+        fields = {k: [optax.MaskedNode()] * n for k in STATE_FIELDS}
         for group in plan.values():
             for lf in group:
                 p = leaves[lf.index]
@@ -233,7 +288,39 @@ class _Lanton:
                 fields["valid"][lf.index] = jnp.zeros(lf.batch_shape, jnp.float32)
                 fields["prev_step"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
                 fields["ratio"][lf.index] = jnp.ones(lf.batch_shape, jnp.float32)
+                fields["skipped"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
         return LantonState(count=jnp.zeros([], jnp.int32), **{k: treedef.unflatten(v) for k, v in fields.items()})
+
+    def _state_leaves(self, state, plan, treedef, p_leaves):
+        """The state's per-leaf fields, checked against the plan: a state made for other
+        parameters, labels or shapes is refused naming the leaf, not mis-read."""
+        if not isinstance(state, LantonState):
+            raise TypeError(f"lanton expected its own LantonState, got {type(state).__name__}")
+        st = {}
+        for k in STATE_FIELDS:
+            try:
+                st[k] = treedef.flatten_up_to(getattr(state, k))
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"optimizer state field '{k}' does not match the parameters' structure: the state was made by "
+                    "init() for other parameters; call init() again for this model"
+                ) from None
+        for group in plan.values():
+            for lf in group:
+                want = {"param": tuple(p_leaves[lf.index].shape), "layers": lf.batch_shape}
+                for k, which in STATE_FIELDS.items():
+                    x = st[k][lf.index]
+                    if _is_masked(x) or not hasattr(x, "shape"):
+                        raise ValueError(
+                            f"leaf '{lf.name}' (group '{lf.group}') has no optimizer state ('{k}' is {x!r}): the labels "
+                            "changed since init(); call init() again"
+                        )
+                    if tuple(x.shape) != want[which]:
+                        raise ValueError(
+                            f"leaf '{lf.name}': optimizer state '{k}' has shape {tuple(x.shape)}, expected "
+                            f"{want[which]}: the state was made for another model or layout; call init() again"
+                        )
+        return st
 
     # -- step -------------------------------------------------------------------------------
     def _backend(self):
@@ -257,11 +344,10 @@ class _Lanton:
         for group in plan.values():
             for lf in group:
                 g, p = g_leaves[lf.index], p_leaves[lf.index]
+                _check_array(lf.name, "gradient", g)
                 if g.shape != p.shape:
                     raise ValueError(f"leaf '{lf.name}': gradient shape {g.shape} != parameter shape {p.shape}")
-                if jnp.dtype(g.dtype) not in SUPPORTED_DTYPES:
-                    raise TypeError(f"leaf '{lf.name}': unsupported gradient dtype {g.dtype}")
-        st = {k: treedef.flatten_up_to(getattr(state, k)) for k in ("momentum", "prev_grad", "noise", "valid", "prev_step", "ratio")}
+        st = self._state_leaves(state, plan, treedef, p_leaves)
         count = optax.safe_int32_increment(state.count)
         lr = self.learning_rate(state.count) if callable(self.learning_rate) else self.learning_rate
         step_fn = self._backend()
@@ -272,12 +358,15 @@ class _Lanton:
             wd = g.weight_decay if g.weight_decay is not None else (0.0 if g.kind == "vector" else self.weight_decay)
             scale = g.scale if g.scale is not None else self.scale * KIND_SCALE[g.kind]
             hyper = jnp.stack([jnp.asarray(v, jnp.float32) for v in (lr, self.beta1, self.beta2, wd, scale)])
-            args = []
+            args, finite = [], []
             for lf in group:
                 i = lf.index
+                grad = _to_canonical(g_leaves[i].astype(p_leaves[i].dtype), lf)
+                # The kernels skip a layer whose gradient is not finite; count it for the user.
+                finite.append(jnp.all(jnp.isfinite(grad), axis=(1, 2)))
                 args.append((
                     _to_canonical(p_leaves[i], lf),
-                    _to_canonical(g_leaves[i].astype(p_leaves[i].dtype), lf),
+                    grad,
                     _to_canonical(st["momentum"][i], lf),
                     _to_canonical(st["prev_grad"][i], lf),
                     st["noise"][i].reshape(-1),
@@ -286,15 +375,27 @@ class _Lanton:
                     lf.rows_are_input,
                 ))
             results = step_fn(self.configs[gname], hyper, count, args, [lf.name for lf in group], in_place=in_place)
-            for lf, (out, mom, prev, noise, valid, pstep, ratio) in zip(group, results):
+            for lf, fin, (out, mom, prev, noise, valid, pstep, ratio) in zip(group, finite, results):
                 i, shape = lf.index, p_leaves[lf.index].shape
                 out_leaves[i] = _from_canonical(out, lf, shape)
                 new["momentum"][i] = _from_canonical(mom, lf, shape)
                 new["prev_grad"][i] = _from_canonical(prev, lf, shape)
-                for k, v in (("noise", noise), ("valid", valid), ("prev_step", pstep), ("ratio", ratio)):
+                skipped = st["skipped"][i].reshape(-1) + (~fin).astype(jnp.int32)
+                for k, v in (("noise", noise), ("valid", valid), ("prev_step", pstep), ("ratio", ratio), ("skipped", skipped)):
                     new[k][i] = v.reshape(lf.batch_shape)
         new_state = LantonState(count=count, **{k: treedef.unflatten(v) for k, v in new.items()})
         return treedef.unflatten(out_leaves), new_state
+
+
+def _check_array(name, what, x):
+    """A handled leaf must be a float array lanton supports (not a Python number or None)."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(
+            f"leaf '{name}': the {what} must be a JAX array of float32, bfloat16 or float16, got "
+            f"{type(x).__name__} {x!r}; wrap it in jnp.asarray(...) or label it None"
+        )
+    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"leaf '{name}': unsupported dtype {x.dtype} of the {what}; lanton handles float32, bfloat16 and float16")
 
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -403,15 +504,28 @@ def fused(learning_rate: ScalarOrSchedule = 0.03, beta1: float = 0.8, beta2: flo
     return FusedLanton(impl.init, step)
 
 
-def layer_stats(state: LantonState) -> dict:
-    """Per-layer noise H, ratio r and validity from the state, keyed by leaf path, for logging
-    (the paper's noise plots). Values are arrays over each leaf's batch axes (one per layer)."""
+def find_states(opt_state) -> list:
+    """Every LantonState inside an optimizer state (a chain, inject_hyperparams,
+    multi_transform, an nnx.Optimizer's opt_state ...), in tree order."""
+    found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, LantonState))
+    return [x for x in found if isinstance(x, LantonState)]
+
+
+def layer_stats(opt_state) -> dict:
+    """Per-layer noise H, ratio r, validity and skipped-step count, keyed by leaf path, for
+    logging (the paper's noise plots) and alerting (`skipped`: steps on which the layer's
+    gradient was not finite, so it did not move). `opt_state` is a LantonState or any optimizer
+    state that contains one (several: their leaves are merged). Values are arrays over each
+    leaf's batch axes (one per layer)."""
+    states = find_states(opt_state)
+    if not states:
+        raise ValueError(f"layer_stats: no LantonState found in the given {type(opt_state).__name__}")
     out = {}
-    flat = jax.tree_util.tree_flatten_with_path(state.noise, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
-    ratios = jax.tree_util.tree_leaves(state.ratio, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    valids = jax.tree_util.tree_leaves(state.valid, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    for (path, noise), ratio, valid in zip(flat, ratios, valids):
-        if isinstance(noise, optax.MaskedNode):
-            continue
-        out[path_str(path)] = {"noise": noise, "ratio": ratio, "valid": valid}
+    for state in states:
+        flat = jax.tree_util.tree_flatten_with_path(state.noise, is_leaf=_is_masked)[0]
+        rest = [jax.tree_util.tree_leaves(getattr(state, k), is_leaf=_is_masked) for k in ("ratio", "valid", "skipped")]
+        for (path, noise), ratio, valid, skipped in zip(flat, *rest):
+            if _is_masked(noise):
+                continue
+            out[path_str(path)] = {"noise": noise, "ratio": ratio, "valid": valid, "skipped": skipped}
     return out

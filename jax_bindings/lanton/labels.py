@@ -1,9 +1,13 @@
 """Layer-group labels and axis specifications.
 
-`default_labels(params)` assigns every leaf a group kind from its path and rank:
+Names. A leaf is known by the names a user sees: its path with wrapper attributes dropped (the
+trailing `.value` of a Flax NNX `Variable`, so `attn/query/kernel/.value` is `attn/query/kernel`).
+The same leaf gets the same name, label and axes whether the tree holds `nnx.Param` objects (at
+`init`) or bare arrays (gradients at `update`).
+
+`default_labels(params)` assigns every leaf a group kind from its names and rank:
   * rank <= 1, or a norm/bias parameter (key `scale`, `bias`, `gamma`, `beta`, or a path part
-    containing `norm` or starting with `ln`) -> "vector" (leading axes of a rank >= 2 norm
-    parameter, e.g. scanned layers, are batch axes);
+    containing `norm` or starting with `ln`) -> "vector";
   * a path part naming an embedding or output head (`embed*`, `wte`, `wpe`, `lm_head`, `head`,
     `unembed*`) -> "embed";
   * every other matrix -> "hidden", or with `split=True` (the paper's noise study) one of
@@ -14,15 +18,28 @@
 It covers Flax linen (`params/Dense_0/kernel`), Flax NNX (`State` paths), Equinox modules
 (`.weight`/`.bias` attributes) and plain dicts.
 
-Axes: `DimSpec(reduction_axes, output_axes)` names d_in and d_out of a leaf (as
+Axes. `DimSpec(reduction_axes, output_axes)` names d_in and d_out of a leaf (as
 `optax.contrib.MuonDimensionNumbers` does); every other axis is a batch axis, and each slice over
-the batch axes is its own layer with its own noise estimate. The default is Flax's layout
-(..., d_in, d_out), except for leaves whose key is `weight` (Equinox / PyTorch: (..., d_out, d_in)).
+the batch axes is its own layer with its own noise estimate. For a vector leaf the two sets
+together are the vector's axes. `default_dim_spec` chooses, first rule that applies:
+  * conv kernels (rank >= 3 and the key of the module holding the array or, for Equinox, its
+    class name contains `conv`; or any rank >= 4 `kernel` / `weight` outside attention)
+    are one matrix per kernel, the usual practice for Muon on convolutions: Flax
+    `(*window, in, out)` -> (prod(window)*in) x out; Equinox / PyTorch `weight` `(out, in, *window)`
+    -> out x (in*prod(window)). A conv bias (Equinox `(out, 1, ..., 1)`) is one vector;
+  * Flax multi-head attention (`MultiHeadAttention` / `MultiHeadDotProductAttention`: a module
+    with `query`, `key`, `value` and `out` children): the q/k/v kernels `(..., d_model, heads,
+    head_dim)` are d_model x (heads*head_dim), the out kernel `(..., heads, head_dim, d_model)` is
+    (heads*head_dim) x d_model, and the q/k/v biases `(..., heads, head_dim)` one vector each;
+  * leaves whose key is `weight` (Equinox / PyTorch): `(..., d_out, d_in)`;
+  * otherwise Flax's `(..., d_in, d_out)`; vectors: the last axis, leading axes are layers
+    (scanned norms).
+Override any of it per leaf with `dim_numbers=`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 
@@ -34,6 +51,9 @@ MLP_PARTS = frozenset({"fc", "c_fc", "proj", "c_proj", "w1", "w2", "w3", "gate",
                        "gate_proj", "up_proj", "down_proj", "wi"})
 SPLIT_GROUPS = ("qk", "vo", "mlp")
 EMBED_PARTS = frozenset({"wte", "wpe", "lm_head", "head", "unembed", "unembedding", "output_embedding", "tok_embeddings"})
+# Attributes through which a framework wraps an array (Flax NNX Variable.value): not names.
+WRAPPER_ATTRS = frozenset({"value", "raw_value"})
+MHA_CHILDREN = ("query", "key", "value", "out")
 
 
 class DimSpec(NamedTuple):
@@ -50,12 +70,77 @@ def key_name(k) -> str:
     return str(k)
 
 
+def _is_wrapper(k) -> bool:
+    return isinstance(k, jax.tree_util.GetAttrKey) and k.name in WRAPPER_ATTRS
+
+
+def user_path(path) -> tuple:
+    """The path without trailing wrapper attributes (NNX `Variable.value`)."""
+    path = tuple(path)
+    while len(path) > 1 and _is_wrapper(path[-1]):
+        path = path[:-1]
+    return path
+
+
 def path_names(path) -> list[str]:
-    return [key_name(k) for k in path]
+    return [key_name(k) for k in user_path(path)]
 
 
 def path_str(path) -> str:
     return "/".join(path_names(path)) or "<root>"
+
+
+def _container_types(root, path) -> list[str]:
+    """Class names of the nodes along `path` (Equinox modules say what a `weight` belongs to)."""
+    out, node = [], root
+    for k in path:
+        out.append(type(node).__name__)
+        try:
+            if isinstance(k, jax.tree_util.DictKey):
+                node = node[k.key]
+            elif isinstance(k, jax.tree_util.SequenceKey):
+                node = node[k.idx]
+            elif isinstance(k, jax.tree_util.GetAttrKey):
+                node = getattr(node, k.name)
+            else:
+                break
+        except Exception:  # an exotic container: no more type information
+            break
+    return out
+
+
+class LeafContext(NamedTuple):
+    """What the default rules know of one leaf: its user-visible names (lower case), rank, and
+    the structural facts found in the whole tree."""
+
+    names: tuple
+    ndim: int
+    is_conv: bool
+    mha_role: Optional[str]  # "query"/"key"/"value"/"out" inside a Flax multi-head attention
+
+
+def tree_context(params) -> dict:
+    """path string -> LeafContext for every leaf of `params` (one pass over the tree)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = {path_str(p): tuple(n.lower() for n in path_names(p)) for p, _ in flat}
+    # A Flax MHA module: a prefix with query/key/value/out children that each hold a kernel.
+    prefixes = {n[:-2] for n in names.values() if len(n) >= 2 and n[-1] == "kernel" and n[-2] in MHA_CHILDREN}
+    kernels = {n for n in names.values() if n and n[-1] == "kernel"}
+    mha = {p for p in prefixes if all(p + (c, "kernel") in kernels for c in MHA_CHILDREN)}
+    out = {}
+    for path, leaf in flat:
+        key = path_str(path)
+        n = names[key]
+        # Only the module that holds the array decides (a ConvNet may also hold Linear layers).
+        holder = _container_types(params, user_path(path))[-1].lower() if n else ""
+        role = n[-2] if len(n) >= 2 and n[:-2] in mha and n[-2] in MHA_CHILDREN else None
+        ndim = getattr(leaf, "ndim", 0)
+        # Named a conv, or a rank >= 4 kernel/weight outside attention (a scanned Dense would
+        # be rank 3: only names can tell a Conv1D from it).
+        is_conv = ((len(n) >= 2 and "conv" in n[-2]) or "conv" in holder
+                   or (ndim >= 4 and role is None and n[-1:] in (("kernel",), ("weight",))))
+        out[key] = LeafContext(n, ndim, is_conv, role)
+    return out
 
 
 def label_for(path, leaf, split: bool = False) -> str:
@@ -87,8 +172,24 @@ def default_labels(params, split: bool = False):
     return jax.tree_util.tree_map_with_path(lambda p, x: label_for(p, x, split), params)
 
 
-def default_dim_spec(path, leaf) -> DimSpec:
-    names = path_names(path)
-    if names and names[-1] == "weight":
+def default_dim_spec(ctx: LeafContext, kind: str) -> Optional[DimSpec]:
+    """The default axes of a leaf of the given kind (module doc); None: the plain default."""
+    nd, last = ctx.ndim, (ctx.names[-1] if ctx.names else "")
+    if kind == "vector":
+        whole = DimSpec((), tuple(range(nd)))
+        if ctx.is_conv and nd >= 2:
+            return whole
+        if ctx.mha_role in ("query", "key", "value") and nd >= 2:
+            return DimSpec((), (nd - 2, nd - 1))
+        return None
+    if nd >= 3 and ctx.is_conv:
+        if last == "weight":  # (out, in, *window)
+            return DimSpec(tuple(range(1, nd)), 0)
+        return DimSpec(tuple(range(nd - 1)), nd - 1)  # (*window, in, out)
+    if nd >= 3 and ctx.mha_role in ("query", "key", "value"):
+        return DimSpec(nd - 3, (nd - 2, nd - 1))
+    if nd >= 3 and ctx.mha_role == "out":
+        return DimSpec((nd - 3, nd - 2), nd - 1)
+    if last == "weight":
         return DimSpec(reduction_axes=-1, output_axes=-2)
     return DimSpec(reduction_axes=-2, output_axes=-1)

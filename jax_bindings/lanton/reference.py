@@ -58,6 +58,8 @@ def nuclear_norm(d):
 def dual_norm(kind, d, rows_are_input):
     """Dual norm of each layer of d (L, R, C) for the group's kind."""
     r, c = d.shape[-2:]
+    if r * c == 0:  # an empty layer has no noise (the kernels: n = 0, the layer stays invalid)
+        return jnp.zeros(d.shape[0], f32)
     if kind == "hidden":
         d_in, d_out = (r, c) if rows_are_input else (c, r)
         return jnp.sqrt(d_out / d_in) * nuclear_norm(d)
