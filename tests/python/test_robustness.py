@@ -299,3 +299,24 @@ def test_skipped_steps_are_counted_per_layer(backend):
     assert int(stats["blocks/0/attn/q"]["skipped"]) == 2
     np.testing.assert_array_equal(stats["scanned/kernel"]["skipped"], injected["scanned/kernel"])
     assert int(stats["blocks/0/attn/k"]["skipped"]) == 0
+
+
+def test_soak_short_run_is_flat_finite_and_counts_every_skip(tmp_path):
+    """The short variant of benches/soak.py (the full 10,000-step run's figures are committed in
+    benches/results/soak/): spikes and NaN/Inf injections on a bf16 model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benches" / "soak.py"
+    env = dict(os.environ)
+    root = str(Path(lanton.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(script), "--steps", "500", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(result["checks"].values()), result["checks"]
+    assert result["injected_total"] > 0 and result["skipped_total"] == result["injected_total"]
