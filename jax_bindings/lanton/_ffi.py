@@ -2,20 +2,33 @@
 
 Search order for the library: $LANTON_LIBRARY, the copy bundled in this package (lanton/_lib),
 then a development build in the crate's target/release.
+
+The library must match this package: same C ABI version and the same release version (a stale
+build from an older checkout is refused with the command that rebuilds it). XLA keeps one handler
+per target name per process, so the targets are registered once per process: the record of it
+lives in a module of its own (`_lanton_ffi_registry` in sys.modules) that survives a reload or a
+second import of this package; loading again returns the library already registered.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 import threading
+import types
+import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
 
 ABI_VERSION = 1  # must equal LANTON_ABI_VERSION in src/capi.rs
+# The handlers report XLA FFI API 0.3 (src/ffi/api.rs); jaxlib accepts it from 0.10.0 on. Older
+# jaxlib refuses the registration when its CPU backend starts, which breaks every computation of
+# the process, so the loader refuses first.
+MIN_JAXLIB = (0, 10, 0)
 _LIB_NAME = "liblanton.dylib" if sys.platform == "darwin" else "liblanton.so"
 # target name -> exported handler symbol, per XLA platform
 _TARGETS = {
@@ -24,7 +37,14 @@ _TARGETS = {
 }
 # jax backend name -> XLA platform of the targets
 _BACKENDS = {"cpu": "cpu", "gpu": "CUDA", "cuda": "CUDA"}
+_REBUILD = (
+    "Rebuild it: `pip install ./jax_bindings` from the lanton checkout (builds and bundles the "
+    "library with cargo), or `cargo build --release` there and point LANTON_LIBRARY at "
+    "target/release/" + _LIB_NAME + "."
+)
+_REGISTRY_NAME = "_lanton_ffi_registry"
 
+# This module's cache: the loaded library and its path, or the error that stopped loading.
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -43,23 +63,42 @@ def candidate_paths() -> list[Path]:
     return paths
 
 
+def package_version() -> str:
+    """The version of this lanton package (lanton.__version__, which pyproject.toml reads)."""
+    from . import __version__
+
+    return __version__
+
+
 def load_library() -> ctypes.CDLL:
-    """Loads the library once and registers its targets for every platform it supports."""
+    """Loads the library once and registers its targets for every platform it supports.
+
+    Thread-safe; every call (from any thread, a reloaded module or a second import of the
+    package) returns the library whose handlers XLA holds."""
     with _lock:
         if "lib" in _state:
             return _state["lib"]
         if "error" in _state:
             raise LibraryError(_state["error"])
         try:
-            lib = _load_and_register()
+            lib, path = _load_and_register()
         except LibraryError as e:
             _state["error"] = str(e)
             raise
+        _state["path"] = path
         _state["lib"] = lib
         return lib
 
 
-def _load_and_register() -> ctypes.CDLL:
+def _registry() -> types.ModuleType:
+    """The process-wide record of the registration (dict.setdefault is atomic under the GIL)."""
+    reg = sys.modules.setdefault(_REGISTRY_NAME, types.ModuleType(_REGISTRY_NAME, "lanton's XLA FFI targets"))
+    reg.__dict__.setdefault("lock", threading.Lock())
+    reg.__dict__.setdefault("registered", None)  # (path, CDLL) once the targets are registered
+    return reg
+
+
+def _find() -> Path:
     tried = candidate_paths()
     path = next((p for p in tried if p.is_file()), None)
     if path is None:
@@ -68,32 +107,96 @@ def _load_and_register() -> ctypes.CDLL:
             + ". Install the package with `pip install ./jax_bindings` (builds it with cargo) "
             "or point LANTON_LIBRARY at a built liblanton.so."
         )
+    return path
+
+
+def _open_checked(path: Path) -> ctypes.CDLL:
+    """Loads the library and checks that it is a lanton build matching this package."""
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise LibraryError(f"cannot load {path}: {e}") from e
-    if not hasattr(lib, "lanton_abi_version"):
-        raise LibraryError(f"{path} is not a lanton library (no lanton_abi_version)")
+    return _check(lib, path)
+
+
+def _check(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
+    if not hasattr(lib, "lanton_abi_version") or not hasattr(lib, "lanton_version"):
+        raise LibraryError(f"{path} is not a lanton library (no lanton_abi_version/lanton_version)")
     lib.lanton_abi_version.restype = ctypes.c_uint32
     lib.lanton_version.restype = ctypes.c_char_p
-    found = lib.lanton_abi_version()
-    if found != ABI_VERSION:
+    pkg = package_version()
+    found_abi = lib.lanton_abi_version()
+    found = (lib.lanton_version() or b"?").decode(errors="replace")
+    if found_abi != ABI_VERSION:
         raise LibraryError(
-            f"{path} has ABI version {found}, this package needs {ABI_VERSION}: rebuild the library "
-            "(pip install ./jax_bindings) or update LANTON_LIBRARY"
+            f"{path} is liblanton {found} with C ABI version {found_abi}, but this lanton package "
+            f"({pkg}) needs ABI version {ABI_VERSION}. {_REBUILD}"
+        )
+    if found != pkg:
+        raise LibraryError(
+            f"{path} is liblanton {found}, but this lanton package is {pkg}: the library is stale "
+            f"(or newer than the package). {_REBUILD}"
+        )
+    for targets in _TARGETS.values():
+        for symbol in targets.values():
+            if not hasattr(lib, symbol):
+                raise LibraryError(f"{path} lacks the handler {symbol}; it is too old for this package. {_REBUILD}")
+    return lib
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    from jax import lib as jax_lib
+
+    return tuple(int(x) for x in re.findall(r"\d+", jax_lib.__version__)[:3])
+
+
+def _register(lib: ctypes.CDLL, path: Path) -> None:
+    found = _jaxlib_version()
+    if found < MIN_JAXLIB:
+        raise LibraryError(
+            f"jaxlib {'.'.join(map(str, found))} is too old for liblanton ({path}): its XLA FFI "
+            f"handlers need jaxlib >= {'.'.join(map(str, MIN_JAXLIB))} (FFI API 0.3); nothing was "
+            f"registered. Upgrade with `pip install -U 'jax>=0.10' 'jaxlib>=0.10'`."
         )
     for platform, targets in _TARGETS.items():
         for name, symbol in targets.items():
-            fn = getattr(lib, symbol, None)
-            if fn is None:
-                raise LibraryError(f"{path} lacks the handler {symbol}; it is too old for this package")
-            capsule = jax.ffi.pycapsule(fn)
+            capsule = jax.ffi.pycapsule(getattr(lib, symbol))
             # CUDA handlers also run at XLA's initialize stage (kernel compilation and the cuBLAS
             # handle must not happen while a CUDA graph is being captured).
             handler = {"initialize": capsule, "execute": capsule} if platform == "CUDA" else capsule
-            jax.ffi.register_ffi_target(name, handler, platform=platform)
-    _state["path"] = path
-    return lib
+            try:
+                jax.ffi.register_ffi_target(name, handler, platform=platform)
+            except Exception as e:  # XLA refuses, e.g. another library holds the name already
+                raise LibraryError(f"registering {name} ({platform}) from {path} with XLA failed: {e}") from e
+
+
+def _load_and_register() -> tuple[ctypes.CDLL, Path]:
+    path = _find()
+    reg = _registry()
+    with reg.lock:
+        if reg.registered is not None:
+            first_path, first_lib = reg.registered
+            if not _same_file(first_path, path):
+                warnings.warn(
+                    f"lanton: this process registered its XLA targets from {first_path} already; "
+                    f"{path} is not loaded (XLA keeps one handler per target; restart the process "
+                    "to use another library)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            _check(first_lib, first_path)  # still matches this (possibly reloaded) package
+            return first_lib, first_path
+        lib = _open_checked(path)
+        _register(lib, path)
+        reg.registered = (path, lib)
+        return lib, path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def available() -> bool:
@@ -106,6 +209,7 @@ def available() -> bool:
 
 
 def library_info() -> dict:
+    """Where the library XLA runs was loaded from, its version and C ABI version."""
     lib = load_library()
     return {"path": str(_state["path"]), "version": lib.lanton_version().decode(), "abi": ABI_VERSION}
 
