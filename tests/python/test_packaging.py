@@ -1,6 +1,6 @@
 """Packaging: `pip wheel ./jax_bindings` builds a clean, platform-tagged wheel that installs and
 runs the fused step where there is no cargo and no checkout; the versions the package declares
-agree with the library's and Cargo.toml's."""
+agree with the library's, Cargo.toml's and the tested ones."""
 
 import os
 import re
@@ -35,6 +35,22 @@ def test_versions_agree():
     assert lanton.__version__ == cargo["package"]["version"]
     if lanton.kernels_available():
         assert lanton.library_info()["version"] == lanton.__version__
+
+
+def test_declared_jax_range_is_the_tested_range():
+    """pyproject's lower bounds are the versions scripts/test_oldest.sh tests; the main pins are in range."""
+    deps = tomllib.loads((BINDINGS / "pyproject.toml").read_text())["project"]["dependencies"]
+    lower = dict(re.fullmatch(r"([\w-]+)>=([\d.]+)", d).groups() for d in deps if ">=" in d)
+
+    def pins(name):
+        lines = (ROOT / name).read_text().splitlines()
+        return dict(re.fullmatch(r"([\w-]+)==([\d.]+)", ln.split("#")[0].strip()).groups()
+                    for ln in lines if "==" in ln.split("#")[0])
+
+    oldest, newest = pins("requirements-oldest.txt"), pins("requirements.txt")
+    for pkg in ("jax", "jaxlib", "optax"):
+        assert oldest[pkg] == lower[pkg], (pkg, oldest[pkg], lower[pkg])
+        assert tuple(map(int, newest[pkg].split("."))) >= tuple(map(int, lower[pkg].split(".")))
 
 
 def staged_sources(tmp_path) -> Path:
