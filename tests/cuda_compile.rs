@@ -1,5 +1,6 @@
 //! CUDA checks that need no GPU: every kernel compiles through NVRTC for sm_80 and sm_90, and
-//! the library has no link-time CUDA dependency.
+//! the library has no link-time CUDA dependency (checked on the cdylib itself, which the test
+//! builds with cargo when `cargo test` did not leave a current one).
 //!
 //! NVRTC comes from the pip package `nvidia-cuda-nvrtc` (installed by scripts/setup.sh); the
 //! test finds it through LANTON_NVRTC, or next to LANTON_PYTHON's site-packages. Under CI=true
@@ -70,16 +71,43 @@ fn a_broken_kernel_reports_nvrtc_log() {
     assert!(err.contains("sm_1"), "{err}");
 }
 
+/// The cdylib of this build, target/<profile>/liblanton.so (next to this test's deps/ folder),
+/// brought up to date first: `cargo test` builds the crate for the tests but need not leave the
+/// cdylib there (on a fresh target directory it is absent), so it is built here with the same
+/// cargo, profile and target directory as this test. When it is current, that is a no-op.
+fn current_cdylib() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("test binary lives in <target>/<profile>/deps");
+    let target_dir = profile_dir.parent().expect("profile directory has a parent");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--lib", "--manifest-path", concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"), "--target-dir"])
+        .arg(target_dir);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("release") => cmd.arg("--release"),
+        Some("debug") => &mut cmd, // the dev profile
+        Some(other) => cmd.args(["--profile", other]),
+        None => panic!("cannot tell the cargo profile from {}", profile_dir.display()),
+    };
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    println!("{cmd:?}:\n{}", said.trim_end());
+    let so = profile_dir.join("liblanton.so");
+    assert!(so.exists(), "{cmd:?} succeeded but {} does not exist", so.display());
+    so
+}
+
 #[test]
 fn no_cuda_library_is_linked() {
-    // The cdylib next to this test binary (target/<profile>/liblanton.so).
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let so = dir.join("liblanton.so");
-    if !so.exists() {
-        panic!("{} not built (cargo test builds the cdylib with the tests)", so.display());
-    }
+    let so = current_cdylib();
     let out = Command::new("readelf").arg("-d").arg(&so).output().expect("readelf (binutils) is needed");
+    assert!(out.status.success(), "readelf -d {} failed: {}", so.display(), String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let needed: Vec<&str> = text.lines().filter(|l| l.contains("(NEEDED)")).collect();
     assert!(!needed.is_empty(), "readelf found no NEEDED entries: {text}");
