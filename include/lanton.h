@@ -60,10 +60,13 @@ uint32_t lanton_abi_version(void);
  * One LANTON step for one group of f32 leaves in host memory, parameters updated in place.
  * `config_json` is a JSON object (keys as in `StepConfig`; "kind" required), `hyper` holds
  * lr, beta1, beta2, weight_decay, scale, and `step` is the 1-based step t.
- * Returns LANTON_OK, or an error code with a NUL-terminated message in `err` (if non-null).
+ * Returns LANTON_OK, or an error code with a NUL-terminated message in `err` (if non-null):
+ * LANTON_ERR_INVALID for invalid arguments, LANTON_ERR_PANIC for an internal error.
  *
  * # Safety
- * Every pointer must be valid for the sizes its leaf states, and no two buffers may overlap.
+ * `config_json` is null or NUL-terminated; `hyper` is null or holds 5 floats; `leaves` is
+ * null or holds `n_leaves` structs; every non-null leaf pointer is valid for the sizes its
+ * leaf states; no two buffers overlap; `err` is null or holds `err_len` bytes.
  */
 int32_t lanton_step_host_f32(const char *config_json,
                              const float *hyper,

@@ -66,9 +66,9 @@ pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
         let triples = c.as_array().ok_or("config: 'ns_coeffs' must be a list of [a, b, c]")?;
         cfg.ns_coeffs = triples
             .iter()
-            .map(|t| match t.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<_>>()) {
-                Some(a) if a.len() == 3 => Ok([a[0] as f32, a[1] as f32, a[2] as f32]),
-                _ => Err("config: every 'ns_coeffs' entry must be [a, b, c]".to_string()),
+            .map(|t| match t.as_array().map(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>()) {
+                Some(Some(a)) if a.len() == 3 => Ok([a[0] as f32, a[1] as f32, a[2] as f32]),
+                _ => Err("config: every 'ns_coeffs' entry must be [a, b, c] (three numbers)".to_string()),
             })
             .collect::<Result<_, _>>()?;
     }
@@ -98,11 +98,16 @@ pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
     Ok(cfg)
 }
 
+/// Writes `msg` NUL-terminated into `buf[..len]`, truncated (at a UTF-8 character boundary)
+/// to fit; nothing if `buf` is null or `len` is 0.
 fn write_error(buf: *mut c_char, len: usize, msg: &str) {
     if buf.is_null() || len == 0 {
         return;
     }
-    let n = msg.len().min(len - 1);
+    let mut n = msg.len().min(len - 1);
+    while !msg.is_char_boundary(n) {
+        n -= 1;
+    }
     // SAFETY: the caller promises `buf` holds `len` bytes; we write n + 1 <= len.
     unsafe {
         std::ptr::copy_nonoverlapping(msg.as_ptr(), buf as *mut u8, n);
@@ -131,10 +136,13 @@ unsafe fn host_mut<'a, T>(p: *mut T, n: usize, what: &str, leaf: usize) -> Resul
 /// One LANTON step for one group of f32 leaves in host memory, parameters updated in place.
 /// `config_json` is a JSON object (keys as in `StepConfig`; "kind" required), `hyper` holds
 /// lr, beta1, beta2, weight_decay, scale, and `step` is the 1-based step t.
-/// Returns LANTON_OK, or an error code with a NUL-terminated message in `err` (if non-null).
+/// Returns LANTON_OK, or an error code with a NUL-terminated message in `err` (if non-null):
+/// LANTON_ERR_INVALID for invalid arguments, LANTON_ERR_PANIC for an internal error.
 ///
 /// # Safety
-/// Every pointer must be valid for the sizes its leaf states, and no two buffers may overlap.
+/// `config_json` is null or NUL-terminated; `hyper` is null or holds 5 floats; `leaves` is
+/// null or holds `n_leaves` structs; every non-null leaf pointer is valid for the sizes its
+/// leaf states; no two buffers overlap; `err` is null or holds `err_len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn lanton_step_host_f32(
     config_json: *const c_char,
@@ -145,51 +153,61 @@ pub unsafe extern "C" fn lanton_step_host_f32(
     err: *mut c_char,
     err_len: usize,
 ) -> i32 {
-    let result = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+    let invalid = |m: String| (LANTON_ERR_INVALID, m);
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<(), (i32, String)> {
         if config_json.is_null() || hyper.is_null() || (leaves.is_null() && n_leaves > 0) {
-            return Err("config_json, hyper and leaves must not be null".into());
+            return Err(invalid("config_json, hyper and leaves must not be null".into()));
         }
         // SAFETY: non-null and NUL-terminated per this function's contract.
-        let text = unsafe { CStr::from_ptr(config_json) }.to_str().map_err(|_| "config_json is not UTF-8")?;
-        let cfg = config_from_json(text)?;
+        let text = unsafe { CStr::from_ptr(config_json) }.to_str().map_err(|_| invalid("config_json is not UTF-8".into()))?;
+        let cfg = config_from_json(text).map_err(invalid)?;
         // SAFETY: `hyper` holds HYPER_LEN floats per the contract.
-        let h = Hyper::from_slice(unsafe { std::slice::from_raw_parts(hyper, HYPER_LEN) })?;
+        let h = Hyper::from_slice(unsafe { std::slice::from_raw_parts(hyper, HYPER_LEN) }).map_err(invalid)?;
         if step < 1 {
-            return Err(format!("step must be >= 1, got {step}"));
+            return Err(invalid(format!("step must be >= 1, got {step}")));
         }
         // SAFETY: `leaves` holds n_leaves structs per the contract.
         let specs = if n_leaves == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(leaves, n_leaves) } };
         let mut io = Vec::with_capacity(n_leaves);
         for (i, lf) in specs.iter().enumerate() {
             let shape = LayerShape { layers: lf.layers, rows: lf.rows, cols: lf.cols, rows_are_input: lf.rows_are_input != 0 };
-            let n = lf.layers.checked_mul(lf.rows).and_then(|x| x.checked_mul(lf.cols)).ok_or(format!("leaf {i}: size overflows"))?;
+            // Per layer and in all, in elements and in bytes: the kernels size scratch per layer
+            // even where the leaf has no layers.
+            let layer = lf.rows.checked_mul(lf.cols).filter(|&n| n <= isize::MAX as usize / 8);
+            let n = layer.and_then(|x| x.checked_mul(lf.layers)).filter(|&n| n <= isize::MAX as usize / 8);
+            let n = n.ok_or_else(|| invalid(format!("leaf {i}: size {} x {} x {} overflows", lf.layers, lf.rows, lf.cols)))?;
             let l = lf.layers;
             // SAFETY: sizes come from the leaf description the caller vouches for.
             unsafe {
                 io.push(LeafIo {
                     shape,
-                    params: ParamIo::InPlace { param: TensorMut::F32(host_mut(lf.param, n, "param", i)?) },
-                    grad: Tensor::F32(host(lf.grad, n, "grad", i)?),
-                    momentum: TensorMut::F32(host_mut(lf.momentum, n, "momentum", i)?),
-                    prev_grad: TensorMut::F32(host_mut(lf.prev_grad, n, "prev_grad", i)?),
-                    noise: host_mut(lf.noise, l, "noise", i)?,
-                    valid: host_mut(lf.valid, l, "valid", i)?,
-                    prev_step: host_mut(lf.prev_step, l, "prev_step", i)?,
-                    ratio: host_mut(lf.ratio, l, "ratio", i)?,
+                    params: ParamIo::InPlace { param: TensorMut::F32(host_mut(lf.param, n, "param", i).map_err(invalid)?) },
+                    grad: Tensor::F32(host(lf.grad, n, "grad", i).map_err(invalid)?),
+                    momentum: TensorMut::F32(host_mut(lf.momentum, n, "momentum", i).map_err(invalid)?),
+                    prev_grad: TensorMut::F32(host_mut(lf.prev_grad, n, "prev_grad", i).map_err(invalid)?),
+                    noise: host_mut(lf.noise, l, "noise", i).map_err(invalid)?,
+                    valid: host_mut(lf.valid, l, "valid", i).map_err(invalid)?,
+                    prev_step: host_mut(lf.prev_step, l, "prev_step", i).map_err(invalid)?,
+                    ratio: host_mut(lf.ratio, l, "ratio", i).map_err(invalid)?,
                 });
             }
         }
         cpu::group_step(&cfg, &h, step, &mut io);
         Ok(())
     }));
+    finish(result, err, err_len, "lanton_step_host_f32")
+}
+
+/// The C ABI's error convention: a code, and the message (if any) in the caller's buffer.
+fn finish(result: std::thread::Result<Result<(), (i32, String)>>, err: *mut c_char, err_len: usize, what: &str) -> i32 {
     match result {
         Ok(Ok(())) => LANTON_OK,
-        Ok(Err(msg)) => {
+        Ok(Err((code, msg))) => {
             write_error(err, err_len, &msg);
-            LANTON_ERR_INVALID
+            code
         }
         Err(_) => {
-            write_error(err, err_len, "internal error (panic) in lanton_step_host_f32");
+            write_error(err, err_len, &format!("internal error (panic) in {what}"));
             LANTON_ERR_PANIC
         }
     }

@@ -14,6 +14,7 @@ use crate::cpu::{self, LeafIo, ParamIo};
 use crate::cuda::{self, CudaOptions};
 use crate::ffi::api::{dtype, XLA_FFI_CallFrame, XLA_FFI_Error, TRAIT_COMMAND_BUFFER_COMPATIBLE};
 use crate::ffi::buffers::float_dtype_ok;
+use crate::ffi::frame::element_count;
 use crate::ffi::handler::{dispatch, dispatch_staged};
 use crate::ffi::{BufferRef, BufferSet, CallFrame, FfiError, FfiResult, TensorMut};
 use crate::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig, HYPER_LEN};
@@ -167,6 +168,17 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
         }
         let dims3 = param.dims.to_vec();
         let layers = dims3[0];
+        // The buffer's own size was checked; a leaf of zero layers can still claim a layer
+        // size that overflows (the kernels size their per-layer scratch from it).
+        let layer_len = element_count(&dims3[1..]).filter(|&n| n <= isize::MAX as usize / 8);
+        if layer_len.is_none() {
+            return Err(FfiError::invalid(format!(
+                "{}: a layer of {} x {} elements is too large",
+                what(0, false),
+                dims3[1],
+                dims3[2]
+            )));
+        }
         for k in 0..4 {
             let b = a(k)?;
             if !float_dtype_ok(b.dtype) {
@@ -282,6 +294,15 @@ fn run_cpu_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
     Ok(())
 }
 
+/// The CUDA kernels index layers with 32-bit integers: refuse a group they cannot address.
+pub fn check_cuda_limits(layout: &StepLayout) -> FfiResult<()> {
+    let layers = layout.leaves.iter().try_fold(0usize, |n, l| n.checked_add(l.shape.layers));
+    match layers {
+        Some(n) if n <= i32::MAX as usize => Ok(()),
+        _ => Err(FfiError::invalid(format!("the group has more than {} layers (the CUDA kernels' limit)", i32::MAX))),
+    }
+}
+
 /// Reads the CUDA-only attributes (optional; defaults: noise work on, bf16 Newton-Schulz).
 pub fn decode_cuda_options(call: &CallFrame) -> FfiResult<CudaOptions> {
     let noise_work = call.attr_opt("noise_work", CallFrame::attr_bool)?.unwrap_or(true);
@@ -298,6 +319,7 @@ pub fn decode_cuda_options(call: &CallFrame) -> FfiResult<CudaOptions> {
 fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
     let layout = decode_layout(call, in_place)?;
     let opts = decode_cuda_options(call)?;
+    check_cuda_limits(&layout)?;
     cuda::group_step(call, &layout, opts)
 }
 

@@ -75,7 +75,8 @@ fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]
     let mut skipped: Vec<bool> = Vec::new();
 
     // Phase 1: momentum and the noise tracker, layer by layer.
-    for leaf in leaves.iter_mut() {
+    for leaf in leaves.iter_mut().filter(|lf| lf.shape.layers > 0) {
+        // (A leaf without layers has no data; its layer size need not be allocatable.)
         let (shape, n) = (leaf.shape, leaf.shape.layer_len());
         s.fit(n);
         for l in 0..shape.layers {
@@ -117,7 +118,7 @@ fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]
 
     // Phase 3: direction, weight decay and the write-out.
     let mut idx = 0;
-    for leaf in leaves.iter_mut() {
+    for leaf in leaves.iter_mut().filter(|lf| lf.shape.layers > 0) {
         let (shape, n) = (leaf.shape, leaf.shape.layer_len());
         s.fit(n);
         let scale = step::update_scale(cfg.kind, h.scale, &shape);

@@ -65,6 +65,8 @@ pub mod attr_type {
 pub const ARG_BUFFER: i32 = 1;
 pub const RET_BUFFER: i32 = 1;
 pub const EXTENSION_METADATA: i32 = 1;
+pub const STAGE_INSTANTIATE: i32 = 0;
+pub const STAGE_PREPARE: i32 = 1;
 pub const STAGE_INITIALIZE: i32 = 2;
 pub const STAGE_EXECUTE: i32 = 3;
 pub const TRAIT_COMMAND_BUFFER_COMPATIBLE: u32 = 1;
@@ -296,6 +298,9 @@ pub struct XLA_FFI_Api {
 /// `struct_size` as XLA defines it: offset + size of the struct's last field.
 pub const CALL_FRAME_STRUCT_SIZE: usize = 168;
 pub const ERROR_CREATE_ARGS_STRUCT_SIZE: usize = 28;
+/// Through `metadata` / `traits`, the last fields handlers read or write (XLA checks the same).
+pub const METADATA_EXTENSION_STRUCT_SIZE: usize = 32;
+pub const METADATA_STRUCT_SIZE: usize = 36;
 
 macro_rules! assert_offset {
     ($t:ty, $f:ident, $off:expr) => {
@@ -331,3 +336,5 @@ assert_offset!(XLA_FFI_Array, data, 16);
 assert_offset!(XLA_FFI_Scalar, value, 8);
 const _: () = assert!(std::mem::size_of::<XLA_FFI_Api>() == 192);
 const _: () = assert!(std::mem::size_of::<XLA_FFI_Error_GetMessage_Args>() == 40);
+const _: () = assert!(std::mem::offset_of!(XLA_FFI_Metadata, traits) + 4 == METADATA_STRUCT_SIZE);
+const _: () = assert!(std::mem::size_of::<XLA_FFI_Metadata_Extension>() == METADATA_EXTENSION_STRUCT_SIZE);

@@ -35,17 +35,22 @@ pub type FfiResult<T> = Result<T, FfiError>;
 
 /// A decoded argument or result buffer. `data` is only turned into slices by `BufferSet`
 /// (src/ffi/buffers.rs), which proves the aliasing rules first.
+///
+/// Only `CallFrame` builds one, after checking that the dims are non-negative, that their
+/// product (and its size in bytes) fits the address space, and that a non-empty buffer has a
+/// non-null data pointer aligned for its dtype.
 #[derive(Clone, Copy)]
 pub struct BufferRef<'a> {
     pub dtype: i32,
     pub data: *mut c_void,
     pub dims: &'a [i64],
+    elems: usize,
 }
 
 impl<'a> BufferRef<'a> {
-    /// Number of elements; dims were checked non-negative when the buffer was decoded.
+    /// Number of elements (checked not to overflow when the buffer was decoded).
     pub fn len(&self) -> usize {
-        self.dims.iter().map(|&d| d as usize).product()
+        self.elems
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -79,20 +84,58 @@ unsafe fn slice_or_empty<'a, T>(ptr: *const T, len: usize) -> &'a [T] {
     }
 }
 
+/// An attribute array's elements, refused (not read) if `data` is misaligned for `T`.
+///
+/// # Safety
+/// A non-null `data` points at `len` elements of `T` (XLA's contract).
+unsafe fn array_of<'a, T>(name: &str, data: *const c_void, len: usize) -> FfiResult<&'a [T]> {
+    if len > 0 && (data as usize) % std::mem::align_of::<T>() != 0 {
+        return Err(FfiError::invalid(format!("attribute '{name}': array data {data:p} is misaligned")));
+    }
+    Ok(slice_or_empty(data as *const T, len))
+}
+
+/// Product of non-negative dims, `None` if it overflows (a zero dim makes it 0 whatever the rest).
+pub fn element_count(dims: &[i64]) -> Option<usize> {
+    if dims.contains(&0) {
+        return Some(0);
+    }
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+}
+
 impl<'a> CallFrame<'a> {
     /// # Safety
     /// `frame` must be null or point at a call frame XLA (or a test) built, valid for `'a`,
     /// whose `api` table is valid for `'a` too.
     pub unsafe fn from_raw(frame: *const XLA_FFI_CallFrame) -> FfiResult<Self> {
+        let raw = Self::header(frame)?;
+        let api = raw.api.as_ref().ok_or_else(|| FfiError::internal("call frame without api table"))?;
+        let lists = [
+            ("args", raw.args.size, raw.args.types.is_null() || raw.args.args.is_null()),
+            ("rets", raw.rets.size, raw.rets.types.is_null() || raw.rets.rets.is_null()),
+            ("attrs", raw.attrs.size, raw.attrs.types.is_null() || raw.attrs.names.is_null() || raw.attrs.attrs.is_null()),
+        ];
+        for (what, size, null) in lists {
+            if size > 0 && null {
+                return Err(FfiError::invalid(format!("call frame: {what} has {size} entries but a null array")));
+            }
+        }
+        Ok(CallFrame { raw, api })
+    }
+
+    /// The frame itself, checked non-null and at least as large as the struct we read.
+    ///
+    /// # Safety
+    /// As `from_raw`.
+    pub unsafe fn header<'f>(frame: *const XLA_FFI_CallFrame) -> FfiResult<&'f XLA_FFI_CallFrame> {
         let raw = frame.as_ref().ok_or_else(|| FfiError::internal("null call frame"))?;
         if raw.struct_size < CALL_FRAME_STRUCT_SIZE {
-            return Err(FfiError::internal(format!(
+            return Err(FfiError::invalid(format!(
                 "call frame too small: struct_size {} < {}",
                 raw.struct_size, CALL_FRAME_STRUCT_SIZE
             )));
         }
-        let api = raw.api.as_ref().ok_or_else(|| FfiError::internal("call frame without api table"))?;
-        Ok(CallFrame { raw, api })
+        Ok(raw)
     }
 
     pub fn api(&self) -> &'a XLA_FFI_Api {
@@ -116,11 +159,29 @@ impl<'a> CallFrame<'a> {
         if b.rank < 0 {
             return Err(FfiError::invalid(format!("{kind} {i}: negative rank {}", b.rank)));
         }
+        if b.rank > 0 && b.dims.is_null() {
+            return Err(FfiError::invalid(format!("{kind} {i}: rank {} with a null dims pointer", b.rank)));
+        }
+        // SAFETY: a non-null `dims` points at `rank` entries (XLA's contract).
         let dims = slice_or_empty(b.dims as *const i64, b.rank as usize);
         if let Some(d) = dims.iter().find(|&&d| d < 0) {
             return Err(FfiError::invalid(format!("{kind} {i}: negative dimension {d}")));
         }
-        Ok(BufferRef { dtype: b.dtype, data: b.data, dims })
+        let elem_size = dtype::size(b.dtype).max(1);
+        let elems = element_count(dims)
+            .filter(|&n| n.checked_mul(elem_size).is_some_and(|bytes| bytes <= isize::MAX as usize))
+            .ok_or_else(|| FfiError::invalid(format!("{kind} {i}: shape {dims:?} is too large (its size overflows)")))?;
+        if elems > 0 && b.data.is_null() {
+            return Err(FfiError::invalid(format!("{kind} {i}: null data pointer for {elems} elements of shape {dims:?}")));
+        }
+        if elems > 0 && (b.data as usize) % elem_size != 0 {
+            return Err(FfiError::invalid(format!(
+                "{kind} {i}: data pointer {:p} is not aligned to {elem_size} bytes ({})",
+                b.data,
+                dtype::name(b.dtype)
+            )));
+        }
+        Ok(BufferRef { dtype: b.dtype, data: b.data, dims, elems })
     }
 
     pub fn arg(&self, i: usize) -> FfiResult<BufferRef<'a>> {
@@ -143,9 +204,12 @@ impl<'a> CallFrame<'a> {
     pub fn attr_names(&self) -> Vec<String> {
         (0..self.raw.attrs.size.max(0) as usize)
             .map(|i| {
-                // SAFETY: i < size; names[i] points at a ByteSpan.
-                let span = unsafe { &**self.raw.attrs.names.add(i) };
-                String::from_utf8_lossy(unsafe { slice_or_empty(span.ptr as *const u8, span.len) }).into_owned()
+                // SAFETY: i < size; names[i] is null or points at a ByteSpan.
+                match unsafe { (*self.raw.attrs.names.add(i)).as_ref() } {
+                    // SAFETY: a non-null span points at `len` bytes.
+                    Some(span) => String::from_utf8_lossy(unsafe { slice_or_empty(span.ptr as *const u8, span.len) }).into_owned(),
+                    None => "<null name>".to_string(),
+                }
             })
             .collect()
     }
@@ -169,14 +233,29 @@ impl<'a> CallFrame<'a> {
                 let value = match *attrs.types.add(i) {
                     attr_type::SCALAR => {
                         let s = &*(payload as *const XLA_FFI_Scalar);
+                        if s.value.is_null() {
+                            return Err(FfiError::invalid(format!("attribute '{name}' has a null scalar value")));
+                        }
                         AttrValue::Scalar { dtype: s.dtype, value: s.value }
                     }
                     attr_type::ARRAY => {
                         let a = &*(payload as *const XLA_FFI_Array);
+                        if a.data.is_null() && a.size > 0 {
+                            return Err(FfiError::invalid(format!(
+                                "attribute '{name}' has a null data pointer for {} elements",
+                                a.size
+                            )));
+                        }
                         AttrValue::Array { dtype: a.dtype, len: a.size, data: a.data }
                     }
                     attr_type::STRING => {
                         let s = &*(payload as *const XLA_FFI_ByteSpan);
+                        if s.ptr.is_null() && s.len > 0 {
+                            return Err(FfiError::invalid(format!(
+                                "attribute '{name}' has a null string pointer for {} bytes",
+                                s.len
+                            )));
+                        }
                         AttrValue::Str(slice_or_empty(s.ptr as *const u8, s.len))
                     }
                     attr_type::DICTIONARY => AttrValue::Dict,
@@ -203,13 +282,13 @@ impl<'a> CallFrame<'a> {
         })
     }
 
-    /// An integer attribute (S64, S32 or PRED scalars accepted).
+    /// An integer attribute (S64, S32 or PRED scalars accepted). Scalars are read unaligned.
     pub fn attr_i64(&self, name: &str) -> FfiResult<i64> {
         match self.require(name)? {
             // SAFETY: a scalar's value points at one element of its dtype.
-            AttrValue::Scalar { dtype: dtype::S64, value } => Ok(unsafe { *(value as *const i64) }),
-            AttrValue::Scalar { dtype: dtype::S32, value } => Ok(unsafe { *(value as *const i32) } as i64),
-            AttrValue::Scalar { dtype: dtype::PRED, value } => Ok(unsafe { *(value as *const u8) } as i64),
+            AttrValue::Scalar { dtype: dtype::S64, value } => Ok(unsafe { (value as *const i64).read_unaligned() }),
+            AttrValue::Scalar { dtype: dtype::S32, value } => Ok(unsafe { (value as *const i32).read_unaligned() } as i64),
+            AttrValue::Scalar { dtype: dtype::PRED, value } => Ok(unsafe { (value as *const u8).read_unaligned() } as i64),
             other => Err(type_error(name, "an integer scalar", &other)),
         }
     }
@@ -217,8 +296,8 @@ impl<'a> CallFrame<'a> {
     pub fn attr_bool(&self, name: &str) -> FfiResult<bool> {
         match self.require(name)? {
             // SAFETY: PRED scalars are one byte.
-            AttrValue::Scalar { dtype: dtype::PRED, value } => Ok(unsafe { *(value as *const u8) } != 0),
-            AttrValue::Scalar { dtype: dtype::S64, value } => Ok(unsafe { *(value as *const i64) } != 0),
+            AttrValue::Scalar { dtype: dtype::PRED, value } => Ok(unsafe { (value as *const u8).read_unaligned() } != 0),
+            AttrValue::Scalar { dtype: dtype::S64, value } => Ok(unsafe { (value as *const i64).read_unaligned() } != 0),
             other => Err(type_error(name, "a bool scalar", &other)),
         }
     }
@@ -227,8 +306,8 @@ impl<'a> CallFrame<'a> {
     pub fn attr_f32(&self, name: &str) -> FfiResult<f32> {
         match self.require(name)? {
             // SAFETY: a scalar's value points at one element of its dtype.
-            AttrValue::Scalar { dtype: dtype::F32, value } => Ok(unsafe { *(value as *const f32) }),
-            AttrValue::Scalar { dtype: dtype::F64, value } => Ok(unsafe { *(value as *const f64) } as f32),
+            AttrValue::Scalar { dtype: dtype::F32, value } => Ok(unsafe { (value as *const f32).read_unaligned() }),
+            AttrValue::Scalar { dtype: dtype::F64, value } => Ok(unsafe { (value as *const f64).read_unaligned() } as f32),
             other => Err(type_error(name, "a float scalar", &other)),
         }
     }
@@ -245,10 +324,10 @@ impl<'a> CallFrame<'a> {
         match self.require(name)? {
             // SAFETY: an array's data points at `len` elements of its dtype.
             AttrValue::Array { dtype: dtype::F32, len, data } => {
-                Ok(unsafe { slice_or_empty(data as *const f32, len) }.to_vec())
+                Ok(unsafe { array_of::<f32>(name, data, len) }?.to_vec())
             }
             AttrValue::Array { dtype: dtype::F64, len, data } => {
-                Ok(unsafe { slice_or_empty(data as *const f64, len) }.iter().map(|&x| x as f32).collect())
+                Ok(unsafe { array_of::<f64>(name, data, len) }?.iter().map(|&x| x as f32).collect())
             }
             other => Err(type_error(name, "a 1-D float array", &other)),
         }
@@ -258,15 +337,15 @@ impl<'a> CallFrame<'a> {
     pub fn attr_i64_array(&self, name: &str) -> FfiResult<Vec<i64>> {
         match self.require(name)? {
             // SAFETY: an array's data points at `len` elements of its dtype.
-            AttrValue::Array { dtype: dtype::S64, len, data } => Ok(unsafe { slice_or_empty(data as *const i64, len) }.to_vec()),
+            AttrValue::Array { dtype: dtype::S64, len, data } => Ok(unsafe { array_of::<i64>(name, data, len) }?.to_vec()),
             AttrValue::Array { dtype: dtype::S32, len, data } => {
-                Ok(unsafe { slice_or_empty(data as *const i32, len) }.iter().map(|&x| x as i64).collect())
+                Ok(unsafe { array_of::<i32>(name, data, len) }?.iter().map(|&x| x as i64).collect())
             }
             AttrValue::Array { dtype: dtype::U8 | dtype::PRED, len, data } => {
-                Ok(unsafe { slice_or_empty(data as *const u8, len) }.iter().map(|&x| x as i64).collect())
+                Ok(unsafe { array_of::<u8>(name, data, len) }?.iter().map(|&x| x as i64).collect())
             }
             AttrValue::Array { dtype: dtype::S8, len, data } => {
-                Ok(unsafe { slice_or_empty(data as *const i8, len) }.iter().map(|&x| x as i64).collect())
+                Ok(unsafe { array_of::<i8>(name, data, len) }?.iter().map(|&x| x as i64).collect())
             }
             other => Err(type_error(name, "a 1-D integer array", &other)),
         }

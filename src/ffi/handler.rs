@@ -34,20 +34,23 @@ pub unsafe fn dispatch_staged(
 ) -> *mut XLA_FFI_Error {
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: see this function's contract.
-        if let Some(answered) = unsafe { answer_metadata(frame, traits) } {
-            return Ok(answered);
+        unsafe { CallFrame::header(frame) }?;
+        // SAFETY: the header check above proved `frame` non-null and large enough.
+        if unsafe { answer_metadata(frame, traits) }? {
+            return Ok(());
         }
         // SAFETY: see this function's contract.
         let call = unsafe { CallFrame::from_raw(frame) }?;
         // SAFETY: from_raw checked the frame; reading the stage field is plain data.
         match unsafe { (*frame).stage } {
-            STAGE_EXECUTE => body(&call).map(|_| true),
-            STAGE_INITIALIZE => initialize(&call).map(|_| true),
-            _ => Ok(true),
+            STAGE_EXECUTE => body(&call),
+            STAGE_INITIALIZE => initialize(&call),
+            STAGE_INSTANTIATE | STAGE_PREPARE => Ok(()),
+            other => Err(FfiError::invalid(format!("unknown execution stage {other}"))),
         }
     }));
     let err = match outcome {
-        Ok(Ok(_)) => return std::ptr::null_mut(),
+        Ok(Ok(())) => return std::ptr::null_mut(),
         Ok(Err(e)) => e,
         Err(panic) => {
             let what = panic
@@ -55,30 +58,56 @@ pub unsafe fn dispatch_staged(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            FfiError::internal(format!("internal error (panic): {what}"))
+            FfiError::internal(format!("{PANIC_MESSAGE}: {what}"))
         }
     };
     // SAFETY: frame validity as per the contract; create_error never panics.
     unsafe { create_error(frame, &format!("{handler}: {}", err.message), err.code) }
 }
 
-/// If this call is XLA's registration-time metadata query, fills it in and returns Some.
-unsafe fn answer_metadata(frame: *mut XLA_FFI_CallFrame, traits: u32) -> Option<bool> {
-    let frame = frame.as_ref()?;
-    let mut ext = frame.extension_start;
-    while let Some(e) = ext.as_ref() {
+/// The start of the message a handler returns when its body panicked. Reaching it means a
+/// validation is missing: tests/fuzz_frames.rs treats it as a failure.
+pub const PANIC_MESSAGE: &str = "internal error (panic)";
+
+/// Extension nodes followed before the chain is declared malformed (a cycle, say).
+const MAX_EXTENSIONS: usize = 64;
+
+/// If this call is XLA's registration-time metadata query, fills it in and returns true.
+///
+/// # Safety
+/// `frame` is non-null and passed `CallFrame::header`; its extension chain is null-terminated
+/// or cyclic, every node at least an `XLA_FFI_Extension_Base`.
+unsafe fn answer_metadata(frame: *mut XLA_FFI_CallFrame, traits: u32) -> FfiResult<bool> {
+    let mut ext = (*frame).extension_start;
+    for _ in 0..MAX_EXTENSIONS {
+        let Some(e) = ext.as_ref() else { return Ok(false) };
         if e.type_ == EXTENSION_METADATA {
-            let meta_ext = &*(ext as *const XLA_FFI_Metadata_Extension);
-            if let Some(meta) = meta_ext.metadata.as_mut() {
-                meta.api_version.major_version = API_MAJOR;
-                meta.api_version.minor_version = API_MINOR;
-                meta.traits = traits;
+            if e.struct_size < METADATA_EXTENSION_STRUCT_SIZE {
+                return Err(FfiError::invalid(format!(
+                    "metadata extension too small: struct_size {} < {METADATA_EXTENSION_STRUCT_SIZE}",
+                    e.struct_size
+                )));
             }
-            return Some(true);
+            // SAFETY: its struct_size says the node is a whole metadata extension.
+            let meta_ext = &*(ext as *const XLA_FFI_Metadata_Extension);
+            let meta = meta_ext
+                .metadata
+                .as_mut()
+                .ok_or_else(|| FfiError::invalid("metadata extension without a metadata struct"))?;
+            if meta.struct_size < METADATA_STRUCT_SIZE {
+                return Err(FfiError::invalid(format!(
+                    "metadata struct too small: struct_size {} < {METADATA_STRUCT_SIZE}",
+                    meta.struct_size
+                )));
+            }
+            meta.api_version.major_version = API_MAJOR;
+            meta.api_version.minor_version = API_MINOR;
+            meta.traits = traits;
+            return Ok(true);
         }
         ext = e.next;
     }
-    None
+    Err(FfiError::invalid(format!("call frame extension chain longer than {MAX_EXTENSIONS} (a cycle?)")))
 }
 
 /// Creates an XLA error through the api table (XLA copies the message).
