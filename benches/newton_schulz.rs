@@ -58,7 +58,7 @@ fn main() {
             "plain_gflops": gp, "lanton_gflops": gs, "steps": NS_DEFAULT_STEPS,
         }));
     }
-    let threads = lanton::cpu::gemm::pool().current_num_threads();
+    let threads = lanton::cpu::gemm::pool().unwrap_or_else(|e| panic!("{e}")).current_num_threads();
     println!("threads: {threads}; XLA's own f32 Newton-Schulz reference on this CPU: ~110 GFLOP/s (shared/BENCHMARKS.md)");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench_newton_schulz.json");
     let doc = serde_json::json!({"threads": threads, "results": rows_json});

@@ -18,6 +18,12 @@
 #define LANTON_ERR_PANIC 2
 
 /**
+ * The process cannot run the CPU kernels: an invalid environment variable (e.g.
+ * `LANTON_NUM_THREADS=abc`) or a thread pool that cannot start.
+ */
+#define LANTON_ERR_ENV 3
+
+/**
  * One leaf in host memory: `layers` matrices of `rows x cols`, f32, row-major. `param` is
  * updated in place; the state arrays are read and written. Buffers must not overlap.
  */
@@ -61,7 +67,8 @@ uint32_t lanton_abi_version(void);
  * `config_json` is a JSON object (keys as in `StepConfig`; "kind" required), `hyper` holds
  * lr, beta1, beta2, weight_decay, scale, and `step` is the 1-based step t.
  * Returns LANTON_OK, or an error code with a NUL-terminated message in `err` (if non-null):
- * LANTON_ERR_INVALID for invalid arguments, LANTON_ERR_PANIC for an internal error.
+ * LANTON_ERR_INVALID for invalid arguments, LANTON_ERR_ENV for an invalid environment
+ * (see `lanton_check_env`), LANTON_ERR_PANIC for an internal error.
  *
  * # Safety
  * `config_json` is null or NUL-terminated; `hyper` is null or holds 5 floats; `leaves` is
@@ -75,6 +82,19 @@ int32_t lanton_step_host_f32(const char *config_json,
                              size_t n_leaves,
                              char *err,
                              size_t err_len);
+
+/**
+ * Checks the environment variables lanton reads when it runs (today `LANTON_NUM_THREADS`:
+ * unset, blank, or an integer from 1 to 1024). Call it when loading the library to fail
+ * early: the CPU kernels refuse to run with an invalid value.
+ * Returns LANTON_OK, or LANTON_ERR_ENV with a NUL-terminated message naming the variable,
+ * its value and the allowed range in `err` (truncated to `err_len` bytes; nothing written
+ * if `err` is null or `err_len` is 0), or LANTON_ERR_PANIC.
+ *
+ * # Safety
+ * `err` is null or holds `err_len` writable bytes.
+ */
+int32_t lanton_check_env(char *err, size_t err_len);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,7 +1,7 @@
 //! The plain C ABI for hosts other than XLA: a version query and a host-memory f32 step.
 //! Every entry point catches panics; errors are returned as codes plus a message buffer.
 
-use crate::cpu::{self, LeafIo, ParamIo};
+use crate::cpu::{self, LeafIo, ParamIo, PoolError};
 use crate::ffi::{Tensor, TensorMut};
 use crate::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig, HYPER_LEN};
 use std::ffi::{c_char, CStr};
@@ -13,6 +13,9 @@ pub const LANTON_ABI_VERSION: u32 = 1;
 pub const LANTON_OK: i32 = 0;
 pub const LANTON_ERR_INVALID: i32 = 1;
 pub const LANTON_ERR_PANIC: i32 = 2;
+/// The process cannot run the CPU kernels: an invalid environment variable (e.g.
+/// `LANTON_NUM_THREADS=abc`) or a thread pool that cannot start.
+pub const LANTON_ERR_ENV: i32 = 3;
 
 /// One leaf in host memory: `layers` matrices of `rows x cols`, f32, row-major. `param` is
 /// updated in place; the state arrays are read and written. Buffers must not overlap.
@@ -137,7 +140,8 @@ unsafe fn host_mut<'a, T>(p: *mut T, n: usize, what: &str, leaf: usize) -> Resul
 /// `config_json` is a JSON object (keys as in `StepConfig`; "kind" required), `hyper` holds
 /// lr, beta1, beta2, weight_decay, scale, and `step` is the 1-based step t.
 /// Returns LANTON_OK, or an error code with a NUL-terminated message in `err` (if non-null):
-/// LANTON_ERR_INVALID for invalid arguments, LANTON_ERR_PANIC for an internal error.
+/// LANTON_ERR_INVALID for invalid arguments, LANTON_ERR_ENV for an invalid environment
+/// (see `lanton_check_env`), LANTON_ERR_PANIC for an internal error.
 ///
 /// # Safety
 /// `config_json` is null or NUL-terminated; `hyper` is null or holds 5 floats; `leaves` is
@@ -192,10 +196,24 @@ pub unsafe extern "C" fn lanton_step_host_f32(
                 });
             }
         }
-        cpu::group_step(&cfg, &h, step, &mut io);
-        Ok(())
+        cpu::group_step(&cfg, &h, step, &mut io).map_err(|e: PoolError| (LANTON_ERR_ENV, e.to_string()))
     }));
     finish(result, err, err_len, "lanton_step_host_f32")
+}
+
+/// Checks the environment variables lanton reads when it runs (today `LANTON_NUM_THREADS`:
+/// unset, blank, or an integer from 1 to 1024). Call it when loading the library to fail
+/// early: the CPU kernels refuse to run with an invalid value.
+/// Returns LANTON_OK, or LANTON_ERR_ENV with a NUL-terminated message naming the variable,
+/// its value and the allowed range in `err` (truncated to `err_len` bytes; nothing written
+/// if `err` is null or `err_len` is 0), or LANTON_ERR_PANIC.
+///
+/// # Safety
+/// `err` is null or holds `err_len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn lanton_check_env(err: *mut c_char, err_len: usize) -> i32 {
+    let result = catch_unwind(|| cpu::check_env().map_err(|m| (LANTON_ERR_ENV, m)));
+    finish(result, err, err_len, "lanton_check_env")
 }
 
 /// The C ABI's error convention: a code, and the message (if any) in the caller's buffer.

@@ -290,8 +290,10 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
 
 fn run_cpu_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
     let mut d = decode_step_call(call, in_place)?;
-    cpu::group_step(&d.config, &d.hyper, d.t, &mut d.leaves);
-    Ok(())
+    cpu::group_step(&d.config, &d.hyper, d.t, &mut d.leaves).map_err(|e| match e {
+        cpu::PoolError::Env(m) => FfiError::precondition(m),
+        cpu::PoolError::Build(m) => FfiError::internal(m),
+    })
 }
 
 /// The CUDA kernels index layers with 32-bit integers: refuse a group they cannot address.

@@ -26,7 +26,7 @@ fn step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [Leaf], grads: &[Vec<f
             ratio: &mut lf.ratio,
         })
         .collect();
-    group_step(cfg, h, t, &mut io);
+    group_step(cfg, h, t, &mut io).unwrap();
     for lf in leaves.iter_mut() {
         lf.param.iter_mut().zip(&lf.update).for_each(|(p, u)| *p += u);
     }

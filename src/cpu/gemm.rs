@@ -8,26 +8,95 @@ const PARALLEL_MIN_MACS: usize = 1 << 21;
 /// Below this size `syrk` stops splitting and computes its square block whole.
 const SYRK_LEAF: usize = 192;
 
-/// Threads for the GEMMs: `LANTON_NUM_THREADS`, else the machine's cores. The pool is ours, so
-/// XLA's intra-op pool (idle while our custom call runs) is not oversubscribed by nested work.
-pub fn pool() -> &'static rayon::ThreadPool {
-    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let n = std::env::var("LANTON_NUM_THREADS")
-            .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+/// The environment variable that sets the CPU kernels' thread count.
+pub const NUM_THREADS_VAR: &str = "LANTON_NUM_THREADS";
+/// Largest accepted `LANTON_NUM_THREADS`.
+pub const MAX_NUM_THREADS: usize = 1024;
+
+/// Why the CPU kernels cannot run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolError {
+    /// An environment variable (`LANTON_NUM_THREADS`) holds an invalid value.
+    Env(String),
+    /// The thread pool could not be started.
+    Build(String),
+}
+
+impl PoolError {
+    pub fn message(&self) -> &str {
+        match self {
+            PoolError::Env(m) | PoolError::Build(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// Parses a `LANTON_NUM_THREADS` value: `None` (unset) or blank means one thread per core
+/// (`Ok(None)`); otherwise an integer in 1..=MAX_NUM_THREADS, surrounding blanks allowed.
+/// Anything else is an error naming the variable, the value and the allowed range.
+pub fn parse_num_threads(value: Option<&std::ffi::OsStr>) -> Result<Option<usize>, String> {
+    let Some(raw) = value else { return Ok(None) };
+    let text = raw.to_str().map(str::trim);
+    if text == Some("") {
+        return Ok(None);
+    }
+    match text.and_then(|t| t.parse::<usize>().ok()) {
+        Some(n) if (1..=MAX_NUM_THREADS).contains(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "{NUM_THREADS_VAR}={:?} is invalid: expected an integer from 1 to {MAX_NUM_THREADS} \
+             (or unset for one thread per core)",
+            raw.to_string_lossy()
+        )),
+    }
+}
+
+/// Reads and validates `LANTON_NUM_THREADS` now (every call, so a bad value is reported by
+/// every call that would use the CPU kernels, not only by the first).
+pub fn num_threads_from_env() -> Result<Option<usize>, String> {
+    parse_num_threads(std::env::var_os(NUM_THREADS_VAR).as_deref())
+}
+
+/// Checks every environment variable lanton reads when it runs (today `LANTON_NUM_THREADS`).
+pub fn check_env() -> Result<(), String> {
+    num_threads_from_env().map(|_| ())
+}
+
+/// The GEMM thread pool: `LANTON_NUM_THREADS` threads, else the machine's cores. The pool is
+/// ours, so XLA's intra-op pool (idle while our custom call runs) is not oversubscribed by
+/// nested work. Its size is fixed by the first successful call; the variable is validated on
+/// every call.
+pub fn pool() -> Result<&'static rayon::ThreadPool, PoolError> {
+    let requested = num_threads_from_env().map_err(PoolError::Env)?;
+    let built = POOL.get_or_init(|| {
+        let n = requested.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .thread_name(|i| format!("lanton-gemm-{i}"))
             .build()
-            .expect("building the lanton GEMM thread pool")
-    })
+            .map_err(|e| format!("cannot start the lanton GEMM thread pool ({n} threads): {e}"))
+    });
+    built.as_ref().map_err(|e| PoolError::Build(e.clone()))
+}
+
+static POOL: OnceLock<Result<rayon::ThreadPool, String>> = OnceLock::new();
+
+/// Threads of the pool the GEMMs run on (1 if it cannot be built). Once the pool exists this
+/// reads no environment: it runs for every product, inside a step that validated it.
+fn pool_threads() -> usize {
+    match POOL.get() {
+        Some(Ok(p)) => p.current_num_threads(),
+        Some(Err(_)) => 1,
+        None => pool().map(|p| p.current_num_threads()).unwrap_or(1),
+    }
 }
 
 fn parallelism(macs: usize) -> gemm::Parallelism {
-    let n = pool().current_num_threads();
+    let n = pool_threads();
     if n > 1 && macs >= PARALLEL_MIN_MACS {
         gemm::Parallelism::Rayon(n)
     } else {
@@ -161,6 +230,25 @@ mod tests {
                 assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()));
             }
         }
+    }
+
+    #[test]
+    fn num_threads_values() {
+        use std::ffi::OsStr;
+        let p = |s: &str| parse_num_threads(Some(OsStr::new(s)));
+        assert_eq!(parse_num_threads(None), Ok(None));
+        assert_eq!(p(""), Ok(None));
+        assert_eq!(p("  "), Ok(None));
+        assert_eq!(p("1"), Ok(Some(1)));
+        assert_eq!(p(" 8 "), Ok(Some(8)));
+        assert_eq!(p("1024"), Ok(Some(MAX_NUM_THREADS)));
+        for bad in ["abc", "0", "-3", "1025", "4.0", "+", "2 threads", "99999999999999999999999"] {
+            let e = p(bad).unwrap_err();
+            assert!(e.contains("LANTON_NUM_THREADS") && e.contains(&format!("{bad:?}")) && e.contains("1 to 1024"), "{e}");
+        }
+        use std::os::unix::ffi::OsStrExt;
+        let e = parse_num_threads(Some(OsStr::from_bytes(b"\xff4"))).unwrap_err();
+        assert!(e.contains("LANTON_NUM_THREADS") && e.contains("1 to 1024"), "{e}");
     }
 
     #[test]

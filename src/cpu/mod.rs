@@ -5,4 +5,5 @@ pub mod kernels;
 pub mod newton_schulz;
 pub mod step;
 
+pub use gemm::{check_env, PoolError};
 pub use step::{group_step, LeafIo, ParamIo};

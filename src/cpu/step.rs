@@ -1,5 +1,6 @@
 //! The LANTON group step on host memory, following the rules of `crate::step`.
 
+use super::gemm::PoolError;
 use super::kernels;
 use super::newton_schulz::{newton_schulz, nuclear_norm, NsWorkspace};
 use crate::ffi::{Tensor, TensorMut};
@@ -63,9 +64,11 @@ pub fn direction(cfg: &StepConfig, v: &[f32], shape: &LayerShape, out: &mut [f32
     }
 }
 
-/// One LANTON step for every layer of every leaf of one group. Runs on lanton's GEMM pool.
-pub fn group_step(cfg: &StepConfig, hyper: &Hyper, t: i32, leaves: &mut [LeafIo]) {
-    super::gemm::pool().install(|| group_step_on_pool(cfg, hyper, t, leaves))
+/// One LANTON step for every layer of every leaf of one group. Runs on lanton's GEMM pool;
+/// fails (touching nothing) if that pool cannot run, e.g. `LANTON_NUM_THREADS` is invalid.
+pub fn group_step(cfg: &StepConfig, hyper: &Hyper, t: i32, leaves: &mut [LeafIo]) -> Result<(), PoolError> {
+    super::gemm::pool()?.install(|| group_step_on_pool(cfg, hyper, t, leaves));
+    Ok(())
 }
 
 fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]) {

@@ -51,6 +51,7 @@ pub mod dtype {
 
 pub mod errc {
     pub const INVALID_ARGUMENT: i32 = 3;
+    pub const FAILED_PRECONDITION: i32 = 9;
     pub const UNIMPLEMENTED: i32 = 12;
     pub const INTERNAL: i32 = 13;
 }

@@ -23,6 +23,10 @@ impl FfiError {
     pub fn unimplemented(message: impl Into<String>) -> Self {
         FfiError { code: errc::UNIMPLEMENTED, message: message.into() }
     }
+    /// The process is not set up for the call (e.g. an invalid environment variable).
+    pub fn precondition(message: impl Into<String>) -> Self {
+        FfiError { code: errc::FAILED_PRECONDITION, message: message.into() }
+    }
 }
 
 impl fmt::Display for FfiError {
