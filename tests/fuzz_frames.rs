@@ -1302,7 +1302,7 @@ fn run_c_abi_case(stats: &mut Stats, seed: u64, case: u64) {
         let total = layers.checked_mul(rows).and_then(|x| x.checked_mul(cols));
         // Backed only when the stated sizes fit in a real allocation; otherwise pointers are
         // null, or (for sizes no memory can have, or zero-length arrays) small live blocks.
-        let backed = |count: Option<usize>| count.is_some_and(|c| c * 4 <= MAX_ALLOC_BYTES);
+        let backed = |count: Option<usize>| count.is_some_and(|c| c <= MAX_ALLOC_BYTES / 4);
         let field = |count: Option<usize>, rng: &mut Rng, arena: &mut Arena| -> *mut c_void {
             if rng.one_in(15) {
                 return std::ptr::null_mut();
@@ -1380,7 +1380,8 @@ fn run_c_abi_case(stats: &mut Stats, seed: u64, case: u64) {
 #[allow(clippy::too_many_arguments)]
 fn check_c_result(stats: &mut Stats, seed: u64, case: u64, name: &str, rc: i32, allowed: &[i32], buf: &[u8], null: bool, len: usize) {
     if !allowed.contains(&rc) {
-        let msg = String::from_utf8_lossy(&buf[..len.min(buf.len())]).into_owned();
+        let end = buf[..len].iter().position(|&b| b == 0).unwrap_or(len);
+        let msg = String::from_utf8_lossy(&buf[..end]).into_owned();
         stats.fail(seed, case, format!("{name}: return code {rc} (message {msg:?})"));
         return;
     }
@@ -1609,4 +1610,40 @@ fn regression_c_abi_zero_layer_leaf_and_loose_ns_coeffs() {
     let (rc, msg) = host_call(r#"{"kind": "hidden", "ns_coeffs": [[1, "a", 2, 3]]}"#, &leaf(0, 1, 1));
     assert_eq!(rc, LANTON_ERR_INVALID, "{msg}");
     assert!(msg.contains("every 'ns_coeffs' entry must be [a, b, c]"), "{msg}");
+}
+
+#[test]
+fn regression_last_representable_step() {
+    // t = i32::MAX: "is t + 1 a noise step?" overflowed (a panic with overflow checks, a
+    // wrapped step otherwise).
+    let mut f = one_leaf_frame();
+    f.step = Some(i32::MAX);
+    for (name, h) in &TARGETS[..2] {
+        call(&f, *h).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let mut state = [0.5f32; 7]; // param, grad, momentum, prev_grad, noise, valid, ratio
+    let mut steps = [0i32; 1];
+    let p = state.as_mut_ptr();
+    // SAFETY: offsets 0..7 lie inside `state`; every buffer is one distinct element.
+    let at = |i: usize| unsafe { p.add(i) };
+    let leaf = LantonLeafF32 {
+        layers: 1,
+        rows: 1,
+        cols: 1,
+        rows_are_input: 1,
+        param: at(0),
+        grad: at(1),
+        momentum: at(2),
+        prev_grad: at(3),
+        noise: at(4),
+        valid: at(5),
+        prev_step: steps.as_mut_ptr(),
+        ratio: at(6),
+    };
+    let cfg = c"{\"kind\": \"embed\", \"noise_every\": 1}";
+    let hyper = [0.02f32, 0.9, 0.9, 0.0, 0.2];
+    // SAFETY: every pointer is valid for the one element the leaf states; none overlap.
+    let rc = unsafe { lanton_step_host_f32(cfg.as_ptr(), hyper.as_ptr(), i32::MAX, &leaf, 1, std::ptr::null_mut(), 0) };
+    assert_eq!(rc, LANTON_OK);
+    assert_eq!(steps[0], i32::MAX, "G_prev kept for step t + 1 (K = 1)");
 }

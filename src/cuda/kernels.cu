@@ -122,8 +122,9 @@ __device__ __forceinline__ Where locate(const LeafBatch& b) {
     return {j, (int)blockIdx.x - b.first_block[j], b.chunks[j]};
 }
 
-__device__ __forceinline__ bool is_noise_step(const GroupArgs& g, int t) {
-    return g.noise_adaptive && t >= 2 && (t % g.noise_every) == 0;
+// 64-bit: callers ask about t + 1, which must not overflow at t = INT_MAX (as on the CPU).
+__device__ __forceinline__ bool is_noise_step(const GroupArgs& g, long long t) {
+    return g.noise_adaptive && t >= 2 && (t % (long long)g.noise_every) == 0;
 }
 __device__ __forceinline__ bool prev_usable(int prev_step, int t) { return prev_step >= 1 && prev_step == t - 1; }
 
@@ -183,7 +184,7 @@ extern "C" __global__ void lanton_prepare(LeafBatch batch, GroupArgs g) {
     const double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
     const bool finite = acc[ACC_NONFINITE] == 0.0;
     const bool noise = finite && g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t);
-    const bool keep = finite && is_noise_step(g, t + 1);
+    const bool keep = finite && is_noise_step(g, (long long)t + 1);
     const float inv_v = (float)(1.0 / (sqrt(acc[ACC_V2]) + 1e-7));
     const double dnorm = sqrt(acc[ACC_D]);
     const float inv_d = (noise && dnorm > 0.0 && isfinite(dnorm)) ? (float)(1.0 / dnorm) : 0.f;
@@ -239,7 +240,7 @@ extern "C" __global__ void lanton_track(LeafBatch batch, GroupArgs g) {
             if (n > 0.f) valid = 1.f;
         }
     }
-    if (finite && is_noise_step(g, t + 1)) a.prev_step[l] = t;
+    if (finite && is_noise_step(g, (long long)t + 1)) a.prev_step[l] = t;
     a.noise[l] = h;
     a.valid[l] = valid;
     g.group_h[a.group_layer + l] = h;

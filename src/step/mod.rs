@@ -133,13 +133,18 @@ impl StepConfig {
     }
 
     /// Is the noise tracker refreshed on step t (1-based)? Step 1 has no previous gradient.
+    /// (In i64: K may exceed i32::MAX, and t + 1 must not overflow at t = i32::MAX.)
     pub fn is_noise_step(&self, t: i32) -> bool {
-        self.noise_adaptive && t >= 2 && t % self.noise_every as i32 == 0
+        self.is_noise_step_i64(t as i64)
+    }
+
+    fn is_noise_step_i64(&self, t: i64) -> bool {
+        self.noise_adaptive && t >= 2 && t % self.noise_every.max(1) as i64 == 0
     }
 
     /// Must G be kept as G_prev on step t? Only when step t+1 will use it.
     pub fn stores_prev_grad(&self, t: i32) -> bool {
-        self.is_noise_step(t + 1)
+        self.is_noise_step_i64(t as i64 + 1)
     }
 }
 
@@ -258,6 +263,14 @@ mod tests {
         assert_eq!(stores, vec![9, 19, 29, 39]);
         c.noise_adaptive = false;
         assert!((1..=40).all(|t| !c.is_noise_step(t) && !c.stores_prev_grad(t)));
+        // The extremes of t and K (the C ABI accepts K up to u32::MAX).
+        c.noise_adaptive = true;
+        c.noise_every = 1;
+        assert!(c.is_noise_step(i32::MAX) && c.stores_prev_grad(i32::MAX));
+        c.noise_every = u32::MAX;
+        assert!((1..=1000).chain([i32::MAX]).all(|t| !c.is_noise_step(t) && !c.stores_prev_grad(t)));
+        c.noise_every = 1 << 31;
+        assert!(!c.is_noise_step(i32::MAX) && c.stores_prev_grad(i32::MAX));
         assert!(prev_grad_usable(9, 10) && !prev_grad_usable(8, 10) && !prev_grad_usable(0, 1));
     }
 
