@@ -82,8 +82,39 @@ pub fn newton_schulz(v: &[f32], rows: usize, cols: usize, coeffs: &[[f32; 3]], o
     }
 }
 
-/// ||d||_* = <d, polar(d)>, with the polar factor from `step::nuclear_schedule()`.
+/// Gram eigenvalues below this fraction of the largest are f32 round-off of the product, not
+/// signal: their square roots would add ~3e-4 of sigma_max each (a rank-1 768x768 D would read
+/// 1.2x its norm). Singular values under 1e-3 sigma_max are dropped with them.
+pub const GRAM_EIGEN_FLOOR: f32 = 1e-7;
+
+/// ||d||_* = sum of sqrt(eigenvalues) of the Gram matrix of the smaller side, D D^T (m x m,
+/// m = min(rows, cols)): a symmetric product plus faer's symmetric eigenvalue solver. This is
+/// the CPU's noise estimate (0.2-0.4x a Newton-Schulz-5 here, see benches/newton_schulz.rs); the
+/// GPU keeps the polar iteration (`nuclear_norm_polar`), which suits tensor cores.
 pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> f32 {
+    let (m, n, _) = load_oriented(d, rows, cols, &mut ws.x);
+    let fro = frobenius(&ws.x[..m * n]);
+    if fro == 0.0 || !fro.is_finite() {
+        return fro as f32;
+    }
+    // Normalized, the Gram matrix has trace 1: no overflow whatever the gradients' scale.
+    let inv = (1.0 / fro) as f32;
+    ws.x[..m * n].iter_mut().for_each(|e| *e *= inv);
+    resize(&mut ws.a, m * m);
+    gemm::syrk(m, n, &ws.x[..m * n], &mut ws.a);
+    let gram = faer::MatRef::from_row_major_slice(&ws.a[..m * m], m, m);
+    let Ok(eigenvalues) = gram.self_adjoint_eigenvalues(faer::Side::Lower) else {
+        // The solver did not converge (it does for any finite symmetric input): the polar factor.
+        return nuclear_norm_polar(d, rows, cols, ws);
+    };
+    let top = eigenvalues.iter().copied().fold(0.0f32, f32::max);
+    let sum: f64 = eigenvalues.iter().filter(|&&l| l > GRAM_EIGEN_FLOOR * top).map(|&l| (l as f64).sqrt()).sum();
+    (fro * sum) as f32
+}
+
+/// ||d||_* = <d, polar(d)>, with the polar factor from `step::nuclear_schedule()`: the
+/// estimator the CUDA kernels use, kept here as their host-side twin and for the benchmark.
+pub fn nuclear_norm_polar(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> f32 {
     let (m, n, _) = load_oriented(d, rows, cols, &mut ws.x);
     let fro = frobenius(&ws.x[..m * n]);
     if fro == 0.0 || !fro.is_finite() {

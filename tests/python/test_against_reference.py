@@ -85,21 +85,24 @@ def test_inplace_fused_path_equals_update_path():
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def test_nuclear_norm_accuracy_against_numpy_svd():
+@pytest.mark.parametrize("estimator,bar", [("nuclear_norm", 5e-3), ("nuclear_norm_polar", 1e-2)])
+def test_nuclear_norm_accuracy_against_numpy_svd(estimator, bar):
+    est = getattr(lanton.reference, estimator)
     rng = np.random.default_rng(0)
     for shape in [(1, 40), (40, 1), (48, 48), (64, 200), (200, 64)]:
         low = rng.normal(size=(shape[0], 3)) @ rng.normal(size=(3, shape[1]))
         d = (low + 0.3 * rng.normal(size=shape)).astype(np.float32)
         want = np.linalg.svd(d.astype(np.float64), compute_uv=False).sum()
-        got = float(lanton.reference.nuclear_norm(jnp.asarray(d)[None])[0])
-        assert abs(got - want) / want < 0.01, (shape, got, want)
-        # A power-law spectrum: the slowly converging small singular values.
+        got = float(est(jnp.asarray(d)[None])[0])
+        assert abs(got - want) / want < bar, (shape, got, want)
+        # Power-law and rank-1 spectra: slowly converging small singular values, an exact zero floor.
         k = min(shape)
         u = np.linalg.qr(rng.normal(size=(shape[0], k)))[0]
         v = np.linalg.qr(rng.normal(size=(shape[1], k)))[0]
-        s = 1.0 / (1.0 + np.arange(k))
-        got = float(lanton.reference.nuclear_norm(jnp.asarray(((u * s) @ v.T).astype(np.float32))[None])[0])
-        assert abs(got - s.sum()) / s.sum() < 0.01, (shape, got, s.sum())
+        for s in (1.0 / (1.0 + np.arange(k)), np.eye(k)[0] * 2.0):
+            got = float(est(jnp.asarray(((u * s) @ v.T).astype(np.float32))[None])[0])
+            assert abs(got - s.sum()) / s.sum() < bar, (shape, got, s.sum())
+    assert float(est(jnp.zeros((1, 3, 4)))[0]) == 0.0
 
 
 def test_non_finite_gradients_do_not_corrupt_state():
