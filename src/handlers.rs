@@ -17,7 +17,7 @@ use crate::ffi::buffers::float_dtype_ok;
 use crate::ffi::frame::element_count;
 use crate::ffi::handler::{dispatch, dispatch_staged};
 use crate::ffi::{BufferRef, BufferSet, CallFrame, FfiError, FfiResult, TensorMut};
-use crate::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig, HYPER_LEN};
+use crate::step::{Hyper, Kind, LayerShape, NuclearEstimator, RatioStat, StepConfig, HYPER_LEN};
 
 pub const ARGS_PER_LEAF: usize = 7;
 pub const RETS_PER_LEAF: usize = 7;
@@ -54,6 +54,12 @@ pub fn decode_config(call: &CallFrame) -> FfiResult<StepConfig> {
         ratio_eps: call.attr_f32("ratio_eps")?,
         nesterov: call.attr_bool("nesterov")?,
         vector_eps: call.attr_f32("vector_eps")?,
+        nuclear: match call.attr_opt("noise_estimator", CallFrame::attr_str)?.as_deref() {
+            None => NuclearEstimator::Auto,
+            Some(s) => NuclearEstimator::parse(s).ok_or_else(|| {
+                FfiError::invalid(format!("attribute 'noise_estimator': expected auto, eigen or polar, got '{s}'"))
+            })?,
+        },
     };
     cfg.validate().map_err(FfiError::invalid)?;
     Ok(cfg)
@@ -320,6 +326,11 @@ pub fn decode_cuda_options(call: &CallFrame) -> FfiResult<CudaOptions> {
 
 fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
     let layout = decode_layout(call, in_place)?;
+    if layout.config.nuclear == NuclearEstimator::GramEigen {
+        return Err(FfiError::invalid(
+            "attribute 'noise_estimator': 'eigen' runs on CPU only; the CUDA kernels estimate the noise by polar iteration ('polar' or 'auto')",
+        ));
+    }
     let opts = decode_cuda_options(call)?;
     check_cuda_limits(&layout)?;
     cuda::group_step(call, &layout, opts)

@@ -147,6 +147,8 @@ fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handl
     let mut f = step_frame(kind, specs, 1, &mut rng);
     f.set_attr("noise_every", Attr::I64(k));
     f.set_attr("ns_dtype", Attr::Str(ns_dtype.into()));
+    // The GPU's noise estimator on both sides (the CPU's own default is the Gram eigenvalues).
+    f.set_attr("noise_estimator", Attr::Str("polar".into()));
     let mut out = Vec::new();
     for t in 1..=steps {
         f.args[1] = OwnedBuffer::i32(&[], &[t]);

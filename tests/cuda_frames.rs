@@ -35,6 +35,12 @@ fn cuda_handlers_validate_before_touching_the_device() {
         let mut f = frame("hidden", dtype::F32);
         f.set_attr("noise_work", Attr::Str("yes".into()));
         expect_error(&mut f, h, &["'noise_work'"]);
+        let mut f = frame("hidden", dtype::F32);
+        f.set_attr("noise_estimator", Attr::Str("eigen".into()));
+        expect_error(&mut f, h, &["'noise_estimator'", "CPU only"]);
+        let mut f = frame("hidden", dtype::F32);
+        f.set_attr("noise_estimator", Attr::Str("svd".into()));
+        expect_error(&mut f, h, &["'noise_estimator'", "got 'svd'"]);
     }
 }
 

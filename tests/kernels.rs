@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use lanton::cpu::newton_schulz::{newton_schulz, nuclear_norm, nuclear_norm_polar, NsWorkspace};
 use lanton::cpu::step::{direction, dual_norm};
-use lanton::step::{Kind, LayerShape, StepConfig};
+use lanton::step::{Kind, LayerShape, NuclearEstimator, StepConfig};
 
 const SHAPES: &[(usize, usize)] = &[(1, 9), (9, 1), (16, 16), (24, 40), (40, 24), (33, 130), (130, 33)];
 
@@ -130,7 +130,7 @@ fn dual_norms_match_f64_with_kind_factors() {
                 let d64: Vec<f64> = d.iter().map(|&x| x as f64).collect();
                 for kind in [Kind::Hidden, Kind::Embed, Kind::Vector] {
                     let want = ref_dual_norm(kind, &d64, &shape);
-                    let got = dual_norm(kind, &d, &shape, &mut ws) as f64;
+                    let got = dual_norm(kind, NuclearEstimator::Auto, &d, &shape, &mut ws) as f64;
                     let tol = if kind == Kind::Hidden { 1e-2 } else { 1e-5 };
                     assert!((got - want).abs() <= tol * want, "{kind} {r}x{c} rows_in={rows_are_input}: {got} vs {want}");
                 }

@@ -6,6 +6,9 @@ import dataclasses
 
 KINDS = ("hidden", "embed", "vector")
 RATIO_STATS = ("max", "mean", "min")
+# The noise estimate's nuclear norm: each platform's kernels have a default ("auto": Gram
+# eigenvalues on CPU, polar iteration on CUDA); "polar" runs everywhere, "eigen" on CPU only.
+NOISE_ESTIMATORS = ("auto", "eigen", "polar")
 # Keller Jordan's quintic Newton-Schulz coefficients (muon.py), 5 steps.
 NS_DEFAULT = (3.4445, -4.7750, 2.0315)
 NS_DEFAULT_STEPS = 5
@@ -26,6 +29,7 @@ class StepConfig:
     # Newton-Schulz operand dtype on CUDA (f32 accumulation either way); the CPU kernels and
     # the reference always compute in f32.
     ns_dtype: str = "bfloat16"
+    noise_estimator: str = "auto"
 
     def is_noise_step(self, t):
         """Step t (1-based, may be traced) refreshes the noise tracker (src/step/mod.rs)."""
@@ -34,6 +38,8 @@ class StepConfig:
     def __post_init__(self):
         if self.ns_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"ns_dtype must be 'bfloat16' or 'float32', got {self.ns_dtype!r}")
+        if self.noise_estimator not in NOISE_ESTIMATORS:
+            raise ValueError(f"lanton option 'noise_estimator' must be one of {NOISE_ESTIMATORS}, got {self.noise_estimator!r}")
         if self.kind not in KINDS:
             raise ValueError(f"unknown group kind {self.kind!r}; expected one of {KINDS}")
         if self.ratio_stat not in RATIO_STATS:

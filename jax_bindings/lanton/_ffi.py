@@ -259,6 +259,7 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool):
         rows_are_input=np.asarray([lf[7] for lf in leaves], np.uint8),
         leaf_names="\n".join(names),
         ns_dtype=config.ns_dtype,
+        noise_estimator=config.noise_estimator,
     )
     if config.kind == "hidden" and config.noise_adaptive:
         # The hidden group's noise work (polar iterations) is worth skipping on steps that do

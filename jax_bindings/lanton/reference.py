@@ -72,19 +72,23 @@ def nuclear_norm_polar(d):
     return fro[..., 0, 0] * jnp.sum(x0 * p, axis=(-2, -1))
 
 
-def _platform_nuclear_norm(d):
-    """The estimator of the fused kernels of the platform this runs on."""
+def _nuclear_norm_for(estimator, d):
+    """The estimator the config names; "auto": that of the platform's fused kernels."""
+    if estimator == "eigen":
+        return nuclear_norm(d)
+    if estimator == "polar":
+        return nuclear_norm_polar(d)
     return jax.lax.platform_dependent(d, cpu=nuclear_norm, default=nuclear_norm_polar)
 
 
-def dual_norm(kind, d, rows_are_input):
+def dual_norm(kind, d, rows_are_input, estimator="auto"):
     """Dual norm of each layer of d (L, R, C) for the group's kind."""
     r, c = d.shape[-2:]
     if r * c == 0:  # an empty layer has no noise (the kernels: n = 0, the layer stays invalid)
         return jnp.zeros(d.shape[0], f32)
     if kind == "hidden":
         d_in, d_out = (r, c) if rows_are_input else (c, r)
-        return jnp.sqrt(d_out / d_in) * _platform_nuclear_norm(d)
+        return jnp.sqrt(d_out / d_in) * _nuclear_norm_for(estimator, d)
     if kind == "embed":
         return jnp.sum(jnp.abs(d), axis=(-2, -1))
     return jnp.sqrt(r * c) * jnp.sqrt(jnp.sum(jnp.square(d), axis=(-2, -1)))
@@ -136,7 +140,7 @@ def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bo
         usable = noise_step & finite & (pstep >= 1) & (pstep == t - 1)
         n = jax.lax.cond(
             jnp.any(usable),
-            lambda g=g, prev=prev, rows_in=rows_in: dual_norm(config.kind, g - prev.astype(f32), rows_in),
+            lambda g=g, prev=prev, rows_in=rows_in: dual_norm(config.kind, g - prev.astype(f32), rows_in, config.noise_estimator),
             lambda g=g: jnp.zeros(g.shape[0], f32),
         )
         upd = usable & jnp.isfinite(n)

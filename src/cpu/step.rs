@@ -2,9 +2,9 @@
 
 use super::gemm::PoolError;
 use super::kernels;
-use super::newton_schulz::{newton_schulz, nuclear_norm, NsWorkspace};
+use super::newton_schulz::{newton_schulz, nuclear_norm, nuclear_norm_polar, NsWorkspace};
 use crate::ffi::{Tensor, TensorMut};
-use crate::step::{self, Hyper, Kind, LayerShape, StepConfig};
+use crate::step::{self, Hyper, Kind, LayerShape, NuclearEstimator, StepConfig};
 
 /// How the step's result leaves the kernel.
 pub enum ParamIo<'a> {
@@ -45,9 +45,11 @@ impl Scratch {
     }
 }
 
-/// Raw norm (nuclear, l1 or l2) of `d` times the kind's dual-norm factor.
-pub fn dual_norm(kind: Kind, d: &[f32], shape: &LayerShape, ns: &mut NsWorkspace) -> f32 {
+/// Raw norm (nuclear, l1 or l2) of `d` times the kind's dual-norm factor; the CPU's nuclear
+/// norm is the Gram-eigenvalue estimator unless `nuclear` asks for the polar iteration.
+pub fn dual_norm(kind: Kind, nuclear: NuclearEstimator, d: &[f32], shape: &LayerShape, ns: &mut NsWorkspace) -> f32 {
     let raw = match kind {
+        Kind::Hidden if nuclear == NuclearEstimator::Polar => nuclear_norm_polar(d, shape.rows, shape.cols, ns),
         Kind::Hidden => nuclear_norm(d, shape.rows, shape.cols, ns),
         Kind::Embed => kernels::l1(d),
         Kind::Vector => kernels::l2(d),
@@ -96,7 +98,7 @@ fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]
             if noise_step && step::prev_grad_usable(leaf.prev_step[l], t) {
                 leaf.prev_grad.read(off, &mut s.d);
                 s.d.iter_mut().zip(&s.g).for_each(|(d, &g)| *d = g - *d);
-                let norm = dual_norm(cfg.kind, &s.d, &shape, &mut s.ns);
+                let norm = dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns);
                 if norm.is_finite() {
                     leaf.noise[l] = step::track_noise(leaf.noise[l], norm, h.beta2);
                     if norm > 0.0 {

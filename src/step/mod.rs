@@ -86,6 +86,28 @@ pub fn nuclear_schedule() -> Vec<[f32; 3]> {
     s
 }
 
+/// How a hidden group's noise estimate computes ||G - G_prev||_* (ALGORITHM.md: any estimate
+/// within 1 % will do). Each backend has its own default (`Auto`): the CPU's is `GramEigen`
+/// (a symmetric product and an eigenvalue solver: 0.2-0.35x a Newton-Schulz-5 there), the
+/// GPU's `Polar` (7 polar iterations on tensor cores; a per-matrix eigensolver is latency-bound).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NuclearEstimator {
+    Auto,
+    GramEigen,
+    Polar,
+}
+
+impl NuclearEstimator {
+    pub fn parse(s: &str) -> Option<NuclearEstimator> {
+        match s {
+            "auto" => Some(NuclearEstimator::Auto),
+            "eigen" => Some(NuclearEstimator::GramEigen),
+            "polar" => Some(NuclearEstimator::Polar),
+            _ => None,
+        }
+    }
+}
+
 /// Structural choices: compile-time attributes of the custom call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepConfig {
@@ -102,6 +124,8 @@ pub struct StepConfig {
     pub nesterov: bool,
     /// eps in B / (rms(B) + eps) for `vector`.
     pub vector_eps: f32,
+    /// The noise estimate's nuclear norm (hidden groups).
+    pub nuclear: NuclearEstimator,
 }
 
 impl StepConfig {
@@ -115,6 +139,7 @@ impl StepConfig {
             ratio_eps: 1e-30,
             nesterov: false,
             vector_eps: 1e-8,
+            nuclear: NuclearEstimator::Auto,
         }
     }
 
