@@ -208,6 +208,24 @@ def available() -> bool:
     return _BACKENDS.get(jax.default_backend()) in _TARGETS
 
 
+def environment_problem():
+    """The library's own check of the environment it reads (LANTON_NUM_THREADS): None if fine,
+    else its message. None too when the library cannot be loaded (nothing of it will run)."""
+    try:
+        lib = load_library()
+    except LibraryError:
+        return None
+    fn = getattr(lib, "lanton_check_env", None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_int32
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    buf = ctypes.create_string_buffer(512)
+    if fn(buf, len(buf)) == 0:
+        return None
+    return buf.value.decode(errors="replace") or "invalid environment for liblanton"
+
+
 def library_info() -> dict:
     """Where the library XLA runs was loaded from, its version and C ABI version."""
     lib = load_library()

@@ -180,6 +180,10 @@ class _Lanton:
                  ns_dtype="bfloat16", noise_estimator="auto"):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
+        if backend != "reference":
+            problem = _ffi.environment_problem()  # e.g. LANTON_NUM_THREADS=abc: fail here, by name
+            if problem:
+                raise ValueError(f"lanton: {problem}")
         # Every concrete value is checked here, by name (traced ones cannot be: see _checks).
         self.learning_rate = _checks.learning_rate(learning_rate)
         self.beta1 = _checks.real("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)

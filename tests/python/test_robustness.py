@@ -320,3 +320,23 @@ def test_soak_short_run_is_flat_finite_and_counts_every_skip(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all(result["checks"].values()), result["checks"]
     assert result["injected_total"] > 0 and result["skipped_total"] == result["injected_total"]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "2.5"])
+def test_invalid_num_threads_is_refused_at_construction(value):
+    """LANTON_NUM_THREADS is checked by the library itself (lanton_check_env), in a fresh
+    process, so the pool of this one is not involved."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not lanton.kernels_available():
+        pytest.skip("liblanton not built")
+    code = "import lanton\ntry:\n    lanton.lanton()\nexcept ValueError as e:\n    print('ERR', e)\nlanton.lanton(backend='reference')\nprint('reference ok')\n"
+    env = {**os.environ, "LANTON_NUM_THREADS": value}
+    root = str(Path(lanton.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert f"ERR lanton: LANTON_NUM_THREADS=\"{value}\" is invalid" in out.stdout, out.stdout + out.stderr
+    assert "1 to 1024" in out.stdout and "reference ok" in out.stdout
