@@ -33,7 +33,7 @@ use lanton::ffi::api::*;
 use lanton::ffi::handler::{dispatch, PANIC_MESSAGE};
 use lanton::ffi::FfiError;
 use lanton::handlers::{
-    check_cuda_limits, decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_inplace_cuda,
+    check_cuda_limits, GROUP_ARGS, decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_inplace_cuda,
     lanton_step_update_cpu, lanton_step_update_cuda,
 };
 use std::collections::{BTreeMap, BTreeSet};
@@ -440,6 +440,10 @@ impl FrameSpec {
             let d: &[u8] = rng.pick(&[b"bfloat16".as_slice(), b"float32"]);
             f.attrs.push(string("ns_dtype", d));
         }
+        if rng.one_in(2) {
+            let e: &[u8] = rng.pick(&[b"auto".as_slice(), b"eigen", b"polar"]);
+            f.attrs.push(string("noise_estimator", e));
+        }
         f.attrs.sort_by(|a, b| a.name.cmp(&b.name));
         f
     }
@@ -463,9 +467,9 @@ fn random_dims(rng: &mut Rng) -> Vec<i64> {
 }
 
 fn random_attr_name(rng: &mut Rng) -> Vec<u8> {
-    const NAMES: [&str; 16] = [
+    const NAMES: [&str; 17] = [
         "kind", "ns_coeffs", "noise_every", "noise_adaptive", "ratio_stat", "ratio_eps", "nesterov", "vector_eps",
-        "rows_are_input", "leaf_names", "noise_work", "ns_dtype", "Kind", "kind ", "", "extra",
+        "rows_are_input", "leaf_names", "noise_work", "ns_dtype", "noise_estimator", "Kind", "kind ", "", "extra",
     ];
     match rng.below(4) {
         0 => rng.bytes(12),
@@ -504,7 +508,7 @@ fn random_payload(rng: &mut Rng) -> (i32, Payload) {
         }
         2 => {
             let bytes = match rng.below(4) {
-                0 => rng.pick(&[b"hidden".as_slice(), b"max", b"float32", b"bfloat16", b"embed\n"]).to_vec(),
+                0 => rng.pick(&[b"hidden".as_slice(), b"max", b"float32", b"bfloat16", b"embed\n", b"eigen", b"polar"]).to_vec(),
                 1 => vec![0xff, 0xfe, b'h', 0xc3],
                 2 => rng.bytes(3000),
                 _ => rng.bytes(10),
@@ -947,6 +951,17 @@ fn build(spec: &FrameSpec, rng: &mut Rng) -> Built {
     }
     if let (Some(t), Some(blk)) = (spec.step, own_block(1)) {
         arena.blocks[blk][0] = t as u32 as u64;
+        // Half the time every leaf's prev_step says G_prev is from step t - 1, so noise steps
+        // run the noise estimate.
+        if rng.one_in(2) {
+            let prev = t.wrapping_sub(1) as u32 as u64;
+            for i in (GROUP_ARGS + 6..spec.args.len()).step_by(7) {
+                if let Some(pb) = own_block(i) {
+                    let words = arena.usable[pb] / 8;
+                    arena.blocks[pb][..words].fill(prev | (prev << 32));
+                }
+            }
+        }
     }
     let inputs = arg_blocks.difference(&ret_blocks).map(|&b| (b, arena.blocks[b].clone())).collect();
     let mut ptr_lists = lists;
