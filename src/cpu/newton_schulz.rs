@@ -83,23 +83,34 @@ pub fn newton_schulz(v: &[f32], rows: usize, cols: usize, coeffs: &[[f32; 3]], o
 }
 
 /// Gram eigenvalues below this fraction of the largest are f32 round-off of the product, not
-/// signal: their square roots would add ~3e-4 of sigma_max each (a rank-1 768x768 D would read
-/// 1.2x its norm). Singular values under 1e-3 sigma_max are dropped with them.
+/// signal: summed through sqrt they add up (a rank-1 384x768 D read 1.5 % high without a floor in
+/// a prototype run; 4e-4 with it, benches/newton_schulz.rs). Singular values under ~3e-4 of the
+/// largest are dropped with them.
 pub const GRAM_EIGEN_FLOOR: f32 = 1e-7;
 
-/// ||d||_* = sum of sqrt(eigenvalues) of the Gram matrix of the smaller side, D D^T (m x m,
-/// m = min(rows, cols)): a symmetric product plus faer's symmetric eigenvalue solver. This is
-/// the CPU's noise estimate (0.2-0.4x a Newton-Schulz-5 here, see benches/newton_schulz.rs); the
-/// GPU keeps the polar iteration (`nuclear_norm_polar`), which suits tensor cores.
-pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> f32 {
+/// Loads `d` oriented (m <= n) into ws.x, divided by its Frobenius norm, which it returns
+/// with (m, n); Err(norm) if the norm is 0 or not finite (the nuclear norm is then that norm).
+fn load_normalized(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> Result<(usize, usize, f64), f32> {
     let (m, n, _) = load_oriented(d, rows, cols, &mut ws.x);
     let fro = frobenius(&ws.x[..m * n]);
     if fro == 0.0 || !fro.is_finite() {
-        return fro as f32;
+        return Err(fro as f32);
     }
-    // Normalized, the Gram matrix has trace 1: no overflow whatever the gradients' scale.
     let inv = (1.0 / fro) as f32;
     ws.x[..m * n].iter_mut().for_each(|e| *e *= inv);
+    Ok((m, n, fro))
+}
+
+/// ||d||_* = sum of sqrt(eigenvalues) of the Gram matrix of the smaller side, D D^T (m x m,
+/// m = min(rows, cols)): a symmetric product plus faer's symmetric eigenvalue solver. This is
+/// the CPU's noise estimate (0.2-0.35x a Newton-Schulz-5 here, see benches/newton_schulz.rs);
+/// the GPU keeps the polar iteration (`nuclear_norm_polar`), which suits tensor cores.
+pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> f32 {
+    // Normalized, the Gram matrix has trace 1: no overflow whatever the gradients' scale.
+    let (m, n, fro) = match load_normalized(d, rows, cols, ws) {
+        Ok(v) => v,
+        Err(norm) => return norm,
+    };
     resize(&mut ws.a, m * m);
     gemm::syrk(m, n, &ws.x[..m * n], &mut ws.a);
     let gram = faer::MatRef::from_row_major_slice(&ws.a[..m * m], m, m);
@@ -115,13 +126,10 @@ pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -
 /// ||d||_* = <d, polar(d)>, with the polar factor from `step::nuclear_schedule()`: the
 /// estimator the CUDA kernels use, kept here as their host-side twin and for the benchmark.
 pub fn nuclear_norm_polar(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> f32 {
-    let (m, n, _) = load_oriented(d, rows, cols, &mut ws.x);
-    let fro = frobenius(&ws.x[..m * n]);
-    if fro == 0.0 || !fro.is_finite() {
-        return fro as f32;
-    }
-    let inv = (1.0 / fro) as f32;
-    ws.x[..m * n].iter_mut().for_each(|e| *e *= inv);
+    let (m, n, fro) = match load_normalized(d, rows, cols, ws) {
+        Ok(v) => v,
+        Err(norm) => return norm,
+    };
     // Keep the normalized input: <X0, P> after the iteration overwrites ws.x.
     let x0 = ws.x[..m * n].to_vec();
     iterate(ws, m, n, &crate::step::nuclear_schedule(), true);
