@@ -5,6 +5,7 @@
 //!   NS5, for the CPU estimator (Gram matrix + symmetric eigenvalues) and the polar iteration
 //!   (the CUDA estimator); target <= 0.4x;
 //! * both estimators' accuracy against an f64 SVD on several spectra.
+//!
 //! Writes target/bench_newton_schulz.json. Run: cargo bench --bench newton_schulz [-- --quick]
 
 use faer::Mat;
