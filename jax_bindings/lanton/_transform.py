@@ -472,7 +472,7 @@ def lanton(
         "float32"; accumulation is f32 either way. CPU kernels and the reference use f32.
       noise_estimator: how the noise estimate computes the nuclear norm: "auto" (the
         platform's kernels' choice: Gram-matrix eigenvalues on CPU, ~1e-5 relative error at
-        0.2-0.35x a Newton-Schulz; 7 polar iterations on CUDA, <= 1 %), "eigen" (CPU only)
+        0.3-0.4x a Newton-Schulz; 7 polar iterations on CUDA, <= 1 %), "eigen" (CPU only)
         or "polar".
 
     Structural options (noise_every, ratio_eps, ns_coeffs, nesterov, noise_adaptive, groups,

@@ -103,7 +103,7 @@ fn load_normalized(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) ->
 
 /// ||d||_* = sum of sqrt(eigenvalues) of the Gram matrix of the smaller side, D D^T (m x m,
 /// m = min(rows, cols)): a symmetric product plus faer's symmetric eigenvalue solver. This is
-/// the CPU's noise estimate (0.2-0.35x a Newton-Schulz-5 here, see benches/newton_schulz.rs);
+/// the CPU's noise estimate (0.3-0.4x a Newton-Schulz-5 here, see benches/newton_schulz.rs);
 /// the GPU keeps the polar iteration (`nuclear_norm_polar`), which suits tensor cores.
 pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> f32 {
     // Normalized, the Gram matrix has trace 1: no overflow whatever the gradients' scale.
