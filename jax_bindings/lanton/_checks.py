@@ -8,7 +8,6 @@ it reaches the kernels as it is.
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import numpy as np
@@ -70,6 +69,3 @@ def learning_rate(value):
         return value  # a schedule: its values are traced
     return real("learning_rate", value, lo=0.0)
 
-
-def is_number(x) -> bool:
-    return isinstance(x, numbers.Number) and not isinstance(x, bool)

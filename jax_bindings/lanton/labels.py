@@ -90,11 +90,11 @@ def path_str(path) -> str:
     return "/".join(path_names(path)) or "<root>"
 
 
-def _container_types(root, path) -> list[str]:
-    """Class names of the nodes along `path` (Equinox modules say what a `weight` belongs to)."""
-    out, node = [], root
-    for k in path:
-        out.append(type(node).__name__)
+def _holder_type(root, path) -> str:
+    """Class name of the node that holds the leaf at `path` (an Equinox module says what its
+    `weight` belongs to); "" where an exotic container hides it."""
+    node = root
+    for k in path[:-1]:
         try:
             if isinstance(k, jax.tree_util.DictKey):
                 node = node[k.key]
@@ -103,10 +103,10 @@ def _container_types(root, path) -> list[str]:
             elif isinstance(k, jax.tree_util.GetAttrKey):
                 node = getattr(node, k.name)
             else:
-                break
-        except Exception:  # an exotic container: no more type information
-            break
-    return out
+                return ""
+        except Exception:
+            return ""
+    return type(node).__name__
 
 
 class LeafContext(NamedTuple):
@@ -132,7 +132,7 @@ def tree_context(params) -> dict:
         key = path_str(path)
         n = names[key]
         # Only the module that holds the array decides (a ConvNet may also hold Linear layers).
-        holder = _container_types(params, user_path(path))[-1].lower() if n else ""
+        holder = _holder_type(params, user_path(path)).lower() if n else ""
         role = n[-2] if len(n) >= 2 and n[:-2] in mha and n[-2] in MHA_CHILDREN else None
         ndim = getattr(leaf, "ndim", 0)
         # Named a conv, or a rank >= 4 kernel/weight outside attention (a scanned Dense would
