@@ -14,20 +14,7 @@ fn version_queries() {
 }
 
 fn call(cfg: &str, hyper: &[f32; 5], t: i32, l: &mut OwnedLeaf, grad: &[f32]) -> Result<(), String> {
-    let leaf = LantonLeafF32 {
-        layers: l.shape.layers,
-        rows: l.shape.rows,
-        cols: l.shape.cols,
-        rows_are_input: l.shape.rows_are_input as u8,
-        param: l.param.as_mut_ptr(),
-        grad: grad.as_ptr(),
-        momentum: l.momentum.as_mut_ptr(),
-        prev_grad: l.prev_grad.as_mut_ptr(),
-        noise: l.noise.as_mut_ptr(),
-        valid: l.valid.as_mut_ptr(),
-        prev_step: l.prev_step.as_mut_ptr(),
-        ratio: l.ratio.as_mut_ptr(),
-    };
+    let leaf = l.c_leaf(grad);
     let cfg = std::ffi::CString::new(cfg).unwrap();
     let mut err = [0 as std::ffi::c_char; 256];
     let rc = unsafe { lanton_step_host_f32(cfg.as_ptr(), hyper.as_ptr(), t, &leaf, 1, err.as_mut_ptr(), err.len()) };

@@ -48,20 +48,7 @@ fn host_step() -> (i32, String) {
     let shape = lanton::step::LayerShape { layers: 1, rows: 2, cols: 3, rows_are_input: true };
     let mut l = OwnedLeaf::new(shape, vec![0.5; 6]);
     let grad = [1.0f32; 6];
-    let leaf = LantonLeafF32 {
-        layers: 1,
-        rows: 2,
-        cols: 3,
-        rows_are_input: 1,
-        param: l.param.as_mut_ptr(),
-        grad: grad.as_ptr(),
-        momentum: l.momentum.as_mut_ptr(),
-        prev_grad: l.prev_grad.as_mut_ptr(),
-        noise: l.noise.as_mut_ptr(),
-        valid: l.valid.as_mut_ptr(),
-        prev_step: l.prev_step.as_mut_ptr(),
-        ratio: l.ratio.as_mut_ptr(),
-    };
+    let leaf = l.c_leaf(&grad);
     let hyper = [0.02f32, 0.9, 0.9, 0.0, 0.2];
     let mut err = [0 as c_char; 256];
     // SAFETY: every buffer above is live and sized as the leaf states.

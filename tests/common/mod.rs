@@ -660,6 +660,25 @@ impl OwnedLeaf {
             update: vec![0.0; n],
         }
     }
+
+    /// This leaf as the C ABI's descriptor with gradient `grad`: its pointers borrow `self`
+    /// and `grad`, so both must outlive every call that uses it.
+    pub fn c_leaf(&mut self, grad: &[f32]) -> lanton::capi::LantonLeafF32 {
+        lanton::capi::LantonLeafF32 {
+            layers: self.shape.layers,
+            rows: self.shape.rows,
+            cols: self.shape.cols,
+            rows_are_input: self.shape.rows_are_input as u8,
+            param: self.param.as_mut_ptr(),
+            grad: grad.as_ptr(),
+            momentum: self.momentum.as_mut_ptr(),
+            prev_grad: self.prev_grad.as_mut_ptr(),
+            noise: self.noise.as_mut_ptr(),
+            valid: self.valid.as_mut_ptr(),
+            prev_step: self.prev_step.as_mut_ptr(),
+            ratio: self.ratio.as_mut_ptr(),
+        }
+    }
 }
 
 pub struct LeafSpec {
