@@ -24,3 +24,24 @@ def random_grads(key, params, scale=1.0):
     leaves, tdef = jax.tree.flatten(params)
     ks = jax.random.split(key, len(leaves))
     return tdef.unflatten([(scale * jax.random.normal(k, x.shape)).astype(x.dtype) for k, x in zip(ks, leaves)])
+
+
+def train_nnx_lm(model, tx, steps, seq=16, vocab=64):
+    """Trains a Flax NNX language model (idx -> logits) with nnx.Optimizer(model, tx) on one fixed
+    random batch; returns the losses and the optimizer."""
+    import optax
+    from flax import nnx
+
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    idx = jax.random.randint(jax.random.key(1), (4, seq), 0, vocab)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(idx[:, :-1]), idx[:, 1:]).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return [float(step(model, optimizer)) for _ in range(steps)], optimizer

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx, serialization
 
 import lanton
-from models import random_grads, transformer_params
+from models import random_grads, train_nnx_lm, transformer_params
 
 
 def test_chain_with_clipping_under_jit_trains_a_regression():
@@ -220,19 +220,7 @@ def test_flax_nnx_optimizer_and_labels():
     assert by_prefix("fc/kernel") == {"hidden"} and by_prefix("proj/kernel") == {"hidden"}
     assert by_prefix("fc/bias") == {"vector"} and by_prefix("ln/scale") == {"vector"}
 
-    optimizer = nnx.Optimizer(model, lanton.lanton(0.02, noise_every=1), wrt=nnx.Param)
-    idx = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
-
-    @nnx.jit
-    def step(model, optimizer):
-        def loss_fn(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(idx[:, :-1]), idx[:, 1:]).mean()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(15)]
+    losses, _ = train_nnx_lm(model, lanton.lanton(0.02, noise_every=1), 15)
     assert losses[-1] < losses[0]
 
 

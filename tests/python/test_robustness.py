@@ -2,7 +2,6 @@
 masked / wrapped trees, skipped-step accounting. Each test is a regression test for a failure
 seen on main."""
 
-import math
 
 import equinox as eqx
 import flax.linen as nn
@@ -15,7 +14,7 @@ from flax import nnx
 
 import lanton
 from lanton import _transform
-from models import random_grads, transformer_params
+from models import random_grads, train_nnx_lm, transformer_params
 
 
 def _plan(tx_impl_kwargs, params):
@@ -49,7 +48,6 @@ class NnxAttentionLM(nnx.Module):
 def test_nnx_multi_head_attention_trains_with_the_same_plan_at_init_and_update():
     model = NnxAttentionLM(nnx.Rngs(0))
     wrapped = nnx.state(model, nnx.Param)  # Variables: paths end in `.value`
-    bare = jax.tree.map(lambda x: x, wrapped)
     bare = jax.tree.map(jnp.asarray, nnx.to_pure_dict(wrapped))  # plain arrays, no wrapper
     a, b = _plan({}, wrapped), _plan({}, bare)
     assert a.keys() == b.keys()
@@ -62,20 +60,8 @@ def test_nnx_multi_head_attention_trains_with_the_same_plan_at_init_and_update()
     labels = {lanton.labels.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(lanton.default_labels(wrapped))[0]}
     assert labels["attn/value/bias"] == "vector" and labels["attn/value/kernel"] == "hidden"
 
-    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), lanton.lanton(0.02, noise_every=2)),
-                              wrt=nnx.Param)
-    idx = jax.random.randint(jax.random.key(1), (4, 12), 0, 64)
-
-    @nnx.jit
-    def step(model, optimizer):
-        def loss_fn(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(idx[:, :-1]), idx[:, 1:]).mean()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(12)]
+    tx = optax.chain(optax.clip_by_global_norm(1.0), lanton.lanton(0.02, noise_every=2))
+    losses, optimizer = train_nnx_lm(model, tx, 12, seq=12)
     assert losses[-1] < losses[0] - 0.1, losses
     stats = lanton.layer_stats(optimizer.opt_state)  # found inside the chain and the NNX wrapper
     assert "attn/query/kernel" in stats and float(stats["attn/query/kernel"]["noise"]) > 0
