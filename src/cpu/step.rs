@@ -9,7 +9,10 @@ use crate::step::{self, Hyper, Kind, LayerShape, NuclearEstimator, StepConfig};
 /// How the step's result leaves the kernel.
 pub enum ParamIo<'a> {
     /// optax convention: the update (delta) is written beside read-only parameters.
-    Update { param: Tensor<'a>, update: TensorMut<'a> },
+    Update {
+        param: Tensor<'a>,
+        update: TensorMut<'a>,
+    },
     /// The fused path: parameters are rewritten in place.
     InPlace { param: TensorMut<'a> },
 }
@@ -47,9 +50,17 @@ impl Scratch {
 
 /// Raw norm (nuclear, l1 or l2) of `d` times the kind's dual-norm factor; the CPU's nuclear
 /// norm is the Gram-eigenvalue estimator unless `nuclear` asks for the polar iteration.
-pub fn dual_norm(kind: Kind, nuclear: NuclearEstimator, d: &[f32], shape: &LayerShape, ns: &mut NsWorkspace) -> f32 {
+pub fn dual_norm(
+    kind: Kind,
+    nuclear: NuclearEstimator,
+    d: &[f32],
+    shape: &LayerShape,
+    ns: &mut NsWorkspace,
+) -> f32 {
     let raw = match kind {
-        Kind::Hidden if nuclear == NuclearEstimator::Polar => nuclear_norm_polar(d, shape.rows, shape.cols, ns),
+        Kind::Hidden if nuclear == NuclearEstimator::Polar => {
+            nuclear_norm_polar(d, shape.rows, shape.cols, ns)
+        }
         Kind::Hidden => nuclear_norm(d, shape.rows, shape.cols, ns),
         Kind::Embed => kernels::l1(d),
         Kind::Vector => kernels::l2(d),
@@ -58,7 +69,13 @@ pub fn dual_norm(kind: Kind, nuclear: NuclearEstimator, d: &[f32], shape: &Layer
 }
 
 /// D_kind(v) into `out`.
-pub fn direction(cfg: &StepConfig, v: &[f32], shape: &LayerShape, out: &mut [f32], ns: &mut NsWorkspace) {
+pub fn direction(
+    cfg: &StepConfig,
+    v: &[f32],
+    shape: &LayerShape,
+    out: &mut [f32],
+    ns: &mut NsWorkspace,
+) {
     match cfg.kind {
         Kind::Hidden => newton_schulz(v, shape.rows, shape.cols, &cfg.ns_coeffs, out, ns, true),
         Kind::Embed => kernels::sign(v, out),
@@ -66,100 +83,209 @@ pub fn direction(cfg: &StepConfig, v: &[f32], shape: &LayerShape, out: &mut [f32
     }
 }
 
+/// One layer of a leaf: its slices of the leaf's tensors and its per-layer state.
+struct Layer<'a> {
+    shape: LayerShape,
+    params: ParamIo<'a>,
+    grad: Tensor<'a>,
+    momentum: TensorMut<'a>,
+    prev_grad: TensorMut<'a>,
+    noise: &'a mut f32,
+    valid: &'a mut f32,
+    prev_step: &'a mut i32,
+    ratio: &'a mut f32,
+    /// Its gradient was not finite this step: nothing of it moves.
+    skipped: bool,
+}
+
+impl Layer<'_> {
+    /// Relative cost of its direction, to hand out the most expensive layers first.
+    fn cost(&self) -> usize {
+        let n = self.shape.layer_len();
+        n.saturating_mul(self.shape.rows.min(self.shape.cols).max(1))
+    }
+}
+
+/// Every layer of every leaf, in leaf order (the order of the group's ratio statistic).
+fn split_layers<'b>(leaves: &'b mut [LeafIo]) -> Vec<Layer<'b>> {
+    let mut out = Vec::new();
+    for leaf in leaves.iter_mut().filter(|lf| lf.shape.layers > 0) {
+        // (A leaf without layers has no data; its layer size need not be allocatable.)
+        let (shape, n) = (leaf.shape, leaf.shape.layer_len());
+        let count = shape.layers;
+        let params: Vec<ParamIo> = match &mut leaf.params {
+            ParamIo::Update { param, update } => param
+                .split(count, n)
+                .into_iter()
+                .zip(update.split_mut(count, n))
+                .map(|(param, update)| ParamIo::Update { param, update })
+                .collect(),
+            ParamIo::InPlace { param } => param
+                .split_mut(count, n)
+                .into_iter()
+                .map(|param| ParamIo::InPlace { param })
+                .collect(),
+        };
+        let per_layer = params
+            .into_iter()
+            .zip(leaf.grad.split(count, n))
+            .zip(
+                leaf.momentum
+                    .split_mut(count, n)
+                    .into_iter()
+                    .zip(leaf.prev_grad.split_mut(count, n)),
+            )
+            .zip(leaf.noise.iter_mut().zip(leaf.valid.iter_mut()))
+            .zip(leaf.prev_step.iter_mut().zip(leaf.ratio.iter_mut()));
+        for ((((params, grad), (momentum, prev_grad)), (noise, valid)), (prev_step, ratio)) in
+            per_layer
+        {
+            out.push(Layer {
+                shape,
+                params,
+                grad,
+                momentum,
+                prev_grad,
+                noise,
+                valid,
+                prev_step,
+                ratio,
+                skipped: false,
+            });
+        }
+    }
+    out
+}
+
+/// Runs `f` on every layer. With at least two layers per thread, each thread takes whole
+/// layers (the most expensive first) and keeps their products to itself; otherwise the layers
+/// go one by one with the products split across the pool.
+fn for_each_layer<F>(layers: &mut [Layer], f: F)
+where
+    F: Fn(&mut Layer, &mut Scratch) + Sync,
+{
+    let threads = rayon::current_num_threads();
+    if threads < 2 || layers.len() < 2 * threads {
+        let mut s = Scratch::default();
+        layers.iter_mut().for_each(|l| f(l, &mut s));
+        return;
+    }
+    let mut order: Vec<&mut Layer> = layers.iter_mut().collect();
+    order.sort_by_key(|l| std::cmp::Reverse(l.cost()));
+    let queue = std::sync::Mutex::new(order.into_iter());
+    let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+    rayon::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|_| {
+                let mut s = Scratch::default();
+                super::gemm::serial(|| {
+                    while let Some(layer) = next() {
+                        f(layer, &mut s);
+                    }
+                })
+            });
+        }
+    });
+}
+
 /// One LANTON step for every layer of every leaf of one group. Runs on lanton's GEMM pool;
 /// fails (touching nothing) if that pool cannot run, e.g. `LANTON_NUM_THREADS` is invalid.
-pub fn group_step(cfg: &StepConfig, hyper: &Hyper, t: i32, leaves: &mut [LeafIo]) -> Result<(), PoolError> {
+pub fn group_step(
+    cfg: &StepConfig,
+    hyper: &Hyper,
+    t: i32,
+    leaves: &mut [LeafIo],
+) -> Result<(), PoolError> {
     super::gemm::pool()?.install(|| group_step_on_pool(cfg, hyper, t, leaves));
     Ok(())
 }
 
 fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]) {
-    let mut s = Scratch::default();
-    let noise_step = cfg.is_noise_step(t);
-    let keep_grad = cfg.stores_prev_grad(t);
-    let mut skipped: Vec<bool> = Vec::new();
-
-    // Phase 1: momentum and the noise tracker, layer by layer.
-    for leaf in leaves.iter_mut().filter(|lf| lf.shape.layers > 0) {
-        // (A leaf without layers has no data; its layer size need not be allocatable.)
-        let (shape, n) = (leaf.shape, leaf.shape.layer_len());
-        s.fit(n);
-        for l in 0..shape.layers {
-            let off = l * n;
-            leaf.grad.read(off, &mut s.g);
-            let finite = kernels::all_finite(&s.g);
-            skipped.push(!finite);
-            if !finite {
-                continue; // Non-finite gradient: this layer's state stays as it was.
-            }
-            leaf.momentum.read(off, &mut s.b);
-            kernels::momentum(&mut s.b, &s.g, h.beta1);
-            leaf.momentum.write(off, &s.b);
-            if noise_step && step::prev_grad_usable(leaf.prev_step[l], t) {
-                leaf.prev_grad.read(off, &mut s.d);
-                s.d.iter_mut().zip(&s.g).for_each(|(d, &g)| *d = g - *d);
-                let norm = dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns);
-                if norm.is_finite() {
-                    leaf.noise[l] = step::track_noise(leaf.noise[l], norm, h.beta2);
-                    if norm > 0.0 {
-                        leaf.valid[l] = 1.0;
-                    }
-                }
-            }
-            if keep_grad {
-                leaf.prev_grad.write(off, &s.g);
-                leaf.prev_step[l] = t;
-            }
-        }
-    }
-
+    let mut layers = split_layers(leaves);
+    // Phase 1: momentum and the noise tracker, per layer.
+    for_each_layer(&mut layers, |layer, s| track(cfg, h, t, layer, s));
     // Phase 2: the within-group ratio r from every layer's tracker.
-    let noise: Vec<f32> = leaves.iter().flat_map(|lf| lf.noise.iter().copied()).collect();
-    let valid: Vec<bool> = leaves.iter().flat_map(|lf| lf.valid.iter().map(|&v| v > 0.5)).collect();
+    let noise: Vec<f32> = layers.iter().map(|l| *l.noise).collect();
+    let valid: Vec<bool> = layers.iter().map(|l| *l.valid > 0.5).collect();
     let mut ratios = vec![1.0f32; noise.len()];
     if cfg.noise_adaptive {
         step::group_ratios(&noise, &valid, cfg.ratio_stat, cfg.ratio_eps, &mut ratios);
     }
-
+    for (layer, r) in layers.iter_mut().zip(ratios) {
+        *layer.ratio = r;
+    }
     // Phase 3: direction, weight decay and the write-out.
-    let mut idx = 0;
-    for leaf in leaves.iter_mut().filter(|lf| lf.shape.layers > 0) {
-        let (shape, n) = (leaf.shape, leaf.shape.layer_len());
-        s.fit(n);
-        let scale = step::update_scale(cfg.kind, h.scale, &shape);
-        for l in 0..shape.layers {
-            let (off, r, skip) = (l * n, ratios[idx], skipped[idx]);
-            idx += 1;
-            leaf.ratio[l] = r;
-            if skip {
-                if let ParamIo::Update { update, .. } = &mut leaf.params {
-                    s.d.fill(0.0);
-                    update.write(off, &s.d);
-                }
-                continue;
+    for_each_layer(&mut layers, |layer, s| apply(cfg, h, layer, s));
+}
+
+/// Phase 1 for one layer: momentum, and on noise steps the tracker H from ||G - G_prev||.
+fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch) {
+    let shape = layer.shape;
+    s.fit(shape.layer_len());
+    layer.grad.read(0, &mut s.g);
+    layer.skipped = !kernels::all_finite(&s.g);
+    if layer.skipped {
+        return; // Non-finite gradient: this layer's state stays as it was.
+    }
+    layer.momentum.read(0, &mut s.b);
+    kernels::momentum(&mut s.b, &s.g, h.beta1);
+    layer.momentum.write(0, &s.b);
+    if cfg.is_noise_step(t) && step::prev_grad_usable(*layer.prev_step, t) {
+        layer.prev_grad.read(0, &mut s.d);
+        s.d.iter_mut().zip(&s.g).for_each(|(d, &g)| *d = g - *d);
+        let norm = dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns);
+        if norm.is_finite() {
+            *layer.noise = step::track_noise(*layer.noise, norm, h.beta2);
+            if norm > 0.0 {
+                *layer.valid = 1.0;
             }
-            leaf.momentum.read(off, &mut s.b);
-            if cfg.nesterov {
-                leaf.grad.read(off, &mut s.g);
-                s.v.iter_mut().zip(s.b.iter().zip(&s.g)).for_each(|(v, (&b, &g))| *v = h.beta1 * b + (1.0 - h.beta1) * g);
-            } else {
-                s.v.copy_from_slice(&s.b);
-            }
-            direction(cfg, &s.v, &shape, &mut s.d, &mut s.ns);
-            // delta = -lr * (wd * X + s * r * D); X arrives in s.g.
-            let (step_d, step_x) = (-h.lr * scale * r, -h.lr * h.weight_decay);
-            match &mut leaf.params {
-                ParamIo::Update { param, update } => {
-                    param.read(off, &mut s.g);
-                    s.d.iter_mut().zip(&s.g).for_each(|(d, &x)| *d = step_d * *d + step_x * x);
-                    update.write(off, &s.d);
-                }
-                ParamIo::InPlace { param } => {
-                    param.read(off, &mut s.g);
-                    s.d.iter_mut().zip(&s.g).for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
-                    param.write(off, &s.d);
-                }
-            }
+        }
+    }
+    if cfg.stores_prev_grad(t) {
+        layer.prev_grad.write(0, &s.g);
+        *layer.prev_step = t;
+    }
+}
+
+/// Phase 3 for one layer: delta = -lr * (wd * X + s * r * D(B)), written as the update or
+/// into the parameters.
+fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
+    let shape = layer.shape;
+    s.fit(shape.layer_len());
+    if layer.skipped {
+        if let ParamIo::Update { update, .. } = &mut layer.params {
+            s.d.fill(0.0);
+            update.write(0, &s.d);
+        }
+        return;
+    }
+    layer.momentum.read(0, &mut s.b);
+    if cfg.nesterov {
+        layer.grad.read(0, &mut s.g);
+        s.v.iter_mut()
+            .zip(s.b.iter().zip(&s.g))
+            .for_each(|(v, (&b, &g))| *v = h.beta1 * b + (1.0 - h.beta1) * g);
+    } else {
+        s.v.copy_from_slice(&s.b);
+    }
+    direction(cfg, &s.v, &shape, &mut s.d, &mut s.ns);
+    let scale = step::update_scale(cfg.kind, h.scale, &shape);
+    let (step_d, step_x) = (-h.lr * scale * *layer.ratio, -h.lr * h.weight_decay);
+    // X arrives in s.g.
+    match &mut layer.params {
+        ParamIo::Update { param, update } => {
+            param.read(0, &mut s.g);
+            s.d.iter_mut()
+                .zip(&s.g)
+                .for_each(|(d, &x)| *d = step_d * *d + step_x * x);
+            update.write(0, &s.d);
+        }
+        ParamIo::InPlace { param } => {
+            param.read(0, &mut s.g);
+            s.d.iter_mut()
+                .zip(&s.g)
+                .for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
+            param.write(0, &s.d);
         }
     }
 }
