@@ -1,6 +1,6 @@
 """The main job's short comparison: train the Shakespeare GPT for a few hundred steps with
 lanton (fused kernels) and with optax.contrib.muon (hidden-only, Adam lr 3e-3), print both
-losses and the time per step. Full benchmark: benches/convergence.py (issue 5)."""
+losses and the time per step (both trained in lockstep, one step of each in turn). Full benchmark: benches/convergence.py (issue 5)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import lanton  # noqa: E402
-from gpt import load_corpus, train  # noqa: E402
+from gpt import load_corpus, train_lockstep  # noqa: E402
 from optimizers import DEFAULT_LR, make  # noqa: E402
 
 try:
@@ -33,16 +32,21 @@ def main():
     print(f"lanton {lanton.__version__}, kernels: {lanton.library_info() if lanton.kernels_available() else 'unavailable (pure JAX)'}")
     print(f"jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or platform.machine()}")
     corpus = load_corpus()
-    results = {}
-    for name in args.optimizers.split(","):
-        bar = tqdm(total=args.steps, desc=f"{name:>8}", ncols=90, mininterval=5) if tqdm else None
-        prog = (lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None
-        t0 = time.time()
-        hist = train(make(name, DEFAULT_LR[name]), args.steps, corpus=corpus, eval_every=max(args.steps // 4, 1), progress=prog)
-        if bar:
-            bar.close()
-        hist["wall_s"] = time.time() - t0
-        results[name] = hist
+    names = args.optimizers.split(",")
+    bar = tqdm(total=args.steps, desc="training", ncols=100, mininterval=5) if tqdm else None
+    last = {}
+
+    def progress(name, i, loss):
+        last[name] = loss
+        if bar and name == names[-1]:
+            bar.update(1)
+            bar.set_postfix({n: f"{v:.3f}" for n, v in last.items()})
+
+    # One step of each optimizer in turn: the time ratio is measured under the same conditions.
+    results = train_lockstep({n: make(n, DEFAULT_LR[n]) for n in names}, args.steps, corpus=corpus,
+                             eval_every=max(args.steps // 4, 1), progress=progress)
+    if bar:
+        bar.close()
     print(f"\n{'optimizer':<18}{'train loss':>11}{'val loss':>10}{'ms/step':>9}")
     for name, h in results.items():
         tail = sum(h["train_loss"][-20:]) / len(h["train_loss"][-20:])

@@ -77,42 +77,57 @@ def schedule(peak, steps, warmup=75):
 
 def train(make_tx, steps, seed=0, eval_every=150, eval_batches=8, corpus=None, progress=None, record_stats=None):
     """Trains from a fixed init; returns a history dict (train/val loss by step, wall clock)."""
+    prog = (lambda name, i, loss: progress(i, loss)) if progress else None
+    stats = {"run": record_stats} if record_stats else None
+    return train_lockstep({"run": make_tx}, steps, seed, eval_every, eval_batches, corpus, prog, stats)["run"]
+
+
+def train_lockstep(makers, steps, seed=0, eval_every=150, eval_batches=8, corpus=None, progress=None, record_stats=None):
+    """Trains one model per optimizer in `makers` (name -> steps -> GradientTransformation) from
+    the same init on the same batches, one step of each in turn: their times per step are taken
+    under the same machine conditions, so their ratio holds on a noisy machine. Returns a
+    history dict per name; `progress(name, step, loss)`, `record_stats[name](opt_state)`."""
     train_data, val_data = corpus if corpus is not None else load_corpus()
     cfg = CONFIG
-    params = init_params(jax.random.key(seed), **cfg)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), make_tx(steps))
-    state = tx.init(params)
-
-    @jax.jit
-    def step(p, s, x, y):
-        loss, g = jax.value_and_grad(loss_fn)(p, x, y)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
-
     eval_loss = jax.jit(loss_fn)
     vrng = np.random.default_rng(1234)
     val_sets = [next(batches(val_data, vrng, cfg["batch"], cfg["ctx"])) for _ in range(eval_batches)]
     evaluate = lambda p: float(np.mean([eval_loss(p, x, y) for x, y in val_sets]))
-    it = batches(train_data, np.random.default_rng(seed), cfg["batch"], cfg["ctx"])
-    hist = {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_time": [], "stats": []}
-    x, y = next(it)
-    jax.block_until_ready(step(params, state, x, y))  # compile outside the clock
-    t_train = 0.0
-    for i in range(1, steps + 1):
+    runs = {}
+    for name, make_tx in makers.items():
+        tx = optax.chain(optax.clip_by_global_norm(1.0), make_tx(steps))
+
+        @jax.jit
+        def step(p, s, x, y, tx=tx):
+            loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s, loss
+
+        params = init_params(jax.random.key(seed), **cfg)
+        it = batches(train_data, np.random.default_rng(seed), cfg["batch"], cfg["ctx"])
+        state = tx.init(params)
         x, y = next(it)
-        t0 = time.perf_counter()
-        params, state, loss = step(params, state, x, y)
-        loss = float(loss)
-        t_train += time.perf_counter() - t0
-        hist["step"].append(i)
-        hist["train_loss"].append(loss)
-        if progress:
-            progress(i, loss)
-        if i % eval_every == 0 or i == steps:
-            hist["val_step"].append(i)
-            hist["val_loss"].append(evaluate(params))
-            hist["val_time"].append(t_train)
-            if record_stats:
-                hist["stats"].append({"step": i, **record_stats(state)})
-    hist["seconds_per_step"] = t_train / steps
-    return hist
+        jax.block_until_ready(step(params, state, x, y))  # compile outside the clock
+        runs[name] = {"step": step, "params": params, "state": state, "batches": it, "t_train": 0.0,
+                      "hist": {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_time": [], "stats": []}}
+    for i in range(1, steps + 1):
+        for name, r in runs.items():
+            x, y = next(r["batches"])
+            t0 = time.perf_counter()
+            r["params"], r["state"], loss = r["step"](r["params"], r["state"], x, y)
+            loss = float(loss)
+            r["t_train"] += time.perf_counter() - t0
+            hist = r["hist"]
+            hist["step"].append(i)
+            hist["train_loss"].append(loss)
+            if progress:
+                progress(name, i, loss)
+            if i % eval_every == 0 or i == steps:
+                hist["val_step"].append(i)
+                hist["val_loss"].append(evaluate(r["params"]))
+                hist["val_time"].append(r["t_train"])
+                if record_stats and name in record_stats:
+                    hist["stats"].append({"step": i, **record_stats[name](r["state"])})
+    for r in runs.values():
+        r["hist"]["seconds_per_step"] = r["t_train"] / steps
+    return {name: r["hist"] for name, r in runs.items()}

@@ -67,3 +67,28 @@ def test_step_time_table_and_json(tmp_path):
     table = (tmp_path / "st.md").read_text()
     assert "| optax muon (hidden only) |" in table and "| 1.00 |" in table  # the ratio's base
     assert table.strip() in out  # the same table is printed
+
+
+@needs_corpus
+def test_demo_trains_both_in_lockstep_and_prints_the_ratio(tmp_path):
+    out = run_bench("demo.py", "--steps", 4, "--out", tmp_path / "demo.json")
+    assert "lanton / muon time per training step" in out
+    results = json.loads((tmp_path / "demo.json").read_text())
+    assert set(results) == {"lanton", "muon"}
+    for h in results.values():
+        assert h["step"] == [1, 2, 3, 4] and len(h["val_loss"]) == 4 and h["seconds_per_step"] > 0
+
+
+@needs_corpus
+def test_lockstep_runs_see_the_same_batches():
+    sys.path.insert(0, str(BENCHES))
+    try:
+        import optax
+        from gpt import train, train_lockstep
+    finally:
+        sys.path.remove(str(BENCHES))
+    sgd = lambda steps: optax.sgd(0.1)
+    both = train_lockstep({"a": sgd, "b": lambda steps: optax.sgd(0.1)}, 3, eval_every=3, eval_batches=1)
+    alone = train(sgd, 3, eval_every=3, eval_batches=1)
+    assert both["a"]["train_loss"] == both["b"]["train_loss"] == alone["train_loss"]
+    assert both["a"]["val_loss"] == alone["val_loss"]
