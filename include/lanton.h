@@ -7,9 +7,10 @@
 #include <stdint.h>
 
 /**
- * Bumped whenever a C signature or struct below changes.
+ * Bumped whenever a C signature or struct below changes, or the contract of the XLA targets
+ * with the Python shim does (2: leaves keep their own shapes, with a `layer_dims` attribute).
  */
-#define LANTON_ABI_VERSION 1
+#define LANTON_ABI_VERSION 2
 
 #define LANTON_OK 0
 

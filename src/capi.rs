@@ -7,8 +7,9 @@ use crate::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig, HYPER_LEN};
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// Bumped whenever a C signature or struct below changes.
-pub const LANTON_ABI_VERSION: u32 = 1;
+/// Bumped whenever a C signature or struct below changes, or the contract of the XLA targets
+/// with the Python shim does (2: leaves keep their own shapes, with a `layer_dims` attribute).
+pub const LANTON_ABI_VERSION: u32 = 2;
 
 pub const LANTON_OK: i32 = 0;
 pub const LANTON_ERR_INVALID: i32 = 1;

@@ -8,7 +8,9 @@
 //!   rets per leaf: update or new param (L,R,C), momentum, prev_grad, noise, valid, prev_step,
 //!         ratio f32[L]
 //!   attrs: kind, ns_coeffs, noise_every, noise_adaptive, ratio_stat, ratio_eps, nesterov,
-//!         vector_eps, rows_are_input (one per leaf), leaf_names ("\n"-joined, optional)
+//!         vector_eps, rows_are_input (one per leaf), leaf_names ("\n"-joined, optional),
+//!         layer_dims (optional, (L, R, C) per leaf: then param/grad/momentum/prev_grad may have
+//!         any shape of L*R*C elements in that order, and the per-layer buffers any shape of L)
 
 use crate::cpu::{self, LeafIo, ParamIo};
 use crate::cuda::{self, CudaOptions};
@@ -79,6 +81,37 @@ fn expect_dims(b: &BufferRef, want: &[i64], what: &str) -> FfiResult<()> {
     Ok(())
 }
 
+/// A leaf's (layers, rows, cols): from `layer_dims` when given (the buffer may have any shape
+/// with that many elements, in that order), else the parameter buffer must be rank 3.
+fn leaf_dims(param: &BufferRef, layer_dims: Option<&[i64]>, what: &str) -> FfiResult<[i64; 3]> {
+    let Some(d) = layer_dims else {
+        return match *param.dims {
+            [l, r, c] => Ok([l, r, c]),
+            _ => Err(FfiError::invalid(format!("{what}: expected rank 3 (layers, rows, cols), got shape {:?}", param.dims))),
+        };
+    };
+    let dims = [d[0], d[1], d[2]];
+    let want = if dims.iter().all(|&x| x >= 0) { element_count(&dims) } else { None };
+    if want.is_none() || want != element_count(param.dims) {
+        return Err(FfiError::invalid(format!(
+            "{what}: attribute layer_dims gives (layers, rows, cols) = {dims:?}, which does not fit a buffer of shape {:?}",
+            param.dims
+        )));
+    }
+    Ok(dims)
+}
+
+/// A per-layer state buffer: shape [layers], or any shape of `layers` elements with `layer_dims`.
+fn expect_per_layer(b: &BufferRef, layers: i64, any_shape: bool, what: &str) -> FfiResult<()> {
+    if !any_shape {
+        return expect_dims(b, &[layers], what);
+    }
+    if element_count(b.dims) != usize::try_from(layers).ok() {
+        return Err(FfiError::invalid(format!("{what}: expected {layers} elements (one per layer), got shape {:?}", b.dims)));
+    }
+    Ok(())
+}
+
 /// A state buffer pair (arg i -> ret j): aliased when donated, otherwise copied through.
 pub struct Pair<'a> {
     pub arg: BufferRef<'a>,
@@ -141,6 +174,18 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
             rows_are_input.len()
         )));
     }
+    // (layers, rows, cols) per leaf when the buffers keep the parameters' own shapes (no
+    // reshape in the shim, so XLA can update donated buffers in place without copies).
+    let layer_dims = call.attr_opt("layer_dims", CallFrame::attr_i64_array)?;
+    if let Some(d) = &layer_dims {
+        if d.len() != 3 * n_leaves {
+            return Err(FfiError::invalid(format!(
+                "attribute 'layer_dims': expected (layers, rows, cols) per leaf, {} entries for {n_leaves} leaves, got {}",
+                3 * n_leaves,
+                d.len()
+            )));
+        }
+    }
     let names: Vec<String> = match call.attr_opt("leaf_names", CallFrame::attr_str)? {
         Some(joined) => joined.split('\n').map(str::to_owned).collect(),
         None => Vec::new(),
@@ -165,14 +210,7 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
         let r = |k: usize| call.ret(i * RETS_PER_LEAF + k);
         let what = |k: usize, ret: bool| format!("{} ({})", name, if ret { RET_NAMES[k] } else { ARG_NAMES[k] });
         let param = a(0)?;
-        if param.dims.len() != 3 {
-            return Err(FfiError::invalid(format!(
-                "{}: expected rank 3 (layers, rows, cols), got shape {:?}",
-                what(0, false),
-                param.dims
-            )));
-        }
-        let dims3 = param.dims.to_vec();
+        let dims3 = leaf_dims(&param, layer_dims.as_deref().map(|d| &d[3 * i..3 * i + 3]), &what(0, false))?;
         let layers = dims3[0];
         // The buffer's own size was checked; a leaf of zero layers can still claim a layer
         // size that overflows (the kernels size their per-layer scratch from it).
@@ -194,12 +232,12 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
                     dtype::name(b.dtype)
                 )));
             }
-            expect_dims(&b, &dims3, &what(k, false))?;
+            expect_dims(&b, param.dims, &what(k, false))?;
         }
         for k in 4..7 {
             let b = a(k)?;
             expect_dtype(&b, if k == 6 { dtype::S32 } else { dtype::F32 }, &what(k, false))?;
-            expect_dims(&b, &[layers], &what(k, false))?;
+            expect_per_layer(&b, layers, layer_dims.is_some(), &what(k, false))?;
         }
         // Results mirror their inputs; `out` has the parameter's dtype and shape.
         let ret_src = [0usize, 2, 3, 4, 5, 6];
@@ -210,7 +248,7 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
         }
         let ratio = r(6)?;
         expect_dtype(&ratio, dtype::F32, &what(6, true))?;
-        expect_dims(&ratio, &[layers], &what(6, true))?;
+        expect_per_layer(&ratio, layers, layer_dims.is_some(), &what(6, true))?;
 
         let grad = a(1)?;
         set.claim(&grad, false, what(1, false));

@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-ABI_VERSION = 1  # must equal LANTON_ABI_VERSION in src/capi.rs
+ABI_VERSION = 2  # must equal LANTON_ABI_VERSION in src/capi.rs
 # The handlers report XLA FFI API 0.3 (src/ffi/api.rs); jaxlib accepts it from 0.10.0 on. Older
 # jaxlib refuses the registration when its CPU backend starts, which breaks every computation of
 # the process, so the loader refuses first.
@@ -237,12 +237,16 @@ RETS_PER_LEAF = 7
 
 
 def group_step(config, hyper, t, leaves, names, *, in_place: bool):
-    """One fused FFI call for a whole group. `leaves` holds per leaf the canonical tuple
-    (param, grad, momentum, prev_grad, noise, valid, prev_step) with params (L, R, C).
-    Returns per leaf (out, momentum, prev_grad, noise, valid, prev_step, ratio)."""
+    """One fused FFI call for a whole group. `leaves` holds per leaf the tuple
+    (param, grad, momentum, prev_grad, noise, valid, prev_step, rows_are_input, (L, R, C)):
+    param, grad, momentum and prev_grad of one shape whose row-major order is (layers, rows,
+    cols) = (L, R, C), the per-layer state of L elements in any shape. The arrays go to the
+    kernel in their own shapes (a reshape of a donated buffer would make XLA copy it in and
+    out); `layer_dims` tells it (L, R, C). Returns per leaf (out, momentum, prev_grad, noise,
+    valid, prev_step, ratio), each shaped like its input (ratio like noise)."""
     load_library()
     args, out_types, aliases = [hyper, t], [], {}
-    for i, (param, grad, mom, prev, noise, valid, pstep, _rows_in) in enumerate(leaves):
+    for i, (param, grad, mom, prev, noise, valid, pstep, _rows_in, _dims) in enumerate(leaves):
         args += [param, grad, mom, prev, noise, valid, pstep]
         base_a, base_r = 2 + ARGS_PER_LEAF * i, RETS_PER_LEAF * i
         out_types += [
@@ -275,6 +279,7 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool):
         nesterov=bool(config.nesterov),
         vector_eps=np.float32(config.vector_eps),
         rows_are_input=np.asarray([lf[7] for lf in leaves], np.uint8),
+        layer_dims=np.asarray([d for lf in leaves for d in lf[8]], np.int64),
         leaf_names="\n".join(names),
         ns_dtype=config.ns_dtype,
         noise_estimator=config.noise_estimator,

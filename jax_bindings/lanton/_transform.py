@@ -114,17 +114,14 @@ def _plan_leaf(index, name, group_name, kind, shape, spec: Optional[DimSpec]) ->
                  tuple(shape[a] for a in batch), rows_in)
 
 
-def _to_canonical(x, lf: _Leaf):
-    if lf.perm is not None:
-        x = jnp.transpose(x, lf.perm)
-    return x.reshape(lf.canonical)
+def _to_permuted(x, lf: _Leaf):
+    """The leaf with its axes in (batch..., rows..., cols...) order: (L, R, C) in row-major
+    order. No reshape: the kernels take the shape as it is (see _ffi.group_step)."""
+    return x if lf.perm is None else jnp.transpose(x, lf.perm)
 
 
-def _from_canonical(x, lf: _Leaf, shape):
-    if lf.perm is None:
-        return x.reshape(shape)
-    x = x.reshape(lf.permuted_shape)
-    return jnp.transpose(x, np.argsort(lf.perm))
+def _from_permuted(x, lf: _Leaf):
+    return x if lf.perm is None else jnp.transpose(x, np.argsort(lf.perm))
 
 
 def _static(name, value, default, cast):
@@ -366,28 +363,29 @@ class _Lanton:
             args, finite = [], []
             for lf in group:
                 i = lf.index
-                grad = _to_canonical(g_leaves[i].astype(p_leaves[i].dtype), lf)
+                grad = _to_permuted(g_leaves[i].astype(p_leaves[i].dtype), lf)
                 # The kernels skip a layer whose gradient is not finite; count it for the user.
-                finite.append(jnp.all(jnp.isfinite(grad), axis=(1, 2)))
+                finite.append(jnp.all(jnp.isfinite(grad.reshape(lf.canonical)), axis=(1, 2)))
                 args.append((
-                    _to_canonical(p_leaves[i], lf),
+                    _to_permuted(p_leaves[i], lf),
                     grad,
-                    _to_canonical(st["momentum"][i], lf),
-                    _to_canonical(st["prev_grad"][i], lf),
-                    st["noise"][i].reshape(-1),
-                    st["valid"][i].reshape(-1),
-                    st["prev_step"][i].reshape(-1),
+                    _to_permuted(st["momentum"][i], lf),
+                    _to_permuted(st["prev_grad"][i], lf),
+                    st["noise"][i],
+                    st["valid"][i],
+                    st["prev_step"][i],
                     lf.rows_are_input,
+                    lf.canonical,
                 ))
             results = step_fn(self.configs[gname], hyper, count, args, [lf.name for lf in group], in_place=in_place)
             for lf, fin, (out, mom, prev, noise, valid, pstep, ratio) in zip(group, finite, results):
-                i, shape = lf.index, p_leaves[lf.index].shape
-                out_leaves[i] = _from_canonical(out, lf, shape)
-                new["momentum"][i] = _from_canonical(mom, lf, shape)
-                new["prev_grad"][i] = _from_canonical(prev, lf, shape)
-                skipped = st["skipped"][i].reshape(-1) + (~fin).astype(jnp.int32)
+                i = lf.index
+                out_leaves[i] = _from_permuted(out, lf)
+                new["momentum"][i] = _from_permuted(mom, lf)
+                new["prev_grad"][i] = _from_permuted(prev, lf)
+                skipped = st["skipped"][i] + (~fin).astype(jnp.int32).reshape(lf.batch_shape)
                 for k, v in (("noise", noise), ("valid", valid), ("prev_step", pstep), ("ratio", ratio), ("skipped", skipped)):
-                    new[k][i] = v.reshape(lf.batch_shape)
+                    new[k][i] = v
         new_state = LantonState(count=count, **{k: treedef.unflatten(v) for k, v in new.items()})
         return treedef.unflatten(out_leaves), new_state
 
@@ -510,7 +508,17 @@ def fused(learning_rate: ScalarOrSchedule = 0.03, beta1: float = 0.8, beta2: flo
         raise TypeError(f"fused() got unknown options {sorted(unknown)}")
     kw.update(kwargs)
     impl = _make(learning_rate, beta1, beta2, weight_decay, scale, kw)
-    step = jax.jit(lambda g, s, p: impl.apply(g, s, p, in_place=True), donate_argnums=(1, 2))
+    # jit pairs donated inputs with outputs of the same shape in argument order, not by name:
+    # returning (state, params) in the order they are passed lets each buffer be updated where
+    # it lies. Returning (params, state) would pair the new params with the old momentum (the
+    # first donated input of that shape), and XLA would copy every parameter and state buffer.
+    inner = jax.jit(lambda g, s, p: impl.apply(g, s, p, in_place=True)[::-1], donate_argnums=(1, 2))
+
+    def step(grads, state, params):
+        new_state, new_params = inner(grads, state, params)
+        return new_params, new_state
+
+    step.lower = inner.lower  # for inspecting the compiled step (outputs in (state, params) order)
     return FusedLanton(impl.init, step)
 
 

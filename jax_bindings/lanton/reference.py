@@ -126,6 +126,19 @@ def group_ratios(noise, valid, stat, eps):
 def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bool = False):
     """Pure-JAX twin of the fused call; see lanton._ffi.group_step for the layout."""
     del names
+    shapes = [(lf[0].shape, lf[4].shape) for lf in leaves]
+    outs = _group_step(config, hyper, t, [_canonical(lf) for lf in leaves], in_place)
+    return [tuple(x.reshape(p_shape if k < 3 else l_shape) for k, x in enumerate(out)) for out, (p_shape, l_shape) in zip(outs, shapes)]
+
+
+def _canonical(leaf):
+    """A leaf's arrays as (L, R, C) matrices and (L,) per-layer vectors."""
+    param, grad, mom, prev, noise, valid, pstep, rows_in, dims = leaf
+    mats = [x.reshape(dims) for x in (param, grad, mom, prev)]
+    return (*mats, *(x.reshape(-1) for x in (noise, valid, pstep)), rows_in)
+
+
+def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
     lr, b1, b2, wd, scale = (hyper[i] for i in range(5))
     k = int(config.noise_every)
     noise_step = config.noise_adaptive & (t >= 2) & (t % k == 0)

@@ -96,10 +96,14 @@ def test_rust_side_error_names_the_leaf(params):
 
     p = jnp.zeros((1, 4, 4))
     bad_noise = jnp.zeros((2,), jnp.float32)  # one entry per layer expected: 1
-    leaf = (p, p, p, p, bad_noise, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), True)
-    with pytest.raises(Exception, match=r"my/leaf \(noise\): expected shape \[1\], got \[2\]"):
+    leaf = (p, p, p, p, bad_noise, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), True, (1, 4, 4))
+    with pytest.raises(Exception, match=r"my/leaf \(noise\): expected 1 elements \(one per layer\), got shape \[2\]"):
         out = _ffi.group_step(StepConfig("hidden"), jnp.zeros(5), jnp.int32(1), [leaf], ["my/leaf"], in_place=False)
         jax.block_until_ready(out)
+    # The (layers, rows, cols) the shim states must fit the buffer.
+    leaf = (p, p, p, p, jnp.zeros((1,)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), True, (1, 4, 5))
+    with pytest.raises(Exception, match=r"my/leaf \(param\): attribute layer_dims gives .* \[1, 4, 5\].*shape \[1, 4, 4\]"):
+        jax.block_until_ready(_ffi.group_step(StepConfig("hidden"), jnp.zeros(5), jnp.int32(1), [leaf], ["my/leaf"], in_place=False))
 
 
 def test_missing_library_gives_clear_message(tmp_path):
