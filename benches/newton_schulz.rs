@@ -1,6 +1,7 @@
 //! Newton-Schulz and the noise estimate on CPU, for the GPT-2-small shapes:
 //! * NS5 throughput, lanton's symmetric products vs plain products (effective GFLOP/s = the
-//!   plain algorithm's FLOP count / time, so both rows compare directly);
+//!   plain algorithm's FLOP count / time, so both rows compare directly), with the products
+//!   split across the pool (a group with few layers) and one matrix per thread (many layers);
 //! * the noise estimate's cost (nuclear norm of one matrix on a noise step) as a fraction of
 //!   NS5, for the CPU estimator (Gram matrix + symmetric eigenvalues) and the polar iteration
 //!   (the CUDA estimator); target <= 0.4x;
@@ -9,6 +10,7 @@
 //! Writes target/bench_newton_schulz.json. Run: cargo bench --bench newton_schulz [-- --quick]
 
 use faer::Mat;
+use lanton::cpu::gemm::serial;
 use lanton::cpu::newton_schulz::{newton_schulz, nuclear_norm, nuclear_norm_polar, NsWorkspace};
 use lanton::step::{NS_DEFAULT, NS_DEFAULT_STEPS};
 use std::time::Instant;
@@ -89,6 +91,57 @@ fn main() {
         }));
     }
 
+    // One matrix per thread: the step driver's mode when a group has at least two layers per
+    // thread (every product on the calling thread, `gemm::serial`).
+    println!("\none matrix per thread (products not split): NS5 ms and the noise estimate / NS5");
+    println!("{:<10} {:>9} {:>9} {:>7} {:>10} {:>7}", "shape", "plain ms", "sym ms", "sym/pl", "eigen ms", "/NS5");
+    let mut serial_json = Vec::new();
+    let serial_shapes: &[(usize, usize)] = if quick {
+        &[(128, 128), (128, 512), (768, 768)]
+    } else {
+        &[(128, 128), (128, 512), (512, 128), (256, 1024), (768, 768), (768, 3072)]
+    };
+    for &(r, c) in serial_shapes {
+        let mut rng = Rng(0x51ED270B27D4A2C1 ^ (r * 7 + c) as u64);
+        let v: Vec<f32> = (0..r * c).map(|_| rng.next() as f32).collect();
+        let mut out = vec![0.0f32; r * c];
+        let mut ws = NsWorkspace::default();
+        let reps = if quick { 3 } else { 9 };
+        let median = |f: &mut dyn FnMut()| {
+            f();
+            let mut times: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            times[reps / 2]
+        };
+        let (plain, sym, eigen) = serial(|| {
+            let plain = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, false));
+            let sym = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, true));
+            let eigen = median(&mut || {
+                std::hint::black_box(nuclear_norm(&v, r, c, &mut ws));
+            });
+            (plain, sym, eigen)
+        });
+        let ns5 = plain.min(sym);
+        println!(
+            "{:<10} {:>9.2} {:>9.2} {:>6.2}x {:>10.2} {:>6.2}x",
+            format!("{r}x{c}"),
+            1e3 * plain,
+            1e3 * sym,
+            sym / plain,
+            1e3 * eigen,
+            eigen / ns5
+        );
+        serial_json.push(serde_json::json!({
+            "shape": [r, c], "plain_s": plain, "sym_s": sym, "nuclear_eigen_s": eigen, "eigen_over_ns5": eigen / ns5,
+        }));
+    }
+
     // Accuracy against an f64 SVD (relative error of ||D||_*).
     let mut acc_json = Vec::new();
     println!("\nnoise estimate vs f64 SVD, relative error of ||D||_*");
@@ -118,7 +171,7 @@ fn main() {
     let threads = lanton::cpu::gemm::pool().unwrap_or_else(|e| panic!("{e}")).current_num_threads();
     println!("threads: {threads}; XLA's own f32 Newton-Schulz reference on this CPU: ~110 GFLOP/s (shared/BENCHMARKS.md)");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench_newton_schulz.json");
-    let doc = serde_json::json!({"threads": threads, "results": rows_json, "accuracy": acc_json});
+    let doc = serde_json::json!({"threads": threads, "results": rows_json, "one_thread_per_matrix": serial_json, "accuracy": acc_json});
     if std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).is_ok() {
         println!("saved {}", path.display());
     }

@@ -1,10 +1,12 @@
 """Step-time benchmark: jitted `update + apply_updates` for lanton (fused FFI), lanton's in-place
 path, lanton.reference (pure JAX), optax.contrib.muon (hidden-only and default) and optax.adamw,
 on the tiny, GPT-2-small and (GPU only) TinyLlama-1.1B parameter sets (../shared/BENCHMARKS.md).
-Warm medians of repeats, outputs blocked on; ratios to optax Muon (hidden-only) from the same run.
+Params and state donated, as in a training loop; warm steps, outputs blocked on; ratios to optax
+Muon (hidden-only) from the same run.
 
-lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step); lanton at the
-default K = 10 costs 0.9*off + 0.1*K1 per step on average (`K=10 amortized`).
+lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step) and `K=10` (the
+default cadence). `K=10` and `noise off` are the mean of 10 consecutive steps (one whole cadence:
+one noise step and one step that stores G_prev), the others a median of repeats.
 
     python benches/step_time.py --sets tiny,gpt2 --repeats 3 --out benches/results/step_time_cpu
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import statistics
@@ -66,7 +69,8 @@ def contenders():
     return {
         "lanton noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False)),
         "lanton K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
-        "lanton in-place, noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
+        "lanton K=10": ("tx", lambda: lanton.lanton(0.02, noise_every=10)),
+        "lanton in-place noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
         "lanton noise off, f32 NS": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, ns_dtype="float32")),
         "lanton.reference noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, backend="reference")),
         "lanton.reference K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1, backend="reference")),
@@ -76,8 +80,12 @@ def contenders():
     }
 
 
-def time_one(kind, make, params, grad_sets, repeats):
-    """Median step time; gradients alternate between two sets so that G - G_prev != 0 (a
+# Rows timed as the mean of this many consecutive steps (a whole K = 10 cadence).
+CADENCE_ROWS = {"lanton noise off": 10, "lanton K=10": 10}
+
+
+def time_one(kind, make, params, grad_sets, repeats, consecutive=None):
+    """Median step time (or the mean of `consecutive` steps); gradients alternate between two sets so that G - G_prev != 0 (a
     repeated gradient would make the noise estimate trivially zero)."""
     n = [0]
 
@@ -92,10 +100,10 @@ def time_one(kind, make, params, grad_sets, repeats):
         step = lambda p, s: fz.step(next_grads(), s, p)
     else:
         tx = make()
-        s = tx.init(params)
-        p = params
+        p = jax.tree.map(jnp.copy, params)  # donated below
+        s = tx.init(p)
 
-        @jax.jit
+        @functools.partial(jax.jit, donate_argnums=(0, 1))  # params and state in place, as in real training
         def _step(p, s, g):
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
@@ -104,18 +112,18 @@ def time_one(kind, make, params, grad_sets, repeats):
     for _ in range(2):  # compile, then one warm step (t = 2: the first noise step for K = 1)
         p, s = jax.block_until_ready(step(p, s))
     times = []
-    for _ in range(repeats):
+    for _ in range(consecutive or repeats):
         t0 = time.perf_counter()
         p, s = jax.block_until_ready(step(p, s))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.mean(times) if consecutive else statistics.median(times)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="tiny,gpt2")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", default=None, help="comma-separated contender names")
+    ap.add_argument("--only", default=None, help="contender names separated by ';'")
     ap.add_argument("--out", default=None, help="path prefix for .json and .md results")
     args = ap.parse_args()
     backend = jax.default_backend()
@@ -136,18 +144,18 @@ def main():
                      for seed in (1, 2)]
         rows = {}
         for name, (kind, make) in contenders().items():
-            if args.only and name not in args.only.split(","):
+            if args.only and name not in args.only.split(";"):
                 continue
             if "f32 NS" in name and backend == "cpu":
                 continue  # the CPU kernels always use f32
-            rows[name] = time_one(kind, make, params, grad_sets, args.repeats)
+            rows[name] = time_one(kind, make, params, grad_sets, args.repeats, CADENCE_ROWS.get(name))
             print(f"  {set_name:>8} {name:<30} {1000 * rows[name]:10.1f} ms", flush=True)
-        if "lanton noise off" in rows and "lanton K=1" in rows:
-            rows["lanton K=10 amortized"] = 0.9 * rows["lanton noise off"] + 0.1 * rows["lanton K=1"]
         results[set_name] = {"params": int(n_params), "seconds": rows}
     base = "optax muon (hidden only)"
     lines = [f"# Step time ({meta['date']}, {backend}: {device}, {meta['machine']}, jax {meta['jax']})", "",
-             f"Median of {args.repeats} warm steps of jitted update + apply_updates. Ratio: time / {base}, same run.", ""]
+             f"Jitted update + apply_updates (params and state donated), warm: median of {args.repeats} steps, or for "
+             f"{', '.join(CADENCE_ROWS)} the mean of {max(CADENCE_ROWS.values())} consecutive steps. "
+             f"Ratio: time / {base}, same run.", ""]
     for set_name, r in results.items():
         floor = LOWER_BOUND_S.get(set_name) if backend == "gpu" else None
         lines += [f"## {set_name} ({r['params'] / 1e6:.2f} M params)", ""]

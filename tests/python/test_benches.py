@@ -60,7 +60,7 @@ def test_convergence_fixed_rate_against_a_given_target(tmp_path):
 
 def test_step_time_table_and_json(tmp_path):
     out = run_bench("step_time.py", "--sets", "tiny", "--repeats", 1,
-                    "--only", "lanton noise off,optax muon (hidden only)", "--out", tmp_path / "st")
+                    "--only", "lanton noise off;optax muon (hidden only)", "--out", tmp_path / "st")
     seconds = json.loads((tmp_path / "st.json").read_text())["results"]["tiny"]["seconds"]
     assert set(seconds) == {"lanton noise off", "optax muon (hidden only)"}
     assert all(t > 0 for t in seconds.values())
