@@ -131,6 +131,11 @@ impl Carve {
     }
 }
 
+/// Bytes from `addr` up to the next multiple of ALIGN.
+fn align_pad(addr: usize) -> usize {
+    addr.wrapping_neg() % ALIGN
+}
+
 fn ns_dtype_size(f32_ops: bool) -> (i32, i32, usize) {
     if f32_ops { (dtype::F32, CUDA_R_32F, 4) } else { (dtype::BF16, CUDA_R_16BF, 2) }
 }
@@ -315,7 +320,11 @@ impl Plan {
         };
         o.zeroed = carve.len;
         o.workspace_len = if hidden { CUBLAS_WORKSPACE } else { 0 };
-        o.workspace = carve.take(o.workspace_len);
+        // cuBLAS wants a 256-byte aligned workspace, but XLA's scratch is only promised 16-byte
+        // alignment: the region carries ALIGN bytes of slack (so `len` does not depend on the
+        // base) and the workspace starts at the first aligned address inside it.
+        let region = carve.take(if hidden { o.workspace_len + ALIGN } else { 0 });
+        o.workspace = if hidden { region + align_pad(scratch + region) } else { region };
         o.x = carve.take(elems * ns_size);
         o.y = carve.take(elems * ns_size);
         o.a = carve.take(gram_max * ns_size);
@@ -410,6 +419,7 @@ pub fn group_step(call: &CallFrame, layout: &StepLayout, opts: CudaOptions) -> F
     let len = Plan::new(layout, opts, 0).len;
     let scratch = call.allocate(len, 16)?;
     let mut plan = Plan::new(layout, opts, scratch as usize);
+    debug_assert_eq!(plan.len, len, "the scratch size must not depend on its base");
     let result = enqueue(dev, stream, layout, &mut plan);
     let freed = call.free(scratch, len);
     result.map_err(internal)?;
@@ -504,4 +514,19 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
         }
     }
     per_leaf(K_APPLY, &mut plan.leaves, g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn align_pad_reaches_the_next_256_byte_boundary() {
+        for addr in [0usize, 16, 240, 256, 272, 0x7000_0010, usize::MAX - 255] {
+            let pad = align_pad(addr);
+            assert!(pad < ALIGN);
+            assert_eq!(addr.wrapping_add(pad) % ALIGN, 0, "{addr:#x}");
+        }
+        assert_eq!((align_pad(0), align_pad(16), align_pad(255), align_pad(512)), (0, 240, 1, 0));
+    }
 }
