@@ -50,6 +50,19 @@ fn emu_launch() -> LaunchFn {
 
 struct HostQueue;
 
+/// cuBLAS's own argument checks (CUBLAS_STATUS_INVALID_VALUE), which a naive GEMM would not make.
+fn cublas_checks(g: &Gemm) -> Result<(), String> {
+    let rows_a = if g.trans_a { g.k } else { g.m };
+    let rows_b = if g.trans_b { g.n } else { g.k };
+    if g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0 || g.lda < rows_a.max(1) || g.ldb < rows_b.max(1) || g.ldc < g.m.max(1) {
+        return Err(format!(
+            "cuBLAS would refuse: m {} n {} k {} lda {} ldb {} ldc {} batch {}",
+            g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.batch
+        ));
+    }
+    Ok(())
+}
+
 unsafe fn ld(p: *const c_void, dt: i32, i: usize) -> f64 {
     if dt == CUDA_R_32F { *(p as *const f32).add(i) as f64 } else { (*(p as *const bf16).add(i)).to_f64() }
 }
@@ -67,6 +80,7 @@ impl Queue for HostQueue {
     }
     fn gemm(&self, g: &Gemm) -> Result<(), String> {
         assert!(g.dtype == CUDA_R_32F || g.dtype == CUDA_R_16BF);
+        cublas_checks(g)?;
         for b in 0..g.batch as usize {
             // SAFETY: the plan sized every operand for the batch (what this test checks).
             unsafe {
@@ -245,4 +259,33 @@ fn more_leaves_than_one_launch_holds() {
         .map(|i| LeafSpec { dims: [1 + (i % 3) as i64, 6 + (i % 4) as i64, 5 + (i % 5) as i64], dtype: dtype::F32, rows_are_input: i % 2 == 0 })
         .collect();
     compare("hidden", &specs, 2, "float32", 2e-4, false, None);
+}
+
+#[test]
+fn zero_size_leaves_write_their_ratio_and_skip_cublas() {
+    // Empty layers (0 rows or 0 columns) beside ordinary ones, and a leaf without layers: the
+    // emulated GEMM refuses what cuBLAS would (ld = 0), and every ratio must match the CPU's.
+    let hidden = vec![
+        LeafSpec { dims: [2, 16, 8], dtype: dtype::F32, rows_are_input: false },
+        LeafSpec { dims: [2, 0, 8], dtype: dtype::F32, rows_are_input: true },
+        LeafSpec { dims: [1, 12, 0], dtype: dtype::F32, rows_are_input: true },
+        LeafSpec { dims: [0, 4, 4], dtype: dtype::F32, rows_are_input: true },
+        LeafSpec { dims: [3, 16, 8], dtype: dtype::F32, rows_are_input: true },
+    ];
+    compare("hidden", &hidden, 1, "float32", 2e-4, false, None);
+    compare("hidden", &hidden, 2, "float32", 2e-4, true, None);
+    let embed = vec![LeafSpec { dims: [1, 0, 16], dtype: dtype::F32, rows_are_input: true },
+                     LeafSpec { dims: [1, 40, 16], dtype: dtype::F32, rows_are_input: true }];
+    compare("embed", &embed, 2, "bfloat16", 1e-5, false, None);
+    let vector = vec![LeafSpec { dims: [2, 1, 0], dtype: dtype::F32, rows_are_input: true },
+                      LeafSpec { dims: [3, 1, 24], dtype: dtype::F32, rows_are_input: true }];
+    compare("vector", &vector, 1, "bfloat16", 1e-5, false, None);
+    // Stated outright (the CPU's value, and the reference's): an empty layer that never had a
+    // usable noise estimate gets r = 1. The results start zeroed, so an unwritten ratio shows.
+    let got = trajectory("hidden", &hidden, 1, 3, emulated_update, false, "float32", None);
+    for step in &got {
+        assert_eq!(step[7 + 6], vec![1.0; 2], "leaf 1 (2 x 0 x 8) ratio");
+        assert_eq!(step[14 + 6], vec![1.0; 1], "leaf 2 (1 x 12 x 0) ratio");
+        assert!(step[21 + 6].is_empty());
+    }
 }

@@ -217,7 +217,7 @@ impl<'d> Session<'d> {
     /// Batched column-major GEMM, C = alpha * op(A) op(B) + beta * C, strided over `batch`.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(&self, g: &Gemm) -> Result<(), String> {
-        if g.batch == 0 {
+        if g.batch == 0 || g.m == 0 || g.n == 0 {
             return Ok(());
         }
         let lib = sys::cublas()?;

@@ -162,7 +162,8 @@ fn newton_schulz<Q: Queue>(
 ) -> Result<*mut c_void, String> {
     let (dt, cuda_dt, size) = ns_dtype_size(f32_ops);
     let at = |p: *mut c_void, elems: usize| (p as usize + elems * size) as *mut c_void;
-    for c in classes {
+    // A class of zero-size matrices has nothing to multiply (and would hand cuBLAS ld = 0).
+    for c in classes.iter().filter(|c| c.batch > 0 && c.rows > 0 && c.cols > 0) {
         let (r, cl, sm) = (c.rows as i32, c.cols as i32, c.small() as i32);
         let (mat, gram) = ((c.rows * c.cols) as i64, (c.small() * c.small()) as i64);
         let (mut src, mut dst) = (at(x, c.base), at(y, c.base));
@@ -209,6 +210,7 @@ fn chunks_per_layer(layer_len: usize) -> usize {
 
 /// The multi-tensor launches of one per-leaf kernel: leaves in batches of MAX_LEAVES, each
 /// block of the grid assigned to (leaf, layer, chunk); `track` runs one thread per layer.
+/// Every layer gets at least one block, even an empty one (its ratio is still written).
 pub fn batches(leaves: &[LeafArgs], track: bool) -> Result<Vec<(LeafBatch, u32)>, String> {
     let mut out = Vec::new();
     for group in leaves.chunks(MAX_LEAVES) {
@@ -220,7 +222,9 @@ pub fn batches(leaves: &[LeafArgs], track: bool) -> Result<Vec<(LeafBatch, u32)>
                 let c = layers.div_ceil(BLOCK as usize);
                 (c, c)
             } else if len == 0 {
-                (1, 0)
+                // One (idle) block per layer of a zero-size leaf: lanton_apply still writes
+                // each layer's ratio, and the reductions add nothing.
+                (1, layers)
             } else {
                 let c = chunks_per_layer(len);
                 (c, c * layers)
