@@ -54,6 +54,52 @@ pub fn compile(arch: &str) -> Result<Vec<u8>, String> {
     result
 }
 
+/// What to give the driver, in order: CUBIN for the device's exact architecture, then PTX for
+/// the driver's JIT (when this NVRTC does not know the architecture, or the driver refuses the
+/// CUBIN, e.g. one from an NVRTC newer than the driver).
+pub fn images_for(major: i32, minor: i32) -> [String; 2] {
+    [format!("sm_{major}{minor}"), format!("compute_{major}{minor}")]
+}
+
+/// Compiles each target in turn and returns what `load` makes of the first image it accepts;
+/// PTX ("compute_*") reaches `load` NUL-terminated. The error lists every attempt.
+pub fn load_first<M>(
+    targets: &[String], mut compile: impl FnMut(&str) -> Result<Vec<u8>, String>,
+    mut load: impl FnMut(&[u8]) -> Result<M, String>,
+) -> Result<M, String> {
+    let mut failures = Vec::new();
+    for arch in targets {
+        let attempt = compile(arch).and_then(|mut image| {
+            if arch.starts_with("compute_") {
+                image.push(0);
+            }
+            load(&image)
+        });
+        match attempt {
+            Ok(m) => return Ok(m),
+            Err(e) => failures.push(format!("{arch}: {e}")),
+        }
+    }
+    Err(format!("cannot load lanton's CUDA kernels on this device:\n{}", failures.join("\n")))
+}
+
+/// The versions that decide whether a compiled image loads, for load errors.
+fn version_hint() -> String {
+    let nvrtc = sys::nvrtc().map(|nv| {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: writes two ints.
+        unsafe { (nv.nvrtcVersion)(&mut major, &mut minor) };
+        format!("NVRTC {major}.{minor} ({})", nv.lib.path)
+    });
+    let driver = sys::driver_version().map(|v| format!("{}.{}", v / 1000, v % 1000 / 10));
+    format!(
+        "{} with a driver for CUDA {}: an NVRTC newer than the driver produces code the driver cannot load; \
+         update the driver or point LANTON_NVRTC to an NVRTC no newer than it",
+        nvrtc.unwrap_or_else(|e| e),
+        driver.unwrap_or_else(|e| e)
+    )
+}
+
 /// Kernels and cuBLAS for one CUDA context.
 pub struct Device {
     pub functions: [cu::CUfunction; 7],
@@ -127,16 +173,18 @@ fn build_device() -> Result<Device, String> {
     let major = attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     let sm_count = attribute(dev, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
-    // CUBIN for the exact architecture; PTX (JIT by the driver) if this NVRTC predates it.
-    let image = compile(&format!("sm_{major}{minor}")).or_else(|e| {
-        compile(&format!("compute_{major}{minor}")).map(|mut ptx| {
-            ptx.push(0);
-            ptx
-        }).map_err(|e2| format!("{e}\n{e2}"))
-    })?;
-    let mut module = std::ptr::null_mut();
-    // SAFETY: image is a CUBIN or NUL-terminated PTX; the module lives for the process.
-    check(unsafe { cu::cuModuleLoadData(&mut module, image.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
+    let module = load_first(
+        &images_for(major, minor),
+        compile,
+        |image| {
+            let mut module = std::ptr::null_mut();
+            // SAFETY: `image` is a CUBIN or NUL-terminated PTX (load_first); the module lives for
+            // the process.
+            check(unsafe { cu::cuModuleLoadData(&mut module, image.as_ptr() as *const c_void) }, "cuModuleLoadData")
+                .map(|()| module)
+        },
+    )
+    .map_err(|e| format!("{e}\n{}", version_hint()))?;
     let mut functions = [std::ptr::null_mut(); 7];
     for (f, name) in functions.iter_mut().zip(KERNEL_NAMES) {
         let c = CString::new(name).unwrap();
@@ -260,4 +308,67 @@ pub struct Gemm {
     pub batch: i32,
     pub dtype: i32,
     pub compute: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    fn targets() -> Vec<String> {
+        images_for(9, 0).to_vec()
+    }
+
+    #[test]
+    fn the_cubin_is_used_when_the_driver_takes_it() {
+        let compiled = RefCell::new(Vec::new());
+        let got = load_first(
+            &targets(),
+            |a| {
+                compiled.borrow_mut().push(a.to_string());
+                Ok(b"\x7fELF".to_vec())
+            },
+            |img| Ok(img.to_vec()),
+        );
+        assert_eq!(got.unwrap(), b"\x7fELF");
+        assert_eq!(*compiled.borrow(), ["sm_90"], "no PTX compiled when the CUBIN loads");
+    }
+
+    #[test]
+    fn ptx_follows_when_nvrtc_lacks_the_arch_or_the_driver_refuses_the_cubin() {
+        // NVRTC does not know sm_90.
+        let got = load_first(
+            &targets(),
+            |a| if a == "sm_90" { Err("invalid --gpu-architecture".into()) } else { Ok(b".entry x".to_vec()) },
+            |img| Ok(img.to_vec()),
+        );
+        assert_eq!(got.unwrap(), b".entry x\0", "PTX reaches the driver NUL-terminated");
+        // NVRTC compiles the CUBIN but cuModuleLoadData refuses it.
+        let loads = RefCell::new(0);
+        let got = load_first(
+            &targets(),
+            |a| Ok(a.as_bytes().to_vec()),
+            |img| {
+                *loads.borrow_mut() += 1;
+                if img.starts_with(b"sm_") { Err("cuModuleLoadData failed: CUDA_ERROR_NO_BINARY_FOR_GPU".into()) } else { Ok(img.to_vec()) }
+            },
+        );
+        assert_eq!((got.unwrap(), *loads.borrow()), (b"compute_90\0".to_vec(), 2));
+    }
+
+    #[test]
+    fn when_nothing_loads_the_error_lists_every_attempt() {
+        let err = load_first(
+            &targets(),
+            |a| Ok(a.as_bytes().to_vec()),
+            |img| -> Result<(), String> {
+                Err(if img.starts_with(b"sm_") { "CUDA_ERROR_INVALID_IMAGE" } else { "CUDA_ERROR_UNSUPPORTED_PTX_VERSION" }.into())
+            },
+        )
+        .unwrap_err();
+        for needle in ["cannot load lanton's CUDA kernels", "sm_90: CUDA_ERROR_INVALID_IMAGE", "compute_90: CUDA_ERROR_UNSUPPORTED_PTX_VERSION"] {
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
 }

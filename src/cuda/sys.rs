@@ -155,6 +155,17 @@ pub fn driver_present() -> bool {
     *PRESENT.get_or_init(|| unsafe { cu::is_culib_present() })
 }
 
+/// The driver's CUDA version (cuDriverGetVersion: 1000 * major + 10 * minor, e.g. 13000).
+pub fn driver_version() -> Result<i32, String> {
+    if !driver_present() {
+        return Err("no CUDA driver".into());
+    }
+    let mut v = 0;
+    // SAFETY: writes one int; needs no context.
+    check(unsafe { cu::cuDriverGetVersion(&mut v) }, "cuDriverGetVersion")?;
+    Ok(v)
+}
+
 /// A driver call's result as Result, with the driver's own message.
 pub fn check(r: cu::CUresult, what: &str) -> Result<(), String> {
     if r == cu::CUresult::CUDA_SUCCESS {
