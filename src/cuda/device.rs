@@ -146,16 +146,61 @@ pub unsafe fn stream_context(stream: cu::CUstream) -> Result<cu::CUcontext, Stri
     Ok(ctx)
 }
 
-/// The cached device state of `ctx` (which must be current), built on first use.
-pub fn device(ctx: cu::CUcontext) -> Result<&'static Device, String> {
-    static CACHE: OnceLock<Mutex<HashMap<usize, &'static Device>>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(d) = cache.get(&(ctx as usize)) {
-        return Ok(d);
+/// Values built once per key and kept for the process (leaked, so handed out as `'static`).
+pub struct SetupCache<K, V: 'static> {
+    map: OnceLock<Mutex<HashMap<K, &'static V>>>,
+}
+
+impl<K: Eq + std::hash::Hash, V: Sync + 'static> SetupCache<K, V> {
+    pub const fn new() -> Self {
+        SetupCache { map: OnceLock::new() }
     }
-    let d: &'static Device = Box::leak(Box::new(build_device()?));
-    cache.insert(ctx as usize, d);
-    Ok(d)
+
+    /// The value of `key`; on a miss `allowed` is asked first (its error returned, nothing built
+    /// or cached), then `build` runs, under the cache's lock.
+    pub fn get_or_build<E>(
+        &self, key: K, allowed: impl FnOnce() -> Result<(), E>, build: impl FnOnce() -> Result<V, E>,
+    ) -> Result<&'static V, E> {
+        let mut map = self.map.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = map.get(&key) {
+            return Ok(v);
+        }
+        allowed()?;
+        let v: &'static V = Box::leak(Box::new(build()?));
+        map.insert(key, v);
+        Ok(v)
+    }
+}
+
+impl<K: Eq + std::hash::Hash, V: Sync + 'static> Default for SetupCache<K, V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The error for first-time setup during graph capture (cuStreamIsCapturing's `status`), or
+/// Ok when the stream is not being captured.
+pub fn setup_allowed(status: u32) -> Result<(), String> {
+    match status {
+        0 => Ok(()),
+        s => Err(format!(
+            "lanton's CUDA setup must run before graph capture: this device's kernels are not compiled yet \
+             and XLA's stream is being captured into a CUDA graph (capture status {s}), where NVRTC, module \
+             loading and cublasCreate are not allowed. XLA normally runs the setup at its initialize stage, \
+             which this call did not reach; run one step without CUDA graphs on this device first, or disable \
+             XLA's command buffers (XLA_FLAGS=--xla_gpu_enable_command_buffer=)"
+        )),
+    }
+}
+
+/// The cached device state of `ctx` (which must be current), built on first use after
+/// `allowed` agrees (the execute stage checks that XLA's stream is not being captured).
+/// Setup failures are turned into `E` by `failed`.
+pub fn device<E>(
+    ctx: cu::CUcontext, allowed: impl FnOnce() -> Result<(), E>, failed: impl FnOnce(String) -> E,
+) -> Result<&'static Device, E> {
+    static CACHE: SetupCache<usize, Device> = SetupCache::new();
+    CACHE.get_or_build(ctx as usize, allowed, || build_device().map_err(failed))
 }
 
 fn attribute(dev: cu::CUdevice, a: cu::CUdevice_attribute) -> Result<i32, String> {
@@ -371,4 +416,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn setup_is_refused_only_while_the_stream_is_captured() {
+        assert!(setup_allowed(0).is_ok());
+        for status in [1, 2] {
+            let e = setup_allowed(status).unwrap_err();
+            assert!(e.starts_with("lanton's CUDA setup must run before graph capture"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_cache_builds_once_per_context_and_never_during_capture() {
+        let cache: SetupCache<usize, u32> = SetupCache::new();
+        let builds = RefCell::new(0);
+        let build = |v: u32| {
+            let builds = &builds;
+            move || -> Result<u32, String> {
+                *builds.borrow_mut() += 1;
+                Ok(v)
+            }
+        };
+        let capturing = || setup_allowed(1);
+        let a = 0x1000;
+        // A miss while capturing: the error, nothing built, nothing cached.
+        assert!(cache.get_or_build(a, capturing, build(1)).unwrap_err().contains("before graph capture"));
+        assert_eq!(*builds.borrow(), 0);
+        // A miss outside capture builds; a later hit needs no check, even during capture.
+        assert_eq!(*cache.get_or_build(a, || Ok(()), build(1)).unwrap(), 1);
+        assert_eq!(*cache.get_or_build(a, capturing, build(99)).unwrap(), 1);
+        assert_eq!(*builds.borrow(), 1);
+        // A failed build caches nothing.
+        let c = 0x2000;
+        assert!(cache.get_or_build(c, || Ok(()), || Err::<u32, String>("nvrtc".into())).is_err());
+        assert_eq!(*cache.get_or_build(c, || Ok(()), build(5)).unwrap(), 5);
+    }
 }

@@ -166,6 +166,21 @@ pub fn driver_version() -> Result<i32, String> {
     Ok(v)
 }
 
+/// cuStreamIsCapturing's answer: 0 none, 1 active, 2 invalidated (CUstreamCaptureStatus).
+///
+/// # Safety
+/// `stream` must be a live stream (here: the one XLA handed to this call).
+pub unsafe fn stream_capture_status(stream: cu::CUstream) -> Result<u32, String> {
+    let mut status: u32 = u32::MAX;
+    // SAFETY: the driver writes one CUstreamCaptureStatus (a C enum, 32 bits) through the pointer;
+    // it lands in a u32, so a value unknown to cudarc's Rust enum is never read as that enum.
+    check(
+        unsafe { cu::cuStreamIsCapturing(stream, &mut status as *mut u32 as *mut cu::CUstreamCaptureStatus) },
+        "cuStreamIsCapturing",
+    )?;
+    Ok(status)
+}
+
 /// A driver call's result as Result, with the driver's own message.
 pub fn check(r: cu::CUresult, what: &str) -> Result<(), String> {
     if r == cu::CUresult::CUDA_SUCCESS {
