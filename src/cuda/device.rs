@@ -146,6 +146,22 @@ pub unsafe fn stream_context(stream: cu::CUstream) -> Result<cu::CUcontext, Stri
     Ok(ctx)
 }
 
+/// A context's key in the device cache: its pointer and, where the driver has cuCtxGetId, its
+/// unique id (a destroyed context's pointer can come back for a new context).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ContextKey {
+    pub ptr: usize,
+    pub id: Option<u64>,
+}
+
+impl ContextKey {
+    /// # Safety
+    /// `ctx` must be a live context.
+    pub unsafe fn of(ctx: cu::CUcontext) -> ContextKey {
+        ContextKey { ptr: ctx as usize, id: unsafe { sys::context_id(ctx) } }
+    }
+}
+
 /// Values built once per key and kept for the process (leaked, so handed out as `'static`).
 pub struct SetupCache<K, V: 'static> {
     map: OnceLock<Mutex<HashMap<K, &'static V>>>,
@@ -196,11 +212,16 @@ pub fn setup_allowed(status: u32) -> Result<(), String> {
 /// The cached device state of `ctx` (which must be current), built on first use after
 /// `allowed` agrees (the execute stage checks that XLA's stream is not being captured).
 /// Setup failures are turned into `E` by `failed`.
-pub fn device<E>(
+///
+/// # Safety
+/// `ctx` must be a live context, current on this thread (here: the one owning XLA's stream).
+pub unsafe fn device<E>(
     ctx: cu::CUcontext, allowed: impl FnOnce() -> Result<(), E>, failed: impl FnOnce(String) -> E,
 ) -> Result<&'static Device, E> {
-    static CACHE: SetupCache<usize, Device> = SetupCache::new();
-    CACHE.get_or_build(ctx as usize, allowed, || build_device().map_err(failed))
+    static CACHE: SetupCache<ContextKey, Device> = SetupCache::new();
+    // SAFETY: the caller guarantees `ctx` is live.
+    let key = unsafe { ContextKey::of(ctx) };
+    CACHE.get_or_build(key, allowed, || build_device().map_err(failed))
 }
 
 fn attribute(dev: cu::CUdevice, a: cu::CUdevice_attribute) -> Result<i32, String> {
@@ -426,8 +447,8 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_builds_once_per_context_and_never_during_capture() {
-        let cache: SetupCache<usize, u32> = SetupCache::new();
+    fn the_cache_builds_once_per_key_and_never_during_capture() {
+        let cache: SetupCache<ContextKey, u32> = SetupCache::new();
         let builds = RefCell::new(0);
         let build = |v: u32| {
             let builds = &builds;
@@ -437,7 +458,7 @@ mod tests {
             }
         };
         let capturing = || setup_allowed(1);
-        let a = 0x1000;
+        let a = ContextKey { ptr: 0x1000, id: Some(7) };
         // A miss while capturing: the error, nothing built, nothing cached.
         assert!(cache.get_or_build(a, capturing, build(1)).unwrap_err().contains("before graph capture"));
         assert_eq!(*builds.borrow(), 0);
@@ -445,8 +466,17 @@ mod tests {
         assert_eq!(*cache.get_or_build(a, || Ok(()), build(1)).unwrap(), 1);
         assert_eq!(*cache.get_or_build(a, capturing, build(99)).unwrap(), 1);
         assert_eq!(*builds.borrow(), 1);
+        // A new context at the old one's address has a new id: its own entry, its own setup.
+        let reused = ContextKey { ptr: 0x1000, id: Some(8) };
+        assert!(cache.get_or_build(reused, capturing, build(2)).is_err());
+        assert_eq!(*cache.get_or_build(reused, || Ok(()), build(2)).unwrap(), 2);
+        // Without cuCtxGetId the pointer alone is the key.
+        let bare = ContextKey { ptr: 0x1000, id: None };
+        assert_eq!(*cache.get_or_build(bare, || Ok(()), build(3)).unwrap(), 3);
+        assert_eq!(*cache.get_or_build(bare, || Ok(()), build(4)).unwrap(), 3);
+        assert_eq!(*builds.borrow(), 3);
         // A failed build caches nothing.
-        let c = 0x2000;
+        let c = ContextKey { ptr: 0x2000, id: Some(9) };
         assert!(cache.get_or_build(c, || Ok(()), || Err::<u32, String>("nvrtc".into())).is_err());
         assert_eq!(*cache.get_or_build(c, || Ok(()), build(5)).unwrap(), 5);
     }

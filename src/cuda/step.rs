@@ -408,7 +408,8 @@ pub fn prepare_device(call: &CallFrame) -> FfiResult<()> {
     // SAFETY: XLA's stream (and so its context) lives for the whole call.
     let ctx = unsafe { device::stream_context(stream) }.map_err(internal)?;
     let _current = unsafe { device::ContextGuard::push(ctx) }.map_err(internal)?;
-    device::device(ctx, || Ok(()), internal)?;
+    // SAFETY: ctx owns XLA's stream and was made current above.
+    unsafe { device::device(ctx, || Ok(()), internal) }?;
     Ok(())
 }
 
@@ -425,7 +426,8 @@ pub fn group_step(call: &CallFrame, layout: &StepLayout, opts: CudaOptions) -> F
         let status = unsafe { super::sys::stream_capture_status(stream) }.map_err(internal)?;
         device::setup_allowed(status).map_err(FfiError::precondition)
     };
-    let dev = device::device(ctx, not_capturing, internal)?;
+    // SAFETY: ctx owns XLA's stream and was made current above.
+    let dev = unsafe { device::device(ctx, not_capturing, internal) }?;
     let len = Plan::new(layout, opts, 0).len;
     let scratch = call.allocate(len, 16)?;
     let mut plan = Plan::new(layout, opts, scratch as usize);

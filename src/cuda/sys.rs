@@ -181,6 +181,24 @@ pub unsafe fn stream_capture_status(stream: cu::CUstream) -> Result<u32, String>
     Ok(status)
 }
 
+/// The context's unique id (cuCtxGetId, CUDA >= 12.0); None when the driver predates it or
+/// refuses. Unlike the CUcontext pointer, an id is never reused by a later context.
+///
+/// # Safety
+/// `ctx` must be a live context.
+pub unsafe fn context_id(ctx: cu::CUcontext) -> Option<u64> {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only looks the symbol up in the driver (loaded: `ctx` came from it); cudarc's own
+    // wrapper would panic on a driver without it.
+    let present = *PRESENT.get_or_init(|| unsafe { cu::culib().get::<unsafe extern "C" fn()>(b"cuCtxGetId").is_ok() });
+    if !present {
+        return None;
+    }
+    let mut id: std::ffi::c_ulonglong = 0;
+    // SAFETY: the symbol exists (checked above); writes one integer for a live context.
+    (unsafe { cu::cuCtxGetId(ctx, &mut id) } == cu::CUresult::CUDA_SUCCESS).then_some(id)
+}
+
 /// A driver call's result as Result, with the driver's own message.
 pub fn check(r: cu::CUresult, what: &str) -> Result<(), String> {
     if r == cu::CUresult::CUDA_SUCCESS {
