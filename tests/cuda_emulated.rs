@@ -3,7 +3,8 @@
 //! and driven by the real launch plan and `enqueue_on` (src/cuda/step.rs), with a naive
 //! column-major strided-batched GEMM standing in for cuBLAS. Results must match the CPU
 //! handler's over several steps (noise refreshes, G_prev stores, skipped layers), for every
-//! group kind, f32 and bf16 data, f32 and bf16 Newton-Schulz operands.
+//! group kind, f32 and bf16 data, f32 and bf16 Newton-Schulz operands, zero-size leaves, and
+//! layers spread over several blocks (the launches are recorded to prove it).
 //!
 //! What this cannot check: the CUDA driver and cuBLAS calls themselves, real concurrency
 //! between blocks, and anything about speed (tests/gpu/run.sh does, on a GPU).
@@ -12,7 +13,7 @@ mod common;
 use common::*;
 use half::bf16;
 use lanton::cuda::device::{Gemm, Grid, CUDA_R_16BF, CUDA_R_32F};
-use lanton::cuda::{enqueue_on, Plan, Queue, KERNEL_NAMES};
+use lanton::cuda::{enqueue_on, LeafBatch, Plan, Queue, KERNEL_NAMES};
 use lanton::ffi::api::*;
 use lanton::handlers::{decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_update_cpu};
 use std::cell::RefCell;
@@ -50,6 +51,36 @@ fn emu_launch() -> LaunchFn {
 
 struct HostQueue;
 
+/// What the emulated launches looked like, per kernel: the largest grid and the most blocks
+/// one layer (per-layer passes) or one leaf (track) was given.
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    launches: usize,
+    max_grid: u32,
+    max_chunks: i32,
+}
+
+thread_local! {
+    static LAUNCHES: RefCell<[Seen; KERNEL_NAMES.len()]> = RefCell::new([Seen::default(); KERNEL_NAMES.len()]);
+}
+
+fn take_launches() -> [Seen; KERNEL_NAMES.len()] {
+    LAUNCHES.with(|l| std::mem::take(&mut *l.borrow_mut()))
+}
+
+/// cuBLAS's own argument checks (CUBLAS_STATUS_INVALID_VALUE), which a naive GEMM would not make.
+fn cublas_checks(g: &Gemm) -> Result<(), String> {
+    let rows_a = if g.trans_a { g.k } else { g.m };
+    let rows_b = if g.trans_b { g.n } else { g.k };
+    if g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0 || g.lda < rows_a.max(1) || g.ldb < rows_b.max(1) || g.ldc < g.m.max(1) {
+        return Err(format!(
+            "cuBLAS would refuse: m {} n {} k {} lda {} ldb {} ldc {} batch {}",
+            g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.batch
+        ));
+    }
+    Ok(())
+}
+
 unsafe fn ld(p: *const c_void, dt: i32, i: usize) -> f64 {
     if dt == CUDA_R_32F { *(p as *const f32).add(i) as f64 } else { (*(p as *const bf16).add(i)).to_f64() }
 }
@@ -60,6 +91,19 @@ unsafe fn st(p: *mut c_void, dt: i32, i: usize, v: f64) {
 impl Queue for HostQueue {
     unsafe fn launch(&self, k: usize, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
         let name = CString::new(KERNEL_NAMES[k]).unwrap();
+        let chunks = if matches!(KERNEL_NAMES[k], "lanton_reference" | "lanton_affine_diag") {
+            0
+        } else {
+            // SAFETY: the per-leaf kernels take a LeafBatch first (what enqueue_on passes).
+            let b = unsafe { &*(params[0] as *const LeafBatch) };
+            b.chunks[..b.count as usize].iter().copied().max().unwrap_or(0)
+        };
+        LAUNCHES.with(|l| {
+            let seen = &mut l.borrow_mut()[k];
+            seen.launches += 1;
+            seen.max_grid = seen.max_grid.max(grid.x);
+            seen.max_chunks = seen.max_chunks.max(chunks);
+        });
         match emu_launch()(name.as_ptr(), grid.x, grid.y, grid.block, params.as_mut_ptr()) {
             0 => Ok(()),
             rc => Err(format!("emulated launch of {} failed: {rc}", KERNEL_NAMES[k])),
@@ -67,6 +111,7 @@ impl Queue for HostQueue {
     }
     fn gemm(&self, g: &Gemm) -> Result<(), String> {
         assert!(g.dtype == CUDA_R_32F || g.dtype == CUDA_R_16BF);
+        cublas_checks(g)?;
         for b in 0..g.batch as usize {
             // SAFETY: the plan sized every operand for the batch (what this test checks).
             unsafe {
@@ -245,4 +290,73 @@ fn more_leaves_than_one_launch_holds() {
         .map(|i| LeafSpec { dims: [1 + (i % 3) as i64, 6 + (i % 4) as i64, 5 + (i % 5) as i64], dtype: dtype::F32, rows_are_input: i % 2 == 0 })
         .collect();
     compare("hidden", &specs, 2, "float32", 2e-4, false, None);
+}
+
+#[test]
+fn zero_size_leaves_write_their_ratio_and_skip_cublas() {
+    // Empty layers (0 rows or 0 columns) beside ordinary ones, and a leaf without layers: the
+    // emulated GEMM refuses what cuBLAS would (ld = 0), and every ratio must match the CPU's.
+    let hidden = vec![
+        LeafSpec { dims: [2, 16, 8], dtype: dtype::F32, rows_are_input: false },
+        LeafSpec { dims: [2, 0, 8], dtype: dtype::F32, rows_are_input: true },
+        LeafSpec { dims: [1, 12, 0], dtype: dtype::F32, rows_are_input: true },
+        LeafSpec { dims: [0, 4, 4], dtype: dtype::F32, rows_are_input: true },
+        LeafSpec { dims: [3, 16, 8], dtype: dtype::F32, rows_are_input: true },
+    ];
+    compare("hidden", &hidden, 1, "float32", 2e-4, false, None);
+    compare("hidden", &hidden, 2, "float32", 2e-4, true, None);
+    let embed = vec![LeafSpec { dims: [1, 0, 16], dtype: dtype::F32, rows_are_input: true },
+                     LeafSpec { dims: [1, 40, 16], dtype: dtype::F32, rows_are_input: true }];
+    compare("embed", &embed, 2, "bfloat16", 1e-5, false, None);
+    let vector = vec![LeafSpec { dims: [2, 1, 0], dtype: dtype::F32, rows_are_input: true },
+                      LeafSpec { dims: [3, 1, 24], dtype: dtype::F32, rows_are_input: true }];
+    compare("vector", &vector, 1, "bfloat16", 1e-5, false, None);
+    // Stated outright (the CPU's value, and the reference's): an empty layer that never had a
+    // usable noise estimate gets r = 1. The results start zeroed, so an unwritten ratio shows.
+    let got = trajectory("hidden", &hidden, 1, 3, emulated_update, false, "float32", None);
+    for step in &got {
+        assert_eq!(step[7 + 6], vec![1.0; 2], "leaf 1 (2 x 0 x 8) ratio");
+        assert_eq!(step[14 + 6], vec![1.0; 1], "leaf 2 (1 x 12 x 0) ratio");
+        assert!(step[21 + 6].is_empty());
+    }
+}
+
+#[test]
+fn layers_larger_than_one_block_reduce_across_blocks() {
+    // A per-layer pass gives a layer ceil(len / 1024) blocks (src/cuda/step.rs), whose partial
+    // sums meet in atomics: layers of 2,560, 2,560 and 1,296 elements need 3, 3 and 2 blocks.
+    let hidden = vec![
+        LeafSpec { dims: [2, 40, 64], dtype: dtype::F32, rows_are_input: false },
+        LeafSpec { dims: [1, 64, 40], dtype: dtype::F32, rows_are_input: true },
+        LeafSpec { dims: [1, 36, 36], dtype: dtype::F32, rows_are_input: true },
+    ];
+    for (k, in_place) in [(1, false), (2, true)] {
+        take_launches();
+        compare("hidden", &hidden, k, "float32", 2e-4, in_place, None);
+        let seen = take_launches();
+        for (name, s) in KERNEL_NAMES.iter().zip(&seen) {
+            match *name {
+                "lanton_stats" | "lanton_prepare" | "lanton_dot" | "lanton_apply" => {
+                    assert!(s.launches > 0 && s.max_chunks >= 3 && s.max_grid > 1, "{name}: {s:?}")
+                }
+                "lanton_affine_diag" => assert!(s.max_grid > 1, "{name}: {s:?}"),
+                _ => {}
+            }
+        }
+    }
+    let embed = vec![LeafSpec { dims: [1, 50, 64], dtype: dtype::F32, rows_are_input: true }];
+    take_launches();
+    compare("embed", &embed, 1, "bfloat16", 1e-5, false, None);
+    assert!(take_launches()[0].max_chunks == 4, "embed stats: 3,200 elements in 4 blocks");
+    // More layers than one block has threads: lanton_track takes two blocks for the leaf, and
+    // lanton_reference (one block by design) strides over 300 layers.
+    let vector = vec![LeafSpec { dims: [300, 1, 8], dtype: dtype::F32, rows_are_input: true },
+                      LeafSpec { dims: [1, 1, 3000], dtype: dtype::F32, rows_are_input: true }];
+    take_launches();
+    compare("vector", &vector, 1, "bfloat16", 1e-5, false, None);
+    let seen = take_launches();
+    let track = KERNEL_NAMES.iter().position(|&n| n == "lanton_track").unwrap();
+    let stats = KERNEL_NAMES.iter().position(|&n| n == "lanton_stats").unwrap();
+    assert!(seen[track].max_chunks == 2, "track: {:?}", seen[track]);
+    assert!(seen[stats].max_chunks == 3 && seen[stats].max_grid == 303, "stats: {:?}", seen[stats]);
 }

@@ -67,6 +67,8 @@ type Seen = (Plan, CudaOptions, Vec<(usize, usize)>);
 
 thread_local! {
     static SEEN: RefCell<Option<Seen>> = const { RefCell::new(None) };
+    /// The scratch base address the probe plans for.
+    static BASE: std::cell::Cell<usize> = const { std::cell::Cell::new(SCRATCH) };
 }
 
 const SCRATCH: usize = 0x7000_0000;
@@ -76,7 +78,8 @@ unsafe extern "C" fn plan_probe(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_E
         let layout = decode_layout(c, false)?;
         let opts = decode_cuda_options(c)?;
         let buffers = layout.leaves.iter().map(|l| (l.param.ret.data as usize, l.grad.data as usize)).collect();
-        SEEN.with(|s| *s.borrow_mut() = Some((Plan::new(&layout, opts, SCRATCH), opts, buffers)));
+        let base = BASE.with(|b| b.get());
+        SEEN.with(|s| *s.borrow_mut() = Some((Plan::new(&layout, opts, base), opts, buffers)));
         Ok(())
     })
 }
@@ -128,6 +131,27 @@ fn hidden_plan_batches_same_shapes_and_points_into_the_frame() {
     assert!((plan.leaves[2].dual_factor - 0.5f32.sqrt()).abs() < 1e-6);
     assert_eq!((plan.group.kind, plan.group.noise_every, plan.group.noise_work, plan.group.ratio_stat), (0, 1, 1, 0));
     assert!(plan.noise_polar);
+}
+
+#[test]
+fn cublas_workspace_is_256_byte_aligned_whatever_the_scratch_base() {
+    // XLA promises 16-byte aligned scratch; cuBLAS wants its workspace on 256 bytes.
+    let mut sizes = Vec::new();
+    for base in [SCRATCH, SCRATCH + 16, SCRATCH + 0x50, SCRATCH + 0xf0, SCRATCH + 0x100 + 0x80] {
+        BASE.with(|b| b.set(base));
+        let (plan, _, _) = probe(&mut frame("hidden", dtype::F32));
+        BASE.with(|b| b.set(SCRATCH));
+        let o = plan.offsets;
+        assert_eq!(plan.scratch, base);
+        assert_eq!((base + o.workspace) % 256, 0, "workspace at {:#x}", base + o.workspace);
+        assert_eq!(o.workspace_len, 32 << 20);
+        // The workspace stays inside its slack region: after the zeroed accumulators, before X.
+        assert!(o.workspace >= o.zeroed && o.workspace + o.workspace_len <= o.x, "{o:?}");
+        assert!(o.x + (240 + 2 * 128) * 4 <= plan.len);
+        sizes.push(plan.len);
+    }
+    // The size asked of XLA is computed before the base is known: it must not depend on it.
+    assert!(sizes.windows(2).all(|w| w[0] == w[1]), "{sizes:?}");
 }
 
 #[test]

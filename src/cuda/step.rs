@@ -131,6 +131,11 @@ impl Carve {
     }
 }
 
+/// Bytes from `addr` up to the next multiple of ALIGN.
+fn align_pad(addr: usize) -> usize {
+    addr.wrapping_neg() % ALIGN
+}
+
 fn ns_dtype_size(f32_ops: bool) -> (i32, i32, usize) {
     if f32_ops { (dtype::F32, CUDA_R_32F, 4) } else { (dtype::BF16, CUDA_R_16BF, 2) }
 }
@@ -157,7 +162,8 @@ fn newton_schulz<Q: Queue>(
 ) -> Result<*mut c_void, String> {
     let (dt, cuda_dt, size) = ns_dtype_size(f32_ops);
     let at = |p: *mut c_void, elems: usize| (p as usize + elems * size) as *mut c_void;
-    for c in classes {
+    // A class of zero-size matrices has nothing to multiply (and would hand cuBLAS ld = 0).
+    for c in classes.iter().filter(|c| c.batch > 0 && c.rows > 0 && c.cols > 0) {
         let (r, cl, sm) = (c.rows as i32, c.cols as i32, c.small() as i32);
         let (mat, gram) = ((c.rows * c.cols) as i64, (c.small() * c.small()) as i64);
         let (mut src, mut dst) = (at(x, c.base), at(y, c.base));
@@ -204,6 +210,7 @@ fn chunks_per_layer(layer_len: usize) -> usize {
 
 /// The multi-tensor launches of one per-leaf kernel: leaves in batches of MAX_LEAVES, each
 /// block of the grid assigned to (leaf, layer, chunk); `track` runs one thread per layer.
+/// Every layer gets at least one block, even an empty one (its ratio is still written).
 pub fn batches(leaves: &[LeafArgs], track: bool) -> Result<Vec<(LeafBatch, u32)>, String> {
     let mut out = Vec::new();
     for group in leaves.chunks(MAX_LEAVES) {
@@ -215,7 +222,9 @@ pub fn batches(leaves: &[LeafArgs], track: bool) -> Result<Vec<(LeafBatch, u32)>
                 let c = layers.div_ceil(BLOCK as usize);
                 (c, c)
             } else if len == 0 {
-                (1, 0)
+                // One (idle) block per layer of a zero-size leaf: lanton_apply still writes
+                // each layer's ratio, and the reductions add nothing.
+                (1, layers)
             } else {
                 let c = chunks_per_layer(len);
                 (c, c * layers)
@@ -315,7 +324,11 @@ impl Plan {
         };
         o.zeroed = carve.len;
         o.workspace_len = if hidden { CUBLAS_WORKSPACE } else { 0 };
-        o.workspace = carve.take(o.workspace_len);
+        // cuBLAS wants a 256-byte aligned workspace, but XLA's scratch is only promised 16-byte
+        // alignment: the region carries ALIGN bytes of slack (so `len` does not depend on the
+        // base) and the workspace starts at the first aligned address inside it.
+        let region = carve.take(if hidden { o.workspace_len + ALIGN } else { 0 });
+        o.workspace = if hidden { region + align_pad(scratch + region) } else { region };
         o.x = carve.take(elems * ns_size);
         o.y = carve.take(elems * ns_size);
         o.a = carve.take(gram_max * ns_size);
@@ -395,7 +408,8 @@ pub fn prepare_device(call: &CallFrame) -> FfiResult<()> {
     // SAFETY: XLA's stream (and so its context) lives for the whole call.
     let ctx = unsafe { device::stream_context(stream) }.map_err(internal)?;
     let _current = unsafe { device::ContextGuard::push(ctx) }.map_err(internal)?;
-    device::device(ctx).map_err(internal)?;
+    // SAFETY: ctx owns XLA's stream and was made current above.
+    unsafe { device::device(ctx, || Ok(()), internal) }?;
     Ok(())
 }
 
@@ -406,10 +420,18 @@ pub fn group_step(call: &CallFrame, layout: &StepLayout, opts: CudaOptions) -> F
     // SAFETY: XLA's stream (and so its context) lives for the whole call.
     let ctx = unsafe { device::stream_context(stream) }.map_err(internal)?;
     let _current = unsafe { device::ContextGuard::push(ctx) }.map_err(internal)?;
-    let dev = device::device(ctx).map_err(internal)?;
+    // Normally built at the initialize stage; building it here is only safe outside capture.
+    let not_capturing = || {
+        // SAFETY: XLA's stream lives for the whole call.
+        let status = unsafe { super::sys::stream_capture_status(stream) }.map_err(internal)?;
+        device::setup_allowed(status).map_err(FfiError::precondition)
+    };
+    // SAFETY: ctx owns XLA's stream and was made current above.
+    let dev = unsafe { device::device(ctx, not_capturing, internal) }?;
     let len = Plan::new(layout, opts, 0).len;
     let scratch = call.allocate(len, 16)?;
     let mut plan = Plan::new(layout, opts, scratch as usize);
+    debug_assert_eq!(plan.len, len, "the scratch size must not depend on its base");
     let result = enqueue(dev, stream, layout, &mut plan);
     let freed = call.free(scratch, len);
     result.map_err(internal)?;
@@ -504,4 +526,19 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
         }
     }
     per_leaf(K_APPLY, &mut plan.leaves, g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn align_pad_reaches_the_next_256_byte_boundary() {
+        for addr in [0usize, 16, 240, 256, 272, 0x7000_0010, usize::MAX - 255] {
+            let pad = align_pad(addr);
+            assert!(pad < ALIGN);
+            assert_eq!(addr.wrapping_add(pad) % ALIGN, 0, "{addr:#x}");
+        }
+        assert_eq!((align_pad(0), align_pad(16), align_pad(255), align_pad(512)), (0, 240, 1, 0));
+    }
 }

@@ -5,8 +5,9 @@
 //! cudarc's loader: cudarc tries the unversioned `libcublas.so` first, which on a machine with a
 //! system toolkit is a *different* copy from the `libcublas.so.13` jax's CUDA plugin already
 //! loaded from its pip wheels. We take, in order: the copy already mapped into this process (the
-//! one jax uses), an explicit path from `LANTON_CUBLAS` / `LANTON_NVRTC`, then the versioned
-//! SONAMEs. Signatures use cudarc's handle types; enum arguments and status results are plain
+//! one jax uses; with several CUDA majors mapped, the plugin's, else the newest the driver runs),
+//! an explicit path from `LANTON_CUBLAS` / `LANTON_NVRTC`, then the versioned SONAMEs (newest
+//! the driver runs first). Signatures use cudarc's handle types; enum arguments and status results are plain
 //! `i32` (an unknown value in a Rust enum would be undefined behaviour).
 
 use cudarc::driver::sys as cu;
@@ -30,9 +31,54 @@ pub fn loaded_objects() -> Vec<String> {
     out
 }
 
-/// The library already in the process whose file name starts with `prefix` (e.g. "libcublas.so.").
-pub fn resident(prefix: &str) -> Option<String> {
-    loaded_objects().into_iter().find(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with(prefix)))
+/// The CUDA major version in a versioned library name: "/x/libcublas.so.13.1.0.3" -> 13.
+pub fn soname_major(path: &str, prefix: &str) -> Option<u32> {
+    let file = path.rsplit('/').next()?;
+    let digits: String = file.strip_prefix(prefix)?.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The CUDA major version XLA's CUDA plugin was built for, read from the paths of the objects
+/// it mapped: `jax_plugins/xla_cuda13/...`, `jax_cuda12_plugin/...`.
+pub fn plugin_cuda_major(paths: &[String]) -> Option<u32> {
+    paths.iter().find_map(|p| {
+        p.split('/').find_map(|dir| {
+            let rest = dir.strip_prefix("xla_cuda").or_else(|| dir.strip_prefix("jax_cuda"))?;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+    })
+}
+
+/// Orders candidate paths or SONAMEs of one library (file names starting with `prefix`) by
+/// preference: the CUDA major of XLA's plugin (if the driver can run it), then the newest
+/// major the driver can run (`driver_major`: cuDriverGetVersion / 1000), then the rest in
+/// their given order. With several majors mapped (CUDA 12 and 13 in one process), taking
+/// simply the first would pick whichever was loaded first.
+pub fn rank_candidates(candidates: &[String], prefix: &str, driver_major: Option<u32>, plugin_major: Option<u32>) -> Vec<String> {
+    let runnable = |m: u32| !matches!(driver_major, Some(d) if m > d);
+    let rank = |c: &String| match soname_major(c, prefix) {
+        Some(m) if Some(m) == plugin_major && runnable(m) => (0, 0),
+        Some(m) if runnable(m) => (1, u32::MAX - m),
+        _ => (2, 0),
+    };
+    let mut out = candidates.to_vec();
+    out.sort_by_key(rank); // stable: equal ranks keep their order
+    out
+}
+
+/// The copies of a library already in the process (file name starting with `prefix`, e.g.
+/// "libcublas.so."), best first (`rank_candidates`).
+pub fn resident(prefix: &str) -> Vec<String> {
+    let objects = loaded_objects();
+    let mapped: Vec<String> =
+        objects.iter().filter(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with(prefix))).cloned().collect();
+    rank_candidates(&mapped, prefix, driver_major(), plugin_cuda_major(&objects))
+}
+
+/// The CUDA major version of the driver, if there is one.
+fn driver_major() -> Option<u32> {
+    driver_version().ok().map(|v| (v / 1000) as u32)
 }
 
 /// A dlopen'ed library; never closed (its function pointers are cached for the process).
@@ -52,7 +98,8 @@ impl Library {
         let mut candidates: Vec<String> = Vec::new();
         candidates.extend(resident(resident_prefix));
         candidates.extend(std::env::var(env).ok().filter(|s| !s.is_empty()));
-        candidates.extend(sonames.iter().map(|s| s.to_string()));
+        let sonames: Vec<String> = sonames.iter().map(|s| s.to_string()).collect();
+        candidates.extend(rank_candidates(&sonames, resident_prefix, driver_major(), None));
         for c in candidates {
             let Ok(cs) = CString::new(c.clone()) else { continue };
             // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
@@ -155,6 +202,50 @@ pub fn driver_present() -> bool {
     *PRESENT.get_or_init(|| unsafe { cu::is_culib_present() })
 }
 
+/// The driver's CUDA version (cuDriverGetVersion: 1000 * major + 10 * minor, e.g. 13000).
+pub fn driver_version() -> Result<i32, String> {
+    if !driver_present() {
+        return Err("no CUDA driver".into());
+    }
+    let mut v = 0;
+    // SAFETY: writes one int; needs no context.
+    check(unsafe { cu::cuDriverGetVersion(&mut v) }, "cuDriverGetVersion")?;
+    Ok(v)
+}
+
+/// cuStreamIsCapturing's answer: 0 none, 1 active, 2 invalidated (CUstreamCaptureStatus).
+///
+/// # Safety
+/// `stream` must be a live stream (here: the one XLA handed to this call).
+pub unsafe fn stream_capture_status(stream: cu::CUstream) -> Result<u32, String> {
+    let mut status: u32 = u32::MAX;
+    // SAFETY: the driver writes one CUstreamCaptureStatus (a C enum, 32 bits) through the pointer;
+    // it lands in a u32, so a value unknown to cudarc's Rust enum is never read as that enum.
+    check(
+        unsafe { cu::cuStreamIsCapturing(stream, &mut status as *mut u32 as *mut cu::CUstreamCaptureStatus) },
+        "cuStreamIsCapturing",
+    )?;
+    Ok(status)
+}
+
+/// The context's unique id (cuCtxGetId, CUDA >= 12.0); None when the driver predates it or
+/// refuses. Unlike the CUcontext pointer, an id is never reused by a later context.
+///
+/// # Safety
+/// `ctx` must be a live context.
+pub unsafe fn context_id(ctx: cu::CUcontext) -> Option<u64> {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only looks the symbol up in the driver (loaded: `ctx` came from it); cudarc's own
+    // wrapper would panic on a driver without it.
+    let present = *PRESENT.get_or_init(|| unsafe { cu::culib().get::<unsafe extern "C" fn()>(b"cuCtxGetId").is_ok() });
+    if !present {
+        return None;
+    }
+    let mut id: std::ffi::c_ulonglong = 0;
+    // SAFETY: the symbol exists (checked above); writes one integer for a live context.
+    (unsafe { cu::cuCtxGetId(ctx, &mut id) } == cu::CUresult::CUDA_SUCCESS).then_some(id)
+}
+
 /// A driver call's result as Result, with the driver's own message.
 pub fn check(r: cu::CUresult, what: &str) -> Result<(), String> {
     if r == cu::CUresult::CUDA_SUCCESS {
@@ -176,4 +267,47 @@ pub fn check_cublas(lib: &Cublas, status: i32, what: &str) -> Result<(), String>
     let s = unsafe { (lib.cublasGetStatusString)(status) };
     let text = if s.is_null() { String::new() } else { unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned() };
     Err(format!("{what} failed: cuBLAS status {status} {text}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn majors_are_read_from_library_and_plugin_paths() {
+        assert_eq!(soname_major("/sp/nvidia/cu13/lib/libcublas.so.13", "libcublas.so."), Some(13));
+        assert_eq!(soname_major("libcublas.so.12.9.1.4", "libcublas.so."), Some(12));
+        assert_eq!(soname_major("/usr/lib/libcublas.so.", "libcublas.so."), None);
+        assert_eq!(soname_major("/usr/lib/libcublasLt.so.13", "libcublas.so."), None);
+        let objs = paths(&["/usr/lib/libc.so.6", "/sp/jax_plugins/xla_cuda13/xla_cuda_plugin.so"]);
+        assert_eq!(plugin_cuda_major(&objs), Some(13));
+        assert_eq!(plugin_cuda_major(&paths(&["/sp/jax_cuda12_plugin/_triton.so"])), Some(12));
+        assert_eq!(plugin_cuda_major(&paths(&["/sp/torch/lib/libtorch_cuda.so", "/sp/jax_plugins/xla_cuda/x.so"])), None);
+    }
+
+    #[test]
+    fn with_cuda_12_and_13_mapped_the_plugins_or_the_drivers_major_wins() {
+        let p = "libcublas.so.";
+        // torch (CUDA 12) loaded first, jax's CUDA 13 plugin second.
+        let both = paths(&["/sp/nvidia/cublas/lib/libcublas.so.12", "/sp/nvidia/cu13/lib/libcublas.so.13"]);
+        let first = |d, pl| rank_candidates(&both, p, d, pl)[0].clone();
+        assert_eq!(first(Some(13), Some(13)), both[1], "the plugin's major");
+        assert_eq!(first(Some(13), Some(12)), both[0], "the plugin's major, even below the newest");
+        assert_eq!(first(Some(13), None), both[1], "no plugin seen: the newest the driver runs");
+        assert_eq!(first(None, None), both[1], "no driver either: the newest");
+        assert_eq!(first(Some(12), Some(13)), both[0], "a CUDA 12 driver cannot run the CUDA 13 copy");
+        assert_eq!(first(Some(12), None), both[0]);
+        // Everything is still tried, the unrunnable or unversioned last, in their given order.
+        let odd = paths(&["/a/libcublas.so.", "/b/libcublas.so.13", "/c/libcublas.so.12", "/d/libcublas.so.14"]);
+        assert_eq!(rank_candidates(&odd, p, Some(13), None), paths(&[odd[1].as_str(), &odd[2], &odd[0], &odd[3]]));
+        // The fallback SONAMEs follow the same rule.
+        let sonames = paths(&["libcublas.so.13", "libcublas.so.12"]);
+        assert_eq!(rank_candidates(&sonames, p, Some(12), None), paths(&["libcublas.so.12", "libcublas.so.13"]));
+        assert_eq!(rank_candidates(&sonames, p, Some(13), None), sonames);
+        assert!(rank_candidates(&[], p, Some(13), Some(13)).is_empty());
+    }
 }

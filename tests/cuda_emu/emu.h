@@ -50,7 +50,9 @@ using std::isfinite;
 inline float f16_to_f32(unsigned short h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }
 inline unsigned short f32_to_f16(float f) { _Float16 x = (_Float16)f; unsigned short h; std::memcpy(&h, &x, 2); return h; }
 
-// Runs `body` for every block of the grid with `block` threads each.
+// Runs `body` for every block of the grid with `block` threads each. The block's threads are
+// started once per launch and walk the blocks together (a barrier between blocks keeps them one
+// at a time, as the __shared__ statics require).
 template <class F> void emu_run(unsigned gx, unsigned gy, unsigned block, F body) {
     blockDim = {block, 1, 1};
     gridDim = {gx, gy, 1};
@@ -58,11 +60,17 @@ template <class F> void emu_run(unsigned gx, unsigned gy, unsigned block, F body
     emu_warp_barriers.clear();
     for (unsigned w = 0; w < (block + 31) / 32; ++w)
         emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - 32 * w)));
-    for (unsigned by = 0; by < gy; ++by)
-        for (unsigned bx = 0; bx < gx; ++bx) {
-            std::vector<std::thread> threads;
-            for (unsigned t = 0; t < block; ++t)
-                threads.emplace_back([=] { blockIdx = {bx, by, 1}; threadIdx = {t, 0, 0}; body(); });
-            for (auto& t : threads) t.join();
-        }
+    std::barrier<> between_blocks(block);
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < block; ++t)
+        threads.emplace_back([&, t] {
+            threadIdx = {t, 0, 0};
+            for (unsigned by = 0; by < gy; ++by)
+                for (unsigned bx = 0; bx < gx; ++bx) {
+                    blockIdx = {bx, by, 1};
+                    body();
+                    between_blocks.arrive_and_wait();
+                }
+        });
+    for (auto& t : threads) t.join();
 }
