@@ -5,8 +5,10 @@ Params and state donated, as in a training loop; warm steps, outputs blocked on;
 Muon (hidden-only) from the same run.
 
 lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step) and `K=10` (the
-default cadence). `K=10` and `noise off` are the mean of 10 consecutive steps (one whole cadence:
-one noise step and one step that stores G_prev), the others a median of repeats.
+default cadence). `K=10` and `noise off` are timed over whole cadences of 10 consecutive steps
+(each holds one noise step and one step that stores G_prev): the median over cadences of the
+mean step time, with as many cadences as fit in ~3 s (at least one). The others: a median of
+repeats.
 
     python benches/step_time.py --sets tiny,gpt2 --repeats 3 --out benches/results/step_time_cpu
 """
@@ -80,8 +82,9 @@ def contenders():
     }
 
 
-# Rows timed as the mean of this many consecutive steps (a whole K = 10 cadence).
+# Rows timed over whole cadences of this many consecutive steps (K = 10).
 CADENCE_ROWS = {"lanton noise off": 10, "lanton K=10": 10}
+CADENCE_BUDGET_S = 3.0
 
 
 def time_one(kind, make, params, grad_sets, repeats, consecutive=None):
@@ -111,12 +114,21 @@ def time_one(kind, make, params, grad_sets, repeats, consecutive=None):
         step = lambda p, s: _step(p, s, next_grads())
     for _ in range(2):  # compile, then one warm step (t = 2: the first noise step for K = 1)
         p, s = jax.block_until_ready(step(p, s))
-    times = []
-    for _ in range(consecutive or repeats):
-        t0 = time.perf_counter()
-        p, s = jax.block_until_ready(step(p, s))
-        times.append(time.perf_counter() - t0)
-    return statistics.mean(times) if consecutive else statistics.median(times)
+    def timed(n):
+        nonlocal p, s
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            p, s = jax.block_until_ready(step(p, s))
+            times.append(time.perf_counter() - t0)
+        return times
+
+    if not consecutive:
+        return statistics.median(timed(repeats))
+    cadences = [statistics.mean(timed(consecutive))]
+    while sum(cadences) * consecutive < CADENCE_BUDGET_S:
+        cadences.append(statistics.mean(timed(consecutive)))
+    return statistics.median(cadences)
 
 
 def main():
@@ -154,7 +166,8 @@ def main():
     base = "optax muon (hidden only)"
     lines = [f"# Step time ({meta['date']}, {backend}: {device}, {meta['machine']}, jax {meta['jax']})", "",
              f"Jitted update + apply_updates (params and state donated), warm: median of {args.repeats} steps, or for "
-             f"{', '.join(CADENCE_ROWS)} the mean of {max(CADENCE_ROWS.values())} consecutive steps. "
+             f"{', '.join(CADENCE_ROWS)} the median over cadences of {max(CADENCE_ROWS.values())} consecutive steps "
+             f"of their mean step time (cadences to fill {CADENCE_BUDGET_S:.0f} s, at least one). "
              f"Ratio: time / {base}, same run.", ""]
     for set_name, r in results.items():
         floor = LOWER_BOUND_S.get(set_name) if backend == "gpu" else None

@@ -201,7 +201,8 @@ fn run_against_reference(
             (1, 1, 10, true),
             (2, 9, 1, true),
         ],
-        Kind::Embed => vec![(1, 30, 8, true), (1, 5, 8, false)],
+        // The last two span several of the CPU's elementwise pieces (16 Ki elements), one partial.
+        Kind::Embed => vec![(1, 30, 8, true), (1, 5, 8, false), (1, 300, 130, true), (2, 129, 131, false)],
         Kind::Vector => vec![(4, 1, 16, true), (1, 1, 7, true)],
     };
     let mut rng = Rng::new(1000 + k as u64);
@@ -356,4 +357,42 @@ fn many_layers_in_one_call_equal_each_leaf_alone() {
         }
     }
     assert!(together[0].param.iter().all(|x| x.is_finite()));
+}
+
+/// The in-place path writes exactly X + update for an embedding large enough to go through the
+/// CPU's elementwise pieces in parallel.
+#[test]
+fn large_embed_in_place_equals_update_applied() {
+    let mut cfg = StepConfig::new(Kind::Embed);
+    cfg.noise_every = 1;
+    cfg.nesterov = true;
+    let h = Hyper { weight_decay: 0.05, ..hyper() };
+    let shape = LayerShape { layers: 2, rows: 211, cols: 97, rows_are_input: true };
+    let n = 2 * 211 * 97;
+    let mut rng = Rng::new(31);
+    let p0 = rng.normals(n, 0.5);
+    let mut upd = Leaf::new(shape, p0.clone());
+    let mut inp = Leaf::new(shape, p0);
+    for t in 1..=3 {
+        let g = rng.normals(n, 1.0);
+        step(&cfg, &h, t, std::slice::from_mut(&mut upd), std::slice::from_ref(&g));
+        let lf = &mut inp;
+        let mut io = [LeafIo {
+            shape,
+            params: ParamIo::InPlace { param: TensorMut::F32(&mut lf.param) },
+            grad: Tensor::F32(&g),
+            momentum: TensorMut::F32(&mut lf.momentum),
+            prev_grad: TensorMut::F32(&mut lf.prev_grad),
+            noise: &mut lf.noise,
+            valid: &mut lf.valid,
+            prev_step: &mut lf.prev_step,
+            ratio: &mut lf.ratio,
+        }];
+        group_step(&cfg, &h, t, &mut io).unwrap();
+        assert_eq!(upd.momentum, inp.momentum, "t={t}");
+        assert_eq!(upd.noise, inp.noise, "t={t}");
+        let moved = upd.param.iter().zip(&inp.param).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(moved <= 1e-6, "t={t}: in place differs from update applied by {moved}");
+    }
+    assert!(upd.noise.iter().all(|&x| x > 0.0));
 }

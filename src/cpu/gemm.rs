@@ -215,6 +215,11 @@ pub fn syrk(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
         c[..m * m].fill(0.0);
         return;
     }
+    if m <= SYRK_LEAF {
+        // One block: symmetry would save nothing and mirroring costs (1.11x at 128 x 128,
+        // benches/newton_schulz.rs).
+        return xxt_plain(m, k, x, c);
+    }
     // SAFETY: every block product below reads rows of `x` inside m*k and writes a block of `c`
     // inside m*m that no other product of this call writes.
     unsafe { syrk_upper(0, m, m, k, x.as_ptr(), c.as_mut_ptr()) };
@@ -268,7 +273,8 @@ unsafe fn syrk_upper(r0: usize, r1: usize, m: usize, k: usize, x: *const f32, c:
     );
 }
 
-/// The same product without symmetry, for the benchmark's side-by-side comparison.
+/// The same product without symmetry: `syrk` below its split size, and the benchmark's
+/// side-by-side comparison.
 pub fn xxt_plain(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
     assert!(x.len() >= m * k && c.len() >= m * m);
     if m == 0 || k == 0 {

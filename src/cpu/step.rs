@@ -220,6 +220,9 @@ fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]
 
 /// Phase 1 for one layer: momentum, and on noise steps the tracker H from ||G - G_prev||.
 fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch) {
+    if cfg.kind == Kind::Embed {
+        return track_elementwise(cfg, h, t, layer);
+    }
     let shape = layer.shape;
     s.fit(shape.layer_len());
     layer.grad.read(0, &mut s.g);
@@ -250,6 +253,9 @@ fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch
 /// Phase 3 for one layer: delta = -lr * (wd * X + s * r * D(B)), written as the update or
 /// into the parameters.
 fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
+    if cfg.kind == Kind::Embed {
+        return apply_elementwise(cfg, h, layer);
+    }
     let shape = layer.shape;
     s.fit(shape.layer_len());
     if layer.skipped {
@@ -286,6 +292,112 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
                 .zip(&s.g)
                 .for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
             param.write(0, &s.d);
+        }
+    }
+}
+
+/// Embedding layers (sign direction, l1 noise: elementwise work and sums) go through in pieces
+/// of this many elements, spread over the pool: no whole-layer scratch (a 50257 x 768 embedding
+/// took 4 x 154 MB of fresh memory per phase, ~1 s of a GPT-2-small step) and every thread's
+/// memory bandwidth. 16 Ki f32 = 64 KiB, below malloc's mmap threshold.
+const CHUNK: usize = 1 << 14;
+
+/// `track` for an embed layer, piece by piece; the same arithmetic per element.
+fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
+    use rayon::prelude::*;
+    let grads = layer.grad.chunks(CHUNK);
+    let buf = || vec![0.0f32; CHUNK];
+    layer.skipped = !grads.par_iter().map_init(buf, |g, gt| {
+        let g = &mut g[..gt.len()];
+        gt.read(0, g);
+        kernels::all_finite(g)
+    }).all(|ok| ok);
+    if layer.skipped {
+        return; // Non-finite gradient: this layer's state stays as it was.
+    }
+    let noise_now = cfg.is_noise_step(t) && step::prev_grad_usable(*layer.prev_step, t);
+    let keep = cfg.stores_prev_grad(t);
+    let pieces = grads.into_par_iter().zip(layer.momentum.chunks_mut(CHUNK)).zip(layer.prev_grad.chunks_mut(CHUNK));
+    let l1: f64 = pieces
+        .map_init(|| (buf(), buf()), |(g, b), ((gt, mut mt), mut pt)| {
+            let n = gt.len();
+            let (g, b) = (&mut g[..n], &mut b[..n]);
+            gt.read(0, g);
+            mt.read(0, b);
+            kernels::momentum(b, g, h.beta1);
+            mt.write(0, b);
+            let mut part = 0.0f64;
+            if noise_now {
+                pt.read(0, b);
+                part = g.iter().zip(b.iter()).map(|(&g, &p)| ((g - p) as f64).abs()).sum();
+            }
+            if keep {
+                pt.write(0, g);
+            }
+            part
+        })
+        .sum();
+    if noise_now {
+        let norm = l1 as f32 * step::dual_norm_factor(cfg.kind, &layer.shape);
+        if norm.is_finite() {
+            *layer.noise = step::track_noise(*layer.noise, norm, h.beta2);
+            if norm > 0.0 {
+                *layer.valid = 1.0;
+            }
+        }
+    }
+    if keep {
+        *layer.prev_step = t;
+    }
+}
+
+/// `apply` for an embed layer, piece by piece: delta = -lr * (wd * X + s * r * sign(B)).
+fn apply_elementwise(cfg: &StepConfig, h: &Hyper, layer: &mut Layer) {
+    use rayon::prelude::*;
+    let scale = step::update_scale(cfg.kind, h.scale, &layer.shape);
+    let (step_d, step_x) = (-h.lr * scale * *layer.ratio, -h.lr * h.weight_decay);
+    let (skipped, nesterov, beta1) = (layer.skipped, cfg.nesterov, h.beta1);
+    let moms = layer.momentum.as_ref().chunks(CHUNK);
+    let grads = layer.grad.chunks(CHUNK);
+    let buf = || (vec![0.0f32; CHUNK], vec![0.0f32; CHUNK], vec![0.0f32; CHUNK]);
+    // d <- the step's direction term for one piece, from B (and G with Nesterov) in b, g.
+    let direction = |mt: &Tensor, gt: &Tensor, b: &mut [f32], g: &mut [f32], d: &mut [f32]| {
+        mt.read(0, b);
+        if nesterov {
+            gt.read(0, g);
+            b.iter_mut().zip(g.iter()).for_each(|(b, &g)| *b = beta1 * *b + (1.0 - beta1) * g);
+        }
+        kernels::sign(b, d);
+    };
+    match &mut layer.params {
+        ParamIo::Update { param, update } => {
+            let pieces = param.chunks(CHUNK).into_par_iter().zip(update.chunks_mut(CHUNK)).zip(moms).zip(grads);
+            pieces.for_each_init(buf, |(b, g, d), (((xt, mut ut), mt), gt)| {
+                let n = xt.len();
+                let (b, g, d) = (&mut b[..n], &mut g[..n], &mut d[..n]);
+                if skipped {
+                    d.fill(0.0);
+                    return ut.write(0, d);
+                }
+                direction(&mt, &gt, b, g, d);
+                xt.read(0, g);
+                d.iter_mut().zip(g.iter()).for_each(|(d, &x)| *d = step_d * *d + step_x * x);
+                ut.write(0, d);
+            });
+        }
+        ParamIo::InPlace { param } => {
+            if skipped {
+                return;
+            }
+            let pieces = param.chunks_mut(CHUNK).into_par_iter().zip(moms).zip(grads);
+            pieces.for_each_init(buf, |(b, g, d), ((mut xt, mt), gt)| {
+                let n = mt.len();
+                let (b, g, d) = (&mut b[..n], &mut g[..n], &mut d[..n]);
+                direction(&mt, &gt, b, g, d);
+                xt.read(0, g);
+                d.iter_mut().zip(g.iter()).for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
+                xt.write(0, d);
+            });
         }
     }
 }

@@ -53,6 +53,14 @@ impl<'a> Tensor<'a> {
             Tensor::F16(s) => pieces(s, count, len).into_iter().map(Tensor::F16).collect(),
         }
     }
+    /// Consecutive pieces of `len` elements (the last may be shorter; none if empty).
+    pub fn chunks(&self, len: usize) -> Vec<Tensor<'a>> {
+        match *self {
+            Tensor::F32(s) => s.chunks(len).map(Tensor::F32).collect(),
+            Tensor::BF16(s) => s.chunks(len).map(Tensor::BF16).collect(),
+            Tensor::F16(s) => s.chunks(len).map(Tensor::F16).collect(),
+        }
+    }
     /// Converts `self[start..start + out.len()]` to f32.
     pub fn read(&self, start: usize, out: &mut [f32]) {
         let r = start..start + out.len();
@@ -84,6 +92,14 @@ impl<'a> TensorMut<'a> {
     }
     pub fn read(&self, start: usize, out: &mut [f32]) {
         self.as_ref().read(start, out)
+    }
+    /// Disjoint writable pieces of `len` elements (the last may be shorter; none if empty).
+    pub fn chunks_mut(&mut self, len: usize) -> Vec<TensorMut<'_>> {
+        match self {
+            TensorMut::F32(s) => s.chunks_mut(len).map(TensorMut::F32).collect(),
+            TensorMut::BF16(s) => s.chunks_mut(len).map(TensorMut::BF16).collect(),
+            TensorMut::F16(s) => s.chunks_mut(len).map(TensorMut::F16).collect(),
+        }
     }
     /// The first `count * len` elements as `count` disjoint writable pieces of `len` (`count`
     /// empty pieces when `len` is 0). Panics if the tensor is shorter.
