@@ -78,6 +78,10 @@ pub fn pool() -> Result<&'static rayon::ThreadPool, PoolError> {
                 .map(|n| n.get())
                 .unwrap_or(1)
         });
+        // faer (the noise estimate's eigensolver) runs on the calling thread: its own splitting
+        // gained nothing here and slowed the one-layer-per-thread mode (768 x 768: 45 -> 33 ms
+        // sequential, benches/newton_schulz.rs). The setting is this library's copy of faer's.
+        faer::set_global_parallelism(faer::Par::Seq);
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .thread_name(|i| format!("lanton-gemm-{i}"))
