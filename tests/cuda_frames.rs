@@ -69,7 +69,7 @@ fn the_scratch_result_is_checked_before_the_device_and_nothing_is_allocated() {
             let group = format!("the {kind} group (blocks/0/kernel, blocks/1/kernel)");
             // No scratch result: the shim is older than the library.
             let mut f = frame(kind, dtype::F32);
-            expect_error(&mut f, h, &[&group, "trailing uint8 scratch result", "lanton_cuda_scratch_bytes", "only the 14 results"]);
+            expect_error(&mut f, h, &[&group, "trailing uint8 scratch result", "lanton_cuda_scratch_bytes", "only the results of its 2 leaves"]);
             // One byte short of the plan.
             let mut f = frame(kind, dtype::F32);
             add_scratch(&mut f, need - 1);

@@ -462,9 +462,9 @@ pub fn plan_in_scratch(layout: &StepLayout, opts: CudaOptions) -> FfiResult<Plan
     let Some(scratch) = layout.scratch else {
         return Err(FfiError::invalid(format!(
             "{}: the CUDA targets need a trailing uint8 scratch result (sized by lanton_cuda_scratch_bytes), \
-             but the call has only the {} results of its leaves; the Python shim does not match this library",
+             but the call has only the results of its {} leaves; the Python shim does not match this library",
             describe_group(layout),
-            layout.leaves.len() * crate::handlers::RETS_PER_LEAF
+            layout.leaves.len()
         )));
     };
     let plan = Plan::new(layout, opts, scratch.data as usize);
