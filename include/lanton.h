@@ -8,9 +8,11 @@
 
 /**
  * Bumped whenever a C signature or struct below changes, or the contract of the XLA targets
- * with the Python shim does (2: leaves keep their own shapes, with a `layer_dims` attribute).
+ * with the Python shim does (2: leaves keep their own shapes, with a `layer_dims` attribute;
+ * 3: the CUDA targets take their scratch as a trailing uint8 result sized by
+ * `lanton_cuda_scratch_bytes`).
  */
-#define LANTON_ABI_VERSION 2
+#define LANTON_ABI_VERSION 3
 
 #define LANTON_OK 0
 
@@ -62,6 +64,22 @@ const char *lanton_version(void);
  * The C ABI version (see `LANTON_ABI_VERSION`).
  */
 uint32_t lanton_abi_version(void);
+
+/**
+ * The size in bytes of the scratch result a CUDA call of `lanton_step_update`/`_inplace`
+ * needs (the handlers allocate nothing, so the step can be recorded into a CUDA graph).
+ * `plan_json` describes the group (see the README: kind, leaves as [layers, rows, cols],
+ * noise_adaptive, noise_work, ns_dtype). Returns LANTON_OK with the size in `*bytes`, or
+ * LANTON_ERR_INVALID (or LANTON_ERR_PANIC) with a NUL-terminated message in `err`.
+ *
+ * # Safety
+ * `plan_json` is null or NUL-terminated; `bytes` is null or points at a writable u64; `err`
+ * is null or holds `err_len` bytes.
+ */
+int32_t lanton_cuda_scratch_bytes(const char *plan_json,
+                                  uint64_t *bytes,
+                                  char *err,
+                                  size_t err_len);
 
 /**
  * One LANTON step for one group of f32 leaves in host memory, parameters updated in place.

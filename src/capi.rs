@@ -1,15 +1,19 @@
-//! The plain C ABI for hosts other than XLA: a version query and a host-memory f32 step.
+//! The plain C ABI for hosts other than XLA: a version query, a host-memory f32 step, and the
+//! scratch size of a CUDA call (for the Python shim, which makes the scratch a result).
 //! Every entry point catches panics; errors are returned as codes plus a message buffer.
 
 use crate::cpu::{self, LeafIo, ParamIo, PoolError};
+use crate::cuda::{self, CudaOptions};
 use crate::ffi::{Tensor, TensorMut};
 use crate::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig, HYPER_LEN};
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Bumped whenever a C signature or struct below changes, or the contract of the XLA targets
-/// with the Python shim does (2: leaves keep their own shapes, with a `layer_dims` attribute).
-pub const LANTON_ABI_VERSION: u32 = 2;
+/// with the Python shim does (2: leaves keep their own shapes, with a `layer_dims` attribute;
+/// 3: the CUDA targets take their scratch as a trailing uint8 result sized by
+/// `lanton_cuda_scratch_bytes`).
+pub const LANTON_ABI_VERSION: u32 = 3;
 
 pub const LANTON_OK: i32 = 0;
 pub const LANTON_ERR_INVALID: i32 = 1;
@@ -100,6 +104,82 @@ pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The scratch bytes of one CUDA group call, from its JSON description: an object with
+/// "kind" (hidden, embed or vector) and "leaves" (a list of [layers, rows, cols], one per leaf,
+/// in call order), both required, and "noise_adaptive" (default true), "noise_work" (the
+/// call's `noise_work` attribute, default true) and "ns_dtype" ("bfloat16", the default, or
+/// "float32"). Computed by `cuda::scratch_layout`, the function the handler lays its scratch
+/// out with, so the two cannot disagree.
+pub fn cuda_scratch_bytes_from_json(text: &str) -> Result<u64, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("plan is not valid JSON: {e}"))?;
+    let obj = v.as_object().ok_or("plan must be a JSON object")?;
+    let known = ["kind", "leaves", "noise_adaptive", "noise_work", "ns_dtype"];
+    if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!("plan: unknown key '{k}' (known: {known:?})"));
+    }
+    let kind_s = obj.get("kind").and_then(|k| k.as_str()).ok_or("plan: 'kind' (hidden, embed or vector) is required")?;
+    let kind = Kind::parse(kind_s).ok_or_else(|| format!("plan: unknown kind '{kind_s}'"))?;
+    let flag = |k: &str| -> Result<bool, String> {
+        obj.get(k).map(|x| x.as_bool().ok_or(format!("plan: '{k}' must be true or false"))).transpose().map(|b| b.unwrap_or(true))
+    };
+    let (noise_adaptive, noise_work) = (flag("noise_adaptive")?, flag("noise_work")?);
+    let ns_f32 = match obj.get("ns_dtype").map(|x| x.as_str()) {
+        None | Some(Some("bfloat16")) => false,
+        Some(Some("float32")) => true,
+        Some(_) => return Err("plan: 'ns_dtype' must be \"bfloat16\" or \"float32\"".into()),
+    };
+    let leaves = obj.get("leaves").and_then(|l| l.as_array()).ok_or("plan: 'leaves' (a list of [layers, rows, cols]) is required")?;
+    // Bounds that keep every size of the layout far from overflow: a layer as the handler
+    // accepts it, at most isize::MAX / 64 elements in all (the layout takes < 32 bytes each),
+    // and no more layers than the kernels index.
+    let (mut elems, mut layers) = (0usize, 0usize);
+    let mut shapes = Vec::with_capacity(leaves.len());
+    for (i, leaf) in leaves.iter().enumerate() {
+        let dims = leaf.as_array().map(|a| a.iter().map(|x| x.as_u64().and_then(|n| usize::try_from(n).ok())).collect::<Option<Vec<_>>>());
+        let [l, r, c] = match dims {
+            Some(Some(d)) if d.len() == 3 => [d[0], d[1], d[2]],
+            _ => return Err(format!("plan: leaf {i} must be [layers, rows, cols] (three non-negative integers), got {leaf}")),
+        };
+        let layer = r.checked_mul(c).filter(|&n| n <= isize::MAX as usize / 8);
+        let total = layer.and_then(|n| n.checked_mul(l));
+        elems = total.and_then(|n| n.checked_add(elems)).filter(|&n| n <= isize::MAX as usize / 64).ok_or_else(|| {
+            format!("plan: leaf {i} ({l} x {r} x {c}) makes the group too large")
+        })?;
+        layers = layers.checked_add(l).filter(|&n| n <= i32::MAX as usize).ok_or_else(|| {
+            format!("plan: the group has more than {} layers (the CUDA kernels' limit)", i32::MAX)
+        })?;
+        shapes.push(LayerShape { layers: l, rows: r, cols: c, rows_are_input: false });
+    }
+    let opts = CudaOptions { noise_work, ns_f32 };
+    Ok(cuda::scratch_layout(kind, noise_adaptive, opts, &shapes, 0).len as u64)
+}
+
+/// The size in bytes of the scratch result a CUDA call of `lanton_step_update`/`_inplace`
+/// needs (the handlers allocate nothing, so the step can be recorded into a CUDA graph).
+/// `plan_json` describes the group (see the README: kind, leaves as [layers, rows, cols],
+/// noise_adaptive, noise_work, ns_dtype). Returns LANTON_OK with the size in `*bytes`, or
+/// LANTON_ERR_INVALID (or LANTON_ERR_PANIC) with a NUL-terminated message in `err`.
+///
+/// # Safety
+/// `plan_json` is null or NUL-terminated; `bytes` is null or points at a writable u64; `err`
+/// is null or holds `err_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn lanton_cuda_scratch_bytes(plan_json: *const c_char, bytes: *mut u64, err: *mut c_char, err_len: usize) -> i32 {
+    let invalid = |m: String| (LANTON_ERR_INVALID, m);
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<(), (i32, String)> {
+        if plan_json.is_null() || bytes.is_null() {
+            return Err(invalid("plan_json and bytes must not be null".into()));
+        }
+        // SAFETY: non-null and NUL-terminated per this function's contract.
+        let text = unsafe { CStr::from_ptr(plan_json) }.to_str().map_err(|_| invalid("plan_json is not UTF-8".into()))?;
+        let n = cuda_scratch_bytes_from_json(text).map_err(invalid)?;
+        // SAFETY: non-null and writable per the contract.
+        unsafe { *bytes = n };
+        Ok(())
+    }));
+    finish(result, err, err_len, "lanton_cuda_scratch_bytes")
 }
 
 /// Writes `msg` NUL-terminated into `buf[..len]`, truncated (at a UTF-8 character boundary)

@@ -6,7 +6,8 @@
 //!         then per leaf: param (L,R,C), grad (L,R,C), momentum (L,R,C), prev_grad (L,R,C),
 //!         noise f32[L], valid f32[L], prev_step i32[L]
 //!   rets per leaf: update or new param (L,R,C), momentum, prev_grad, noise, valid, prev_step,
-//!         ratio f32[L]
+//!         ratio f32[L]; then, for the CUDA targets only, scratch u8[bytes] (bytes from
+//!         `lanton_cuda_scratch_bytes`, src/capi.rs: the handler allocates nothing)
 //!   attrs: kind, ns_coeffs, noise_every, noise_adaptive, ratio_stat, ratio_eps, nesterov,
 //!         vector_eps, rows_are_input (one per leaf), leaf_names ("\n"-joined, optional),
 //!         layer_dims (optional, (L, R, C) per leaf: then param/grad/momentum/prev_grad may have
@@ -139,6 +140,9 @@ pub struct StepLayout<'a> {
     pub hyper: BufferRef<'a>,
     pub step: BufferRef<'a>,
     pub leaves: Vec<LeafBuffers<'a>>,
+    /// The trailing uint8 scratch result (rank 1), if the call has one (the CUDA targets need
+    /// it, the CPU targets refuse it); its size is checked against the plan by the backend.
+    pub scratch: Option<BufferRef<'a>>,
     pub set: BufferSet,
 }
 
@@ -161,10 +165,12 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
         )));
     }
     let n_leaves = (nargs - GROUP_ARGS) / ARGS_PER_LEAF;
-    if call.num_rets() != n_leaves * RETS_PER_LEAF {
+    // 7 results per leaf, then optionally one scratch result (7n + 1 is never a multiple of 7).
+    let leaf_rets = n_leaves * RETS_PER_LEAF;
+    let nrets = call.num_rets();
+    if nrets != leaf_rets && nrets != leaf_rets + 1 {
         return Err(FfiError::invalid(format!(
-            "expected {RETS_PER_LEAF} x {n_leaves} results for {n_leaves} leaves, got {}",
-            call.num_rets()
+            "expected {RETS_PER_LEAF} x {n_leaves} results for {n_leaves} leaves (plus one uint8 scratch result on CUDA), got {nrets}"
         )));
     }
     let rows_are_input = call.attr_i64_array("rows_are_input")?;
@@ -203,6 +209,17 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
     let mut set = BufferSet::new();
     set.claim(&hyper_b, false, "hyper");
     set.claim(&step_b, false, "step");
+    let scratch = if nrets == leaf_rets + 1 {
+        let b = call.ret(leaf_rets)?;
+        expect_dtype(&b, dtype::U8, "result 'scratch'")?;
+        if b.dims.len() != 1 {
+            return Err(FfiError::invalid(format!("result 'scratch': expected rank 1 (bytes), got shape {:?}", b.dims)));
+        }
+        set.claim(&b, true, "scratch");
+        Some(b)
+    } else {
+        None
+    };
     let mut leaves = Vec::with_capacity(n_leaves);
     for i in 0..n_leaves {
         let name = leaf_name(i);
@@ -286,12 +303,18 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
         leaves.push(LeafBuffers { name, shape, grad, state, param: param_io, ratio });
     }
     set.seal()?;
-    Ok(StepLayout { config, in_place, hyper: hyper_b, step: step_b, leaves, set })
+    Ok(StepLayout { config, in_place, hyper: hyper_b, step: step_b, leaves, scratch, set })
 }
 
 /// The CPU view of a decoded call: host slices, state inputs copied into their results.
 pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<DecodedStep<'a>> {
-    let StepLayout { config, hyper: hyper_b, step: step_b, leaves: bufs, set, .. } = decode_layout(call, in_place)?;
+    let StepLayout { config, hyper: hyper_b, step: step_b, leaves: bufs, scratch, set, .. } = decode_layout(call, in_place)?;
+    if scratch.is_some() {
+        return Err(FfiError::invalid(format!(
+            "the CPU targets take no scratch result: expected {RETS_PER_LEAF} x {} results, got one more",
+            bufs.len()
+        )));
+    }
     let hyper = Hyper::from_slice(set.input(&hyper_b, "hyper")?.into_f32("hyper")?).map_err(FfiError::invalid)?;
     let t = set.input_i32(&step_b, "step")?[0];
     if t < 1 {

@@ -1,7 +1,8 @@
 //! The CUDA step without a GPU: kernels.cu is compiled for the host with an emulation header
 //! (tests/cuda_emu: one OS thread per CUDA thread, barriers for __syncthreads and warp shuffles)
-//! and driven by the real launch plan and `enqueue_on` (src/cuda/step.rs), with a naive
-//! column-major strided-batched GEMM standing in for cuBLAS. Results must match the CPU
+//! and driven by the real launch plan and `enqueue_on` (src/cuda/step.rs), the plan laid out in
+//! the call's scratch result (sized by `lanton_cuda_scratch_bytes`, as the Python shim does),
+//! with a naive column-major strided-batched GEMM standing in for cuBLAS. Results must match the CPU
 //! handler's over several steps (noise refreshes, G_prev stores, skipped layers), for every
 //! group kind, f32 and bf16 data, f32 and bf16 Newton-Schulz operands, zero-size leaves, and
 //! layers spread over several blocks (the launches are recorded to prove it).
@@ -13,7 +14,7 @@ mod common;
 use common::*;
 use half::bf16;
 use lanton::cuda::device::{Gemm, Grid, CUDA_R_16BF, CUDA_R_32F};
-use lanton::cuda::{enqueue_on, LeafBatch, Plan, Queue, KERNEL_NAMES};
+use lanton::cuda::{enqueue_on, plan_in_scratch, LeafBatch, Queue, KERNEL_NAMES};
 use lanton::ffi::api::*;
 use lanton::handlers::{decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_update_cpu};
 use std::cell::RefCell;
@@ -162,11 +163,9 @@ fn run_emulated(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
             let in_place = IN_PLACE.with(|p| *p.borrow());
             let layout = decode_layout(c, in_place)?;
             let opts = decode_cuda_options(c)?;
-            let len = Plan::new(&layout, opts, 0).len;
-            let mut scratch = vec![0u64; len.div_ceil(8)];
-            // Poison the scratch that is not zeroed by the plan: nothing may read it unwritten.
-            scratch.iter_mut().for_each(|w| *w = 0x7fc0_0000_7fc0_0000);
-            let mut plan = Plan::new(&layout, opts, scratch.as_mut_ptr() as usize);
+            // What the CUDA handler does before it takes the stream: the plan laid out in the
+            // call's scratch result (sized by lanton_cuda_scratch_bytes, poisoned by the caller).
+            let mut plan = plan_in_scratch(&layout, opts)?;
             enqueue_on(&HostQueue, &layout, &mut plan).map_err(lanton::ffi::FfiError::internal)
         })
     }
@@ -185,17 +184,26 @@ fn buffer_like(b: &OwnedBuffer, v: &[f32]) -> OwnedBuffer {
 }
 
 /// Runs `steps` steps of one group through `handler`; returns every step's results (as f32).
+/// `cuda`: the call carries the CUDA targets' scratch result, sized by lanton_cuda_scratch_bytes.
 #[allow(clippy::too_many_arguments)]
 fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handler, in_place: bool,
-              ns_dtype: &str, nan_at: Option<(usize, i32)>) -> Vec<Vec<Vec<f32>>> {
+              ns_dtype: &str, nan_at: Option<(usize, i32)>, cuda: bool) -> Vec<Vec<Vec<f32>>> {
     let mut rng = Rng::new(77);
     let mut f = step_frame(kind, specs, 1, &mut rng);
     f.set_attr("noise_every", Attr::I64(k));
     f.set_attr("ns_dtype", Attr::Str(ns_dtype.into()));
     // The GPU's noise estimator on both sides (the CPU's own default is the Gram eigenvalues).
     f.set_attr("noise_estimator", Attr::Str("polar".into()));
+    if cuda {
+        add_scratch(&mut f, cuda_scratch_bytes(&scratch_plan_json(kind, specs, true, true, ns_dtype)).unwrap());
+    }
+    let leaf_rets = 7 * specs.len();
     let mut out = Vec::new();
     for t in 1..=steps {
+        if cuda {
+            // Poison the scratch: whatever the plan does not zero must be written before it is read.
+            f.rets[leaf_rets].data.fill(0x7fc0_0000_7fc0_0000);
+        }
         f.args[1] = OwnedBuffer::i32(&[], &[t]);
         for (i, s) in specs.iter().enumerate() {
             let n = (s.dims[0] * s.dims[1] * s.dims[2]) as usize;
@@ -207,7 +215,7 @@ fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handl
             f.args[2 + 7 * i + 1] = buffer_like(gb, &g);
         }
         f.call(handler).unwrap();
-        out.push(f.rets.iter().map(|r| r.to_f32()).collect::<Vec<_>>());
+        out.push(f.rets[..leaf_rets].iter().map(|r| r.to_f32()).collect::<Vec<_>>());
         for i in 0..specs.len() {
             let (a, r) = (2 + 7 * i, 7 * i);
             let p = f.args[a].to_f32();
@@ -225,8 +233,9 @@ fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handl
 fn compare(kind: &str, specs: &[LeafSpec], k: i64, ns_dtype: &str, tol: f64, in_place: bool, nan_at: Option<(usize, i32)>) {
     let cpu = if in_place { lanton_step_inplace_cpu as Handler } else { lanton_step_update_cpu };
     let emu = if in_place { emulated_inplace as Handler } else { emulated_update };
-    let want = trajectory(kind, specs, k, 4, cpu, in_place, "float32", nan_at);
-    let got = trajectory(kind, specs, k, 4, emu, in_place, ns_dtype, nan_at);
+    let want = trajectory(kind, specs, k, 4, cpu, in_place, "float32", nan_at, false);
+    let got = trajectory(kind, specs, k, 4, emu, in_place, ns_dtype, nan_at, true);
+    assert_eq!(device_memory_calls(), 0, "the step allocates nothing");
     const NAMES: [&str; 7] = ["out", "momentum", "prev_grad", "noise", "valid", "prev_step", "ratio"];
     for (t, (w, g)) in want.iter().zip(&got).enumerate() {
         for (j, (wb, gb)) in w.iter().zip(g).enumerate() {
@@ -313,7 +322,7 @@ fn zero_size_leaves_write_their_ratio_and_skip_cublas() {
     compare("vector", &vector, 1, "bfloat16", 1e-5, false, None);
     // Stated outright (the CPU's value, and the reference's): an empty layer that never had a
     // usable noise estimate gets r = 1. The results start zeroed, so an unwritten ratio shows.
-    let got = trajectory("hidden", &hidden, 1, 3, emulated_update, false, "float32", None);
+    let got = trajectory("hidden", &hidden, 1, 3, emulated_update, false, "float32", None, true);
     for step in &got {
         assert_eq!(step[7 + 6], vec![1.0; 2], "leaf 1 (2 x 0 x 8) ratio");
         assert_eq!(step[14 + 6], vec![1.0; 1], "leaf 2 (1 x 12 x 0) ratio");

@@ -1,6 +1,8 @@
 //! The CUDA handlers driven with the fake Api (no GPU): frames are decoded and validated
 //! exactly like the CPU ones, the launch plan (shape classes, scratch layout, per-leaf kernel
-//! arguments) is right, and a call that reaches the device layer without a GPU fails cleanly.
+//! arguments) is right, the scratch result is checked against it (and sized by the C ABI's
+//! `lanton_cuda_scratch_bytes` from the same plan), nothing is allocated, and a call that
+//! reaches the device layer without a GPU fails cleanly.
 
 mod common;
 use common::*;
@@ -44,13 +46,158 @@ fn cuda_handlers_validate_before_touching_the_device() {
     }
 }
 
+/// The scratch bytes of `frame(kind, _)`'s call (defaults: noise work on, bf16 Newton-Schulz).
+fn frame_scratch(kind: &str) -> u64 {
+    cuda_scratch_bytes(&scratch_plan_json(kind, &two_leaves(dtype::F32), true, true, "bfloat16")).unwrap()
+}
+
 #[test]
 fn a_valid_call_without_a_gpu_fails_cleanly_at_the_stream() {
     // The fake Api answers Stream_Get like XLA's CPU client: the error surfaces, nothing crashes.
     for h in [lanton_step_update_cuda as Handler, lanton_step_inplace_cuda] {
         let mut f = frame("hidden", dtype::BF16);
+        add_scratch(&mut f, frame_scratch("hidden"));
         expect_error(&mut f, h, &["lanton_step_", "_cuda", "Stream_Get", "GPU context is not available"]);
     }
+}
+
+#[test]
+fn the_scratch_result_is_checked_before_the_device_and_nothing_is_allocated() {
+    for h in [lanton_step_update_cuda as Handler, lanton_step_inplace_cuda] {
+        for kind in ["hidden", "embed", "vector"] {
+            let need = frame_scratch(kind);
+            let group = format!("the {kind} group (blocks/0/kernel, blocks/1/kernel)");
+            // No scratch result: the shim is older than the library.
+            let mut f = frame(kind, dtype::F32);
+            expect_error(&mut f, h, &[&group, "trailing uint8 scratch result", "lanton_cuda_scratch_bytes", "only the results of its 2 leaves"]);
+            // One byte short of the plan.
+            let mut f = frame(kind, dtype::F32);
+            add_scratch(&mut f, need - 1);
+            let msg = format!("holds {} bytes, but the step needs {need}", need - 1);
+            expect_error(&mut f, h, &[&group, &msg, "[code 3]"]);
+            // Not bytes, or not one-dimensional.
+            let mut f = frame(kind, dtype::F32);
+            f.rets.push(OwnedBuffer::zeros(dtype::F32, &[need as i64]));
+            expect_error(&mut f, h, &["result 'scratch': expected uint8, got float32"]);
+            let mut f = frame(kind, dtype::F32);
+            f.rets.push(OwnedBuffer::zeros(dtype::U8, &[1, need as i64]));
+            expect_error(&mut f, h, &["result 'scratch': expected rank 1"]);
+            // Exactly the plan's size, or more: accepted (the call goes on to the stream).
+            for extra in [0, 4096] {
+                let mut f = frame(kind, dtype::F32);
+                add_scratch(&mut f, need + extra);
+                expect_error(&mut f, h, &["Stream_Get"]);
+            }
+        }
+    }
+    // Two extra results are no scratch: the count is refused as such.
+    let mut f = frame("hidden", dtype::F32);
+    add_scratch(&mut f, 1);
+    add_scratch(&mut f, 1);
+    expect_error(&mut f, lanton_step_update_cuda, &["expected 7 x 2 results for 2 leaves (plus one uint8 scratch result on CUDA), got 16"]);
+    assert_eq!(device_memory_calls(), 0, "the CUDA handlers must not call DeviceMemory_Allocate/Free");
+}
+
+#[test]
+fn cpu_handlers_refuse_a_scratch_result() {
+    for h in [lanton::handlers::lanton_step_update_cpu as Handler, lanton::handlers::lanton_step_inplace_cpu] {
+        let mut f = frame("hidden", dtype::F32);
+        add_scratch(&mut f, 1024);
+        expect_error(&mut f, h, &["the CPU targets take no scratch result", "expected 7 x 2 results"]);
+        let mut f = frame("vector", dtype::F32);
+        f.call(h).unwrap();
+    }
+}
+
+#[test]
+fn scratch_bytes_of_the_c_abi_equal_the_handlers_plan() {
+    // Every group the plan distinguishes: kinds, data dtypes, Newton-Schulz dtypes, noise on and
+    // off, repeated shapes (one class), zero-size leaves and leaves without layers.
+    let groups: Vec<Vec<LeafSpec>> = vec![
+        two_leaves(dtype::F32),
+        two_leaves(dtype::BF16),
+        vec![
+            LeafSpec { dims: [2, 16, 8], dtype: dtype::BF16, rows_are_input: false },
+            LeafSpec { dims: [1, 12, 20], dtype: dtype::F32, rows_are_input: true },
+            LeafSpec { dims: [3, 16, 8], dtype: dtype::BF16, rows_are_input: true },
+            LeafSpec { dims: [1, 8, 16], dtype: dtype::F32, rows_are_input: true },
+        ],
+        vec![
+            LeafSpec { dims: [2, 0, 8], dtype: dtype::F32, rows_are_input: true },
+            LeafSpec { dims: [1, 12, 0], dtype: dtype::F32, rows_are_input: true },
+            LeafSpec { dims: [0, 4, 4], dtype: dtype::F32, rows_are_input: true },
+            LeafSpec { dims: [3, 16, 8], dtype: dtype::F32, rows_are_input: true },
+        ],
+        vec![LeafSpec { dims: [0, 4, 4], dtype: dtype::BF16, rows_are_input: true }],
+        vec![LeafSpec { dims: [300, 1, 8], dtype: dtype::F32, rows_are_input: true },
+             LeafSpec { dims: [1, 1, 3000], dtype: dtype::BF16, rows_are_input: true }],
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for specs in &groups {
+        for kind in ["hidden", "embed", "vector"] {
+            for (adaptive, work, ns) in [(true, true, "bfloat16"), (true, false, "bfloat16"), (true, true, "float32"),
+                                         (true, false, "float32"), (false, true, "bfloat16"), (false, true, "float32")] {
+                let mut f = step_frame(kind, specs, 3, &mut Rng::new(4));
+                f.set_attr("noise_adaptive", Attr::Bool(adaptive));
+                f.set_attr("noise_work", Attr::Bool(work));
+                f.set_attr("ns_dtype", Attr::Str(ns.into()));
+                let (plan, _, _) = probe(&mut f);
+                let json = scratch_plan_json(kind, specs, adaptive, work, ns);
+                assert_eq!(cuda_scratch_bytes(&json).unwrap(), plan.len as u64, "{json}");
+                seen.insert(plan.len);
+            }
+        }
+    }
+    assert!(seen.len() > 12, "the groups above should need many different sizes: {seen:?}");
+    // Absent options take the handler's defaults (noise work on, bf16 operands).
+    let specs = two_leaves(dtype::F32);
+    let (plan, _, _) = probe(&mut frame("hidden", dtype::F32));
+    assert_eq!(cuda_scratch_bytes(r#"{"kind": "hidden", "leaves": [[1, 12, 20], [2, 16, 8]]}"#).unwrap(), plan.len as u64);
+    assert_eq!(cuda_scratch_bytes(&scratch_plan_json("hidden", &specs, true, true, "bfloat16")).unwrap(), plan.len as u64);
+}
+
+#[test]
+fn scratch_bytes_errors_are_reported() {
+    let err = |json: &str| cuda_scratch_bytes(json).unwrap_err();
+    let e = err("{");
+    assert!(e.contains("[1] plan is not valid JSON"), "{e}");
+    let e = err(r#"{"kind": "hidden", "leaves": [], "noise_evry": 1}"#);
+    assert!(e.contains("unknown key 'noise_evry'"), "{e}");
+    let e = err(r#"{"leaves": []}"#);
+    assert!(e.contains("'kind' (hidden, embed or vector) is required"), "{e}");
+    let e = err(r#"{"kind": "conv", "leaves": []}"#);
+    assert!(e.contains("unknown kind 'conv'"), "{e}");
+    let e = err(r#"{"kind": "hidden"}"#);
+    assert!(e.contains("'leaves'"), "{e}");
+    for bad in ["[1, 2]", "[1, -2, 3]", "[1, 2.5, 3]", "\"1x2x3\"", "[1, 2, 3, 4]"] {
+        let e = err(&format!(r#"{{"kind": "embed", "leaves": [[1, 1, 1], {bad}]}}"#));
+        assert!(e.contains("leaf 1 must be [layers, rows, cols]"), "{e}");
+    }
+    let e = err(r#"{"kind": "hidden", "leaves": [[1, 4, 4]], "ns_dtype": "float16"}"#);
+    assert!(e.contains("'ns_dtype'"), "{e}");
+    let e = err(r#"{"kind": "hidden", "leaves": [[1, 4, 4]], "noise_work": 1}"#);
+    assert!(e.contains("'noise_work' must be true or false"), "{e}");
+    // Sizes that would overflow the layout, or more layers than the kernels index.
+    for leaves in ["[[1, 4294967296, 4294967296]]", "[[4294967296, 4294967296, 1]]", "[[18446744073709551615, 1, 1]]",
+                   "[[1099511627776, 1024, 1024], [1, 1, 1]]"] {
+        let e = err(&format!(r#"{{"kind": "hidden", "leaves": {leaves}}}"#));
+        assert!(e.contains("too large") || e.contains("layers"), "{leaves}: {e}");
+    }
+    let e = err(r#"{"kind": "vector", "leaves": [[2147483647, 0, 1], [1, 0, 1]]}"#);
+    assert!(e.contains("more than 2147483647 layers"), "{e}");
+    // A huge dimension beside a zero one is an empty leaf: fine.
+    assert!(cuda_scratch_bytes(r#"{"kind": "hidden", "leaves": [[5, 4611686018427387904, 0]]}"#).is_ok());
+    // Null pointers and a short error buffer: codes, never a crash.
+    let json = std::ffi::CString::new(r#"{"kind": "hidden", "leaves": []}"#).unwrap();
+    let mut bytes = 0u64;
+    let rc = unsafe { lanton::capi::lanton_cuda_scratch_bytes(std::ptr::null(), &mut bytes, std::ptr::null_mut(), 0) };
+    assert_eq!(rc, lanton::capi::LANTON_ERR_INVALID);
+    let mut small = [1 as std::ffi::c_char; 8];
+    let rc = unsafe { lanton::capi::lanton_cuda_scratch_bytes(json.as_ptr(), std::ptr::null_mut(), small.as_mut_ptr(), small.len()) };
+    assert_eq!(rc, lanton::capi::LANTON_ERR_INVALID);
+    assert_eq!(unsafe { std::ffi::CStr::from_ptr(small.as_ptr()) }.to_bytes(), b"plan_js");
+    let rc = unsafe { lanton::capi::lanton_cuda_scratch_bytes(json.as_ptr(), &mut bytes, std::ptr::null_mut(), 0) };
+    assert_eq!((rc, bytes > 0), (lanton::capi::LANTON_OK, true));
 }
 
 #[test]

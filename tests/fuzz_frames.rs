@@ -8,7 +8,8 @@
 //!   wrong types and dtypes, null payloads, non-UTF-8 strings, empty and large arrays);
 //! * the plain C ABI (`include/lanton.h`): arbitrary JSON (and non-JSON) configurations, leaf
 //!   descriptions with zero, huge and overflowing sizes, null pointers, hyperparameters and
-//!   steps, error buffers of every length.
+//!   steps, error buffers of every length; CUDA scratch plans (`lanton_cuda_scratch_bytes`)
+//!   with hostile leaf sizes and options.
 //!
 //! Inputs never break the documented safety contract themselves: every non-null pointer points
 //! at live memory of at least the size its description states (descriptions whose size cannot
@@ -1390,6 +1391,64 @@ fn run_c_abi_case(stats: &mut Stats, seed: u64, case: u64) {
     let rc = unsafe { lanton_check_env(err_ptr, err_len) };
     stats.executions += 1;
     check_c_result(stats, seed, case, "lanton_check_env", rc, &[LANTON_OK, LANTON_ERR_ENV], &err_buf, err_ptr.is_null(), err_len);
+
+    // The CUDA scratch size of a random plan (its own stream: the calls above are unchanged).
+    let mut rng = Rng::new(case_seed(seed, case) ^ 0x5C2A7C4);
+    let plan = random_scratch_plan(&mut rng);
+    let plan_ptr = if rng.one_in(40) { std::ptr::null() } else { plan.as_ptr() as *const c_char };
+    let mut bytes = 0u64;
+    let bytes_ptr: *mut u64 = if rng.one_in(40) { std::ptr::null_mut() } else { &mut bytes };
+    let err_len = rng.pick(&[0usize, 1, 2, 7, 512, 512]);
+    let mut err_buf = vec![0x5Au8; err_len + 16];
+    let err_ptr = if rng.one_in(15) { std::ptr::null_mut() } else { err_buf.as_mut_ptr() as *mut c_char };
+    // SAFETY (harness): `plan` is NUL-terminated, `bytes` a live u64, `err_buf` err_len (+16) bytes.
+    let rc = unsafe { lanton_cuda_scratch_bytes(plan_ptr, bytes_ptr, err_ptr, err_len) };
+    stats.executions += 1;
+    check_c_result(stats, seed, case, "lanton_cuda_scratch_bytes", rc, &[LANTON_OK, LANTON_ERR_INVALID], &err_buf, err_ptr.is_null(), err_len);
+    if rc == LANTON_OK && bytes < 256 {
+        stats.fail(seed, case, format!("lanton_cuda_scratch_bytes: {bytes} bytes (the accumulators alone take 256)"));
+    }
+}
+
+/// A NUL-terminated plan for `lanton_cuda_scratch_bytes`: mostly well-formed groups with
+/// hostile sizes, else arbitrary JSON.
+fn random_scratch_plan(rng: &mut Rng) -> Vec<u8> {
+    let mut text = if rng.one_in(5) {
+        random_json(rng, 3)
+    } else {
+        let dim = |r: &mut Rng| match r.below(6) {
+            0 => r.interesting_i64().to_string(),
+            1 => r.pick(&["4294967296", "18446744073709551615", "18446744073709551616", "1e3", "-0", "2.5", "null", "\"3\""]).to_string(),
+            _ => r.upto(9).to_string(),
+        };
+        let leaves: Vec<String> = (0..rng.upto(4))
+            .map(|_| match rng.below(12) {
+                0 => format!("[{}, {}]", dim(rng), dim(rng)),
+                1 => random_json(rng, 1),
+                _ => format!("[{}, {}, {}]", dim(rng), dim(rng), dim(rng)),
+            })
+            .collect();
+        let mut parts = vec![format!("\"leaves\": [{}]", leaves.join(", "))];
+        if !rng.one_in(10) {
+            parts.push(format!("\"kind\": {}", rng.pick(&["\"hidden\"", "\"embed\"", "\"vector\"", "\"conv\"", "1"])));
+        }
+        for k in ["noise_adaptive", "noise_work"] {
+            if rng.one_in(2) {
+                parts.push(format!("\"{k}\": {}", rng.pick(&["true", "false", "0", "null"])));
+            }
+        }
+        if rng.one_in(2) {
+            parts.push(format!("\"ns_dtype\": {}", rng.pick(&["\"bfloat16\"", "\"float32\"", "\"float16\"", "3"])));
+        }
+        if rng.one_in(10) {
+            parts.push(format!("{}: 1", random_key(rng)));
+        }
+        format!("{{{}}}", parts.join(", "))
+    }
+    .into_bytes();
+    text.retain(|&c| c != 0);
+    text.push(0);
+    text
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -13,6 +13,8 @@ second import of this package; loading again returns the library already registe
 from __future__ import annotations
 
 import ctypes
+import functools
+import json
 import os
 import re
 import sys
@@ -24,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-ABI_VERSION = 2  # must equal LANTON_ABI_VERSION in src/capi.rs
+ABI_VERSION = 3  # must equal LANTON_ABI_VERSION in src/capi.rs
 # The handlers report XLA FFI API 0.3 (src/ffi/api.rs); jaxlib accepts it from 0.10.0 on. Older
 # jaxlib refuses the registration when its CPU backend starts, which breaks every computation of
 # the process, so the loader refuses first.
@@ -141,6 +143,8 @@ def _check(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
         for symbol in targets.values():
             if not hasattr(lib, symbol):
                 raise LibraryError(f"{path} lacks the handler {symbol}; it is too old for this package. {_REBUILD}")
+    if not hasattr(lib, "lanton_cuda_scratch_bytes"):
+        raise LibraryError(f"{path} lacks lanton_cuda_scratch_bytes; it is too old for this package. {_REBUILD}")
     return lib
 
 
@@ -236,6 +240,23 @@ ARGS_PER_LEAF = 7
 RETS_PER_LEAF = 7
 
 
+@functools.lru_cache(maxsize=512)
+def cuda_scratch_bytes(kind: str, noise_adaptive: bool, noise_work: bool, ns_dtype: str, dims: tuple) -> int:
+    """Bytes of the scratch result a CUDA call of the group needs, from the library's own plan
+    (lanton_cuda_scratch_bytes, the function its handler lays the scratch out with). `dims`
+    holds (L, R, C) per leaf in call order. Cached: the answer depends on nothing else."""
+    lib = load_library()
+    fn = lib.lanton_cuda_scratch_bytes
+    fn.restype = ctypes.c_int32
+    fn.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint64), ctypes.c_char_p, ctypes.c_size_t]
+    plan = json.dumps({"kind": kind, "noise_adaptive": bool(noise_adaptive), "noise_work": bool(noise_work),
+                       "ns_dtype": ns_dtype, "leaves": [[int(x) for x in d] for d in dims]})
+    out, err = ctypes.c_uint64(0), ctypes.create_string_buffer(512)
+    if fn(plan.encode(), ctypes.byref(out), err, len(err)) != 0:
+        raise ValueError(f"lanton: no CUDA scratch size for the {kind} group: {err.value.decode(errors='replace')}")
+    return int(out.value)
+
+
 def group_step(config, hyper, t, leaves, names, *, in_place: bool):
     """One fused FFI call for a whole group. `leaves` holds per leaf the tuple
     (param, grad, momentum, prev_grad, noise, valid, prev_step, rows_are_input, (L, R, C)):
@@ -243,7 +264,12 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool):
     cols) = (L, R, C), the per-layer state of L elements in any shape. The arrays go to the
     kernel in their own shapes (a reshape of a donated buffer would make XLA copy it in and
     out); `layer_dims` tells it (L, R, C). Returns per leaf (out, momentum, prev_grad, noise,
-    valid, prev_step, ratio), each shaped like its input (ratio like noise)."""
+    valid, prev_step, ratio), each shaped like its input (ratio like noise).
+
+    On CUDA the call has one more result, uint8[bytes]: the step's scratch (cuBLAS workspace,
+    accumulators, Newton-Schulz buffers), sized by `cuda_scratch_bytes`. The handler allocates
+    nothing, so a CUDA graph that records the call replays it into memory XLA owns. The
+    scratch is dropped here; the CPU call has no such result."""
     load_library()
     args, out_types, aliases = [hyper, t], [], {}
     for i, (param, grad, mom, prev, noise, valid, pstep, _rows_in, _dims) in enumerate(leaves):
@@ -263,12 +289,8 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool):
             aliases[base_a + a] = base_r + r
         if in_place:
             aliases[base_a] = base_r
-    call = jax.ffi.ffi_call(
-        "lanton_step_inplace" if in_place else "lanton_step_update",
-        out_types,
-        input_output_aliases=aliases,
-        vmap_method="sequential",
-    )
+    target = "lanton_step_inplace" if in_place else "lanton_step_update"
+    call = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases, vmap_method="sequential")
     attrs = dict(
         kind=config.kind,
         ns_coeffs=np.asarray(config.ns_coeffs, np.float32).reshape(-1),
@@ -284,15 +306,26 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool):
         ns_dtype=config.ns_dtype,
         noise_estimator=config.noise_estimator,
     )
+    dims = tuple(tuple(int(x) for x in lf[8]) for lf in leaves)
+
+    def cuda_call(*a, noise_work=None):
+        # noise_work=None: the attribute is left out (the handler's default, true).
+        extra = {} if noise_work is None else {"noise_work": noise_work}
+        nbytes = cuda_scratch_bytes(config.kind, bool(config.noise_adaptive), noise_work is not False,
+                                    config.ns_dtype, dims)
+        scratch = jax.ShapeDtypeStruct((nbytes,), np.uint8)
+        with_scratch = jax.ffi.ffi_call(target, out_types + [scratch], input_output_aliases=aliases,
+                                        vmap_method="sequential")
+        return list(with_scratch(*a, **extra, **attrs))[:-1]  # the scratch stays inside the step
+
     if config.kind == "hidden" and config.noise_adaptive:
         # The hidden group's noise work (polar iterations) is worth skipping on steps that do
         # not refresh the tracker. The CPU handler reads t itself; on CUDA the step count stays
         # on the device, so XLA picks the variant with a conditional.
         def cuda(*a):
-            return jax.lax.cond(config.is_noise_step(a[1]), lambda *b: call(*b, noise_work=True, **attrs),
-                                lambda *b: call(*b, noise_work=False, **attrs), *a)
-
-        outs = jax.lax.platform_dependent(*args, cpu=lambda *a: call(*a, **attrs), default=cuda)
+            return jax.lax.cond(config.is_noise_step(a[1]), lambda *b: cuda_call(*b, noise_work=True),
+                                lambda *b: cuda_call(*b, noise_work=False), *a)
     else:
-        outs = call(*args, **attrs)
+        cuda = cuda_call
+    outs = jax.lax.platform_dependent(*args, cpu=lambda *a: list(call(*a, **attrs)), default=cuda)
     return [tuple(outs[RETS_PER_LEAF * i: RETS_PER_LEAF * (i + 1)]) for i in range(len(leaves))]

@@ -279,8 +279,8 @@ pub struct Session<'d> {
 }
 
 impl<'d> Session<'d> {
-    /// Binds cuBLAS to `stream` with `workspace` (XLA scratch, so nothing is allocated while a
-    /// CUDA graph is being captured).
+    /// Binds cuBLAS to `stream` with `workspace` (carved from the call's scratch result, so
+    /// nothing is allocated while a CUDA graph is being captured).
     ///
     /// # Safety
     /// `stream` must be a live stream of `device`'s context, current on this thread, and

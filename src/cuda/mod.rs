@@ -9,4 +9,7 @@ pub mod step;
 pub mod sys;
 
 pub use device::{compile, KERNEL_NAMES, KERNEL_SOURCE};
-pub use step::{batches, enqueue_on, group_step, prepare_device, CudaOptions, LeafBatch, Plan, Queue, MAX_LEAVES};
+pub use step::{
+    batches, enqueue_on, group_step, plan_in_scratch, prepare_device, scratch_layout, CudaOptions, LeafBatch, Plan, Queue,
+    ScratchLayout, MAX_LEAVES, SCRATCH_ALIGN,
+};

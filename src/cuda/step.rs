@@ -6,7 +6,7 @@ use super::device::{self, Gemm, Grid, Session, CUBLAS_COMPUTE_32F, CUDA_R_16BF, 
 use crate::ffi::api::dtype;
 use crate::ffi::{CallFrame, FfiError, FfiResult};
 use crate::handlers::StepLayout;
-use crate::step::{self, Kind, RatioStat};
+use crate::step::{self, Kind, LayerShape, RatioStat};
 use cudarc::driver::sys as cu;
 use std::ffi::c_void;
 
@@ -272,7 +272,7 @@ pub struct Offsets {
 pub struct Plan {
     pub classes: Vec<ShapeClass>,
     pub offsets: Offsets,
-    /// Scratch bytes to allocate.
+    /// Scratch bytes the step needs (`scratch_layout`'s size).
     pub len: usize,
     pub leaves: Vec<LeafArgs>,
     pub group: GroupArgs,
@@ -284,60 +284,89 @@ pub struct Plan {
     pub scratch: usize,
 }
 
+/// The scratch of one call: the hidden group's shape classes, where each leaf's layers sit in
+/// them, the byte offsets of the sub-buffers from the scratch base, and the total size.
+pub struct ScratchLayout {
+    pub classes: Vec<ShapeClass>,
+    /// Per leaf: (class index, first matrix of the leaf within the class); (0, 0) unless hidden.
+    pub class_of: Vec<(usize, usize)>,
+    pub offsets: Offsets,
+    /// Bytes the scratch must hold (the same for every base).
+    pub len: usize,
+    /// The hidden group's noise work runs polar iterations (their buffers are carved).
+    pub noise_polar: bool,
+}
+
+/// Lays out the scratch of one group step. The one definition of its size: `Plan::new` uses it
+/// for the handler and `lanton_cuda_scratch_bytes` (src/capi.rs) for the Python shim, which
+/// sizes the call's scratch result from it. It depends only on the group kind, whether the
+/// noise work's polar iterations run, the Newton-Schulz operand dtype and the leaves'
+/// (layers, rows, cols); `base` (the scratch address) only moves the cuBLAS workspace inside
+/// its slack region. Callers bound the sizes (decoded buffers, or the C function's checks).
+pub fn scratch_layout(kind: Kind, noise_adaptive: bool, opts: CudaOptions, shapes: &[LayerShape], base: usize) -> ScratchLayout {
+    let hidden = kind == Kind::Hidden;
+    let noise_polar = hidden && noise_adaptive && opts.noise_work;
+    let group_layers: usize = shapes.iter().map(|sh| sh.layers).sum();
+    // Same-shape hidden layers share one batched GEMM per product.
+    let mut classes: Vec<ShapeClass> = Vec::new();
+    let mut class_of = Vec::with_capacity(shapes.len());
+    for sh in shapes {
+        if !hidden {
+            class_of.push((0, 0));
+            continue;
+        }
+        let idx = classes.iter().position(|c| c.rows == sh.rows && c.cols == sh.cols).unwrap_or_else(|| {
+            classes.push(ShapeClass { rows: sh.rows, cols: sh.cols, base: 0, batch: 0 });
+            classes.len() - 1
+        });
+        class_of.push((idx, classes[idx].batch));
+        classes[idx].batch += sh.layers;
+    }
+    // Layer sizes first: a class of zero-size layers may have a huge row or column count.
+    let (mut elems, mut gram_max) = (0usize, 0usize);
+    for c in classes.iter_mut() {
+        c.base = elems;
+        elems += c.batch * (c.rows * c.cols);
+        gram_max = gram_max.max(c.batch * (c.small() * c.small()));
+    }
+    let (_, _, ns_size) = ns_dtype_size(opts.ns_f32);
+    let (noise_elems, noise_gram) = if noise_polar { (elems, gram_max) } else { (0, 0) };
+    let mut carve = Carve::default();
+    let mut o = Offsets {
+        acc: carve.take(group_layers * ACC_N * 8),
+        reference: carve.take(16),
+        h: carve.take(group_layers * 4),
+        valid: carve.take(group_layers * 4),
+        ..Offsets::default()
+    };
+    o.zeroed = carve.len;
+    o.workspace_len = if hidden { CUBLAS_WORKSPACE } else { 0 };
+    // cuBLAS wants a 256-byte aligned workspace, but XLA's buffers are only promised 16-byte
+    // alignment: the region carries ALIGN bytes of slack (so `len` does not depend on the
+    // base) and the workspace starts at the first aligned address inside it.
+    let region = carve.take(if hidden { o.workspace_len + ALIGN } else { 0 });
+    o.workspace = if hidden { region + align_pad(base + region) } else { region };
+    o.x = carve.take(elems * ns_size);
+    o.y = carve.take(elems * ns_size);
+    o.a = carve.take(gram_max * ns_size);
+    o.b = carve.take(gram_max * ns_size);
+    o.n0 = carve.take(noise_elems * 4);
+    o.n1 = carve.take(noise_elems * 4);
+    o.n2 = carve.take(noise_elems * 4);
+    o.na = carve.take(noise_gram * 4);
+    o.nb = carve.take(noise_gram * 4);
+    ScratchLayout { classes, class_of, offsets: o, len: carve.len, noise_polar }
+}
+
 impl Plan {
     pub fn new(layout: &StepLayout, opts: CudaOptions, scratch: usize) -> Plan {
         let cfg = &layout.config;
         let hidden = cfg.kind == Kind::Hidden;
-        let noise_polar = hidden && cfg.noise_adaptive && opts.noise_work;
-        let group_layers: usize = layout.leaves.iter().map(|l| l.shape.layers).sum();
-        // Same-shape hidden layers share one batched GEMM per product.
-        let mut classes: Vec<ShapeClass> = Vec::new();
-        let mut class_of = Vec::with_capacity(layout.leaves.len());
-        for leaf in &layout.leaves {
-            let sh = leaf.shape;
-            if !hidden {
-                class_of.push((0, 0));
-                continue;
-            }
-            let idx = classes.iter().position(|c| c.rows == sh.rows && c.cols == sh.cols).unwrap_or_else(|| {
-                classes.push(ShapeClass { rows: sh.rows, cols: sh.cols, base: 0, batch: 0 });
-                classes.len() - 1
-            });
-            class_of.push((idx, classes[idx].batch));
-            classes[idx].batch += sh.layers;
-        }
-        let (mut elems, mut gram_max) = (0usize, 0usize);
-        for c in classes.iter_mut() {
-            c.base = elems;
-            elems += c.batch * c.rows * c.cols;
-            gram_max = gram_max.max(c.batch * c.small() * c.small());
-        }
+        let shapes: Vec<LayerShape> = layout.leaves.iter().map(|l| l.shape).collect();
+        let group_layers: usize = shapes.iter().map(|sh| sh.layers).sum();
+        let ScratchLayout { classes, class_of, offsets: o, len, noise_polar } =
+            scratch_layout(cfg.kind, cfg.noise_adaptive, opts, &shapes, scratch);
         let (dt_ns, _, ns_size) = ns_dtype_size(opts.ns_f32);
-        let (noise_elems, noise_gram) = if noise_polar { (elems, gram_max) } else { (0, 0) };
-        let mut carve = Carve::default();
-        let mut o = Offsets {
-            acc: carve.take(group_layers * ACC_N * 8),
-            reference: carve.take(16),
-            h: carve.take(group_layers * 4),
-            valid: carve.take(group_layers * 4),
-            ..Offsets::default()
-        };
-        o.zeroed = carve.len;
-        o.workspace_len = if hidden { CUBLAS_WORKSPACE } else { 0 };
-        // cuBLAS wants a 256-byte aligned workspace, but XLA's scratch is only promised 16-byte
-        // alignment: the region carries ALIGN bytes of slack (so `len` does not depend on the
-        // base) and the workspace starts at the first aligned address inside it.
-        let region = carve.take(if hidden { o.workspace_len + ALIGN } else { 0 });
-        o.workspace = if hidden { region + align_pad(scratch + region) } else { region };
-        o.x = carve.take(elems * ns_size);
-        o.y = carve.take(elems * ns_size);
-        o.a = carve.take(gram_max * ns_size);
-        o.b = carve.take(gram_max * ns_size);
-        o.n0 = carve.take(noise_elems * 4);
-        o.n1 = carve.take(noise_elems * 4);
-        o.n2 = carve.take(noise_elems * 4);
-        o.na = carve.take(noise_gram * 4);
-        o.nb = carve.take(noise_gram * 4);
         let at = |off: usize| (scratch + off) as *mut c_void;
 
         let group = GroupArgs {
@@ -361,7 +390,7 @@ impl Plan {
         let mut group_layer = 0usize;
         for (leaf, &(ci, within)) in layout.leaves.iter().zip(&class_of) {
             let sh = leaf.shape;
-            let ns_elem = if hidden { classes[ci].base + within * sh.rows * sh.cols } else { 0 };
+            let ns_elem = if hidden { classes[ci].base + within * sh.layer_len() } else { 0 };
             // In place, the kernel reads and writes the result buffer (the input is copied into
             // it first unless donated).
             let param = if layout.in_place { leaf.param.ret.data } else { leaf.param.arg.data };
@@ -394,7 +423,7 @@ impl Plan {
             group_layer += sh.layers;
         }
         Plan {
-            classes, offsets: o, len: carve.len, leaves, group, group_layers, noise_polar, hidden, ns_f32: opts.ns_f32, scratch,
+            classes, offsets: o, len, leaves, group, group_layers, noise_polar, hidden, ns_f32: opts.ns_f32, scratch,
         }
     }
 }
@@ -413,8 +442,55 @@ pub fn prepare_device(call: &CallFrame) -> FfiResult<()> {
     Ok(())
 }
 
-/// Enqueues one LANTON group step on XLA's stream.
+/// Names a group in errors: its kind and its leaves (the first few).
+fn describe_group(layout: &StepLayout) -> String {
+    let names: Vec<&str> = layout.leaves.iter().take(3).map(|l| l.name.as_str()).collect();
+    let more = if layout.leaves.len() > 3 { format!(", ... {} leaves in all", layout.leaves.len()) } else { String::new() };
+    format!("the {} group ({}{more})", layout.config.kind, names.join(", "))
+}
+
+/// Minimum alignment of the scratch result (XLA's promise for its buffers; the f64
+/// accumulators and the 256-byte carving need no more).
+pub const SCRATCH_ALIGN: usize = 16;
+
+/// The plan laid out in the call's scratch: the trailing uint8 result the Python shim sizes
+/// with `lanton_cuda_scratch_bytes`. Refused, naming the group, when that result is missing,
+/// smaller than the plan or misaligned. Nothing is allocated: a CUDA graph that records the
+/// call keeps addresses XLA owns for the whole execution (the result is part of its buffer
+/// assignment), never memory handed back to a pool.
+pub fn plan_in_scratch(layout: &StepLayout, opts: CudaOptions) -> FfiResult<Plan> {
+    let Some(scratch) = layout.scratch else {
+        return Err(FfiError::invalid(format!(
+            "{}: the CUDA targets need a trailing uint8 scratch result (sized by lanton_cuda_scratch_bytes), \
+             but the call has only the results of its {} leaves; the Python shim does not match this library",
+            describe_group(layout),
+            layout.leaves.len()
+        )));
+    };
+    let plan = Plan::new(layout, opts, scratch.data as usize);
+    let have = scratch.len();
+    if have < plan.len {
+        return Err(FfiError::invalid(format!(
+            "{}: the scratch result holds {have} bytes, but the step needs {} (lanton_cuda_scratch_bytes sizes it \
+             from the same plan; the Python shim and the library disagree)",
+            describe_group(layout),
+            plan.len
+        )));
+    }
+    if scratch.data as usize % SCRATCH_ALIGN != 0 {
+        return Err(FfiError::invalid(format!(
+            "{}: the scratch result at {:p} is not {SCRATCH_ALIGN}-byte aligned",
+            describe_group(layout),
+            scratch.data
+        )));
+    }
+    Ok(plan)
+}
+
+/// Enqueues one LANTON group step on XLA's stream, with its scratch in the call's scratch
+/// result (checked before the device is touched).
 pub fn group_step(call: &CallFrame, layout: &StepLayout, opts: CudaOptions) -> FfiResult<()> {
+    let mut plan = plan_in_scratch(layout, opts)?;
     let stream = call.stream()? as cu::CUstream;
     let internal = |e: String| FfiError::internal(e);
     // SAFETY: XLA's stream (and so its context) lives for the whole call.
@@ -428,14 +504,7 @@ pub fn group_step(call: &CallFrame, layout: &StepLayout, opts: CudaOptions) -> F
     };
     // SAFETY: ctx owns XLA's stream and was made current above.
     let dev = unsafe { device::device(ctx, not_capturing, internal) }?;
-    let len = Plan::new(layout, opts, 0).len;
-    let scratch = call.allocate(len, 16)?;
-    let mut plan = Plan::new(layout, opts, scratch as usize);
-    debug_assert_eq!(plan.len, len, "the scratch size must not depend on its base");
-    let result = enqueue(dev, stream, layout, &mut plan);
-    let freed = call.free(scratch, len);
-    result.map_err(internal)?;
-    freed
+    enqueue(dev, stream, layout, &mut plan).map_err(internal)
 }
 
 /// What the step needs from a stream: kernel launches, GEMMs, copies and fills, in order.
@@ -468,7 +537,7 @@ fn enqueue(dev: &device::Device, stream: cu::CUstream, layout: &StepLayout, plan
     let o = plan.offsets;
     let at = |off: usize| (plan.scratch + off) as *mut c_void;
     // SAFETY: the caller made the stream's context current; the workspace is carved from this
-    // call's XLA scratch, freed stream-ordered after the enqueued work.
+    // call's scratch result, which XLA keeps for the whole execution.
     let s = unsafe { Session::new(dev, stream, at(o.workspace), o.workspace_len) }?;
     enqueue_on(&s, layout, plan)
 }

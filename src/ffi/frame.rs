@@ -1,5 +1,5 @@
 //! A safe, lifetime-bound view of an XLA FFI call frame: buffers by index with dtype and shape
-//! checks, attributes by name and type, and the Api services (stream, scratch, device ordinal,
+//! checks, attributes by name and type, and the Api services (stream, device ordinal,
 //! thread count). Everything `unsafe` about reading XLA's memory lives in this file.
 
 use super::api::*;
@@ -382,39 +382,6 @@ impl<'a> CallFrame<'a> {
         let err = unsafe { f(&mut args) };
         self.check(err, "DeviceOrdinal_Get")?;
         Ok(args.device_ordinal)
-    }
-
-    /// Stream-ordered scratch from XLA's allocator (GPU only).
-    pub fn allocate(&self, size: usize, alignment: usize) -> FfiResult<*mut c_void> {
-        let f = self.api.device_memory_allocate.ok_or_else(|| FfiError::internal("api table has no DeviceMemory_Allocate"))?;
-        let mut args = XLA_FFI_DeviceMemory_Allocate_Args {
-            struct_size: std::mem::size_of::<XLA_FFI_DeviceMemory_Allocate_Args>(),
-            extension_start: std::ptr::null_mut(),
-            ctx: self.raw.ctx,
-            size,
-            alignment,
-            data: std::ptr::null_mut(),
-        };
-        // SAFETY: as above.
-        let err = unsafe { f(&mut args) };
-        self.check(err, "DeviceMemory_Allocate")?;
-        Ok(args.data)
-    }
-
-    /// Returns scratch from `allocate` (stream-ordered: later work on the stream may still use
-    /// it until it runs).
-    pub fn free(&self, data: *mut c_void, size: usize) -> FfiResult<()> {
-        let f = self.api.device_memory_free.ok_or_else(|| FfiError::internal("api table has no DeviceMemory_Free"))?;
-        let mut args = XLA_FFI_DeviceMemory_Free_Args {
-            struct_size: std::mem::size_of::<XLA_FFI_DeviceMemory_Free_Args>(),
-            extension_start: std::ptr::null_mut(),
-            ctx: self.raw.ctx,
-            size,
-            data,
-        };
-        // SAFETY: as above.
-        let err = unsafe { f(&mut args) };
-        self.check(err, "DeviceMemory_Free")
     }
 
     /// Size of XLA's intra-op thread pool, if the platform has one.

@@ -39,6 +39,36 @@ unsafe extern "C" fn fake_error_destroy(args: *mut XLA_FFI_Error_Destroy_Args) {
     drop(Box::from_raw((*args).error as *mut FakeError));
 }
 
+thread_local! {
+    /// DeviceMemory_Allocate / DeviceMemory_Free calls on this thread (handlers run on the caller's).
+    static DEVICE_MEMORY_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times a handler called DeviceMemory_Allocate or DeviceMemory_Free through the fake
+/// Api on this thread (the CUDA handlers must not: their scratch is a result of the call).
+pub fn device_memory_calls() -> usize {
+    DEVICE_MEMORY_CALLS.with(|c| c.get())
+}
+
+fn refuse_device_memory(what: &std::ffi::CStr) -> *mut XLA_FFI_Error {
+    DEVICE_MEMORY_CALLS.with(|c| c.set(c.get() + 1));
+    let mut args = XLA_FFI_Error_Create_Args {
+        struct_size: ERROR_CREATE_ARGS_STRUCT_SIZE,
+        extension_start: std::ptr::null_mut(),
+        message: what.as_ptr(),
+        errc: 13,
+    };
+    unsafe { fake_error_create(&mut args) }
+}
+
+unsafe extern "C" fn fake_allocate(_args: *mut XLA_FFI_DeviceMemory_Allocate_Args) -> *mut XLA_FFI_Error {
+    refuse_device_memory(c"the test Api refuses DeviceMemory_Allocate")
+}
+
+unsafe extern "C" fn fake_free(_args: *mut XLA_FFI_DeviceMemory_Free_Args) -> *mut XLA_FFI_Error {
+    refuse_device_memory(c"the test Api refuses DeviceMemory_Free")
+}
+
 pub fn fake_api() -> Box<XLA_FFI_Api> {
     Box::new(XLA_FFI_Api {
         struct_size: std::mem::size_of::<XLA_FFI_Api>(),
@@ -59,8 +89,8 @@ pub fn fake_api() -> Box<XLA_FFI_Api> {
         execution_context_get: None,
         state_set: None,
         state_get: None,
-        device_memory_allocate: None,
-        device_memory_free: None,
+        device_memory_allocate: Some(fake_allocate),
+        device_memory_free: Some(fake_free),
         thread_pool_schedule: None,
         thread_pool_num_threads: None,
         future_create: None,
@@ -746,4 +776,30 @@ pub fn query_metadata(handler: Handler) -> XLA_FFI_Metadata {
     };
     Frame::default().call_with(handler, &mut ext.extension_base).unwrap();
     meta
+}
+
+/// `lanton_cuda_scratch_bytes` through the C ABI: the scratch size of a CUDA call, or its error.
+pub fn cuda_scratch_bytes(plan_json: &str) -> Result<u64, String> {
+    let text = std::ffi::CString::new(plan_json).unwrap();
+    let (mut bytes, mut err) = (0u64, [0 as std::ffi::c_char; 512]);
+    let rc = unsafe { lanton::capi::lanton_cuda_scratch_bytes(text.as_ptr(), &mut bytes, err.as_mut_ptr(), err.len()) };
+    if rc == lanton::capi::LANTON_OK {
+        Ok(bytes)
+    } else {
+        Err(format!("[{rc}] {}", unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy()))
+    }
+}
+
+/// The plan description the Python shim sends `lanton_cuda_scratch_bytes` for these leaves.
+pub fn scratch_plan_json(kind: &str, specs: &[LeafSpec], noise_adaptive: bool, noise_work: bool, ns_dtype: &str) -> String {
+    let leaves: Vec<String> = specs.iter().map(|s| format!("[{}, {}, {}]", s.dims[0], s.dims[1], s.dims[2])).collect();
+    format!(
+        r#"{{"kind": "{kind}", "noise_adaptive": {noise_adaptive}, "noise_work": {noise_work}, "ns_dtype": "{ns_dtype}", "leaves": [{}]}}"#,
+        leaves.join(", ")
+    )
+}
+
+/// Appends the CUDA targets' trailing scratch result (uint8[bytes]).
+pub fn add_scratch(f: &mut Frame, bytes: u64) {
+    f.rets.push(OwnedBuffer::zeros(dtype::U8, &[bytes as i64]));
 }

@@ -1,6 +1,8 @@
 """The CUDA side of the shim, checked without a GPU by lowering for the `cuda` platform:
 the targets are registered for both platforms, the hidden group's noise work is selected by a
-conditional on the step count (both variants present), and the CPU lowering has one call."""
+conditional on the step count (both variants present), every CUDA call has a trailing uint8
+scratch result of the size the library's plan gives, and the CPU lowering has one call per
+group and no scratch."""
 
 import re
 
@@ -44,6 +46,69 @@ def test_cpu_lowering_has_one_call_per_group_and_options_pass_through():
     assert sorted(k for _, k, _ in found) == ["embed", "hidden", "vector"], found
     assert "noise_work" not in text
     assert all(dt == "float32" for _, _, dt in found)
+
+
+def call_lines(text):
+    return [ln for ln in text.splitlines() if re.search(r"stablehlo.custom_call @lanton_step_", ln)]
+
+
+def result_types(line):
+    """The result tensor types of a custom call line of the MLIR text."""
+    results = line.rsplit("->", 1)[1]
+    return re.findall(r"tensor<([^>]*)>", results)
+
+
+def expected_scratch(line):
+    """What lanton_cuda_scratch_bytes gives for the call's own attributes."""
+    from lanton import _ffi
+
+    kind = re.search(r'kind = "(\w+)"', line).group(1)
+    adaptive = re.search(r"noise_adaptive = (\w+)", line).group(1) == "true"
+    work = re.search(r"noise_work = (\w+)", line)
+    ns = re.search(r'ns_dtype = "(\w+)"', line).group(1)
+    m = re.search(r"layer_dims = dense<(\[[-\d, ]*\]|-?\d+)> : tensor<(\d+)xi64>", line)
+    values, n = m.group(1), int(m.group(2))
+    flat = [int(x) for x in values.strip("[]").split(",")] if values.startswith("[") else [int(values)] * n
+    dims = tuple(tuple(flat[i:i + 3]) for i in range(0, len(flat), 3))
+    return _ffi.cuda_scratch_bytes(kind, adaptive, work is None or work.group(1) == "true", ns, dims)
+
+
+@pytest.mark.parametrize("kw", [{}, {"ns_dtype": "float32"}, {"noise_adaptive": False}])
+def test_cuda_calls_have_a_scratch_result_sized_by_the_library(kw):
+    lines = call_lines(lowered("cuda", **kw))
+    assert len(lines) == (3 if kw.get("noise_adaptive") is False else 4), lines
+    sizes = {}
+    for line in lines:
+        types = result_types(line)
+        assert len(types) % 7 == 1, types  # 7 per leaf, then the scratch
+        m = re.fullmatch(r"(\d+)xui8", types[-1])
+        assert m, types[-1]
+        assert int(m.group(1)) == expected_scratch(line) > 0
+        assert not any("ui8" in t for t in types[:-1])
+        work = re.search(r"noise_work = (\w+)", line)
+        key = re.search(r'kind = "(\w+)"', line).group(1) + (work.group(1) if work else "")
+        sizes[key] = int(m.group(1))
+    if not kw:
+        # The hidden group's cuBLAS workspace (32 MiB) and, with noise work, polar buffers.
+        hidden = sorted(v for k, v in sizes.items() if k.startswith("hidden"))
+        assert hidden[0] > 32 << 20 and hidden[1] > hidden[0], sizes
+
+
+def test_cpu_calls_have_no_scratch_result():
+    for kw in ({}, {"noise_adaptive": False}):
+        lines = call_lines(lowered("cpu", **kw))
+        assert len(lines) == 3, lines
+        for line in lines:
+            types = result_types(line)
+            assert len(types) % 7 == 0 and not any("ui8" in t for t in types), types
+
+
+def test_scratch_bytes_errors_are_clear():
+    from lanton import _ffi
+
+    with pytest.raises(ValueError, match=r"no CUDA scratch size for the hidden group: .*leaf 0 must be \[layers, rows, cols\]"):
+        _ffi.cuda_scratch_bytes("hidden", True, True, "bfloat16", ((1, 2),))
+    assert _ffi.cuda_scratch_bytes("vector", True, True, "bfloat16", ()) > 0
 
 
 def test_noise_off_needs_no_conditional():
