@@ -470,7 +470,7 @@ def lanton(
         "float32"; accumulation is f32 either way. CPU kernels and the reference use f32.
       noise_estimator: how the noise estimate computes the nuclear norm: "auto" (the
         platform's kernels' choice: Gram-matrix eigenvalues on CPU, ~1e-5 relative error at
-        0.3-0.4x a Newton-Schulz; 7 polar iterations on CUDA, <= 1 %), "eigen" (CPU only)
+        0.2-0.5x a Newton-Schulz from 256 rows up; 7 polar iterations on CUDA, <= 1 %), "eigen" (CPU only)
         or "polar".
 
     Structural options (noise_every, ratio_eps, ns_coeffs, nesterov, noise_adaptive, groups,
@@ -500,7 +500,10 @@ class FusedLanton(NamedTuple):
 
 def fused(learning_rate: ScalarOrSchedule = 0.03, beta1: float = 0.8, beta2: float = 0.9, weight_decay: float = 0.0,
           scale: float = 0.2, **kwargs) -> FusedLanton:
-    """The in-place fused path: same options as `lanton`, parameters written by the kernel."""
+    """The in-place fused path: same options as `lanton`, parameters written by the kernel.
+
+    `step(grads, state, params) -> (params, state)` donates state and params; `step.lower(grads,
+    state, params)` lowers the jitted step for inspection (its outputs in (state, params) order)."""
     # lanton()'s keyword-only options and their defaults: one source of truth for both entry points.
     kw = {k: p.default for k, p in inspect.signature(lanton).parameters.items() if p.kind is p.KEYWORD_ONLY}
     unknown = set(kwargs) - set(kw)
