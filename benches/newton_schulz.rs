@@ -42,6 +42,20 @@ fn svd_nuclear(v: &[f32], r: usize, c: usize) -> f64 {
     Mat::from_fn(r, c, |i, j| v[i * c + j] as f64).singular_values().unwrap().iter().sum()
 }
 
+/// Median wall time of `reps` runs of `f`, after one warm-up run.
+fn median_secs(reps: usize, f: &mut dyn FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times[reps / 2]
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let coeffs = vec![NS_DEFAULT; NS_DEFAULT_STEPS];
@@ -58,18 +72,7 @@ fn main() {
         let mut out = vec![0.0f32; r * c];
         let mut ws = NsWorkspace::default();
         let reps = if quick { 2 } else { 7 };
-        let median = |f: &mut dyn FnMut()| {
-            f(); // warm-up
-            let mut times: Vec<f64> = (0..reps)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            times[reps / 2]
-        };
+        let median = |f: &mut dyn FnMut()| median_secs(reps, f);
         let plain = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, false));
         let sym = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, true));
         let ns5 = plain.min(sym); // the variant the kernels use (see newton_schulz.rs)
@@ -107,18 +110,7 @@ fn main() {
         let mut out = vec![0.0f32; r * c];
         let mut ws = NsWorkspace::default();
         let reps = if quick { 3 } else { 9 };
-        let median = |f: &mut dyn FnMut()| {
-            f();
-            let mut times: Vec<f64> = (0..reps)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            times[reps / 2]
-        };
+        let median = |f: &mut dyn FnMut()| median_secs(reps, f);
         let (plain, sym, eigen) = serial(|| {
             let plain = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, false));
             let sym = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, true));
