@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA path in one call, on a machine with a GPU and jax's CUDA plugin (no package index
-# needed): build, GPU test suite, compute-sanitizer on a short case, step-time benchmark against
-# optax.contrib.muon (GPT-2 small, TinyLlama-1.1B). The table comes last.
+# needed): build, GPU test suite, CUDA graphs on vs off (bitwise), the no-host-sync check,
+# compute-sanitizer (memcheck, racecheck, synccheck) on a short case, step-time benchmark against
+# optax.contrib.muon (GPT-2 small, TinyLlama-1.1B). The table comes last; failures are listed at
+# the end (exit 1). graph_check.py and these steps were written without a GPU: unverified.
 #
 #   bash tests/gpu/run.sh                # builds with cargo if present
 #   LANTON_LIBRARY=/path/liblanton.so bash tests/gpu/run.sh   # a prebuilt library (no cargo there)
@@ -25,12 +27,30 @@ export PYTHONPATH="$PWD/jax_bindings:$PWD/benches:$PWD/tests/python${PYTHONPATH:
 echo "== NVRTC kernels for this device and the GPU test suite"
 "$PY" -m pytest -q tests/gpu/test_cuda.py
 
-echo "== compute-sanitizer (memcheck) on a short case"
+FAILED=()
+echo "== CUDA graphs: command buffers forced on for every custom call vs off, bitwise (f32/bf16/f16, 50 donated fused steps)"
+TMP=$(mktemp -d)
+if XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=+CUSTOM_CALL" \
+     "$PY" tests/gpu/graph_check.py dump "$TMP/graphs_on.npz" \
+   && XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+     "$PY" tests/gpu/graph_check.py dump "$TMP/graphs_off.npz" \
+   && "$PY" tests/gpu/graph_check.py compare "$TMP/graphs_on.npz" "$TMP/graphs_off.npz"; then :; else FAILED+=("graphs"); fi
+
+echo "== no host sync: no conditional in a steady-state step"
+"$PY" tests/gpu/graph_check.py no-sync || FAILED+=("no-sync (expected until the noise work stops using lax.cond, issue 12 item 2)")
+
+echo "== compute-sanitizer (memcheck, racecheck, synccheck) on a short case"
 if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
+  for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py || FAILED+=("sanitizer $tool")
+  done
 else
   echo "compute-sanitizer not found: SKIPPED"
 fi
 
 echo "== step time against optax.contrib.muon"
 "$PY" benches/step_time.py --sets tiny,gpt2,tinyllama --repeats 5 --out "$RESULTS/step_time_gpu"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf 'FAILED: %s\n' "${FAILED[@]}" >&2
+  exit 1
+fi
