@@ -35,21 +35,12 @@ fn step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [Leaf], grads: &[Vec<f
     let mut io: Vec<LeafIo> = leaves.iter_mut().zip(grads).map(|(lf, g)| leaf_io(lf, g, false)).collect();
     group_step(cfg, h, t, &mut io).unwrap();
     for lf in leaves.iter_mut() {
-        lf.param
-            .iter_mut()
-            .zip(&lf.update)
-            .for_each(|(p, u)| *p += u);
+        lf.param.iter_mut().zip(&lf.update).for_each(|(p, u)| *p += u);
     }
 }
 
 fn hyper() -> Hyper {
-    Hyper {
-        lr: 0.1,
-        beta1: 0.5,
-        beta2: 0.5,
-        weight_decay: 0.0,
-        scale: 1.0,
-    }
+    Hyper { lr: 0.1, beta1: 0.5, beta2: 0.5, weight_decay: 0.0, scale: 1.0 }
 }
 
 #[test]
@@ -57,12 +48,7 @@ fn hand_computed_embed_sequence() {
     // Two 1x2 layers (one leaf with a batch axis) in an embed group, K = 1, b1 = b2 = 0.5.
     let mut cfg = StepConfig::new(Kind::Embed);
     cfg.ratio_eps = 0.0;
-    let shape = LayerShape {
-        layers: 2,
-        rows: 1,
-        cols: 2,
-        rows_are_input: true,
-    };
+    let shape = LayerShape { layers: 2, rows: 1, cols: 2, rows_are_input: true };
     let mut leaves = vec![Leaf::new(shape, vec![0.0; 4])];
     let h = hyper();
     // t = 1: no previous gradient, H stays 0, r = 1; G_prev is kept for t = 2.
@@ -92,33 +78,15 @@ fn cadence_k3_zero_gradient_layer_and_singleton() {
     cfg.noise_every = 3;
     cfg.ratio_eps = 0.0;
     let h = hyper();
-    let shape = LayerShape {
-        layers: 1,
-        rows: 1,
-        cols: 4,
-        rows_are_input: true,
-    };
+    let shape = LayerShape { layers: 1, rows: 1, cols: 4, rows_are_input: true };
     let mut rng = Rng::new(3);
-    let mut leaves = vec![
-        Leaf::new(shape, rng.normals(4, 1.0)),
-        Leaf::new(shape, rng.normals(4, 1.0)),
-    ];
+    let mut leaves = vec![Leaf::new(shape, rng.normals(4, 1.0)), Leaf::new(shape, rng.normals(4, 1.0))];
     for t in 1..=7 {
         let g = vec![rng.normals(4, 1.0), vec![0.0; 4]]; // second layer: always zero gradient
         step(&cfg, &h, t, &mut leaves, &g);
         let tracked = t >= 3; // first noise step is t = 3 (G_prev stored at t = 2)
         assert_eq!(leaves[0].noise[0] > 0.0, tracked, "t={t}");
-        assert_eq!(
-            leaves[0].prev_step[0],
-            if t >= 5 {
-                5
-            } else if t >= 2 {
-                2
-            } else {
-                0
-            },
-            "t={t}"
-        );
+        assert_eq!(leaves[0].prev_step[0], if t >= 5 { 5 } else if t >= 2 { 2 } else { 0 }, "t={t}");
         // The zero-gradient layer never becomes valid, so it is left out and steps at r = 1;
         // the other layer is then alone: a singleton, also r = 1.
         assert_eq!(leaves[1].valid[0], 0.0);
@@ -131,26 +99,13 @@ fn cadence_k3_zero_gradient_layer_and_singleton() {
 #[test]
 fn non_finite_gradient_leaves_state_untouched() {
     let cfg = StepConfig::new(Kind::Hidden);
-    let h = Hyper {
-        weight_decay: 0.1,
-        ..hyper()
-    };
-    let shape = LayerShape {
-        layers: 2,
-        rows: 4,
-        cols: 6,
-        rows_are_input: true,
-    };
+    let h = Hyper { weight_decay: 0.1, ..hyper() };
+    let shape = LayerShape { layers: 2, rows: 4, cols: 6, rows_are_input: true };
     let mut rng = Rng::new(9);
     let mut leaves = vec![Leaf::new(shape, rng.normals(48, 1.0))];
     step(&cfg, &h, 1, &mut leaves, &[rng.normals(48, 1.0)]);
     step(&cfg, &h, 2, &mut leaves, &[rng.normals(48, 1.0)]);
-    let before = (
-        leaves[0].momentum.clone(),
-        leaves[0].prev_grad.clone(),
-        leaves[0].noise.clone(),
-        leaves[0].prev_step.clone(),
-    );
+    let before = (leaves[0].momentum.clone(), leaves[0].prev_grad.clone(), leaves[0].noise.clone(), leaves[0].prev_step.clone());
     let mut g = rng.normals(48, 1.0);
     g[30] = f32::NAN; // layer 1 only
     let p_before = leaves[0].param.clone();
@@ -164,12 +119,7 @@ fn non_finite_gradient_leaves_state_untouched() {
     assert_eq!(&lf.param[24..], &p_before[24..]);
     // Layer 0 went on normally.
     assert_ne!(&lf.momentum[..24], &before.0[..24]);
-    assert!(lf
-        .param
-        .iter()
-        .chain(&lf.momentum)
-        .chain(&lf.prev_grad)
-        .all(|x| x.is_finite()));
+    assert!(lf.param.iter().chain(&lf.momentum).chain(&lf.prev_grad).all(|x| x.is_finite()));
     // Step 4 cannot use the stale G_prev of layer 1 (stored at t = 2, not t = 3).
     let noise1 = lf.noise[1];
     step(&cfg, &h, 4, &mut leaves, &[rng.normals(48, 1.0)]);
@@ -177,34 +127,15 @@ fn non_finite_gradient_leaves_state_untouched() {
     assert_eq!(leaves[0].prev_step[1], 4);
 }
 
-fn run_against_reference(
-    kind: Kind,
-    k: u32,
-    nesterov: bool,
-    wd: f32,
-    noise_adaptive: bool,
-    stat: RatioStat,
-    steps: i32,
-) {
+fn run_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat, steps: i32) {
     let mut cfg = StepConfig::new(kind);
     cfg.noise_every = k;
     cfg.nesterov = nesterov;
     cfg.noise_adaptive = noise_adaptive;
     cfg.ratio_stat = stat;
-    let h = Hyper {
-        lr: 0.02,
-        beta1: 0.9,
-        beta2: 0.8,
-        weight_decay: wd,
-        scale: 0.2,
-    };
+    let h = Hyper { lr: 0.02, beta1: 0.9, beta2: 0.8, weight_decay: wd, scale: 0.2 };
     let shapes = match kind {
-        Kind::Hidden => vec![
-            (1, 12, 20, true),
-            (3, 16, 8, false),
-            (1, 1, 10, true),
-            (2, 9, 1, true),
-        ],
+        Kind::Hidden => vec![(1, 12, 20, true), (3, 16, 8, false), (1, 1, 10, true), (2, 9, 1, true)],
         // The last two span several of the CPU's elementwise pieces (16 Ki elements), one partial.
         Kind::Embed => vec![(1, 30, 8, true), (1, 5, 8, false), (1, 300, 130, true), (2, 129, 131, false)],
         Kind::Vector => vec![(4, 1, 16, true), (1, 1, 7, true)],
@@ -213,12 +144,7 @@ fn run_against_reference(
     let mut leaves = Vec::new();
     let mut refs = Vec::new();
     for &(l, r, c, rin) in &shapes {
-        let shape = LayerShape {
-            layers: l,
-            rows: r,
-            cols: c,
-            rows_are_input: rin,
-        };
+        let shape = LayerShape { layers: l, rows: r, cols: c, rows_are_input: rin };
         let p = rng.normals(l * r * c, 0.5);
         refs.push(RefLeaf::new(shape, &p));
         leaves.push(Leaf::new(shape, p));
@@ -238,41 +164,22 @@ fn run_against_reference(
         let want = ref_group_step(&cfg, &h, t, &mut refs, &grads);
         for (i, (lf, rf)) in leaves.iter().zip(&refs).enumerate() {
             let ctx = format!("{kind} K={k} t={t} leaf {i}");
-            let scale = want[i]
-                .iter()
-                .fold(0.0f64, |m, x| m.max(x.abs()))
-                .max(1e-12);
+            let scale = want[i].iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-12);
             let tol = if kind == Kind::Hidden { 5e-3 } else { 1e-4 };
-            assert!(
-                max_abs_diff(&lf.update, &want[i]) <= tol * scale,
-                "{ctx}: update"
-            );
+            assert!(max_abs_diff(&lf.update, &want[i]) <= tol * scale, "{ctx}: update");
             for (a, b) in lf.noise.iter().zip(&rf.noise) {
-                assert!(
-                    (*a as f64 - b).abs() <= 2e-2 * b.abs() + 1e-12,
-                    "{ctx}: noise {a} vs {b}"
-                );
+                assert!((*a as f64 - b).abs() <= 2e-2 * b.abs() + 1e-12, "{ctx}: noise {a} vs {b}");
             }
             for (a, b) in lf.ratio.iter().zip(&rf.ratio) {
-                assert!(
-                    (*a as f64 - b).abs() <= 1e-2 * b.abs(),
-                    "{ctx}: ratio {a} vs {b}"
-                );
+                assert!((*a as f64 - b).abs() <= 1e-2 * b.abs(), "{ctx}: ratio {a} vs {b}");
             }
             assert_eq!(lf.prev_step, rf.prev_step, "{ctx}: prev_step");
-            assert_eq!(
-                lf.valid.iter().map(|&v| v > 0.5).collect::<Vec<_>>(),
-                rf.valid,
-                "{ctx}: valid"
-            );
+            assert_eq!(lf.valid.iter().map(|&v| v > 0.5).collect::<Vec<_>>(), rf.valid, "{ctx}: valid");
         }
     }
     if noise_adaptive && steps >= 2 * k as i32 {
         let all: Vec<f32> = leaves.iter().flat_map(|l| l.ratio.clone()).collect();
-        assert!(
-            all.iter().any(|&r| (r - 1.0).abs() > 1e-3),
-            "ratios never left 1: {all:?}"
-        );
+        assert!(all.iter().any(|&r| (r - 1.0).abs() > 1e-3), "ratios never left 1: {all:?}");
     }
 }
 
@@ -302,54 +209,28 @@ fn many_layers_in_one_call_equal_each_leaf_alone() {
     let mut cfg = StepConfig::new(Kind::Hidden);
     cfg.noise_every = 1;
     cfg.noise_adaptive = false;
-    let h = Hyper {
-        weight_decay: 0.1,
-        ..hyper()
-    };
+    let h = Hyper { weight_decay: 0.1, ..hyper() };
     // 160 x 160 products are large enough to be split across threads when run alone.
-    let shapes = [
-        (3, 160, 160, true),
-        (2, 40, 96, false),
-        (1, 96, 40, true),
-        (4, 8, 8, true),
-        (1, 1, 5, true),
-    ];
+    let shapes = [(3, 160, 160, true), (2, 40, 96, false), (1, 96, 40, true), (4, 8, 8, true), (1, 1, 5, true)];
     let mut rng = Rng::new(77);
     let make = |rng: &mut Rng| -> Vec<Leaf> {
         shapes
             .iter()
             .map(|&(l, r, c, rin)| {
-                Leaf::new(
-                    LayerShape {
-                        layers: l,
-                        rows: r,
-                        cols: c,
-                        rows_are_input: rin,
-                    },
-                    rng.normals(l * r * c, 0.5),
-                )
+                Leaf::new(LayerShape { layers: l, rows: r, cols: c, rows_are_input: rin }, rng.normals(l * r * c, 0.5))
             })
             .collect()
     };
     let mut together = make(&mut rng);
     let mut alone = make(&mut Rng::new(77));
     for t in 1..=3 {
-        let mut grads: Vec<Vec<f32>> = shapes
-            .iter()
-            .map(|&(l, r, c, _)| rng.normals(l * r * c, 1.0))
-            .collect();
+        let mut grads: Vec<Vec<f32>> = shapes.iter().map(|&(l, r, c, _)| rng.normals(l * r * c, 1.0)).collect();
         if t == 2 {
             grads[0][160 * 160 + 7] = f32::INFINITY; // layer 1 of leaf 0
         }
         step(&cfg, &h, t, &mut together, &grads);
         for (leaf, g) in alone.iter_mut().zip(&grads) {
-            step(
-                &cfg,
-                &h,
-                t,
-                std::slice::from_mut(leaf),
-                std::slice::from_ref(g),
-            );
+            step(&cfg, &h, t, std::slice::from_mut(leaf), std::slice::from_ref(g));
         }
         for (i, (a, b)) in together.iter().zip(&alone).enumerate() {
             let ctx = format!("t={t} leaf {i}");

@@ -73,11 +73,7 @@ pub fn check_env() -> Result<(), String> {
 pub fn pool() -> Result<&'static rayon::ThreadPool, PoolError> {
     let requested = num_threads_from_env().map_err(PoolError::Env)?;
     let built = POOL.get_or_init(|| {
-        let n = requested.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
+        let n = requested.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         // faer (the noise estimate's eigensolver) runs on the calling thread: its own splitting
         // gained nothing here and slowed the one-layer-per-thread mode (768 x 768: 45 -> 33 ms
         // sequential, benches/newton_schulz.rs). The setting is this library's copy of faer's.
@@ -144,46 +140,16 @@ struct View {
 /// SAFETY (internal): callers pass views whose extents lie inside live slices, and `dst`
 /// does not overlap `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn raw_gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    ld: isize,
-    alpha: f32,
-    beta: f32,
-    lhs: View,
-    rhs: View,
-) {
+unsafe fn raw_gemm(m: usize, n: usize, k: usize, dst: *mut f32, ld: isize, alpha: f32, beta: f32, lhs: View, rhs: View) {
     gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        ld,
-        alpha != 0.0,
-        lhs.ptr,
-        lhs.cs,
-        lhs.rs,
-        rhs.ptr,
-        rhs.cs,
-        rhs.rs,
-        alpha,
-        beta,
-        false,
-        false,
-        false,
-        parallelism(m * n * k),
+        m, n, k, dst, 1, ld, alpha != 0.0, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, alpha, beta,
+        false, false, false, parallelism(m * n * k),
     );
 }
 
 /// c(m x n) = a(m x k) * b(k x n).
 pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "matmul: slice too short"
-    );
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul: slice too short");
     if m == 0 || n == 0 {
         return;
     }
@@ -191,16 +157,8 @@ pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32])
         c[..m * n].fill(0.0);
         return;
     }
-    let lhs = View {
-        ptr: a.as_ptr(),
-        rs: k as isize,
-        cs: 1,
-    };
-    let rhs = View {
-        ptr: b.as_ptr(),
-        rs: n as isize,
-        cs: 1,
-    };
+    let lhs = View { ptr: a.as_ptr(), rs: k as isize, cs: 1 };
+    let rhs = View { ptr: b.as_ptr(), rs: n as isize, cs: 1 };
     // SAFETY: extents checked above; `c` is a distinct &mut slice.
     unsafe { raw_gemm(m, n, k, c.as_mut_ptr(), n as isize, 0.0, 1.0, lhs, rhs) }
 }
@@ -208,10 +166,7 @@ pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32])
 /// c(m x m) = x(m x k) * x^T, using symmetry: only blocks on and above the diagonal are
 /// multiplied (recursive halving keeps each product large), then mirrored.
 pub fn syrk(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
-    assert!(
-        x.len() >= m * k && c.len() >= m * m,
-        "syrk: slice too short"
-    );
+    assert!(x.len() >= m * k && c.len() >= m * m, "syrk: slice too short");
     if m == 0 {
         return;
     }
@@ -220,7 +175,7 @@ pub fn syrk(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
         return;
     }
     if m <= SYRK_LEAF {
-        // One block: symmetry would save nothing and mirroring costs (1.11x at 128 x 128,
+        // One block: symmetry would save nothing and mirroring costs (1.03-1.11x at 128 x 128,
         // benches/newton_schulz.rs).
         return xxt_plain(m, k, x, c);
     }
@@ -236,45 +191,17 @@ pub fn syrk(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
 
 unsafe fn syrk_upper(r0: usize, r1: usize, m: usize, k: usize, x: *const f32, c: *mut f32) {
     let len = r1 - r0;
-    let rows = |r: usize| View {
-        ptr: x.add(r * k),
-        rs: k as isize,
-        cs: 1,
-    };
+    let rows = |r: usize| View { ptr: x.add(r * k), rs: k as isize, cs: 1 };
     // x[rows]^T as a k x cols view: element (p, j) = x[j, p].
-    let cols_t = |r: usize| View {
-        ptr: x.add(r * k),
-        rs: 1,
-        cs: k as isize,
-    };
+    let cols_t = |r: usize| View { ptr: x.add(r * k), rs: 1, cs: k as isize };
     if len <= SYRK_LEAF {
-        raw_gemm(
-            len,
-            len,
-            k,
-            c.add(r0 * m + r0),
-            m as isize,
-            0.0,
-            1.0,
-            rows(r0),
-            cols_t(r0),
-        );
+        raw_gemm(len, len, k, c.add(r0 * m + r0), m as isize, 0.0, 1.0, rows(r0), cols_t(r0));
         return;
     }
     let mid = r0 + (len / 2).next_multiple_of(16).min(len - 1);
     syrk_upper(r0, mid, m, k, x, c);
     syrk_upper(mid, r1, m, k, x, c);
-    raw_gemm(
-        mid - r0,
-        r1 - mid,
-        k,
-        c.add(r0 * m + mid),
-        m as isize,
-        0.0,
-        1.0,
-        rows(r0),
-        cols_t(mid),
-    );
+    raw_gemm(mid - r0, r1 - mid, k, c.add(r0 * m + mid), m as isize, 0.0, 1.0, rows(r0), cols_t(mid));
 }
 
 /// The same product without symmetry: `syrk` below its split size, and the benchmark's
@@ -285,16 +212,8 @@ pub fn xxt_plain(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
         c[..m * m].fill(0.0);
         return;
     }
-    let lhs = View {
-        ptr: x.as_ptr(),
-        rs: k as isize,
-        cs: 1,
-    };
-    let rhs = View {
-        ptr: x.as_ptr(),
-        rs: 1,
-        cs: k as isize,
-    };
+    let lhs = View { ptr: x.as_ptr(), rs: k as isize, cs: 1 };
+    let rhs = View { ptr: x.as_ptr(), rs: 1, cs: k as isize };
     // SAFETY: extents checked above.
     unsafe { raw_gemm(m, m, k, c.as_mut_ptr(), m as isize, 0.0, 1.0, lhs, rhs) }
 }
@@ -307,23 +226,17 @@ mod tests {
         let mut c = vec![0.0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                c[i * n + j] = (0..k)
-                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
-                    .sum();
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
             }
         }
         c
     }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -338,10 +251,7 @@ mod tests {
             let mut got = vec![f32::NAN; m * m];
             syrk(m, k, &x, &mut got);
             for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
-                    "m={m} k={k}: {g} vs {w}"
-                );
+                assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "m={m} k={k}: {g} vs {w}");
             }
             let mut plain = vec![0.0; m * m];
             xxt_plain(m, k, &x, &mut plain);
@@ -361,30 +271,13 @@ mod tests {
         assert_eq!(p("1"), Ok(Some(1)));
         assert_eq!(p(" 8 "), Ok(Some(8)));
         assert_eq!(p("1024"), Ok(Some(MAX_NUM_THREADS)));
-        for bad in [
-            "abc",
-            "0",
-            "-3",
-            "1025",
-            "4.0",
-            "+",
-            "2 threads",
-            "99999999999999999999999",
-        ] {
+        for bad in ["abc", "0", "-3", "1025", "4.0", "+", "2 threads", "99999999999999999999999"] {
             let e = p(bad).unwrap_err();
-            assert!(
-                e.contains("LANTON_NUM_THREADS")
-                    && e.contains(&format!("{bad:?}"))
-                    && e.contains("1 to 1024"),
-                "{e}"
-            );
+            assert!(e.contains("LANTON_NUM_THREADS") && e.contains(&format!("{bad:?}")) && e.contains("1 to 1024"), "{e}");
         }
         use std::os::unix::ffi::OsStrExt;
         let e = parse_num_threads(Some(OsStr::from_bytes(b"\xff4"))).unwrap_err();
-        assert!(
-            e.contains("LANTON_NUM_THREADS") && e.contains("1 to 1024"),
-            "{e}"
-        );
+        assert!(e.contains("LANTON_NUM_THREADS") && e.contains("1 to 1024"), "{e}");
     }
 
     #[test]

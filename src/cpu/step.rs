@@ -9,10 +9,7 @@ use crate::step::{self, Hyper, Kind, LayerShape, NuclearEstimator, StepConfig};
 /// How the step's result leaves the kernel.
 pub enum ParamIo<'a> {
     /// optax convention: the update (delta) is written beside read-only parameters.
-    Update {
-        param: Tensor<'a>,
-        update: TensorMut<'a>,
-    },
+    Update { param: Tensor<'a>, update: TensorMut<'a> },
     /// The fused path: parameters are rewritten in place.
     InPlace { param: TensorMut<'a> },
 }
@@ -50,17 +47,9 @@ impl Scratch {
 
 /// Raw norm (nuclear, l1 or l2) of `d` times the kind's dual-norm factor; the CPU's nuclear
 /// norm is the Gram-eigenvalue estimator unless `nuclear` asks for the polar iteration.
-pub fn dual_norm(
-    kind: Kind,
-    nuclear: NuclearEstimator,
-    d: &[f32],
-    shape: &LayerShape,
-    ns: &mut NsWorkspace,
-) -> f32 {
+pub fn dual_norm(kind: Kind, nuclear: NuclearEstimator, d: &[f32], shape: &LayerShape, ns: &mut NsWorkspace) -> f32 {
     let raw = match kind {
-        Kind::Hidden if nuclear == NuclearEstimator::Polar => {
-            nuclear_norm_polar(d, shape.rows, shape.cols, ns)
-        }
+        Kind::Hidden if nuclear == NuclearEstimator::Polar => nuclear_norm_polar(d, shape.rows, shape.cols, ns),
         Kind::Hidden => nuclear_norm(d, shape.rows, shape.cols, ns),
         Kind::Embed => kernels::l1(d),
         Kind::Vector => kernels::l2(d),
@@ -69,13 +58,7 @@ pub fn dual_norm(
 }
 
 /// D_kind(v) into `out`.
-pub fn direction(
-    cfg: &StepConfig,
-    v: &[f32],
-    shape: &LayerShape,
-    out: &mut [f32],
-    ns: &mut NsWorkspace,
-) {
+pub fn direction(cfg: &StepConfig, v: &[f32], shape: &LayerShape, out: &mut [f32], ns: &mut NsWorkspace) {
     match cfg.kind {
         Kind::Hidden => newton_schulz(v, shape.rows, shape.cols, &cfg.ns_coeffs, out, ns, true),
         Kind::Embed => kernels::sign(v, out),
@@ -120,26 +103,17 @@ fn split_layers<'b>(leaves: &'b mut [LeafIo]) -> Vec<Layer<'b>> {
                 .zip(update.split_mut(count, n))
                 .map(|(param, update)| ParamIo::Update { param, update })
                 .collect(),
-            ParamIo::InPlace { param } => param
-                .split_mut(count, n)
-                .into_iter()
-                .map(|param| ParamIo::InPlace { param })
-                .collect(),
+            ParamIo::InPlace { param } => {
+                param.split_mut(count, n).into_iter().map(|param| ParamIo::InPlace { param }).collect()
+            }
         };
         let per_layer = params
             .into_iter()
             .zip(leaf.grad.split(count, n))
-            .zip(
-                leaf.momentum
-                    .split_mut(count, n)
-                    .into_iter()
-                    .zip(leaf.prev_grad.split_mut(count, n)),
-            )
+            .zip(leaf.momentum.split_mut(count, n).into_iter().zip(leaf.prev_grad.split_mut(count, n)))
             .zip(leaf.noise.iter_mut().zip(leaf.valid.iter_mut()))
             .zip(leaf.prev_step.iter_mut().zip(leaf.ratio.iter_mut()));
-        for ((((params, grad), (momentum, prev_grad)), (noise, valid)), (prev_step, ratio)) in
-            per_layer
-        {
+        for ((((params, grad), (momentum, prev_grad)), (noise, valid)), (prev_step, ratio)) in per_layer {
             out.push(Layer {
                 shape,
                 params,
@@ -190,12 +164,7 @@ where
 
 /// One LANTON step for every layer of every leaf of one group. Runs on lanton's GEMM pool;
 /// fails (touching nothing) if that pool cannot run, e.g. `LANTON_NUM_THREADS` is invalid.
-pub fn group_step(
-    cfg: &StepConfig,
-    hyper: &Hyper,
-    t: i32,
-    leaves: &mut [LeafIo],
-) -> Result<(), PoolError> {
+pub fn group_step(cfg: &StepConfig, hyper: &Hyper, t: i32, leaves: &mut [LeafIo]) -> Result<(), PoolError> {
     super::gemm::pool()?.install(|| group_step_on_pool(cfg, hyper, t, leaves));
     Ok(())
 }
@@ -268,9 +237,7 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
     layer.momentum.read(0, &mut s.b);
     if cfg.nesterov {
         layer.grad.read(0, &mut s.g);
-        s.v.iter_mut()
-            .zip(s.b.iter().zip(&s.g))
-            .for_each(|(v, (&b, &g))| *v = h.beta1 * b + (1.0 - h.beta1) * g);
+        s.v.iter_mut().zip(s.b.iter().zip(&s.g)).for_each(|(v, (&b, &g))| *v = h.beta1 * b + (1.0 - h.beta1) * g);
     } else {
         s.v.copy_from_slice(&s.b);
     }
@@ -281,16 +248,12 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
     match &mut layer.params {
         ParamIo::Update { param, update } => {
             param.read(0, &mut s.g);
-            s.d.iter_mut()
-                .zip(&s.g)
-                .for_each(|(d, &x)| *d = step_d * *d + step_x * x);
+            s.d.iter_mut().zip(&s.g).for_each(|(d, &x)| *d = step_d * *d + step_x * x);
             update.write(0, &s.d);
         }
         ParamIo::InPlace { param } => {
             param.read(0, &mut s.g);
-            s.d.iter_mut()
-                .zip(&s.g)
-                .for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
+            s.d.iter_mut().zip(&s.g).for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
             param.write(0, &s.d);
         }
     }
@@ -307,11 +270,14 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
     use rayon::prelude::*;
     let grads = layer.grad.chunks(CHUNK);
     let buf = || vec![0.0f32; CHUNK];
-    layer.skipped = !grads.par_iter().map_init(buf, |g, gt| {
-        let g = &mut g[..gt.len()];
-        gt.read(0, g);
-        kernels::all_finite(g)
-    }).all(|ok| ok);
+    layer.skipped = !grads
+        .par_iter()
+        .map_init(buf, |g, gt| {
+            let g = &mut g[..gt.len()];
+            gt.read(0, g);
+            kernels::all_finite(g)
+        })
+        .all(|ok| ok);
     if layer.skipped {
         return; // Non-finite gradient: this layer's state stays as it was.
     }
@@ -319,23 +285,26 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
     let keep = cfg.stores_prev_grad(t);
     let pieces = grads.into_par_iter().zip(layer.momentum.chunks_mut(CHUNK)).zip(layer.prev_grad.chunks_mut(CHUNK));
     let l1: f64 = pieces
-        .map_init(|| (buf(), buf()), |(g, b), ((gt, mut mt), mut pt)| {
-            let n = gt.len();
-            let (g, b) = (&mut g[..n], &mut b[..n]);
-            gt.read(0, g);
-            mt.read(0, b);
-            kernels::momentum(b, g, h.beta1);
-            mt.write(0, b);
-            let mut part = 0.0f64;
-            if noise_now {
-                pt.read(0, b);
-                part = g.iter().zip(b.iter()).map(|(&g, &p)| ((g - p) as f64).abs()).sum();
-            }
-            if keep {
-                pt.write(0, g);
-            }
-            part
-        })
+        .map_init(
+            || (buf(), buf()),
+            |(g, b), ((gt, mut mt), mut pt)| {
+                let n = gt.len();
+                let (g, b) = (&mut g[..n], &mut b[..n]);
+                gt.read(0, g);
+                mt.read(0, b);
+                kernels::momentum(b, g, h.beta1);
+                mt.write(0, b);
+                let mut part = 0.0f64;
+                if noise_now {
+                    pt.read(0, b);
+                    part = g.iter().zip(b.iter()).map(|(&g, &p)| ((g - p) as f64).abs()).sum();
+                }
+                if keep {
+                    pt.write(0, g);
+                }
+                part
+            },
+        )
         .sum();
     if noise_now {
         let norm = l1 as f32 * step::dual_norm_factor(cfg.kind, &layer.shape);

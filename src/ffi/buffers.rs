@@ -46,10 +46,7 @@ impl<'a> Tensor<'a> {
         }
         match *self {
             Tensor::F32(s) => pieces(s, count, len).into_iter().map(Tensor::F32).collect(),
-            Tensor::BF16(s) => pieces(s, count, len)
-                .into_iter()
-                .map(Tensor::BF16)
-                .collect(),
+            Tensor::BF16(s) => pieces(s, count, len).into_iter().map(Tensor::BF16).collect(),
             Tensor::F16(s) => pieces(s, count, len).into_iter().map(Tensor::F16).collect(),
         }
     }
@@ -114,18 +111,9 @@ impl<'a> TensorMut<'a> {
             out
         }
         match self {
-            TensorMut::F32(s) => pieces(s, count, len)
-                .into_iter()
-                .map(TensorMut::F32)
-                .collect(),
-            TensorMut::BF16(s) => pieces(s, count, len)
-                .into_iter()
-                .map(TensorMut::BF16)
-                .collect(),
-            TensorMut::F16(s) => pieces(s, count, len)
-                .into_iter()
-                .map(TensorMut::F16)
-                .collect(),
+            TensorMut::F32(s) => pieces(s, count, len).into_iter().map(TensorMut::F32).collect(),
+            TensorMut::BF16(s) => pieces(s, count, len).into_iter().map(TensorMut::BF16).collect(),
+            TensorMut::F16(s) => pieces(s, count, len).into_iter().map(TensorMut::F16).collect(),
         }
     }
     pub fn as_ref(&self) -> Tensor<'_> {
@@ -140,14 +128,8 @@ impl<'a> TensorMut<'a> {
         let r = start..start + src.len();
         match self {
             TensorMut::F32(s) => s[r].copy_from_slice(src),
-            TensorMut::BF16(s) => s[r]
-                .iter_mut()
-                .zip(src)
-                .for_each(|(o, &x)| *o = bf16::from_f32(x)),
-            TensorMut::F16(s) => s[r]
-                .iter_mut()
-                .zip(src)
-                .for_each(|(o, &x)| *o = f16::from_f32(x)),
+            TensorMut::BF16(s) => s[r].iter_mut().zip(src).for_each(|(o, &x)| *o = bf16::from_f32(x)),
+            TensorMut::F16(s) => s[r].iter_mut().zip(src).for_each(|(o, &x)| *o = f16::from_f32(x)),
         }
     }
     /// Copies a same-dtype, same-length tensor in.
@@ -156,11 +138,7 @@ impl<'a> TensorMut<'a> {
             (TensorMut::F32(d), Tensor::F32(s)) if d.len() == s.len() => d.copy_from_slice(s),
             (TensorMut::BF16(d), Tensor::BF16(s)) if d.len() == s.len() => d.copy_from_slice(s),
             (TensorMut::F16(d), Tensor::F16(s)) if d.len() == s.len() => d.copy_from_slice(s),
-            _ => {
-                return Err(FfiError::internal(
-                    "copy between tensors of different dtype or size",
-                ))
-            }
+            _ => return Err(FfiError::internal("copy between tensors of different dtype or size")),
         }
         Ok(())
     }
@@ -205,12 +183,7 @@ impl BufferSet {
             return; // Zero-element buffers may carry any pointer; no slice is built from them.
         }
         let start = b.data as usize;
-        self.claims.push(Claim {
-            start,
-            end: start + bytes,
-            writable,
-            name: name.into(),
-        });
+        self.claims.push(Claim { start, end: start + bytes, writable, name: name.into() });
     }
 
     /// Checks that every writable claim is disjoint from all others.
@@ -282,10 +255,7 @@ impl BufferSet {
     pub fn input_i32<'a>(&self, b: &BufferRef<'a>, name: &str) -> FfiResult<&'a [i32]> {
         self.check_sealed()?;
         if b.dtype != dtype::S32 {
-            return Err(FfiError::invalid(format!(
-                "{name}: expected int32, got {}",
-                dtype::name(b.dtype)
-            )));
+            return Err(FfiError::invalid(format!("{name}: expected int32, got {}", dtype::name(b.dtype))));
         }
         // SAFETY: as for `input`.
         Ok(unsafe { raw_slice(b.data as *const i32, b.len()) })
@@ -295,10 +265,7 @@ impl BufferSet {
     pub fn output_i32<'a>(&self, b: &BufferRef<'a>, name: &str) -> FfiResult<&'a mut [i32]> {
         self.check_sealed()?;
         if b.dtype != dtype::S32 {
-            return Err(FfiError::invalid(format!(
-                "{name}: expected int32, got {}",
-                dtype::name(b.dtype)
-            )));
+            return Err(FfiError::invalid(format!("{name}: expected int32, got {}", dtype::name(b.dtype))));
         }
         // SAFETY: as for `output`.
         Ok(unsafe { raw_slice_mut(b.data as *mut i32, b.len()) })
@@ -306,10 +273,7 @@ impl BufferSet {
 }
 
 fn unsupported(name: &str, d: i32) -> FfiError {
-    FfiError::invalid(format!(
-        "{name}: unsupported dtype {} (expected float32, bfloat16 or float16)",
-        dtype::name(d)
-    ))
+    FfiError::invalid(format!("{name}: unsupported dtype {} (expected float32, bfloat16 or float16)", dtype::name(d)))
 }
 
 unsafe fn raw_slice<'a, T>(p: *const T, n: usize) -> &'a [T] {
