@@ -14,6 +14,45 @@ pub enum ParamIo<'a> {
     InPlace { param: TensorMut<'a> },
 }
 
+impl ParamIo<'_> {
+    /// The parameters (and update) cut into pieces by `cut` (`Tensor::split`/`chunks` and their
+    /// writable twins, which must cut alike).
+    fn pieces<'b>(
+        &'b mut self,
+        cut: impl Fn(&Tensor<'b>) -> Vec<Tensor<'b>>,
+        cut_mut: impl FnOnce(&'b mut TensorMut) -> Vec<TensorMut<'b>>,
+    ) -> Vec<ParamIo<'b>> {
+        match self {
+            ParamIo::Update { param, update } => {
+                cut(param).into_iter().zip(cut_mut(update)).map(|(param, update)| ParamIo::Update { param, update }).collect()
+            }
+            ParamIo::InPlace { param } => cut_mut(param).into_iter().map(|param| ParamIo::InPlace { param }).collect(),
+        }
+    }
+
+    /// Writes delta = step_d * D + step_x * X (D in `d`; X is read into `x`) as the update, or
+    /// X + delta into the parameters. A skipped piece gets a zero update and keeps X.
+    fn write_step(&mut self, skipped: bool, d: &mut [f32], x: &mut [f32], step_d: f32, step_x: f32) {
+        match self {
+            ParamIo::Update { update, .. } if skipped => {
+                d.fill(0.0);
+                update.write(0, d);
+            }
+            ParamIo::InPlace { .. } if skipped => {}
+            ParamIo::Update { param, update } => {
+                param.read(0, x);
+                d.iter_mut().zip(x.iter()).for_each(|(d, &x)| *d = step_d * *d + step_x * x);
+                update.write(0, d);
+            }
+            ParamIo::InPlace { param } => {
+                param.read(0, x);
+                d.iter_mut().zip(x.iter()).for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
+                param.write(0, d);
+            }
+        }
+    }
+}
+
 /// One leaf of the group: its layers' tensors and per-layer state.
 pub struct LeafIo<'a> {
     pub shape: LayerShape,
@@ -82,6 +121,17 @@ struct Layer<'a> {
 }
 
 impl Layer<'_> {
+    /// Folds this step's dual norm of G - G_prev into the tracker H (a non-finite norm is
+    /// dropped; a positive one makes the tracker valid).
+    fn record_noise(&mut self, norm: f32, beta2: f32) {
+        if norm.is_finite() {
+            *self.noise = step::track_noise(*self.noise, norm, beta2);
+            if norm > 0.0 {
+                *self.valid = 1.0;
+            }
+        }
+    }
+
     /// Relative cost of its direction, to hand out the most expensive layers first.
     fn cost(&self) -> usize {
         let n = self.shape.layer_len();
@@ -96,17 +146,7 @@ fn split_layers<'b>(leaves: &'b mut [LeafIo]) -> Vec<Layer<'b>> {
         // (A leaf without layers has no data; its layer size need not be allocatable.)
         let (shape, n) = (leaf.shape, leaf.shape.layer_len());
         let count = shape.layers;
-        let params: Vec<ParamIo> = match &mut leaf.params {
-            ParamIo::Update { param, update } => param
-                .split(count, n)
-                .into_iter()
-                .zip(update.split_mut(count, n))
-                .map(|(param, update)| ParamIo::Update { param, update })
-                .collect(),
-            ParamIo::InPlace { param } => {
-                param.split_mut(count, n).into_iter().map(|param| ParamIo::InPlace { param }).collect()
-            }
-        };
+        let params = leaf.params.pieces(|x| x.split(count, n), |x| x.split_mut(count, n));
         let per_layer = params
             .into_iter()
             .zip(leaf.grad.split(count, n))
@@ -205,13 +245,7 @@ fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch
     if cfg.is_noise_step(t) && step::prev_grad_usable(*layer.prev_step, t) {
         layer.prev_grad.read(0, &mut s.d);
         s.d.iter_mut().zip(&s.g).for_each(|(d, &g)| *d = g - *d);
-        let norm = dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns);
-        if norm.is_finite() {
-            *layer.noise = step::track_noise(*layer.noise, norm, h.beta2);
-            if norm > 0.0 {
-                *layer.valid = 1.0;
-            }
-        }
+        layer.record_noise(dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns), h.beta2);
     }
     if cfg.stores_prev_grad(t) {
         layer.prev_grad.write(0, &s.g);
@@ -228,11 +262,7 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
     let shape = layer.shape;
     s.fit(shape.layer_len());
     if layer.skipped {
-        if let ParamIo::Update { update, .. } = &mut layer.params {
-            s.d.fill(0.0);
-            update.write(0, &s.d);
-        }
-        return;
+        return layer.params.write_step(true, &mut s.d, &mut s.g, 0.0, 0.0);
     }
     layer.momentum.read(0, &mut s.b);
     if cfg.nesterov {
@@ -244,19 +274,7 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
     direction(cfg, &s.v, &shape, &mut s.d, &mut s.ns);
     let scale = step::update_scale(cfg.kind, h.scale, &shape);
     let (step_d, step_x) = (-h.lr * scale * *layer.ratio, -h.lr * h.weight_decay);
-    // X arrives in s.g.
-    match &mut layer.params {
-        ParamIo::Update { param, update } => {
-            param.read(0, &mut s.g);
-            s.d.iter_mut().zip(&s.g).for_each(|(d, &x)| *d = step_d * *d + step_x * x);
-            update.write(0, &s.d);
-        }
-        ParamIo::InPlace { param } => {
-            param.read(0, &mut s.g);
-            s.d.iter_mut().zip(&s.g).for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
-            param.write(0, &s.d);
-        }
-    }
+    layer.params.write_step(false, &mut s.d, &mut s.g, step_d, step_x);
 }
 
 /// Embedding layers (sign direction, l1 noise: elementwise work and sums) go through in pieces
@@ -307,13 +325,7 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
         )
         .sum();
     if noise_now {
-        let norm = l1 as f32 * step::dual_norm_factor(cfg.kind, &layer.shape);
-        if norm.is_finite() {
-            *layer.noise = step::track_noise(*layer.noise, norm, h.beta2);
-            if norm > 0.0 {
-                *layer.valid = 1.0;
-            }
-        }
+        layer.record_noise(l1 as f32 * step::dual_norm_factor(cfg.kind, &layer.shape), h.beta2);
     }
     if keep {
         *layer.prev_step = t;
@@ -329,44 +341,19 @@ fn apply_elementwise(cfg: &StepConfig, h: &Hyper, layer: &mut Layer) {
     let moms = layer.momentum.as_ref().chunks(CHUNK);
     let grads = layer.grad.chunks(CHUNK);
     let buf = || (vec![0.0f32; CHUNK], vec![0.0f32; CHUNK], vec![0.0f32; CHUNK]);
-    // d <- the step's direction term for one piece, from B (and G with Nesterov) in b, g.
-    let direction = |mt: &Tensor, gt: &Tensor, b: &mut [f32], g: &mut [f32], d: &mut [f32]| {
-        mt.read(0, b);
-        if nesterov {
-            gt.read(0, g);
-            b.iter_mut().zip(g.iter()).for_each(|(b, &g)| *b = beta1 * *b + (1.0 - beta1) * g);
-        }
-        kernels::sign(b, d);
-    };
-    match &mut layer.params {
-        ParamIo::Update { param, update } => {
-            let pieces = param.chunks(CHUNK).into_par_iter().zip(update.chunks_mut(CHUNK)).zip(moms).zip(grads);
-            pieces.for_each_init(buf, |(b, g, d), (((xt, mut ut), mt), gt)| {
-                let n = xt.len();
-                let (b, g, d) = (&mut b[..n], &mut g[..n], &mut d[..n]);
-                if skipped {
-                    d.fill(0.0);
-                    return ut.write(0, d);
-                }
-                direction(&mt, &gt, b, g, d);
-                xt.read(0, g);
-                d.iter_mut().zip(g.iter()).for_each(|(d, &x)| *d = step_d * *d + step_x * x);
-                ut.write(0, d);
-            });
-        }
-        ParamIo::InPlace { param } => {
-            if skipped {
-                return;
+    let pieces = layer.params.pieces(|x| x.chunks(CHUNK), |x| x.chunks_mut(CHUNK));
+    pieces.into_par_iter().zip(moms).zip(grads).for_each_init(buf, |(b, g, d), ((mut piece, mt), gt)| {
+        let n = mt.len();
+        let (b, g, d) = (&mut b[..n], &mut g[..n], &mut d[..n]);
+        if !skipped {
+            // D = sign(B), or sign(b1 B + (1 - b1) G) with Nesterov.
+            mt.read(0, b);
+            if nesterov {
+                gt.read(0, g);
+                b.iter_mut().zip(g.iter()).for_each(|(b, &g)| *b = beta1 * *b + (1.0 - beta1) * g);
             }
-            let pieces = param.chunks_mut(CHUNK).into_par_iter().zip(moms).zip(grads);
-            pieces.for_each_init(buf, |(b, g, d), ((mut xt, mt), gt)| {
-                let n = mt.len();
-                let (b, g, d) = (&mut b[..n], &mut g[..n], &mut d[..n]);
-                direction(&mt, &gt, b, g, d);
-                xt.read(0, g);
-                d.iter_mut().zip(g.iter()).for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
-                xt.write(0, d);
-            });
+            kernels::sign(b, d);
         }
-    }
+        piece.write_step(skipped, d, g, step_d, step_x);
+    });
 }
