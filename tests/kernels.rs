@@ -71,13 +71,15 @@ fn nuclear_norm_within_one_percent_of_svd() {
 }
 
 type Estimator = fn(&[f32], usize, usize, &mut NsWorkspace) -> f32;
-const ESTIMATORS: [(&str, Estimator); 2] = [("gram-eigen", nuclear_norm), ("polar", nuclear_norm_polar)];
+/// (name, estimator, relative-error bar): the 1 % for the polar iteration; the f64 Gram
+/// quadrature measures ~1e-6 (benches/newton_schulz.rs), so its bar is 1e-4.
+const ESTIMATORS: [(&str, Estimator, f64); 2] = [("gram-eigen", nuclear_norm, 1e-4), ("polar", nuclear_norm_polar, 1e-2)];
 
 #[test]
 fn nuclear_norm_on_test_spectra_tall_wide_f32_and_bf16() {
     // Power-law and exponential (slowly converging small singular values), low rank, rank 1,
     // flat; tall, wide and square; inputs in f32 and rounded to bf16 (the f64 reference then
-    // sees the rounded matrix). Bar: 1 % for both estimators; the eigen estimator is far better.
+    // sees the rounded matrix). Bars: ESTIMATORS.
     let mut rng = Rng::new(29);
     let mut ws = NsWorkspace::default();
     for &(r, c) in &[(64, 64), (48, 120), (120, 48), (200, 96)] {
@@ -96,16 +98,15 @@ fn nuclear_norm_on_test_spectra_tall_wide_f32_and_bf16() {
                     d = bf16_round(&d);
                 }
                 let want = nuclear_f64(&d, r, c);
-                for (name, est) in ESTIMATORS {
+                for (name, est, bar) in ESTIMATORS {
                     let got = est(&d, r, c, &mut ws) as f64;
                     let rel = (got - want).abs() / want;
-                    let bar = 1e-2; // the bar; the eigen estimator is typically <1e-4 (benches/newton_schulz.rs)
                     assert!(rel < bar, "{name} {label} {r}x{c} bf16={bf16}: nuclear {got} vs {want} (rel {rel})");
                 }
             }
         }
     }
-    for (name, est) in ESTIMATORS {
+    for (name, est, _) in ESTIMATORS {
         assert_eq!(est(&[0.0; 12], 3, 4, &mut ws), 0.0, "{name}: zero matrix");
         assert_eq!(est(&[0.0; 12], 4, 3, &mut ws), 0.0, "{name}: zero matrix, tall");
         // A scale far from 1 must not overflow the Gram matrix.

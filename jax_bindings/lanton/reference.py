@@ -46,13 +46,15 @@ def newton_schulz(v, coeffs):
     return jnp.swapaxes(x, -1, -2) if tr else x
 
 
-# Gram eigenvalues under this fraction of the largest are f32 round-off (src/cpu/newton_schulz.rs).
+# Gram eigenvalues under this fraction of the largest are f32 round-off (the CPU kernels' floor for
+# their f32 Gram path, src/cpu/newton_schulz.rs; up to 256 rows they work in f64 without one).
 GRAM_EIGEN_FLOOR = 1e-7
 
 
 def nuclear_norm(d):
-    """||D||_* = sum sqrt(eig(D D^T)) over the smaller side, for each matrix of d (L, R, C): the
-    CPU kernels' estimator (Gram matrix + symmetric eigenvalues; ~1e-5 relative error)."""
+    """||D||_* = sum sqrt(eig(D D^T)) over the smaller side, for each matrix of d (L, R, C): what
+    the CPU kernels estimate (f32 Gram matrix + symmetric eigenvalues here; ~1e-5 relative error,
+    up to ~5e-4 on rank-1 inputs; the kernels: ~1e-6 up to 256 rows, the same above)."""
     x, _ = _oriented(d.astype(f32))
     fro = _fro(x)
     x0 = x / jnp.where(fro > 0, fro, 1.0)

@@ -127,22 +127,46 @@ fn parallelism(macs: usize) -> gemm::Parallelism {
     }
 }
 
+/// The element types products run in: f32 for the step, f64 for the noise estimate's Gram
+/// matrix (its f32 round-off would read as small singular values).
+pub trait Scalar: Copy + PartialEq + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+}
+
+impl Scalar for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+}
+
+impl Scalar for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+}
+
 /// A strided read-only matrix: element (i, j) at `ptr[i*rs + j*cs]`.
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
+struct View<T> {
+    ptr: *const T,
     rs: isize,
     cs: isize,
 }
+
+impl<T> Clone for View<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for View<T> {}
 
 /// dst(m x n, row stride ld) = alpha*dst + beta*lhs(m x k)*rhs(k x n).
 ///
 /// SAFETY (internal): callers pass views whose extents lie inside live slices, and `dst`
 /// does not overlap `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn raw_gemm(m: usize, n: usize, k: usize, dst: *mut f32, ld: isize, alpha: f32, beta: f32, lhs: View, rhs: View) {
+unsafe fn raw_gemm<T: Scalar>(m: usize, n: usize, k: usize, dst: *mut T, ld: isize, alpha: T, beta: T, lhs: View<T>, rhs: View<T>) {
     gemm::gemm(
-        m, n, k, dst, 1, ld, alpha != 0.0, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, alpha, beta,
+        m, n, k, dst, 1, ld, alpha != T::ZERO, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, alpha, beta,
         false, false, false, parallelism(m * n * k),
     );
 }
@@ -165,13 +189,13 @@ pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32])
 
 /// c(m x m) = x(m x k) * x^T, using symmetry: only blocks on and above the diagonal are
 /// multiplied (recursive halving keeps each product large), then mirrored.
-pub fn syrk(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
+pub fn syrk<T: Scalar>(m: usize, k: usize, x: &[T], c: &mut [T]) {
     assert!(x.len() >= m * k && c.len() >= m * m, "syrk: slice too short");
     if m == 0 {
         return;
     }
     if k == 0 {
-        c[..m * m].fill(0.0);
+        c[..m * m].fill(T::ZERO);
         return;
     }
     if m <= SYRK_LEAF {
@@ -189,33 +213,33 @@ pub fn syrk(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
     }
 }
 
-unsafe fn syrk_upper(r0: usize, r1: usize, m: usize, k: usize, x: *const f32, c: *mut f32) {
+unsafe fn syrk_upper<T: Scalar>(r0: usize, r1: usize, m: usize, k: usize, x: *const T, c: *mut T) {
     let len = r1 - r0;
     let rows = |r: usize| View { ptr: x.add(r * k), rs: k as isize, cs: 1 };
     // x[rows]^T as a k x cols view: element (p, j) = x[j, p].
     let cols_t = |r: usize| View { ptr: x.add(r * k), rs: 1, cs: k as isize };
     if len <= SYRK_LEAF {
-        raw_gemm(len, len, k, c.add(r0 * m + r0), m as isize, 0.0, 1.0, rows(r0), cols_t(r0));
+        raw_gemm(len, len, k, c.add(r0 * m + r0), m as isize, T::ZERO, T::ONE, rows(r0), cols_t(r0));
         return;
     }
     let mid = r0 + (len / 2).next_multiple_of(16).min(len - 1);
     syrk_upper(r0, mid, m, k, x, c);
     syrk_upper(mid, r1, m, k, x, c);
-    raw_gemm(mid - r0, r1 - mid, k, c.add(r0 * m + mid), m as isize, 0.0, 1.0, rows(r0), cols_t(mid));
+    raw_gemm(mid - r0, r1 - mid, k, c.add(r0 * m + mid), m as isize, T::ZERO, T::ONE, rows(r0), cols_t(mid));
 }
 
 /// The same product without symmetry: `syrk` below its split size, and the benchmark's
 /// side-by-side comparison.
-pub fn xxt_plain(m: usize, k: usize, x: &[f32], c: &mut [f32]) {
+pub fn xxt_plain<T: Scalar>(m: usize, k: usize, x: &[T], c: &mut [T]) {
     assert!(x.len() >= m * k && c.len() >= m * m);
     if m == 0 || k == 0 {
-        c[..m * m].fill(0.0);
+        c[..m * m].fill(T::ZERO);
         return;
     }
     let lhs = View { ptr: x.as_ptr(), rs: k as isize, cs: 1 };
     let rhs = View { ptr: x.as_ptr(), rs: 1, cs: k as isize };
     // SAFETY: extents checked above.
-    unsafe { raw_gemm(m, m, k, c.as_mut_ptr(), m as isize, 0.0, 1.0, lhs, rhs) }
+    unsafe { raw_gemm(m, m, k, c.as_mut_ptr(), m as isize, T::ZERO, T::ONE, lhs, rhs) }
 }
 
 #[cfg(test)]
