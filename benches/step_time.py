@@ -6,9 +6,10 @@ Muon (hidden-only) from the same run.
 
 lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step) and `K=10` (the
 default cadence). `K=10` and `noise off` are timed over whole cadences of 10 consecutive steps
-(each holds one noise step and one step that stores G_prev): the median over cadences of the
-mean step time, with as many cadences as fit in ~3 s (at least one). The others: a median of
-repeats.
+(each holds one noise step and one step that stores G_prev), the two rows' cadences taken in
+turn so that the machine's drift falls on both: the median over cadences of the mean step time,
+with as many cadences as fit in ~3 s (at least one each), and K=10 over noise-off as the median
+of the per-round ratios. The others: a median of repeats.
 
     python benches/step_time.py --sets tiny,gpt2 --repeats 3 --out benches/results/step_time_cpu
 """
@@ -82,14 +83,16 @@ def contenders():
     }
 
 
-# Rows timed over whole cadences of this many consecutive steps (K = 10).
+# Rows timed over whole cadences of this many consecutive steps (K = 10), alternating cadence by
+# cadence so that a drift of the machine's speed falls on both alike.
 CADENCE_ROWS = {"lanton noise off": 10, "lanton K=10": 10}
+CADENCE = 10
 CADENCE_BUDGET_S = 3.0
 
 
-def time_one(kind, make, params, grad_sets, repeats, consecutive=None):
-    """Median step time (or the mean of `consecutive` steps); gradients alternate between two sets so that G - G_prev != 0 (a
-    repeated gradient would make the noise estimate trivially zero)."""
+def stepper(kind, make, params, grad_sets):
+    """A warm `timed(n)` -> the n step times; gradients alternate between two sets so that
+    G - G_prev != 0 (a repeated gradient would make the noise estimate trivially zero)."""
     n = [0]
 
     def next_grads():
@@ -114,6 +117,7 @@ def time_one(kind, make, params, grad_sets, repeats, consecutive=None):
         step = lambda p, s: _step(p, s, next_grads())
     for _ in range(2):  # compile, then one warm step (t = 2: the first noise step for K = 1)
         p, s = jax.block_until_ready(step(p, s))
+
     def timed(n):
         nonlocal p, s
         times = []
@@ -123,12 +127,26 @@ def time_one(kind, make, params, grad_sets, repeats, consecutive=None):
             times.append(time.perf_counter() - t0)
         return times
 
-    if not consecutive:
-        return statistics.median(timed(repeats))
-    cadences = [statistics.mean(timed(consecutive))]
-    while sum(cadences) * consecutive < CADENCE_BUDGET_S:
-        cadences.append(statistics.mean(timed(consecutive)))
-    return statistics.median(cadences)
+    return timed
+
+
+def time_one(kind, make, params, grad_sets, repeats):
+    """Median of `repeats` warm steps."""
+    return statistics.median(stepper(kind, make, params, grad_sets)(repeats))
+
+
+def time_cadences(rows, params, grad_sets):
+    """{name: median over cadences of the mean step time}, the rows' cadences taken in turn
+    (at least one each, CADENCE_BUDGET_S in all), and the median over rounds of each row's
+    cadence divided by the first row's in the same round (paired: drift cancels)."""
+    timers = {name: stepper(kind, make, params, grad_sets) for name, (kind, make) in rows.items()}
+    cadences = {name: [] for name in rows}
+    while not cadences[next(iter(rows))] or sum(map(sum, cadences.values())) * CADENCE < CADENCE_BUDGET_S:
+        for name, timed in timers.items():
+            cadences[name].append(statistics.mean(timed(CADENCE)))
+    first = cadences[next(iter(rows))]
+    paired = {name: statistics.median(c / f for c, f in zip(cs, first)) for name, cs in cadences.items()}
+    return {name: statistics.median(cs) for name, cs in cadences.items()}, paired
 
 
 def main():
@@ -154,20 +172,29 @@ def main():
         leaves, tdef = jax.tree.flatten(params)
         grad_sets = [tdef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(jax.random.split(jax.random.key(seed), len(leaves)), leaves)])
                      for seed in (1, 2)]
-        rows = {}
+        rows, cadence_rows = {}, {}
         for name, (kind, make) in contenders().items():
             if args.only and name not in args.only.split(";"):
                 continue
             if "f32 NS" in name and backend == "cpu":
                 continue  # the CPU kernels always use f32
-            rows[name] = time_one(kind, make, params, grad_sets, args.repeats, CADENCE_ROWS.get(name))
+            if name in CADENCE_ROWS:
+                cadence_rows[name] = (kind, make)
+                continue
+            rows[name] = time_one(kind, make, params, grad_sets, args.repeats)
             print(f"  {set_name:>8} {name:<30} {1000 * rows[name]:10.1f} ms", flush=True)
-        results[set_name] = {"params": int(n_params), "seconds": rows}
+        paired = {}
+        if cadence_rows:
+            medians, paired = time_cadences(cadence_rows, params, grad_sets)
+            for name, sec in medians.items():
+                print(f"  {set_name:>8} {name:<30} {1000 * sec:10.1f} ms (cadences)", flush=True)
+            rows = {**medians, **rows}
+        results[set_name] = {"params": int(n_params), "seconds": rows, "paired_over_first_cadence_row": paired}
     base = "optax muon (hidden only)"
     lines = [f"# Step time ({meta['date']}, {backend}: {device}, {meta['machine']}, jax {meta['jax']})", "",
              f"Jitted update + apply_updates (params and state donated), warm: median of {args.repeats} steps, or for "
-             f"{', '.join(CADENCE_ROWS)} the median over cadences of {max(CADENCE_ROWS.values())} consecutive steps "
-             f"of their mean step time (cadences to fill {CADENCE_BUDGET_S:.0f} s, at least one). "
+             f"{', '.join(CADENCE_ROWS)} the median over cadences of {CADENCE} consecutive steps "
+             f"of their mean step time, the rows' cadences taken in turn (to fill {CADENCE_BUDGET_S:.0f} s, at least one each). "
              f"Ratio: time / {base}, same run.", ""]
     for set_name, r in results.items():
         floor = LOWER_BOUND_S.get(set_name) if backend == "gpu" else None
@@ -180,6 +207,9 @@ def main():
             ratio = f"{sec / ref:.2f}" if ref else "-"
             lines.append(f"| {name} | {1000 * sec:.1f} | {ratio} | {f'{sec / floor:.2f}' if floor else '-'} |")
         lines.append("")
+        first = next(iter(r["paired_over_first_cadence_row"]), None)
+        for name, q in list(r["paired_over_first_cadence_row"].items())[1:]:
+            lines += [f"{name} over {first}, paired cadences (median of per-round ratios): {100 * (q - 1):+.1f} %", ""]
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -60,12 +60,17 @@ def test_convergence_fixed_rate_against_a_given_target(tmp_path):
 
 def test_step_time_table_and_json(tmp_path):
     out = run_bench("step_time.py", "--sets", "tiny", "--repeats", 1,
-                    "--only", "lanton noise off;optax muon (hidden only)", "--out", tmp_path / "st")
-    seconds = json.loads((tmp_path / "st.json").read_text())["results"]["tiny"]["seconds"]
-    assert set(seconds) == {"lanton noise off", "optax muon (hidden only)"}
+                    "--only", "lanton noise off;lanton K=10;optax muon (hidden only)", "--out", tmp_path / "st")
+    tiny = json.loads((tmp_path / "st.json").read_text())["results"]["tiny"]
+    seconds = tiny["seconds"]
+    assert set(seconds) == {"lanton noise off", "lanton K=10", "optax muon (hidden only)"}
     assert all(t > 0 for t in seconds.values())
+    # The cadence rows are timed in turn; K=10 over noise-off is reported from paired rounds.
+    paired = tiny["paired_over_first_cadence_row"]
+    assert paired["lanton noise off"] == 1.0 and paired["lanton K=10"] > 0
     table = (tmp_path / "st.md").read_text()
     assert "| optax muon (hidden only) |" in table and "| 1.00 |" in table  # the ratio's base
+    assert "lanton K=10 over lanton noise off, paired cadences" in table
     assert table.strip() in out  # the same table is printed
 
 
