@@ -1,0 +1,176 @@
+"""lanton under sharded `jax.jit`: trains a small parameter tree with parameters, gradients and
+optimizer state laid out over a mesh and compares parameters, state and `layer_stats` with the
+same steps on one device. Run by test_multidevice.py in a fresh interpreter (XLA_FLAGS must
+give the virtual CPU devices before jax starts):
+
+    python multidevice.py CASES                     # one process, 8 virtual devices
+    python multidevice.py CASES PROCESS_ID 2 PORT   # one of two processes joined by
+                                                    # jax.distributed, 4 virtual devices each
+
+CASES: comma-separated, from data, fsdp_in, fsdp_out, layers, 2d. Prints one JSON line per case: the case, the mesh, the largest differences and the leaf shardings seen.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+STEPS = 20
+LAYERS = 8  # the stacked leaf's layer axis: one layer per device on the "layers" case
+
+
+def params_and_grads(step):
+    """The same tree in every process: embeddings, per-block matrices, a stacked (scanned)
+    kernel, vectors. Gradients change every step so that G - G_prev != 0."""
+    def n(key, *shape):
+        return 0.1 * jax.random.normal(key, shape, jnp.float32)
+
+    def tree(key):
+        ks = iter(jax.random.split(key, 32))
+        return {
+            "wte": n(next(ks), 64, 32), "lm_head": n(next(ks), 32, 64),
+            "blocks": [{"q": n(next(ks), 32, 32), "fc": n(next(ks), 32, 128), "proj": n(next(ks), 128, 32),
+                        "ln": {"scale": 1 + n(next(ks), 32)}} for _ in range(2)],
+            "scanned": {"kernel": n(next(ks), LAYERS, 32, 64), "norm": {"scale": 1 + n(next(ks), LAYERS, 32)}},
+        }
+    return tree(jax.random.key(0)), [tree(jax.random.key(100 + t)) for t in range(step)]
+
+
+def lanton_state(s):
+    import lanton
+    if isinstance(s, lanton.LantonState):
+        return s
+    for c in s:
+        found = lanton_state(c) if isinstance(c, tuple) else None
+        if found is not None:
+            return found
+    return None
+
+
+def spec_for(case, path, x):
+    """The PartitionSpec of one leaf (and of its gradient and state buffers) for a case."""
+    name = jax.tree_util.keystr(path)
+    stacked = "scanned" in name
+    if case == "data":
+        return P()
+    if case in ("fsdp_in", "fsdp_out"):
+        if x.ndim == 2:
+            return P("x", None) if case == "fsdp_in" else P(None, "x")
+        if x.ndim == 3:
+            return P(None, "x", None) if case == "fsdp_in" else P(None, None, "x")
+        return P()
+    if case == "layers":
+        return P("x") if stacked else P()
+    if case == "2d":
+        if x.ndim == 2:
+            return P("data", "model")
+        if x.ndim == 3:
+            return P(None, "data", "model")
+        return P()
+    raise ValueError(case)
+
+
+def make_mesh(case):
+    devices = np.array(jax.devices())
+    if case == "2d":
+        return Mesh(devices.reshape(2, 4), ("data", "model"))
+    return Mesh(devices, ("x",))
+
+
+def state_shardings(state, param_shardings, mesh):
+    """Momentum and previous gradient like their parameter; everything else replicated."""
+    import lanton
+    rep = NamedSharding(mesh, P())
+    def per_field(field, value):
+        if field in ("momentum", "prev_grad"):
+            return jax.tree.map(lambda s, _: s, param_shardings, value)
+        return jax.tree.map(lambda _: rep, value)
+    def walk(s):
+        if isinstance(s, lanton.LantonState):
+            return lanton.LantonState(**{f: per_field(f, getattr(s, f)) for f in s._fields})
+        if isinstance(s, tuple) and not hasattr(s, "_fields"):
+            return tuple(walk(c) for c in s)
+        if hasattr(s, "_fields"):
+            return type(s)(*(walk(c) for c in s))
+        return jax.tree.map(lambda _: rep, s)
+    return walk(state)
+
+
+def run(tx, params, grads, shard=None):
+    """STEPS jitted update + apply_updates; with shard = (param_shardings, state_fn) the
+    inputs and outputs are laid out over the mesh."""
+    state = tx.init(params)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    if shard is None:
+        f = jax.jit(step)
+    else:
+        ps, ss = shard
+        state = jax.device_put(state, ss(state))
+        params = jax.device_put(params, ps)
+        f = jax.jit(step, in_shardings=(ps, ss(state), ps), out_shardings=(ps, ss(state)))
+    for g in grads:
+        if shard is not None:
+            g = jax.device_put(g, shard[0])
+        params, state = f(params, state, g)
+    return params, state
+
+
+def to_host(tree):
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                        if not x.is_fully_addressable else np.asarray(x), tree)
+
+
+def main():
+    cases = sys.argv[1].split(",")
+    if len(sys.argv) > 2:
+        pid, nproc, port = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+        jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
+    import lanton
+
+    params, grads = params_and_grads(STEPS)
+    # The stacked kernel's leading axis is a layer axis by default (3-D leaves).
+    tx = lanton.lanton(0.02, noise_every=3, weight_decay=0.01)
+
+    # Reference: one device, no sharding (each process computes it alone).
+    with jax.default_device(jax.local_devices()[0]):
+        want_p, want_s = run(tx, params, grads)
+        want_p, want_s = jax.device_get((want_p, want_s))
+
+    for case in cases:
+        check(case, tx, params, grads, want_p, want_s)
+    if len(sys.argv) > 2:
+        jax.distributed.shutdown()
+
+
+def check(case, tx, params, grads, want_p, want_s):
+    import lanton
+    mesh = make_mesh(case)
+    ps = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec_for(case, path, x)), params)
+    got_p, got_s = run(tx, params, grads, shard=(ps, lambda s: state_shardings(s, ps, mesh)))
+    seen = {jax.tree_util.keystr(path): str(x.sharding.spec) for path, x in jax.tree_util.tree_leaves_with_path(got_p)}
+    mom = jax.tree_util.tree_leaves_with_path(lanton_state(got_s).momentum)
+    momentum_specs = {jax.tree_util.keystr(path): str(x.sharding.spec) for path, x in mom}
+    got_p, got_s = to_host(got_p), to_host(got_s)
+
+    diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0))
+                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    stats_w, stats_g = lanton.layer_stats(want_s), lanton.layer_stats(got_s)
+    print(json.dumps({
+        "case": case, "devices": jax.device_count(), "processes": jax.process_count(),
+        "params": diff(want_p, got_p), "state": diff(want_s, got_s), "layer_stats": diff(stats_w, stats_g),
+        "ratios_vary": bool(np.ptp(np.concatenate([np.ravel(v["ratio"]) for v in stats_g.values()])) > 1e-3),
+        "param_specs": seen, "momentum_specs": momentum_specs,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
