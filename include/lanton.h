@@ -10,9 +10,10 @@
  * Bumped whenever a C signature or struct below changes, or the contract of the XLA targets
  * with the Python shim does (2: leaves keep their own shapes, with a `layer_dims` attribute;
  * 3: the CUDA targets take their scratch as a trailing uint8 result sized by
- * `lanton_cuda_scratch_bytes`).
+ * `lanton_cuda_scratch_bytes`; 4: the `owned_layers` attribute splits a group's work across
+ * devices, which an older library would ignore and so compute every update on every device).
  */
-#define LANTON_ABI_VERSION 3
+#define LANTON_ABI_VERSION 4
 
 #define LANTON_OK 0
 
@@ -64,6 +65,13 @@ const char *lanton_version(void);
  * The C ABI version (see `LANTON_ABI_VERSION`).
  */
 uint32_t lanton_abi_version(void);
+
+/**
+ * Newton-Schulz directions (one per matrix) the CPU kernels have computed in this process. A
+ * group whose work is divided among devices (`owned_layers`) adds each matrix once per step
+ * in total, not once per device: the tests read it to prove the split.
+ */
+uint64_t lanton_newton_schulz_runs(void);
 
 /**
  * The size in bytes of the scratch result a CUDA call of `lanton_step_update`/`_inplace`

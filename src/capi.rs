@@ -12,8 +12,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// Bumped whenever a C signature or struct below changes, or the contract of the XLA targets
 /// with the Python shim does (2: leaves keep their own shapes, with a `layer_dims` attribute;
 /// 3: the CUDA targets take their scratch as a trailing uint8 result sized by
-/// `lanton_cuda_scratch_bytes`).
-pub const LANTON_ABI_VERSION: u32 = 3;
+/// `lanton_cuda_scratch_bytes`; 4: the `owned_layers` attribute splits a group's work across
+/// devices, which an older library would ignore and so compute every update on every device).
+pub const LANTON_ABI_VERSION: u32 = 4;
 
 pub const LANTON_OK: i32 = 0;
 pub const LANTON_ERR_INVALID: i32 = 1;
@@ -52,6 +53,14 @@ pub extern "C" fn lanton_version() -> *const c_char {
 #[no_mangle]
 pub extern "C" fn lanton_abi_version() -> u32 {
     LANTON_ABI_VERSION
+}
+
+/// Newton-Schulz directions (one per matrix) the CPU kernels have computed in this process. A
+/// group whose work is divided among devices (`owned_layers`) adds each matrix once per step
+/// in total, not once per device: the tests read it to prove the split.
+#[no_mangle]
+pub extern "C" fn lanton_newton_schulz_runs() -> u64 {
+    crate::cpu::newton_schulz::DIRECTIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Parses the JSON group configuration; absent keys take the library defaults.

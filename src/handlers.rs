@@ -63,6 +63,8 @@ pub fn decode_config(call: &CallFrame) -> FfiResult<StepConfig> {
                 FfiError::invalid(format!("attribute 'noise_estimator': expected auto, eigen or polar, got '{s}'"))
             })?,
         },
+        // Its length is checked against the group's layers in `decode_layout`.
+        owned_layers: call.attr_opt("owned_layers", CallFrame::attr_i64_array)?.map(|v| v.iter().map(|&o| o != 0).collect()),
     };
     cfg.validate().map_err(FfiError::invalid)?;
     Ok(cfg)
@@ -302,6 +304,15 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
         };
         leaves.push(LeafBuffers { name, shape, grad, state, param: param_io, ratio });
     }
+    let layers: usize = leaves.iter().map(|lf| lf.shape.layers).sum();
+    if let Some(owned) = &config.owned_layers {
+        if owned.len() != layers {
+            return Err(FfiError::invalid(format!(
+                "attribute 'owned_layers': expected one flag per layer of the group ({layers}), got {}",
+                owned.len()
+            )));
+        }
+    }
     set.seal()?;
     Ok(StepLayout { config, in_place, hyper: hyper_b, step: step_b, leaves, scratch, set })
 }
@@ -390,6 +401,11 @@ fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
     if layout.config.nuclear == NuclearEstimator::GramEigen {
         return Err(FfiError::invalid(
             "attribute 'noise_estimator': 'eigen' runs on CPU only; the CUDA kernels estimate the noise by polar iteration ('polar' or 'auto')",
+        ));
+    }
+    if layout.config.owned_layers.is_some() {
+        return Err(FfiError::invalid(
+            "attribute 'owned_layers': the CUDA kernels do not split a group's work across devices yet (CPU only)",
         ));
     }
     let opts = decode_cuda_options(call)?;

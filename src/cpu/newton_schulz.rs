@@ -68,8 +68,12 @@ fn iterate(ws: &mut NsWorkspace, m: usize, n: usize, coeffs: &[[f32; 3]], symmet
     }
 }
 
+/// Newton-Schulz directions computed in this process (`lanton_newton_schulz_runs`).
+pub static DIRECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// out (rows x cols) = NS(v / (||v||_F + 1e-7)) with the given coefficient schedule.
 pub fn newton_schulz(v: &[f32], rows: usize, cols: usize, coeffs: &[[f32; 3]], out: &mut [f32], ws: &mut NsWorkspace, symmetric: bool) {
+    DIRECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (m, n, transposed) = load_oriented(v, rows, cols, &mut ws.x);
     let inv = (1.0 / (frobenius(&ws.x[..m * n]) + 1e-7)) as f32;
     ws.x[..m * n].iter_mut().for_each(|e| *e *= inv);

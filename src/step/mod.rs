@@ -126,6 +126,11 @@ pub struct StepConfig {
     pub vector_eps: f32,
     /// The noise estimate's nuclear norm (hidden groups).
     pub nuclear: NuclearEstimator,
+    /// Work split across devices (`owned_layers`): one flag per layer of the group, in leaf
+    /// order. A layer not owned is tracked as usual (the state stays identical on every device)
+    /// but gets no direction and a zero update; its owner's update is summed in afterwards.
+    /// None: every layer is owned.
+    pub owned_layers: Option<Vec<bool>>,
 }
 
 impl StepConfig {
@@ -140,6 +145,7 @@ impl StepConfig {
             nesterov: false,
             vector_eps: 1e-8,
             nuclear: NuclearEstimator::Auto,
+            owned_layers: None,
         }
     }
 
