@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import warnings
@@ -174,7 +175,7 @@ class _Lanton:
 
     def __init__(self, learning_rate, beta1, beta2, weight_decay, scale, *, noise_every, noise_adaptive, nesterov,
                  ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend,
-                 ns_dtype="bfloat16", noise_estimator="auto"):
+                 ns_dtype="bfloat16", noise_estimator="auto", mesh=None, mesh_axes=None):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
         if backend != "reference":
@@ -212,6 +213,7 @@ class _Lanton:
             noise_estimator=noise_estimator,
         )
         self.configs = {name: self._group_config(g) for name, g in self.groups.items()}
+        self.mesh, self.mesh_axes = _check_mesh(mesh, mesh_axes)
 
     def _group_config(self, g: Group) -> StepConfig:
         k = self.base_config.noise_every if g.noise_every is None else int(np.asarray(g.noise_every))
@@ -377,7 +379,13 @@ class _Lanton:
                     lf.rows_are_input,
                     lf.canonical,
                 ))
-            results = step_fn(self.configs[gname], hyper, count, args, [lf.name for lf in group], in_place=in_place)
+            names = [lf.name for lf in group]
+            if self.mesh is not None and step_fn is _ffi.group_step:
+                if in_place:
+                    raise ValueError("lanton.fused does not divide work across a mesh yet: use lanton(..., mesh=...)")
+                results = _split_across_mesh(self.mesh, self.mesh_axes, self.configs[gname], hyper, count, args, names)
+            else:
+                results = step_fn(self.configs[gname], hyper, count, args, names, in_place=in_place)
             for lf, fin, (out, mom, prev, noise, valid, pstep, ratio) in zip(group, finite, results):
                 i = lf.index
                 out_leaves[i] = _from_permuted(out, lf)
@@ -388,6 +396,75 @@ class _Lanton:
                     new[k][i] = v
         new_state = LantonState(count=count, **{k: treedef.unflatten(v) for k, v in new.items()})
         return treedef.unflatten(out_leaves), new_state
+
+
+def _check_mesh(mesh, axes):
+    if mesh is None:
+        if axes is not None:
+            raise ValueError("lanton option 'mesh_axes' needs a 'mesh'")
+        return None, None
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"lanton option 'mesh' must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    axes = tuple(mesh.axis_names) if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    unknown = [a for a in axes if a not in mesh.axis_names]
+    if unknown or not axes:
+        raise ValueError(f"lanton option 'mesh_axes': {unknown or axes} not among the mesh's axes {mesh.axis_names}")
+    return mesh, axes
+
+
+def assign_layers(costs, devices):
+    """Owner device of each layer: the most expensive first, each to the least loaded device
+    (longest-processing-time rule, as distributed Muon implementations balance their work)."""
+    load = [0] * devices
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        d = min(range(devices), key=lambda d: load[d])
+        owner[i], load[d] = d, load[d] + costs[i]
+    return owner
+
+
+def _split_across_mesh(mesh, axes, config, hyper, count, args, names):
+    """One group step with its layers divided among the devices of `axes`: inside shard_map
+    every device tracks every layer (the state stays identical everywhere) but computes the
+    direction and update only of the layers it owns (the kernel's `owned_layers`); the others
+    get a zero update, and a psum over the devices adds each owner's update in. Each matrix is
+    orthogonalized once per step in total. Operands enter whole (replicated): a sharded
+    parameter is gathered first."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    devices = int(np.prod([mesh.shape[a] for a in axes]))
+    costs = []
+    for *_, (layers, rows, cols) in args:
+        costs += [rows * cols * max(min(rows, cols), 1)] * layers
+    owner = assign_layers(costs, devices)
+    arrays = [a[:7] for a in args]
+    static = [a[7:] for a in args]
+
+    def call_as(device, hyper, count, arrays):
+        leaves = [tuple(a) + s for a, s in zip(arrays, static)]
+        return _ffi.group_step(config, hyper, count, leaves, names, in_place=False, owned=[o == device for o in owner])
+
+    def body(hyper, count, arrays):
+        branches = [functools.partial(call_as, d) for d in range(devices)]
+        outs = jax.lax.switch(jax.lax.axis_index(axes), branches, hyper, count, arrays)
+        return [(jax.lax.psum(o[0], axes),) + tuple(o[1:]) for o in outs]
+
+    # A mesh with explicit axes types every array with its sharding: operands are made whole
+    # here and the results given their inputs' layout back (an automatic mesh does both itself).
+    explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+    whole = (lambda x: jax.sharding.reshard(x, NamedSharding(mesh, P()))) if explicit else (lambda x: x)
+    # check_vma off: the state outputs are equal on every device (each computes them alike),
+    # which the type system cannot see through the switch on the device index.
+    outs = jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(
+        whole(hyper), whole(count), jax.tree.map(whole, arrays))
+    if not explicit:
+        return outs
+    # Results (update, momentum, prev_grad, noise, valid, prev_step, ratio) take the layout of
+    # (grad, momentum, prev_grad, noise, valid, prev_step, noise).
+    # (An input made outside the mesh, e.g. by init() without a sharding, has none to take.)
+    like = lambda a: (a[1], a[2], a[3], a[4], a[5], a[6], a[4])
+    back = lambda y, s: jax.sharding.reshard(y, s) if s.mesh.axis_names else y
+    return [tuple(back(y, jax.typeof(x).sharding) for y, x in zip(o, like(a))) for o, a in zip(outs, arrays)]
 
 
 def _check_array(name, what, x):
@@ -428,6 +505,8 @@ def lanton(
     backend: str = "auto",
     ns_dtype: str = "bfloat16",
     noise_estimator: str = "auto",
+    mesh=None,
+    mesh_axes=None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LANTON: layer-wise noise-adaptive learning rates on geometry-aware (Muon-style) updates.
 
@@ -472,6 +551,13 @@ def lanton(
         platform's kernels' choice: Gram-matrix eigenvalues on CPU, ~1e-5 relative error at
         0.2-0.5x a Newton-Schulz from 256 rows up; 7 polar iterations on CUDA, <= 1 %), "eigen" (CPU only)
         or "polar".
+      mesh, mesh_axes: divide each group's Newton-Schulz work among the devices of these axes of
+        a `jax.sharding.Mesh` (default: all its axes) when the fused kernels run under jit with
+        that mesh: every device tracks every layer, computes the updates of its share of the
+        layers (balanced by cost), and a psum over the axes assembles the update, so each
+        matrix is orthogonalized once per step in total instead of once per device. CPU kernels
+        only; operands enter the kernels whole (sharded ones are gathered first). Without a
+        mesh, sharded or replicated operands work too but every device repeats the whole step.
 
     Structural options (noise_every, ratio_eps, ns_coeffs, nesterov, noise_adaptive, groups,
     momentum_dtype) are compiled into the kernel. `optax.inject_hyperparams(lanton)` injects
@@ -480,7 +566,8 @@ def lanton(
     """
     kw = dict(noise_every=noise_every, noise_adaptive=noise_adaptive, nesterov=nesterov, ratio_stat=ratio_stat,
               ratio_eps=ratio_eps, ns_coeffs=ns_coeffs, labels=labels, groups=groups, dim_numbers=dim_numbers,
-              momentum_dtype=momentum_dtype, backend=backend, ns_dtype=ns_dtype, noise_estimator=noise_estimator)
+              momentum_dtype=momentum_dtype, backend=backend, ns_dtype=ns_dtype, noise_estimator=noise_estimator,
+              mesh=mesh, mesh_axes=mesh_axes)
     impl = _make(learning_rate, beta1, beta2, weight_decay, scale, kw)
 
     def update_fn(updates, state, params=None, **extra_args):

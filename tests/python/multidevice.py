@@ -1,13 +1,14 @@
 """lanton under sharded `jax.jit`: trains a small parameter tree with parameters, gradients and
-optimizer state laid out over a mesh and compares parameters, state and `layer_stats` with the
-same steps on one device. Run by test_multidevice.py in a fresh interpreter (XLA_FLAGS must
+optimizer state laid out over a mesh, with and without lanton's work split (`mesh=`), and
+compares parameters, state and `layer_stats` with the same steps on one device, and the
+Newton-Schulz directions computed (`lanton._ffi.newton_schulz_runs`) with one device's. Run by test_multidevice.py in a fresh interpreter (XLA_FLAGS must
 give the virtual CPU devices before jax starts):
 
     python multidevice.py CASES                     # one process, 8 virtual devices
     python multidevice.py CASES PROCESS_ID 2 PORT   # one of two processes joined by
                                                     # jax.distributed, 4 virtual devices each
 
-CASES: comma-separated, from data, fsdp_in, fsdp_out, layers, 2d. Prints one JSON line per case: the case, the mesh, the largest differences and the leaf shardings seen.
+CASES: comma-separated, from data, fsdp_in, fsdp_out, fsdp_explicit, layers, 2d. Prints one JSON line per case and mode: the case, the mesh, the largest differences and the leaf shardings seen.
 """
 
 import json
@@ -58,11 +59,11 @@ def spec_for(case, path, x):
     stacked = "scanned" in name
     if case == "data":
         return P()
-    if case in ("fsdp_in", "fsdp_out"):
+    if case in ("fsdp_in", "fsdp_out", "fsdp_explicit"):
         if x.ndim == 2:
-            return P("x", None) if case == "fsdp_in" else P(None, "x")
+            return P(None, "x") if case == "fsdp_out" else P("x", None)
         if x.ndim == 3:
-            return P(None, "x", None) if case == "fsdp_in" else P(None, None, "x")
+            return P(None, None, "x") if case == "fsdp_out" else P(None, "x", None)
         return P()
     if case == "layers":
         return P("x") if stacked else P()
@@ -79,6 +80,8 @@ def make_mesh(case):
     devices = np.array(jax.devices())
     if case == "2d":
         return Mesh(devices.reshape(2, 4), ("data", "model"))
+    if case == "fsdp_explicit":  # arrays typed with their shardings (jax's explicit mode)
+        return Mesh(devices, ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
     return Mesh(devices, ("x",))
 
 
@@ -121,7 +124,7 @@ def run(tx, params, grads, shard=None):
         if shard is not None:
             g = jax.device_put(g, shard[0])
         params, state = f(params, state, g)
-    return params, state
+    return jax.block_until_ready((params, state))  # all devices done before the counter is read
 
 
 def to_host(tree):
@@ -138,24 +141,38 @@ def main():
 
     params, grads = params_and_grads(STEPS)
     # The stacked kernel's leading axis is a layer axis by default (3-D leaves).
-    tx = lanton.lanton(0.02, noise_every=3, weight_decay=0.01)
+    options = dict(learning_rate=0.02, noise_every=3, weight_decay=0.01)
 
     # Reference: one device, no sharding (each process computes it alone).
     with jax.default_device(jax.local_devices()[0]):
-        want_p, want_s = run(tx, params, grads)
+        before = lanton._ffi.newton_schulz_runs()
+        want_p, want_s = run(lanton.lanton(**options), params, grads)
         want_p, want_s = jax.device_get((want_p, want_s))
+        single_runs = lanton._ffi.newton_schulz_runs() - before
 
     for case in cases:
-        check(case, tx, params, grads, want_p, want_s)
+        check(case, options, params, grads, want_p, want_s, single_runs)
     if len(sys.argv) > 2:
         jax.distributed.shutdown()
 
 
-def check(case, tx, params, grads, want_p, want_s):
+def check(case, options, params, grads, want_p, want_s, single_runs):
+    """Sharded as the case says, without and with lanton's work split (mesh=...)."""
     import lanton
     mesh = make_mesh(case)
     ps = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec_for(case, path, x)), params)
-    got_p, got_s = run(tx, params, grads, shard=(ps, lambda s: state_shardings(s, ps, mesh)))
+    shard = (ps, lambda s: state_shardings(s, ps, mesh))
+    runs = {}
+    for mode, tx in (("repeated", lanton.lanton(**options)), ("split", lanton.lanton(**options, mesh=mesh))):
+        before = lanton._ffi.newton_schulz_runs()
+        got = run(tx, params, grads, shard=shard)
+        runs[mode] = lanton._ffi.newton_schulz_runs() - before
+        report(case, mode, got, want_p, want_s, single_runs, runs[mode])
+
+
+def report(case, mode, got, want_p, want_s, single_runs, runs):
+    import lanton
+    got_p, got_s = got
     seen = {jax.tree_util.keystr(path): str(x.sharding.spec) for path, x in jax.tree_util.tree_leaves_with_path(got_p)}
     mom = jax.tree_util.tree_leaves_with_path(lanton_state(got_s).momentum)
     momentum_specs = {jax.tree_util.keystr(path): str(x.sharding.spec) for path, x in mom}
@@ -165,7 +182,9 @@ def check(case, tx, params, grads, want_p, want_s):
                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     stats_w, stats_g = lanton.layer_stats(want_s), lanton.layer_stats(got_s)
     print(json.dumps({
-        "case": case, "devices": jax.device_count(), "processes": jax.process_count(),
+        "case": case, "mode": mode, "devices": jax.device_count(), "processes": jax.process_count(),
+        # Newton-Schulz directions computed by this process's devices, and by one device alone.
+        "ns_runs": runs, "ns_runs_one_device": single_runs,
         "params": diff(want_p, got_p), "state": diff(want_s, got_s), "layer_stats": diff(stats_w, stats_g),
         "ratios_vary": bool(np.ptp(np.concatenate([np.ravel(v["ratio"]) for v in stats_g.values()])) > 1e-3),
         "param_specs": seen, "momentum_specs": momentum_specs,

@@ -97,3 +97,15 @@ def test_lockstep_runs_see_the_same_batches():
     alone = train(sgd, 3, eval_every=3, eval_batches=1)
     assert both["a"]["train_loss"] == both["b"]["train_loss"] == alone["train_loss"]
     assert both["a"]["val_loss"] == alone["val_loss"]
+
+
+def test_multidevice_bench_table_and_json(tmp_path):
+    out = run_bench("multidevice.py", "--devices", 2, "--d", 64, "--repeats", 1, "--out", tmp_path / "md")
+    results = json.loads((tmp_path / "md.json").read_text())["results"]
+    assert set(results) == {"data parallel (replicated)", "FSDP (d_in sharded)"}
+    for rows in results.values():
+        assert all(r["seconds"] > 0 for r in rows.values())
+        # Two devices: without a mesh each repeats every direction, with one they share them.
+        assert rows["lanton, no mesh (repeated)"]["ns_runs"] == 2 * rows["lanton, mesh= (split)"]["ns_runs"] > 0
+    table = (tmp_path / "md.md").read_text()
+    assert "| optax muon (hidden only) |" in table and table.strip() in out

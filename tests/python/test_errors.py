@@ -123,3 +123,29 @@ def test_missing_library_gives_clear_message(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert "ERR liblanton not found" in out.stdout, out.stdout + out.stderr
     assert "nope.so" in out.stdout and "available False" in out.stdout
+
+
+def test_mesh_options_are_checked(params):
+    import numpy as np
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    with pytest.raises(TypeError, match=r"option 'mesh' must be a jax.sharding.Mesh, got list"):
+        lanton.lanton(mesh=[0, 1])
+    with pytest.raises(ValueError, match=r"option 'mesh_axes': \['y'\] not among the mesh's axes \('x',\)"):
+        lanton.lanton(mesh=mesh, mesh_axes="y")
+    with pytest.raises(ValueError, match=r"option 'mesh_axes' needs a 'mesh'"):
+        lanton.lanton(mesh_axes="x")
+    fz = lanton.fused(mesh=mesh, backend="ffi")
+    with pytest.raises(ValueError, match=r"lanton.fused does not divide work across a mesh yet"):
+        fz.step(random_grads(jax.random.key(1), params), fz.init(params), params)
+
+
+def test_owned_layers_of_the_wrong_length_are_refused_by_the_kernel():
+    from lanton import _ffi
+    x = jnp.ones((2, 4, 4), jnp.float32)
+    per_layer = jnp.zeros((2,), jnp.float32)
+    leaf = (x, x, x, x, per_layer, per_layer, jnp.zeros((2,), jnp.int32), True, (2, 4, 4))
+    hyper = jnp.asarray([0.1, 0.9, 0.9, 0.0, 0.2], jnp.float32)
+    call = jax.jit(lambda: _ffi.group_step(lanton.StepConfig(kind="hidden"), hyper, jnp.int32(1), [leaf], ["w"],
+                                           in_place=False, owned=[True, False, True]))
+    with pytest.raises(Exception, match=r"attribute 'owned_layers': expected one flag per layer of the group \(2\), got 3"):
+        jax.block_until_ready(call())

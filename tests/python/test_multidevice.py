@@ -1,6 +1,7 @@
 """lanton under sharded jit on 8 virtual CPU devices, and across two processes joined by
-jax.distributed: parameters, state and layer_stats equal the one-device run (issue 11's
-correctness floor; the division of the Newton-Schulz work among devices is not built yet)."""
+jax.distributed: parameters, state and layer_stats equal the one-device run, and with
+`lanton(..., mesh=...)` each matrix is orthogonalized once per step in total (the library's
+Newton-Schulz counter), not once per device as without it."""
 
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("multidevice.py")
-CASES = ["data", "fsdp_in", "fsdp_out", "layers", "2d"]
+CASES = ["data", "fsdp_in", "fsdp_out", "fsdp_explicit", "layers", "2d"]
 # f32 round-off: the sharded program may order reductions differently.
 TOL = {"params": 1e-5, "state": 1e-4, "layer_stats": 1e-4}
 
@@ -39,9 +40,12 @@ def check(r, devices, processes):
 
 def test_eight_virtual_devices_match_one_device():
     rs = results(launch(CASES, 8))
-    assert [r["case"] for r in rs] == CASES
+    assert [(r["case"], r["mode"]) for r in rs] == [(c, m) for c in CASES for m in ("repeated", "split")]
     for r in rs:
         check(r, 8, 1)
+        # Without a mesh every device repeats the whole step; with one, the work is divided.
+        want = r["ns_runs_one_device"] * (8 if r["mode"] == "repeated" else 1)
+        assert r["ns_runs"] == want, r
 
 
 def free_port():
@@ -60,6 +64,11 @@ def test_two_processes_with_jax_distributed_match_one_device():
         for p in procs:
             p.kill()
     for rs in outs:
-        assert [r["case"] for r in rs] == cases
+        assert [(r["case"], r["mode"]) for r in rs] == [(c, m) for c in cases for m in ("repeated", "split")]
         for r in rs:
             check(r, 8, 2)
+    # Each process counts its own 4 devices' directions: split, the two add up to one device's.
+    for i in range(len(outs[0])):
+        a, b = outs[0][i], outs[1][i]
+        want = a["ns_runs_one_device"] * (8 if a["mode"] == "repeated" else 1)
+        assert a["ns_runs"] + b["ns_runs"] == want, (a, b)
