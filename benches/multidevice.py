@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lanton  # noqa: E402
 from gpt import init_params  # noqa: E402
 from optimizers import hidden_only_dims  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def layouts(mesh):
@@ -116,12 +117,7 @@ def main():
             lines.append(f"| {name} | {1000 * r['seconds']:.1f} | {r['seconds'] / rows[base]['seconds']:.2f} | "
                          f"{r['ns_runs'] if name.startswith('lanton') else '-'} |")
         lines.append("")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        Path(args.out + ".md").write_text(table + "\n")
+    emit("\n".join(lines), {"meta": meta, "results": results}, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import optax  # noqa: E402
 import lanton  # noqa: E402
 from gpt import CONFIG, init_params  # noqa: E402
 from optimizers import hidden_only_dims  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def gpt2_small():
@@ -210,12 +211,7 @@ def main():
         first = next(iter(r["paired_over_first_cadence_row"]), None)
         for name, q in list(r["paired_over_first_cadence_row"].items())[1:]:
             lines += [f"{name} over {first}, paired cadences (median of per-round ratios): {100 * (q - 1):+.1f} %", ""]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        Path(args.out + ".md").write_text(table + "\n")
+    emit("\n".join(lines), {"meta": meta, "results": results}, args.out)
 
 
 if __name__ == "__main__":
