@@ -116,10 +116,10 @@ struct Layer<'a> {
     valid: &'a mut f32,
     prev_step: &'a mut i32,
     ratio: &'a mut f32,
-    /// Its gradient was not finite this step: nothing of it moves.
+    /// It gets a zero update and keeps X this step: its gradient was not finite (phase 1 sets
+    /// this, and then leaves its state as it was), or another device computes its update
+    /// (`StepConfig::owned_layers`, set after phase 1, which tracks it as usual).
     skipped: bool,
-    /// Another device computes its update (`StepConfig::owned_layers`): tracked, zero update.
-    owned: bool,
 }
 
 impl Layer<'_> {
@@ -136,7 +136,7 @@ impl Layer<'_> {
 
     /// Relative cost of its direction, to hand out the most expensive layers first.
     fn cost(&self) -> usize {
-        if !self.owned {
+        if self.skipped {
             return 0;
         }
         let n = self.shape.layer_len();
@@ -170,7 +170,6 @@ fn split_layers<'b>(leaves: &'b mut [LeafIo]) -> Vec<Layer<'b>> {
                 prev_step,
                 ratio,
                 skipped: false,
-                owned: true,
             });
         }
     }
@@ -217,11 +216,12 @@ pub fn group_step(cfg: &StepConfig, hyper: &Hyper, t: i32, leaves: &mut [LeafIo]
 
 fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]) {
     let mut layers = split_layers(leaves);
-    if let Some(owned) = &cfg.owned_layers {
-        layers.iter_mut().zip(owned).for_each(|(layer, &o)| layer.owned = o);
-    }
     // Phase 1: momentum and the noise tracker, per layer.
     for_each_layer(&mut layers, |layer, s| track(cfg, h, t, layer, s));
+    // A layer another device owns has been tracked; its update is that device's.
+    if let Some(owned) = &cfg.owned_layers {
+        layers.iter_mut().zip(owned).for_each(|(layer, &o)| layer.skipped |= !o);
+    }
     // Phase 2: the within-group ratio r from every layer's tracker.
     let noise: Vec<f32> = layers.iter().map(|l| *l.noise).collect();
     let valid: Vec<bool> = layers.iter().map(|l| *l.valid > 0.5).collect();
@@ -270,7 +270,7 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
     }
     let shape = layer.shape;
     s.fit(shape.layer_len());
-    if layer.skipped || !layer.owned {
+    if layer.skipped {
         return layer.params.write_step(true, &mut s.d, &mut s.g, 0.0, 0.0);
     }
     layer.momentum.read(0, &mut s.b);
@@ -346,8 +346,7 @@ fn apply_elementwise(cfg: &StepConfig, h: &Hyper, layer: &mut Layer) {
     use rayon::prelude::*;
     let scale = step::update_scale(cfg.kind, h.scale, &layer.shape);
     let (step_d, step_x) = (-h.lr * scale * *layer.ratio, -h.lr * h.weight_decay);
-    // Not owned: the same zero update and untouched parameters as a skipped layer.
-    let (skipped, nesterov, beta1) = (layer.skipped || !layer.owned, cfg.nesterov, h.beta1);
+    let (skipped, nesterov, beta1) = (layer.skipped, cfg.nesterov, h.beta1);
     let moms = layer.momentum.as_ref().chunks(CHUNK);
     let grads = layer.grad.chunks(CHUNK);
     let buf = || (vec![0.0f32; CHUNK], vec![0.0f32; CHUNK], vec![0.0f32; CHUNK]);
