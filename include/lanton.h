@@ -13,7 +13,7 @@
  * `lanton_cuda_scratch_bytes`; 4: the `owned_layers` attribute splits a group's work across
  * devices, which an older library would ignore and so compute every update on every device).
  */
-#define LANTON_ABI_VERSION 4
+#define LANTON_ABI_VERSION 5
 
 #define LANTON_OK 0
 

@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// 3: the CUDA targets take their scratch as a trailing uint8 result sized by
 /// `lanton_cuda_scratch_bytes`; 4: the `owned_layers` attribute splits a group's work across
 /// devices, which an older library would ignore and so compute every update on every device).
-pub const LANTON_ABI_VERSION: u32 = 4;
+pub const LANTON_ABI_VERSION: u32 = 5;
 
 pub const LANTON_OK: i32 = 0;
 pub const LANTON_ERR_INVALID: i32 = 1;
@@ -67,7 +67,7 @@ pub extern "C" fn lanton_newton_schulz_runs() -> u64 {
 pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("config is not valid JSON: {e}"))?;
     let obj = v.as_object().ok_or("config must be a JSON object")?;
-    let known = ["kind", "ns_coeffs", "noise_every", "noise_adaptive", "ratio_stat", "ratio_eps", "nesterov", "vector_eps"];
+    let known = ["kind", "ns_coeffs", "noise_every", "noise_adaptive", "ratio_stat", "ratio_eps", "ratio_power", "ratio_floor", "nesterov", "vector_eps"];
     if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("config: unknown key '{k}' (known: {known:?})"));
     }
@@ -110,6 +110,12 @@ pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
     }
     if let Some(e) = num("vector_eps")? {
         cfg.vector_eps = e as f32;
+    }
+    if let Some(p) = num("ratio_power")? {
+        cfg.ratio_power = p as f32;
+    }
+    if let Some(f) = num("ratio_floor")? {
+        cfg.ratio_floor = f as f32;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -9,7 +9,7 @@
 //!         ratio f32[L]; then, for the CUDA targets only, scratch u8[bytes] (bytes from
 //!         `lanton_cuda_scratch_bytes`, src/capi.rs: the handler allocates nothing)
 //!   attrs: kind, ns_coeffs, noise_every, noise_adaptive, ratio_stat, ratio_eps, nesterov,
-//!         vector_eps, rows_are_input (one per leaf), leaf_names ("\n"-joined, optional),
+//!         vector_eps, ratio_power and ratio_floor (optional, 1 and 0), rows_are_input (one per leaf), leaf_names ("\n"-joined, optional),
 //!         layer_dims (optional, (L, R, C) per leaf: then param/grad/momentum/prev_grad may have
 //!         any shape of L*R*C elements in that order, and the per-layer buffers any shape of L)
 
@@ -55,6 +55,8 @@ pub fn decode_config(call: &CallFrame) -> FfiResult<StepConfig> {
         noise_adaptive: call.attr_bool("noise_adaptive")?,
         ratio_stat,
         ratio_eps: call.attr_f32("ratio_eps")?,
+        ratio_power: call.attr_opt("ratio_power", CallFrame::attr_f32)?.unwrap_or(1.0),
+        ratio_floor: call.attr_opt("ratio_floor", CallFrame::attr_f32)?.unwrap_or(0.0),
         nesterov: call.attr_bool("nesterov")?,
         vector_eps: call.attr_f32("vector_eps")?,
         nuclear: match call.attr_opt("noise_estimator", CallFrame::attr_str)?.as_deref() {

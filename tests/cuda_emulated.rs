@@ -186,11 +186,19 @@ fn buffer_like(b: &OwnedBuffer, v: &[f32]) -> OwnedBuffer {
 /// Runs `steps` steps of one group through `handler`; returns every step's results (as f32).
 /// `cuda`: the call carries the CUDA targets' scratch result, sized by lanton_cuda_scratch_bytes.
 #[allow(clippy::too_many_arguments)]
+/// Optional ratio shaping (ratio_power, ratio_floor) set on both sides.
+type Shaping = Option<(f64, f64)>;
+
+#[allow(clippy::too_many_arguments)]
 fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handler, in_place: bool,
-              ns_dtype: &str, nan_at: Option<(usize, i32)>, cuda: bool) -> Vec<Vec<Vec<f32>>> {
+              ns_dtype: &str, nan_at: Option<(usize, i32)>, cuda: bool, shaping: Shaping) -> Vec<Vec<Vec<f32>>> {
     let mut rng = Rng::new(77);
     let mut f = step_frame(kind, specs, 1, &mut rng);
     f.set_attr("noise_every", Attr::I64(k));
+    if let Some((power, floor)) = shaping {
+        f.set_attr("ratio_power", Attr::F64(power));
+        f.set_attr("ratio_floor", Attr::F64(floor));
+    }
     f.set_attr("ns_dtype", Attr::Str(ns_dtype.into()));
     // The GPU's noise estimator on both sides (the CPU's own default is the Gram eigenvalues).
     f.set_attr("noise_estimator", Attr::Str("polar".into()));
@@ -231,10 +239,16 @@ fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handl
 }
 
 fn compare(kind: &str, specs: &[LeafSpec], k: i64, ns_dtype: &str, tol: f64, in_place: bool, nan_at: Option<(usize, i32)>) {
+    compare_shaped(kind, specs, k, ns_dtype, tol, in_place, nan_at, None);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compare_shaped(kind: &str, specs: &[LeafSpec], k: i64, ns_dtype: &str, tol: f64, in_place: bool,
+                  nan_at: Option<(usize, i32)>, shaping: Shaping) -> Vec<Vec<Vec<f32>>> {
     let cpu = if in_place { lanton_step_inplace_cpu as Handler } else { lanton_step_update_cpu };
     let emu = if in_place { emulated_inplace as Handler } else { emulated_update };
-    let want = trajectory(kind, specs, k, 4, cpu, in_place, "float32", nan_at, false);
-    let got = trajectory(kind, specs, k, 4, emu, in_place, ns_dtype, nan_at, true);
+    let want = trajectory(kind, specs, k, 4, cpu, in_place, "float32", nan_at, false, shaping);
+    let got = trajectory(kind, specs, k, 4, emu, in_place, ns_dtype, nan_at, true, shaping);
     assert_eq!(device_memory_calls(), 0, "the step allocates nothing");
     const NAMES: [&str; 7] = ["out", "momentum", "prev_grad", "noise", "valid", "prev_step", "ratio"];
     for (t, (w, g)) in want.iter().zip(&got).enumerate() {
@@ -248,6 +262,7 @@ fn compare(kind: &str, specs: &[LeafSpec], k: i64, ns_dtype: &str, tol: f64, in_
             );
         }
     }
+    got
 }
 
 fn hidden_specs(dt: i32) -> Vec<LeafSpec> {
@@ -322,7 +337,7 @@ fn zero_size_leaves_write_their_ratio_and_skip_cublas() {
     compare("vector", &vector, 1, "bfloat16", 1e-5, false, None);
     // Stated outright (the CPU's value, and the reference's): an empty layer that never had a
     // usable noise estimate gets r = 1. The results start zeroed, so an unwritten ratio shows.
-    let got = trajectory("hidden", &hidden, 1, 3, emulated_update, false, "float32", None, true);
+    let got = trajectory("hidden", &hidden, 1, 3, emulated_update, false, "float32", None, true, None);
     for step in &got {
         assert_eq!(step[7 + 6], vec![1.0; 2], "leaf 1 (2 x 0 x 8) ratio");
         assert_eq!(step[14 + 6], vec![1.0; 1], "leaf 2 (1 x 12 x 0) ratio");
@@ -368,4 +383,14 @@ fn layers_larger_than_one_block_reduce_across_blocks() {
     let stats = KERNEL_NAMES.iter().position(|&n| n == "lanton_stats").unwrap();
     assert!(seen[track].max_chunks == 2, "track: {:?}", seen[track]);
     assert!(seen[stats].max_chunks == 3 && seen[stats].max_grid == 303, "stats: {:?}", seen[stats]);
+}
+
+#[test]
+fn shaped_ratios_match_cpu_kernels() {
+    // r = max(floor, (alpha/ref)^p): tempered and floored, on every kind.
+    let got = compare_shaped("hidden", &hidden_specs(dtype::F32), 1, "float32", 2e-4, false, None, Some((0.5, 0.3)));
+    let ratios: Vec<f32> = got.iter().flat_map(|step| step.iter().skip(6).step_by(7).flatten().copied()).collect();
+    assert!(ratios.iter().any(|&r| r > 0.3 && r < 0.999), "no tempered ratio strictly between floor and 1: {ratios:?}");
+    let embed = vec![LeafSpec { dims: [1, 30, 8], dtype: dtype::F32, rows_are_input: true }, LeafSpec { dims: [2, 5, 8], dtype: dtype::F32, rows_are_input: false }];
+    compare_shaped("embed", &embed, 1, "bfloat16", 1e-5, false, None, Some((0.25, 0.9)));
 }

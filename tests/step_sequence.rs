@@ -128,7 +128,15 @@ fn non_finite_gradient_leaves_state_untouched() {
 }
 
 fn run_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat, steps: i32) {
+    run_shaped_against_reference(kind, k, nesterov, wd, noise_adaptive, stat, steps, (1.0, 0.0))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_shaped_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat,
+                                steps: i32, (power, floor): (f32, f32)) {
     let mut cfg = StepConfig::new(kind);
+    cfg.ratio_power = power;
+    cfg.ratio_floor = floor;
     cfg.noise_every = k;
     cfg.nesterov = nesterov;
     cfg.noise_adaptive = noise_adaptive;
@@ -188,6 +196,14 @@ fn hidden_matches_reference_k1_and_k3() {
     run_against_reference(Kind::Hidden, 1, false, 0.0, true, RatioStat::Max, 6);
     run_against_reference(Kind::Hidden, 3, true, 0.1, true, RatioStat::Max, 8);
     run_against_reference(Kind::Hidden, 1, false, 0.1, false, RatioStat::Max, 4);
+}
+
+#[test]
+fn shaped_ratios_match_reference() {
+    // Tempered (p = 0.5) and floored: every kind, against the f64 reference's own formula.
+    run_shaped_against_reference(Kind::Hidden, 1, false, 0.0, true, RatioStat::Max, 5, (0.5, 0.4));
+    run_shaped_against_reference(Kind::Embed, 2, false, 0.0, true, RatioStat::Max, 6, (0.5, 0.0));
+    run_shaped_against_reference(Kind::Vector, 1, false, 0.0, true, RatioStat::Mean, 4, (1.0, 0.8));
 }
 
 #[test]

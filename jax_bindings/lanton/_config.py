@@ -24,6 +24,9 @@ class StepConfig:
     noise_adaptive: bool = True
     ratio_stat: str = "max"
     ratio_eps: float = 1e-30
+    # Ratio shaping (our option): r = max(ratio_floor, (alpha/ref)^ratio_power); 1 and 0: the paper's.
+    ratio_power: float = 1.0
+    ratio_floor: float = 0.0
     nesterov: bool = False
     vector_eps: float = 1e-8
     # Newton-Schulz operand dtype on CUDA (f32 accumulation either way); the CPU kernels and

@@ -175,7 +175,8 @@ class _Lanton:
 
     def __init__(self, learning_rate, beta1, beta2, weight_decay, scale, *, noise_every, noise_adaptive, nesterov,
                  ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend,
-                 ns_dtype="bfloat16", noise_estimator="auto", mesh=None, mesh_axes=None):
+                 ns_dtype="bfloat16", noise_estimator="auto", mesh=None, mesh_axes=None, ratio_power=1.0,
+                 ratio_floor=0.0):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
         if backend != "reference":
@@ -208,6 +209,8 @@ class _Lanton:
             noise_adaptive=_static("noise_adaptive", noise_adaptive, True, _flag("noise_adaptive")),
             ratio_stat=ratio_stat,
             ratio_eps=_static("ratio_eps", ratio_eps, 1e-30, lambda v: float(_checks.real("ratio_eps", v, lo=0.0))),
+            ratio_power=_static("ratio_power", ratio_power, 1.0, lambda v: float(_checks.real("ratio_power", v, lo=0.0))),
+            ratio_floor=_static("ratio_floor", ratio_floor, 0.0, lambda v: float(_checks.real("ratio_floor", v, lo=0.0))),
             nesterov=_static("nesterov", nesterov, False, _flag("nesterov")),
             ns_dtype=ns_dtype,
             noise_estimator=noise_estimator,
@@ -337,20 +340,22 @@ class _Lanton:
             self._warned = True
         return reference.group_step
 
-    def apply(self, grads, state: LantonState, params, *, in_place: bool):
+    def apply(self, grads, state: LantonState, params, *, in_place: bool, second_grad=None):
         if params is None:
             raise ValueError("lanton needs the parameters: call update(grads, state, params)")
         plan, treedef, p_leaves = self.plan(params)
-        try:
-            g_leaves = treedef.flatten_up_to(grads)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"gradients do not match the parameters' structure: {e}") from None
+        g_leaves = _flatten_like(treedef, grads, "gradients")
+        g2_leaves = None if second_grad is None else _flatten_like(treedef, second_grad, "second_grad")
         for group in plan.values():
             for lf in group:
-                g, p = g_leaves[lf.index], p_leaves[lf.index]
-                _check_array(lf.name, "gradient", g)
-                if g.shape != p.shape:
-                    raise ValueError(f"leaf '{lf.name}': gradient shape {g.shape} != parameter shape {p.shape}")
+                p = p_leaves[lf.index]
+                for what, leaves in (("gradient", g_leaves), ("second_grad", g2_leaves)):
+                    if leaves is None:
+                        continue
+                    g = leaves[lf.index]
+                    _check_array(lf.name, what, g)
+                    if g.shape != p.shape:
+                        raise ValueError(f"leaf '{lf.name}': {what} shape {g.shape} != parameter shape {p.shape}")
         st = self._state_leaves(state, plan, treedef, p_leaves)
         count = optax.safe_int32_increment(state.count)
         lr = self.learning_rate(state.count) if callable(self.learning_rate) else self.learning_rate
@@ -368,14 +373,23 @@ class _Lanton:
                 grad = _to_permuted(g_leaves[i].astype(p_leaves[i].dtype), lf)
                 # The kernels skip a layer whose gradient is not finite; count it for the user.
                 finite.append(jnp.all(jnp.isfinite(grad.reshape(lf.canonical)), axis=(1, 2)))
+                prev, pstep = _to_permuted(st["prev_grad"][i], lf), st["prev_step"][i]
+                if g2_leaves is not None:
+                    # Option II: the kernels' G_prev is the second gradient, marked as stored on
+                    # the step before, so a noise step measures ||G - G2||; a layer whose second
+                    # gradient is not finite is marked unusable (its noise is left alone).
+                    g2 = _to_permuted(g2_leaves[i].astype(p_leaves[i].dtype), lf)
+                    fin2 = jnp.all(jnp.isfinite(g2.reshape(lf.canonical)), axis=(1, 2)).reshape(lf.batch_shape)
+                    prev = g2.astype(prev.dtype)
+                    pstep = jnp.where(fin2, count - 1, 0).astype(pstep.dtype)
                 args.append((
                     _to_permuted(p_leaves[i], lf),
                     grad,
                     _to_permuted(st["momentum"][i], lf),
-                    _to_permuted(st["prev_grad"][i], lf),
+                    prev,
                     st["noise"][i],
                     st["valid"][i],
-                    st["prev_step"][i],
+                    pstep,
                     lf.rows_are_input,
                     lf.canonical,
                 ))
@@ -390,12 +404,22 @@ class _Lanton:
                 i = lf.index
                 out_leaves[i] = _from_permuted(out, lf)
                 new["momentum"][i] = _from_permuted(mom, lf)
-                new["prev_grad"][i] = _from_permuted(prev, lf)
+                if g2_leaves is None:
+                    new["prev_grad"][i] = _from_permuted(prev, lf)
+                else:  # Option II keeps no gradient across steps: the state's G_prev stays as it was
+                    pstep = st["prev_step"][i]
                 skipped = st["skipped"][i] + (~fin).astype(jnp.int32).reshape(lf.batch_shape)
                 for k, v in (("noise", noise), ("valid", valid), ("prev_step", pstep), ("ratio", ratio), ("skipped", skipped)):
                     new[k][i] = v
         new_state = LantonState(count=count, **{k: treedef.unflatten(v) for k, v in new.items()})
         return treedef.unflatten(out_leaves), new_state
+
+
+def _flatten_like(treedef, tree, what):
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what} do not match the parameters' structure: {e}") from None
 
 
 def _check_mesh(mesh, axes):
@@ -507,6 +531,8 @@ def lanton(
     noise_estimator: str = "auto",
     mesh=None,
     mesh_axes=None,
+    ratio_power: float = 1.0,
+    ratio_floor: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LANTON: layer-wise noise-adaptive learning rates on geometry-aware (Muon-style) updates.
 
@@ -537,6 +563,10 @@ def lanton(
       nesterov: use b1*B + (1-b1)*G as the direction's input.
       ratio_stat: reference statistic of alpha in the group ("max", "mean", "min").
       ratio_eps: epsilon in alpha = (H + eps)^(-1/2) (default 1e-30).
+      ratio_power, ratio_floor: ratio shaping (our option; the paper's rule is p = 1, r_min = 0,
+        the defaults): r = max(r_min, (alpha / stat(alpha))^p). p < 1 narrows the spread of the
+        layers' rates (p = 0: every layer at the base rate, noise still tracked); r_min bounds
+        how far a noisy layer's rate may fall. Measured effects: README "Training quality".
       ns_coeffs: Newton-Schulz (a, b, c) triples, one per step (default: muon.py's, 5 steps).
       labels: pytree of group names (or None to leave a leaf to another transformation: its
         update passes through unchanged), or a function of the params returning one. Default:
@@ -559,20 +589,26 @@ def lanton(
         only; operands enter the kernels whole (sharded ones are gathered first). Without a
         mesh, sharded or replicated operands work too but every device repeats the whole step.
 
-    Structural options (noise_every, ratio_eps, ns_coeffs, nesterov, noise_adaptive, groups,
-    momentum_dtype) are compiled into the kernel. `optax.inject_hyperparams(lanton)` injects
+    Option II of the paper's Algorithm 1: pass an independent second gradient of the same step,
+    ``update(grads, state, params, second_grad=grads2)`` (a pytree like `grads`, through the same
+    preprocessing, e.g. clipped the same way). On noise steps (t >= 2, t % K == 0; K = 1 suits
+    it) the noise is then measured as ||G - G2|| instead of ||G_t - G_{t-1}||, and no gradient is
+    kept across steps. Without it, Option I (the default) runs.
+
+    Structural options (noise_every, ratio_eps, ratio_power, ratio_floor, ns_coeffs, nesterov,
+    noise_adaptive, groups, momentum_dtype) are compiled into the kernel. `optax.inject_hyperparams(lanton)` injects
     learning_rate, beta1, beta2, weight_decay and scale; pass callables for labels/dim_numbers
     and explicit numeric structural options through `static_args`.
     """
     kw = dict(noise_every=noise_every, noise_adaptive=noise_adaptive, nesterov=nesterov, ratio_stat=ratio_stat,
               ratio_eps=ratio_eps, ns_coeffs=ns_coeffs, labels=labels, groups=groups, dim_numbers=dim_numbers,
               momentum_dtype=momentum_dtype, backend=backend, ns_dtype=ns_dtype, noise_estimator=noise_estimator,
-              mesh=mesh, mesh_axes=mesh_axes)
+              mesh=mesh, mesh_axes=mesh_axes, ratio_power=ratio_power, ratio_floor=ratio_floor)
     impl = _make(learning_rate, beta1, beta2, weight_decay, scale, kw)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        return impl.apply(updates, state, params, in_place=False)
+    def update_fn(updates, state, params=None, *, second_grad=None, **extra_args):
+        del extra_args  # optax passes every extra argument of a chain to each member
+        return impl.apply(updates, state, params, in_place=False, second_grad=second_grad)
 
     return optax.GradientTransformationExtraArgs(impl.init, update_fn)
 

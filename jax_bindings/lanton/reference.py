@@ -6,6 +6,7 @@ One step for the layers l of a group (Hao et al., arXiv 2510.14009; ../shared/AL
     B   = b1*B + (1-b1)*G
     H   = b2*H + (1-b2)*dual_norm(G - G_prev)^2       on noise steps (t % K == 0, t >= 2)
     r_l = alpha_l / max_j alpha_j,  alpha = (H + eps)^(-1/2)   (valid layers; else 1)
+    r_l = max(r_min, r_l^p)                                      (options; default p = 1, r_min = 0)
     X  <- X - lr*(wd*X + s(shape)*r_l*D(B))
 """
 
@@ -111,8 +112,9 @@ def update_scale(kind, scale, shape):
     return scale
 
 
-def group_ratios(noise, valid, stat, eps):
-    """r = alpha / stat_{valid}(alpha), alpha = (H + eps)^(-1/2); 1 where not valid."""
+def group_ratios(noise, valid, stat, eps, power=1.0, floor=0.0):
+    """r = max(floor, (alpha / stat_{valid}(alpha))^power), alpha = (H + eps)^(-1/2); 1 where
+    not valid."""
     alpha = jax.lax.rsqrt(noise + f32(eps))
     any_valid = jnp.any(valid)
     if stat == "max":
@@ -122,7 +124,10 @@ def group_ratios(noise, valid, stat, eps):
     else:
         ref = jnp.sum(jnp.where(valid, alpha, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
     ok = valid & any_valid & jnp.isfinite(ref) & (ref > 0)
-    return jnp.where(ok, alpha / jnp.where(ok, ref, 1.0), 1.0)
+    r = alpha / jnp.where(ok, ref, 1.0)
+    if power != 1.0:
+        r = r ** f32(power)
+    return jnp.where(ok, jnp.maximum(r, f32(floor)), 1.0)
 
 
 def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bool = False):
@@ -169,7 +174,8 @@ def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
     all_noise = jnp.concatenate([p[2] for p in phase1])
     all_valid = jnp.concatenate([p[3] > 0.5 for p in phase1])
     if config.noise_adaptive:
-        ratios = group_ratios(all_noise, all_valid, config.ratio_stat, config.ratio_eps)
+        ratios = group_ratios(all_noise, all_valid, config.ratio_stat, config.ratio_eps, config.ratio_power,
+                              config.ratio_floor)
     else:
         ratios = jnp.ones_like(all_noise)
 

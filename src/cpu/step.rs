@@ -227,7 +227,7 @@ fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]
     let valid: Vec<bool> = layers.iter().map(|l| *l.valid > 0.5).collect();
     let mut ratios = vec![1.0f32; noise.len()];
     if cfg.noise_adaptive {
-        step::group_ratios(&noise, &valid, cfg.ratio_stat, cfg.ratio_eps, &mut ratios);
+        step::group_ratios(&noise, &valid, cfg.ratio_rule(), &mut ratios);
     }
     for (layer, r) in layers.iter_mut().zip(ratios) {
         *layer.ratio = r;

@@ -101,8 +101,9 @@ struct GroupArgs {
     double* reference;   // [0] reference alpha, [1] count of valid layers
     int kind, noise_every, noise_adaptive, nesterov, ratio_stat, noise_work;
     float ratio_eps, vector_eps;
+    float ratio_power, ratio_floor;  // r = max(floor, (alpha/ref)^power) (src/step RatioRule::shape)
 };
-static_assert(sizeof(GroupArgs) == 80, "GroupArgs layout must match src/cuda/step.rs");
+static_assert(sizeof(GroupArgs) == 88, "GroupArgs layout must match src/cuda/step.rs");
 
 // Up to MAX_LEAVES leaves per launch (the batch stays under the 4 KB kernel-parameter limit).
 #define MAX_LEAVES 24
@@ -302,7 +303,10 @@ extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
     const double ref = g.reference[0], count = g.reference[1];
     float r = 1.f;
     if (g.noise_adaptive && a.valid[l] > 0.5f && count > 0 && isfinite(ref) && ref > 0)
-        r = (float)(alpha_of(a.noise[l], g.ratio_eps) / ref);
+    {
+        const double q = alpha_of(a.noise[l], g.ratio_eps) / ref;
+        r = (float)fmax(g.ratio_power == 1.f ? q : pow(q, (double)g.ratio_power), (double)g.ratio_floor);
+    }
     if (chunk == 0 && threadIdx.x == 0) a.ratio[l] = r;
     const long long base = (long long)l * a.layer_len;
     if (!finite) {  // skipped layer: zero update, parameters untouched

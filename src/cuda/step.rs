@@ -98,8 +98,10 @@ pub struct GroupArgs {
     pub noise_work: i32,
     pub ratio_eps: f32,
     pub vector_eps: f32,
+    pub ratio_power: f32,
+    pub ratio_floor: f32,
 }
-const _: () = assert!(std::mem::size_of::<GroupArgs>() == 80);
+const _: () = assert!(std::mem::size_of::<GroupArgs>() == 88);
 
 /// Same-shape hidden layers of the group, batched through one strided GEMM per product.
 #[derive(Debug, PartialEq, Eq)]
@@ -385,6 +387,8 @@ impl Plan {
             noise_work: (opts.noise_work || !hidden) as i32,
             ratio_eps: cfg.ratio_eps,
             vector_eps: cfg.vector_eps,
+            ratio_power: cfg.ratio_power,
+            ratio_floor: cfg.ratio_floor,
         };
         let mut leaves = Vec::with_capacity(layout.leaves.len());
         let mut group_layer = 0usize;

@@ -9,6 +9,7 @@
 //!       n = dual_norm(G - G_prev);  H = b2*H + (1-b2)*n^2;  valid |= n > 0
 //!   if step t+1 is a noise step: G_prev = G
 //! alpha_l = (H_l + eps)^(-1/2) for valid l;  r_l = alpha_l / stat_{valid j}(alpha_j), else 1
+//! shaped (options; default p = 1, r_min = 0, the paper's rule):  r_l = max(r_min, r_l^p)
 //! for every layer l:
 //!   V = nesterov ? b1*B + (1-b1)*G : B
 //!   delta = -lr * (wd*X + s(kind, shape) * r_l * D_kind(V))
@@ -121,6 +122,11 @@ pub struct StepConfig {
     pub ratio_stat: RatioStat,
     /// eps in alpha = (H + eps)^(-1/2).
     pub ratio_eps: f32,
+    /// Ratio shaping (our option, not the paper's): r = max(ratio_floor, (alpha/ref)^ratio_power)
+    /// for valid layers. p < 1 tempers the spread of the rates, r_min bounds how far a noisy
+    /// layer's rate may fall. Defaults 1 and 0: the paper's r = alpha/ref.
+    pub ratio_power: f32,
+    pub ratio_floor: f32,
     pub nesterov: bool,
     /// eps in B / (rms(B) + eps) for `vector`.
     pub vector_eps: f32,
@@ -142,6 +148,8 @@ impl StepConfig {
             noise_adaptive: true,
             ratio_stat: RatioStat::Max,
             ratio_eps: 1e-30,
+            ratio_power: 1.0,
+            ratio_floor: 0.0,
             nesterov: false,
             vector_eps: 1e-8,
             nuclear: NuclearEstimator::Auto,
@@ -156,6 +164,12 @@ impl StepConfig {
         }
         if !(self.ratio_eps >= 0.0) || !(self.vector_eps >= 0.0) {
             return Err("epsilons must be non-negative".into());
+        }
+        if !(self.ratio_power >= 0.0 && self.ratio_power.is_finite()) {
+            return Err(format!("ratio_power must be finite and >= 0, got {}", self.ratio_power));
+        }
+        if !(self.ratio_floor >= 0.0 && self.ratio_floor.is_finite()) {
+            return Err(format!("ratio_floor must be finite and >= 0, got {}", self.ratio_floor));
         }
         if self.kind == Kind::Hidden && self.ns_coeffs.is_empty() {
             return Err("hidden groups need at least one Newton-Schulz step".into());
@@ -251,8 +265,38 @@ pub fn track_noise(h: f32, n: f32, beta2: f32) -> f32 {
     beta2 * h + (1.0 - beta2) * n * n
 }
 
-/// r_l = alpha_l / stat_{valid j} alpha_j with alpha = (H + eps)^(-1/2); 1 where not valid.
-pub fn group_ratios(noise: &[f32], valid: &[bool], stat: RatioStat, eps: f32, out: &mut [f32]) {
+/// How a group's ratios are formed from its alphas (the `StepConfig` fields of the same names).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RatioRule {
+    pub stat: RatioStat,
+    pub eps: f32,
+    pub power: f32,
+    pub floor: f32,
+}
+
+impl RatioRule {
+    /// The paper's rule: r = alpha / stat(alpha).
+    pub fn plain(stat: RatioStat, eps: f32) -> Self {
+        RatioRule { stat, eps, power: 1.0, floor: 0.0 }
+    }
+
+    /// r = max(floor, (alpha / reference)^power), in f64 (the CUDA kernel's formula too).
+    pub fn shape(&self, alpha_over_reference: f64) -> f64 {
+        let r = if self.power == 1.0 { alpha_over_reference } else { alpha_over_reference.powf(self.power as f64) };
+        r.max(self.floor as f64)
+    }
+}
+
+impl StepConfig {
+    pub fn ratio_rule(&self) -> RatioRule {
+        RatioRule { stat: self.ratio_stat, eps: self.ratio_eps, power: self.ratio_power, floor: self.ratio_floor }
+    }
+}
+
+/// r_l = max(floor, (alpha_l / stat_{valid j} alpha_j)^power) with alpha = (H + eps)^(-1/2);
+/// 1 where not valid.
+pub fn group_ratios(noise: &[f32], valid: &[bool], rule: RatioRule, out: &mut [f32]) {
+    let (stat, eps) = (rule.stat, rule.eps);
     let alpha = |h: f32| 1.0 / ((h as f64 + eps as f64).sqrt());
     let valid_alphas = noise.iter().zip(valid).filter(|(_, &v)| v).map(|(&h, _)| alpha(h));
     let (mut count, mut sum, mut max, mut min) = (0usize, 0.0f64, f64::MIN, f64::MAX);
@@ -269,7 +313,7 @@ pub fn group_ratios(noise: &[f32], valid: &[bool], stat: RatioStat, eps: f32, ou
     };
     for ((o, &h), &v) in out.iter_mut().zip(noise).zip(valid) {
         *o = if v && count > 0 && reference.is_finite() && reference > 0.0 {
-            (alpha(h) / reference) as f32
+            rule.shape(alpha(h) / reference) as f32
         } else {
             1.0
         };
@@ -310,21 +354,28 @@ mod tests {
         let noise = [4.0f32, 1.0, 16.0, 0.0];
         let valid = [true, true, true, false];
         let mut r = [0.0f32; 4];
-        group_ratios(&noise, &valid, RatioStat::Max, 0.0, &mut r);
+        group_ratios(&noise, &valid, RatioRule::plain(RatioStat::Max, 0.0), &mut r);
         // alpha = 1/2, 1, 1/4 -> max 1 -> r = 0.5, 1, 0.25; the invalid layer gets 1.
         assert_eq!(r, [0.5, 1.0, 0.25, 1.0]);
-        group_ratios(&noise, &valid, RatioStat::Min, 0.0, &mut r);
+        group_ratios(&noise, &valid, RatioRule::plain(RatioStat::Min, 0.0), &mut r);
         assert_eq!(r, [2.0, 4.0, 1.0, 1.0]);
-        group_ratios(&noise, &valid, RatioStat::Mean, 0.0, &mut r);
+        group_ratios(&noise, &valid, RatioRule::plain(RatioStat::Mean, 0.0), &mut r);
         let mean = (0.5 + 1.0 + 0.25) / 3.0;
         for (got, want) in r.iter().zip([0.5 / mean, 1.0 / mean, 0.25 / mean, 1.0]) {
             assert!((got - want as f32).abs() < 1e-6);
         }
         // Singleton and all-invalid groups step at the base rate.
-        group_ratios(&[3.0], &[true], RatioStat::Max, 0.0, &mut r[..1]);
+        group_ratios(&[3.0], &[true], RatioRule::plain(RatioStat::Max, 0.0), &mut r[..1]);
         assert_eq!(r[0], 1.0);
-        group_ratios(&[0.0, 0.0], &[false, false], RatioStat::Max, 0.0, &mut r[..2]);
+        group_ratios(&[0.0, 0.0], &[false, false], RatioRule::plain(RatioStat::Max, 0.0), &mut r[..2]);
         assert_eq!(&r[..2], &[1.0, 1.0]);
+        // Shaped: r = max(0.6, (alpha/max)^0.5) = max(0.6, sqrt(0.5, 1, 0.25)); invalid stays 1.
+        let shaped = RatioRule { power: 0.5, floor: 0.6, ..RatioRule::plain(RatioStat::Max, 0.0) };
+        group_ratios(&noise, &valid, shaped, &mut r);
+        assert_eq!(r, [0.5f32.sqrt(), 1.0, 0.6, 1.0]);
+        // p = 0: every valid layer at the base rate.
+        group_ratios(&noise, &valid, RatioRule { power: 0.0, ..shaped }, &mut r);
+        assert_eq!(r, [1.0; 4]);
     }
 
     #[test]

@@ -604,7 +604,8 @@ pub fn ref_group_step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [RefLeaf
         for l in 0..leaf.shape.layers {
             let r = l * n..(l + 1) * n;
             let ratio = if cfg.noise_adaptive && leaf.valid[l] && !alphas.is_empty() {
-                1.0 / (leaf.noise[l] + eps).sqrt() / reference
+                let q = 1.0 / (leaf.noise[l] + eps).sqrt() / reference;
+                q.powf(cfg.ratio_power as f64).max(cfg.ratio_floor as f64)
             } else {
                 1.0
             };

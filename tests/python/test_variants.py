@@ -1,0 +1,140 @@
+"""The training-quality variants (issue 14): ratio shaping (ratio_power, ratio_floor) and Option II
+(an independent second gradient as the noise reference), on the fused kernels and the reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lanton
+from models import random_grads, transformer_params
+
+BACKENDS = ["reference"] + (["ffi"] if lanton.kernels_available() else [])
+
+
+def grads_at(t, params):
+    # Noise differs from layer to layer; the gradients do not depend on the parameters, so runs
+    # with different ratio rules see the same noise.
+    g = random_grads(jax.random.key(100 + t), params)
+    return jax.tree.map(lambda a, b: a + 0.5 * b, g, random_grads(jax.random.key(7), params))
+
+
+def run(params, steps, backend, second=None, **kw):
+    tx = lanton.lanton(learning_rate=0.05, backend=backend, **kw)
+    state = tx.init(params)
+    upd = jax.jit(tx.update)
+    for t in range(steps):
+        g = grads_at(t, params)
+        extra = {} if second is None else {"second_grad": second(t, g)}
+        u, state = upd(g, state, params, **extra)
+        params = optax.apply_updates(params, u)
+    return params, state
+
+
+def ratios(state):
+    return np.concatenate([np.ravel(r) for r in jax.tree.leaves(state.ratio)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shaped_ratio_is_max_of_floor_and_tempered_plain_ratio(backend):
+    params = transformer_params(jax.random.key(0))
+    _, plain = run(params, 6, backend, noise_every=1)
+    _, shaped = run(params, 6, backend, noise_every=1, ratio_power=0.5, ratio_floor=0.6)
+    # Same gradients, so the same noise; only the rule differs.
+    for a, b in zip(jax.tree.leaves(plain.noise), jax.tree.leaves(shaped.noise)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    rp, rs = ratios(plain), ratios(shaped)
+    assert (rp < 0.6**2).any() and ((rp > 0.6**2) & (rp < 0.99)).any(), rp  # both sides of the floor
+    np.testing.assert_allclose(rs, np.maximum(0.6, np.sqrt(rp)), rtol=2e-6)
+
+
+@pytest.mark.skipif("ffi" not in BACKENDS, reason="liblanton not built")
+def test_shaped_ratio_kernels_match_reference():
+    params = transformer_params(jax.random.key(1))
+    kw = dict(noise_every=2, ratio_power=0.7, ratio_floor=0.1, weight_decay=0.05)
+    pf, sf = run(params, 12, "ffi", **kw)
+    pr, sr = run(params, 12, "reference", **kw)
+    for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(ratios(sf), ratios(sr), rtol=2e-3)
+
+
+def perturbed(t, g, size=0.3):
+    """An independent second gradient: g plus fresh noise of a known size."""
+    return jax.tree.map(lambda a, b: a + size * b, g, random_grads(jax.random.key(5000 + t), g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_option_two_noise_is_the_distance_to_the_second_gradient(backend):
+    params = transformer_params(jax.random.key(2))
+    b2, steps = 0.9, 5
+    _, st = run(params, steps, backend, second=perturbed, noise_every=1, beta2=b2)
+    # By hand for the embedding (dual norm: entrywise l1) and a vector leaf (sqrt(n) * l2).
+    want_wte = want_ln = 0.0
+    for t in range(steps):
+        g = grads_at(t, params)
+        d = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), g, perturbed(t, g))
+        if t + 1 >= 2:  # steps are 1-based; step 1 is never a noise step
+            n_wte = np.abs(d["wte"]).sum()
+            n_ln = np.sqrt(d["ln_f"]["scale"].size) * np.sqrt((d["ln_f"]["scale"] ** 2).sum())
+            want_wte = b2 * want_wte + (1 - b2) * n_wte**2
+            want_ln = b2 * want_ln + (1 - b2) * n_ln**2
+    np.testing.assert_allclose(np.asarray(st.noise["wte"]).reshape(-1)[0], want_wte, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(st.noise["ln_f"]["scale"]).reshape(-1)[0], want_ln, rtol=1e-4)
+    # No gradient is kept across steps: G_prev and its step stay as init() made them.
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(st.prev_grad))
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(st.prev_step))
+
+
+@pytest.mark.skipif("ffi" not in BACKENDS, reason="liblanton not built")
+def test_option_two_kernels_match_reference_and_differ_from_option_one():
+    params = transformer_params(jax.random.key(3))
+    pf, sf = run(params, 10, "ffi", second=perturbed, noise_every=2)
+    pr, sr = run(params, 10, "reference", second=perturbed, noise_every=2)
+    for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(ratios(sf), ratios(sr), rtol=2e-3)
+    _, s1 = run(params, 10, "ffi", noise_every=2)
+    assert not np.allclose(ratios(s1), ratios(sf), rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_option_two_identical_second_gradient_measures_no_noise(backend):
+    params = transformer_params(jax.random.key(4))
+    _, st = run(params, 4, backend, second=lambda t, g: g, noise_every=1)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(st.noise))
+    assert np.all(ratios(st) == 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_option_two_non_finite_second_gradient_leaves_noise_alone(backend):
+    params = transformer_params(jax.random.key(5))
+
+    def bad_at_3(t, g):
+        g2 = perturbed(t, g)
+        return {**g2, "wte": g2["wte"].at[0, 0].set(jnp.nan if t == 2 else g2["wte"][0, 0])}
+
+    _, good = run(params, 3, backend, second=perturbed, noise_every=1)
+    p_bad, bad = run(params, 3, backend, second=bad_at_3, noise_every=1)
+    _, two = run(params, 2, backend, second=perturbed, noise_every=1)
+    assert np.all(np.isfinite(jax.tree.leaves(p_bad)[0]))
+    # Step 3's noise refresh of wte is skipped (its value is step 2's); other leaves refresh.
+    np.testing.assert_allclose(np.asarray(bad.noise["wte"]), np.asarray(two.noise["wte"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(bad.noise["lm_head"]), np.asarray(good.noise["lm_head"]), rtol=1e-6)
+    assert np.all(np.asarray(bad.skipped["wte"]) == 0)  # the step itself is not skipped
+
+
+def test_bad_second_gradient_and_shaping_options_are_refused_by_name():
+    params = transformer_params(jax.random.key(6))
+    tx = lanton.lanton(backend="reference")
+    state = tx.init(params)
+    g = random_grads(jax.random.key(0), params)
+    with pytest.raises(ValueError, match="second_grad do not match the parameters' structure"):
+        tx.update(g, state, params, second_grad={"wte": g["wte"]})
+    wrong = {**g, "lm_head": g["lm_head"][:, :3]}
+    with pytest.raises(ValueError, match=r"leaf 'lm_head': second_grad shape \(32, 3\) != parameter shape \(32, 64\)"):
+        tx.update(g, state, params, second_grad=wrong)
+    for name, value in (("ratio_power", -1.0), ("ratio_floor", float("nan"))):
+        with pytest.raises(ValueError, match=f"'{name}' must be finite and in \\[0, inf\\)"):
+            lanton.lanton(**{name: value})
