@@ -76,21 +76,29 @@ def schedule(peak, steps, warmup=75):
     return optax.warmup_cosine_decay_schedule(0.0, peak, min(warmup, max(steps // 10, 1)), steps, end_value=0.1 * peak)
 
 
-def train(make_tx, steps, seed=0, eval_every=150, eval_batches=8, corpus=None, progress=None, record_stats=None):
-    """Trains from a fixed init; returns a history dict (train/val loss by step, wall clock)."""
+def train(make_tx, steps, seed=0, eval_every=150, eval_batches=8, corpus=None, progress=None, record_stats=None,
+          second_grad=False, model=None):
+    """Trains from a fixed init; returns a history dict (train/val loss by step, wall clock).
+    second_grad: each step also computes the gradient of an independent second batch, clipped
+    like the first, and passes it as `update(..., second_grad=...)` (lanton's Option II)."""
     prog = (lambda name, i, loss: progress(i, loss)) if progress else None
     stats = {"run": record_stats} if record_stats else None
-    return train_lockstep({"run": make_tx}, steps, seed, eval_every, eval_batches, corpus, prog, stats)["run"]
+    return train_lockstep({"run": make_tx}, steps, seed, eval_every, eval_batches, corpus, prog, stats,
+                          second_grad={"run"} if second_grad else (), model=model)["run"]
 
 
-def train_lockstep(makers, steps, seed=0, eval_every=150, eval_batches=8, corpus=None, progress=None, record_stats=None):
+def train_lockstep(makers, steps, seed=0, eval_every=150, eval_batches=8, corpus=None, progress=None, record_stats=None,
+                   second_grad=(), model=None):
     """Trains one model per optimizer in `makers` (name -> steps -> GradientTransformation) from
     the same init on the same batches, one step of each in turn: their times per step are taken
     under the same machine conditions, so their ratio holds on a noisy machine. Returns a
-    history dict per name; `progress(name, step, loss)`, `record_stats[name](opt_state)`."""
+    history dict per name; `progress(name, step, loss)`, `record_stats[name](opt_state)`;
+    `second_grad`: the names that get an independent second gradient (see `train`); `model`:
+    overrides of CONFIG (e.g. layers, d)."""
     train_data, val_data = corpus if corpus is not None else load_corpus()
-    cfg = CONFIG
-    eval_loss = jax.jit(loss_fn)
+    cfg = {**CONFIG, **(model or {})}
+    heads = cfg["heads"]
+    eval_loss = jax.jit(functools.partial(loss_fn, heads=heads))
     vrng = np.random.default_rng(1234)
     val_sets = [next(batches(val_data, vrng, cfg["batch"], cfg["ctx"])) for _ in range(eval_batches)]
     evaluate = lambda p: float(np.mean([eval_loss(p, x, y) for x, y in val_sets]))
@@ -98,14 +106,22 @@ def train_lockstep(makers, steps, seed=0, eval_every=150, eval_batches=8, corpus
     for name, make_tx in makers.items():
         tx = optax.chain(optax.clip_by_global_norm(1.0), make_tx(steps))
 
+        grad_fn = jax.value_and_grad(functools.partial(loss_fn, heads=heads))
+        clip = optax.clip_by_global_norm(1.0)
+
         @functools.partial(jax.jit, donate_argnums=(0, 1))  # params and state updated in place, as in real training
-        def step(p, s, x, y, tx=tx):
-            loss, g = jax.value_and_grad(loss_fn)(p, x, y)
-            u, s = tx.update(g, s, p)
+        def step(p, s, x, y, tx=tx, second=name in second_grad):
+            loss, g = grad_fn(p, x[0], y[0]) if second else grad_fn(p, x, y)
+            extra = {}
+            if second:  # Option II: an independent batch's gradient, clipped as the chain clips g
+                extra["second_grad"] = clip.update(grad_fn(p, x[1], y[1])[1], clip.init(p))[0]
+            u, s = tx.update(g, s, p, **extra)
             return optax.apply_updates(p, u), s, loss
 
         params = init_params(jax.random.key(seed), **cfg)
         it = batches(train_data, np.random.default_rng(seed), cfg["batch"], cfg["ctx"])
+        if name in second_grad:  # two batches per step (twice the samples)
+            it = (tuple(np.stack(z) for z in zip(a, b)) for a, b in zip(it, it))
         state = tx.init(params)
         x, y = next(it)
         # Compile outside the clock, on copies (the step consumes the buffers it is given).

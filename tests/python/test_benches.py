@@ -109,3 +109,21 @@ def test_multidevice_bench_table_and_json(tmp_path):
         assert rows["lanton, no mesh (repeated)"]["ns_runs"] == 2 * rows["lanton, mesh= (split)"]["ns_runs"] > 0
     table = (tmp_path / "md.md").read_text()
     assert "| optax muon (hidden only) |" in table and table.strip() in out
+
+
+@needs_corpus
+def test_quality_protocol_sweeps_journals_and_resumes(tmp_path):
+    args = ["--steps", 4, "--eval-every", 2, "--out", tmp_path, "--variants", "muon,lanton_option2"]
+    run_bench("quality.py", *args, "--seeds", 2)
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    # The sweep at the full horizon (3 rates each, seed 0) doubles as seed 0; then seed 1 at the best rate.
+    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted([("muon", 0)] * 3 + [("lanton_option2", 0)] * 3
+                                                                     + [("muon", 1), ("lanton_option2", 1)])
+    assert {r["samples_per_step"] for r in runs if r["variant"] == "lanton_option2"} == {2}
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert len(summary["muon"]["finals"]) == 2 and len(summary["lanton_option2"]["steps_to_target"]) == 2
+    # Resuming reuses every finished run; a third seed past a zero budget is reported as missing.
+    out = run_bench("quality.py", *args, "--seeds", 3, "--budget-minutes", 0)
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 8
+    assert "**Partial:** the budget ran out" in out and "muon, lanton_option2" in out
+    assert (tmp_path / "val_loss.png").stat().st_size > 1000

@@ -1,0 +1,234 @@
+"""Training quality: the ablation protocol of issue 14 on the Shakespeare GPT (../shared/BENCHMARKS.md).
+
+For every variant (optax Muon, lanton and its parts, see VARIANTS):
+1. a learning-rate sweep at --sweep-steps (default: the full horizon), seed 0, the same 3-point grid
+   shape for everyone (half, once and twice the variant's default rate);
+2. the best rate trained for --steps with --seeds seeds (seed 0 reuses the sweep run when the
+   horizons are equal);
+3. a report (report.md), the runs (runs.jsonl) and plots under --out: final loss per seed, mean,
+   spread, steps to tuned Muon's mean final loss per seed and on the seed-mean curve.
+
+Every finished run is appended to runs.jsonl, so the protocol can be done in pieces on the 2-core
+machine: run the same command again and finished runs are reused; --budget-minutes stops before a
+run that would start after the budget, and the report says what is still missing.
+
+Full protocol (about 1.5 h per variant here; resumable):  python benches/quality.py
+A piece of it:                                            python benches/quality.py --budget-minutes 60
+Some variants only:                                       python benches/quality.py --variants muon,hybrid
+Smoke run (a minute):   python benches/quality.py --steps 30 --sweep-steps 20 --seeds 1 --variants muon,lanton_p05 --out /tmp/q
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import lanton  # noqa: E402
+from convergence import lanton_stats, steps_to  # noqa: E402
+from gpt import load_corpus, train  # noqa: E402
+from optimizers import make  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
+
+LANTON_GRID = [0.015, 0.03, 0.06]
+# name -> (contender of optimizers.make, lanton options, learning-rate grid, Option II?, what it isolates)
+VARIANTS = {
+    "muon": ("muon", {}, [0.01, 0.02, 0.04], False, "optax.contrib.muon, hidden only, tuned Adam part (the baseline)"),
+    "lanton": ("lanton", {}, LANTON_GRID, False, "lanton, defaults (K = 10, ratio alpha/max alpha)"),
+    "lanton_noise_off": ("lanton_noise_off", {}, LANTON_GRID, False, "1. lanton with r = 1 (D-Muon / Scion-like)"),
+    "hybrid": ("hybrid", {}, LANTON_GRID, False, "2. lanton on hidden matrices + Muon's Adam part on the rest"),
+    "hybrid_noise_off": ("hybrid", {"noise_adaptive": False}, LANTON_GRID, False, "2. the same with r = 1"),
+    "lanton_p05": ("lanton", {"ratio_power": 0.5}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.5"),
+    "lanton_floor": ("lanton", {"ratio_floor": 0.1}, LANTON_GRID, False, "3. ratio floor r >= 0.1"),
+    "lanton_split": ("lanton", {"labels": "split"}, LANTON_GRID, False, "3. QK / VO / MLP groups instead of one hidden group"),
+    "lanton_option2": ("lanton", {"noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
+}
+
+
+def make_tx(variant, lr):
+    base, kw, _, _, _ = VARIANTS[variant]
+    kw = dict(kw)
+    if kw.get("labels") == "split":
+        kw["labels"] = lambda params: lanton.default_labels(params, split=True)
+        kw["groups"] = {g: lanton.Group("hidden") for g in ("qk", "vo", "mlp")} | {
+            "hidden": lanton.Group("hidden"), "embed": lanton.Group("embed"), "vector": lanton.Group("vector")}
+    return make(base, lr, **kw)
+
+
+class Journal:
+    """Finished runs keyed by (variant, lr, steps, seed, model), appended as JSON lines."""
+
+    def __init__(self, path: Path):
+        self.path, self.runs = path, {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                self.runs[self.key(r["variant"], r["lr"], r["steps"], r["seed"], r.get("model", {}))] = r
+
+    @staticmethod
+    def key(variant, lr, steps, seed, model):
+        return json.dumps([variant, float(lr), int(steps), int(seed), model], sort_keys=True)
+
+    def get(self, *k):
+        return self.runs.get(self.key(*k))
+
+    def add(self, r):
+        self.runs[self.key(r["variant"], r["lr"], r["steps"], r["seed"], r["model"])] = r
+        with self.path.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
+class OutOfBudget(Exception):
+    pass
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--sweep-steps", type=int, help="sweep horizon (default: --steps)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--budget-minutes", type=float, default=float("inf"))
+    ap.add_argument("--model", default="", help="overrides of the model, e.g. layers=8,d=256")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "quality"))
+    args = ap.parse_args()
+    sweep_steps = args.sweep_steps or args.steps
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    model = {k: int(v) for k, v in (kv.split("=") for kv in args.model.split(",") if kv)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / "runs.jsonl")
+    corpus = load_corpus()
+    t_start = time.time()
+
+    def run(variant, lr, steps, seed):
+        done = journal.get(variant, lr, steps, seed, model)
+        if done:
+            return done
+        if (time.time() - t_start) / 60 > args.budget_minutes:
+            raise OutOfBudget
+        bar = tqdm(total=steps, desc=f"{variant} lr={lr:g} seed {seed} ({steps} steps)", ncols=110, mininterval=5) if tqdm else None
+        prog = (lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None
+        t0 = time.time()
+        second = VARIANTS[variant][3]
+        hist = train(make_tx(variant, lr), steps, seed=seed, corpus=corpus, eval_every=args.eval_every, progress=prog,
+                     record_stats=lanton_stats if variant != "muon" and not variant.startswith("hybrid") else None,
+                     second_grad=second, model=model)
+        if bar:
+            bar.close()
+        r = {"variant": variant, "lr": float(lr), "steps": steps, "seed": seed, "model": model, "seconds": time.time() - t0,
+             "samples_per_step": 2 if second else 1, "date": datetime.date.today().isoformat(), **hist}
+        journal.add(r)
+        return r
+
+    sweeps, best, finals, missing = {}, {}, {}, []
+    try:
+        for n in names:
+            sweeps[n] = {lr: run(n, lr, sweep_steps, 0)["val_loss"][-1] for lr in VARIANTS[n][2]}
+            best[n] = min(sweeps[n], key=sweeps[n].get)
+        for seed in range(args.seeds):  # seed by seed, so a partial protocol has every variant's seed 0
+            for n in names:
+                finals.setdefault(n, []).append(run(n, best[n], args.steps, seed))
+    except OutOfBudget:
+        missing.append("the budget ran out")
+    report(args, names, sweeps, best, finals, missing, model, out, sweep_steps)
+
+
+def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps):
+    import optax
+
+    incomplete = [n for n in names if len(finals.get(n, [])) < args.seeds]
+    ref = "muon" if finals.get("muon") else None
+    target = float(np.mean([h["val_loss"][-1] for h in finals[ref]])) if ref else None
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({__import__('os').cpu_count()} cores)",
+            "backend": jax.default_backend(), "jax": jax.__version__, "optax": optax.__version__, "lanton": lanton.__version__,
+            "kernels": lanton.kernels_available(), "steps": args.steps, "sweep_steps": sweep_steps, "seeds": args.seeds,
+            "model": model}
+    lines = [f"# Training quality: the ablation protocol ({meta['date']})", "",
+             f"Shakespeare byte-level GPT{' ' + str(model) if model else ''}, batch 32 x 128 bytes, warm-up then cosine, "
+             f"clip 1.0. Learning rates swept at {sweep_steps} steps (seed 0), then {args.steps} steps x {args.seeds} seeds "
+             f"at the best rate. Machine: {meta['machine']}, {meta['backend']}, jax {meta['jax']}, optax {meta['optax']}, "
+             f"lanton {meta['lanton']} (fused kernels: {meta['kernels']}). Command: `python benches/quality.py`"
+             + (f" `--steps {args.steps}`" if args.steps != 1500 else "") + ".", ""]
+    if incomplete or missing:
+        lines += [f"**Partial:** {', '.join(missing) or 'not every run is done'}; variants with fewer than {args.seeds} "
+                  f"finished final runs: {', '.join(incomplete) or 'none'}. Run the same command again to continue.", ""]
+    lines += [f"Target: tuned Muon's seed-mean final validation loss, "
+              f"{'%.4f' % target if target is not None else 'not yet measured'}.", "",
+              "| variant | what it isolates | lr | seeds | final val loss (mean) | spread (max-min) | per-seed finals | "
+              "steps to target per seed | steps to target (mean curve) | vs muon | ms/step |",
+              "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|"]
+    summary = {}
+    for n in names:
+        runs = finals.get(n, [])
+        if not runs:
+            lines.append(f"| {n} | {VARIANTS[n][4]} | {best.get(n, '-')} | 0 | - | - | - | - | - | - | - |")
+            continue
+        fin = [h["val_loss"][-1] for h in runs]
+        mean_curve = {"val_step": runs[0]["val_step"], "val_loss": np.mean([h["val_loss"] for h in runs], axis=0).tolist()}
+        reach = steps_to(mean_curve, target) if target is not None else None
+        per_seed = [steps_to(h, target) if target is not None else None for h in runs]
+        summary[n] = {"lr": best[n], "finals": fin, "mean": float(np.mean(fin)), "spread": float(max(fin) - min(fin)),
+                      "steps_to_target": per_seed, "steps_to_target_mean_curve": reach,
+                      "ms_per_step": 1000 * float(np.mean([h["seconds_per_step"] for h in runs]))}
+        fmt = lambda s: "-" if s is None else f"{s:.0f}"
+        ref_reach = summary.get("muon", {}).get("steps_to_target_mean_curve")
+        lines.append(f"| {n} | {VARIANTS[n][4]} | {best[n]:g} | {len(runs)} | {np.mean(fin):.4f} | {max(fin) - min(fin):.4f} | "
+                     f"{', '.join(f'{v:.4f}' for v in fin)} | {', '.join(fmt(s) for s in per_seed)} | {fmt(reach)} | "
+                     f"{'-' if reach is None or not ref_reach else f'{reach / ref_reach:.2f}x'} | {summary[n]['ms_per_step']:.0f} |")
+    lines += ["", f"Sweep (seed 0, final val loss at {sweep_steps} steps):", ""]
+    lines += [f"- {n}: " + ", ".join(f"lr {k:g}: {v:.4f}" for k, v in d.items()) for n, d in sweeps.items()]
+    lines += ["", "Option II draws two batches per step: per sample it has seen twice the data of the others at the "
+              "same step.", "", "![validation loss](val_loss.png)", ""]
+    (out / "results.json").write_text(json.dumps({"meta": meta, "sweeps": {n: {str(k): v for k, v in d.items()} for n, d in sweeps.items()},
+                                                  "best_lr": best, "summary": summary, "target": target}, indent=1))
+    plot(finals, out, target)
+    # Notes written by hand below the generated part survive a re-run.
+    path, mark = out / "report.md", "Notes (added by hand)"
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(mark):] if mark in old else ""
+    path.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
+    print("\n".join(lines))
+
+
+def plot(finals, out, target):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (n, runs) in enumerate(finals.items()):
+        if runs:
+            ax.plot(runs[0]["val_step"], np.mean([h["val_loss"] for h in runs], axis=0), label=f"{n} ({len(runs)} seeds)", color=f"C{i}")
+    if target is not None:
+        ax.axhline(target, color="gray", ls=":", lw=1, label="tuned Muon final")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte), seed mean")
+    ax.set_ylim(top=min(2.2, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
