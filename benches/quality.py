@@ -2,7 +2,8 @@
 
 For every variant (optax Muon, lanton and its parts, see VARIANTS):
 1. a learning-rate sweep at --sweep-steps (default: the full horizon), seed 0, the same 3-point grid
-   shape for everyone (half, once and twice the variant's default rate);
+   shape for everyone (half, once and twice the variant's default rate), extended by halving or
+   doubling (at most twice) while the best rate is at the grid's edge;
 2. the best rate trained for --steps with --seeds seeds (seed 0 reuses the sweep run when the
    horizons are equal);
 3. a report (report.md), the runs (runs.jsonl) and plots under --out: final loss per seed, mean,
@@ -24,6 +25,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -52,6 +54,8 @@ VARIANTS = {
     "hybrid": ("hybrid", {}, LANTON_GRID, False, "2. lanton on hidden matrices + Muon's Adam part on the rest"),
     "hybrid_noise_off": ("hybrid", {"noise_adaptive": False}, LANTON_GRID, False, "2. the same with r = 1"),
     "lanton_p05": ("lanton", {"ratio_power": 0.5}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.5"),
+    "lanton_p025": ("lanton", {"ratio_power": 0.25}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.25"),
+    "hybrid_p05": ("hybrid", {"ratio_power": 0.5}, LANTON_GRID, False, "2 + 3. the hybrid with the tempered ratio (p = 0.5)"),
     "lanton_floor": ("lanton", {"ratio_floor": 0.1}, LANTON_GRID, False, "3. ratio floor r >= 0.1"),
     "lanton_split": ("lanton", {"labels": "split"}, LANTON_GRID, False, "3. QK / VO / MLP groups instead of one hidden group"),
     "lanton_option2": ("lanton", {"noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
@@ -91,10 +95,6 @@ class Journal:
             f.write(json.dumps(r) + "\n")
 
 
-class OutOfBudget(Exception):
-    pass
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1500)
@@ -104,6 +104,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--budget-minutes", type=float, default=float("inf"))
     ap.add_argument("--model", default="", help="overrides of the model, e.g. layers=8,d=256")
+    ap.add_argument("--lr", default="", help="fixed rates that skip a variant's sweep (outside the protocol), e.g. hybrid=0.03")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "quality"))
     args = ap.parse_args()
     sweep_steps = args.sweep_steps or args.steps
@@ -112,18 +113,23 @@ def main():
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     model = {k: int(v) for k, v in (kv.split("=") for kv in args.model.split(",") if kv)}
+    fixed = {k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(",") if kv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / "runs.jsonl")
     corpus = load_corpus()
     t_start = time.time()
 
+    budget_out = []
+
     def run(variant, lr, steps, seed):
+        """The run from the journal, else trained now; None once the budget is spent."""
         done = journal.get(variant, lr, steps, seed, model)
         if done:
             return done
-        if (time.time() - t_start) / 60 > args.budget_minutes:
-            raise OutOfBudget
+        if budget_out or (time.time() - t_start) / 60 > args.budget_minutes:
+            budget_out.append((variant, lr, steps, seed))
+            return None
         bar = tqdm(total=steps, desc=f"{variant} lr={lr:g} seed {seed} ({steps} steps)", ncols=110, mininterval=5) if tqdm else None
         prog = (lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None
         t0 = time.time()
@@ -139,19 +145,43 @@ def main():
         return r
 
     sweeps, best, finals, missing = {}, {}, {}, []
-    try:
-        for n in names:
-            sweeps[n] = {lr: run(n, lr, sweep_steps, 0)["val_loss"][-1] for lr in VARIANTS[n][2]}
+    for n in names:
+        if n in fixed:
+            best[n] = fixed[n]
+            continue
+        sweeps[n] = {}
+        for lr in VARIANTS[n][2]:
+            r = run(n, lr, sweep_steps, 0)
+            if r:
+                sweeps[n][lr] = r["val_loss"][-1]
+        if len(sweeps[n]) < len(VARIANTS[n][2]):
+            missing.append(f"{n}: sweep unfinished")
+            continue
+        best[n] = min(sweeps[n], key=sweeps[n].get)
+        # A best rate at the grid's edge is not bracketed: extend the grid that way (up to twice).
+        for _ in range(2):
+            lo, hi = min(sweeps[n]), max(sweeps[n])
+            if best[n] not in (lo, hi):
+                break
+            lr = lo / 2 if best[n] == lo else hi * 2
+            r = run(n, lr, sweep_steps, 0)
+            if r is None:
+                missing.append(f"{n}: best rate {best[n]:g} at the grid's edge, {lr:g} not run yet")
+                break
+            sweeps[n][lr] = r["val_loss"][-1]
             best[n] = min(sweeps[n], key=sweeps[n].get)
-        for seed in range(args.seeds):  # seed by seed, so a partial protocol has every variant's seed 0
-            for n in names:
-                finals.setdefault(n, []).append(run(n, best[n], args.steps, seed))
-    except OutOfBudget:
-        missing.append("the budget ran out")
-    report(args, names, sweeps, best, finals, missing, model, out, sweep_steps)
+        sweeps[n] = dict(sorted(sweeps[n].items()))
+    for seed in range(args.seeds):  # seed by seed, so a partial protocol has every variant's seed 0
+        for n in (n for n in names if n in best):
+            r = run(n, best[n], args.steps, seed)
+            if r:
+                finals.setdefault(n, []).append(r)
+    if budget_out:
+        missing.insert(0, f"the budget ran out ({len(budget_out)} runs not started)")
+    report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, fixed)
 
 
-def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps):
+def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, fixed):
     import optax
 
     incomplete = [n for n in names if len(finals.get(n, [])) < args.seeds]
@@ -165,10 +195,12 @@ def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps):
              f"Shakespeare byte-level GPT{' ' + str(model) if model else ''}, batch 32 x 128 bytes, warm-up then cosine, "
              f"clip 1.0. Learning rates swept at {sweep_steps} steps (seed 0), then {args.steps} steps x {args.seeds} seeds "
              f"at the best rate. Machine: {meta['machine']}, {meta['backend']}, jax {meta['jax']}, optax {meta['optax']}, "
-             f"lanton {meta['lanton']} (fused kernels: {meta['kernels']}). Command: `python benches/quality.py`"
-             + (f" `--steps {args.steps}`" if args.steps != 1500 else "") + ".", ""]
+             f"lanton {meta['lanton']} (fused kernels: {meta['kernels']}). Command: "
+             f"`python benches/quality.py {shlex.join(sys.argv[1:])}`.", ""]
+    if fixed:
+        lines += [f"**Outside the protocol:** fixed rates, no sweep, for {', '.join(f'{k} ({v:g})' for k, v in fixed.items())}.", ""]
     if incomplete or missing:
-        lines += [f"**Partial:** {', '.join(missing) or 'not every run is done'}; variants with fewer than {args.seeds} "
+        lines += [f"**Partial:** {'; '.join(missing) or 'not every run is done'}. Variants with fewer than {args.seeds} "
                   f"finished final runs: {', '.join(incomplete) or 'none'}. Run the same command again to continue.", ""]
     lines += [f"Target: tuned Muon's seed-mean final validation loss, "
               f"{'%.4f' % target if target is not None else 'not yet measured'}.", "",
@@ -190,7 +222,7 @@ def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps):
                       "ms_per_step": 1000 * float(np.mean([h["seconds_per_step"] for h in runs]))}
         fmt = lambda s: "-" if s is None else f"{s:.0f}"
         ref_reach = summary.get("muon", {}).get("steps_to_target_mean_curve")
-        lines.append(f"| {n} | {VARIANTS[n][4]} | {best[n]:g} | {len(runs)} | {np.mean(fin):.4f} | {max(fin) - min(fin):.4f} | "
+        lines.append(f"| {n} | {VARIANTS[n][4]} | {best[n]:g} | {len(runs)} | {np.mean(fin):.4f} | {f'{max(fin) - min(fin):.4f}' if len(fin) > 1 else '-'} | "
                      f"{', '.join(f'{v:.4f}' for v in fin)} | {', '.join(fmt(s) for s in per_seed)} | {fmt(reach)} | "
                      f"{'-' if reach is None or not ref_reach else f'{reach / ref_reach:.2f}x'} | {summary[n]['ms_per_step']:.0f} |")
     lines += ["", f"Sweep (seed 0, final val loss at {sweep_steps} steps):", ""]

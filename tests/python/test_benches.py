@@ -116,14 +116,20 @@ def test_quality_protocol_sweeps_journals_and_resumes(tmp_path):
     args = ["--steps", 4, "--eval-every", 2, "--out", tmp_path, "--variants", "muon,lanton_option2"]
     run_bench("quality.py", *args, "--seeds", 2)
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    # The sweep at the full horizon (3 rates each, seed 0) doubles as seed 0; then seed 1 at the best rate.
-    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted([("muon", 0)] * 3 + [("lanton_option2", 0)] * 3
-                                                                     + [("muon", 1), ("lanton_option2", 1)])
+    # The sweep at the full horizon (seed 0: 3 rates, plus up to 2 while the best is at an edge)
+    # doubles as seed 0; then seed 1 at the best rate.
+    results = json.loads((tmp_path / "results.json").read_text())
+    for v in ("muon", "lanton_option2"):
+        rates = sorted(r["lr"] for r in runs if r["variant"] == v and r["seed"] == 0)
+        assert 3 <= len(rates) <= 5 and sorted(map(float, results["sweeps"][v])) == rates
+        best = results["best_lr"][v]
+        assert len(rates) == 5 or min(rates) < best < max(rates), (v, rates, best)
+        assert [r["lr"] for r in runs if r["variant"] == v and r["seed"] == 1] == [best]
     assert {r["samples_per_step"] for r in runs if r["variant"] == "lanton_option2"} == {2}
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert len(summary["muon"]["finals"]) == 2 and len(summary["lanton_option2"]["steps_to_target"]) == 2
     # Resuming reuses every finished run; a third seed past a zero budget is reported as missing.
     out = run_bench("quality.py", *args, "--seeds", 3, "--budget-minutes", 0)
-    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 8
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(runs)
     assert "**Partial:** the budget ran out" in out and "muon, lanton_option2" in out
     assert (tmp_path / "val_loss.png").stat().st_size > 1000
