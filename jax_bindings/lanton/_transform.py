@@ -175,8 +175,8 @@ class _Lanton:
 
     def __init__(self, learning_rate, beta1, beta2, weight_decay, scale, *, noise_every, noise_adaptive, nesterov,
                  ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend,
-                 ns_dtype="bfloat16", noise_estimator="auto", mesh=None, mesh_axes=None, ratio_power=1.0,
-                 ratio_floor=0.0):
+                 ns_dtype="bfloat16", noise_estimator="auto", mesh=None, mesh_axes=None, ratio_power=None,
+                 ratio_floor=None):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
         if backend != "reference":
@@ -531,8 +531,8 @@ def lanton(
     noise_estimator: str = "auto",
     mesh=None,
     mesh_axes=None,
-    ratio_power: float = 1.0,
-    ratio_floor: float = 0.0,
+    ratio_power: Optional[float] = None,
+    ratio_floor: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LANTON: layer-wise noise-adaptive learning rates on geometry-aware (Muon-style) updates.
 
@@ -564,7 +564,7 @@ def lanton(
       ratio_stat: reference statistic of alpha in the group ("max", "mean", "min").
       ratio_eps: epsilon in alpha = (H + eps)^(-1/2) (default 1e-30).
       ratio_power, ratio_floor: ratio shaping (our option; the paper's rule is p = 1, r_min = 0,
-        the defaults): r = max(r_min, (alpha / stat(alpha))^p). p < 1 narrows the spread of the
+        the defaults, None meaning those values, so `optax.inject_hyperparams` leaves them alone): r = max(r_min, (alpha / stat(alpha))^p). p < 1 narrows the spread of the
         layers' rates (p = 0: every layer at the base rate, noise still tracked); r_min bounds
         how far a noisy layer's rate may fall. Measured effects: README "Training quality".
       ns_coeffs: Newton-Schulz (a, b, c) triples, one per step (default: muon.py's, 5 steps).
