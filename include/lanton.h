@@ -11,7 +11,9 @@
  * with the Python shim does (2: leaves keep their own shapes, with a `layer_dims` attribute;
  * 3: the CUDA targets take their scratch as a trailing uint8 result sized by
  * `lanton_cuda_scratch_bytes`; 4: the `owned_layers` attribute splits a group's work across
- * devices, which an older library would ignore and so compute every update on every device).
+ * devices, which an older library would ignore and so compute every update on every device;
+ * 5: the `ratio_power` and `ratio_floor` attributes shape the ratio, which an older library would
+ * ignore).
  */
 #define LANTON_ABI_VERSION 5
 

@@ -563,8 +563,9 @@ def lanton(
       nesterov: use b1*B + (1-b1)*G as the direction's input.
       ratio_stat: reference statistic of alpha in the group ("max", "mean", "min").
       ratio_eps: epsilon in alpha = (H + eps)^(-1/2) (default 1e-30).
-      ratio_power, ratio_floor: ratio shaping (our option; the paper's rule is p = 1, r_min = 0,
-        the defaults, None meaning those values, so `optax.inject_hyperparams` leaves them alone): r = max(r_min, (alpha / stat(alpha))^p). p < 1 narrows the spread of the
+      ratio_power, ratio_floor: ratio shaping (our option): r = max(r_min, (alpha / stat(alpha))^p).
+        Defaults None mean p = 1, r_min = 0, the paper's rule (None, so that
+        `optax.inject_hyperparams` leaves them alone). p < 1 narrows the spread of the
         layers' rates (p = 0: every layer at the base rate, noise still tracked); r_min bounds
         how far a noisy layer's rate may fall. Measured effects: README "Training quality".
       ns_coeffs: Newton-Schulz (a, b, c) triples, one per step (default: muon.py's, 5 steps).
