@@ -20,6 +20,7 @@ use crate::ffi::buffers::float_dtype_ok;
 use crate::ffi::frame::element_count;
 use crate::ffi::handler::{dispatch, dispatch_staged};
 use crate::ffi::{BufferRef, BufferSet, CallFrame, FfiError, FfiResult, TensorMut};
+use crate::step::layout::{LeafBuffers, Pair, StepLayout};
 use crate::step::{Hyper, Kind, LayerShape, NuclearEstimator, RatioStat, StepConfig, HYPER_LEN};
 
 pub const ARGS_PER_LEAF: usize = 7;
@@ -115,39 +116,6 @@ fn expect_per_layer(b: &BufferRef, layers: i64, any_shape: bool, what: &str) -> 
         return Err(FfiError::invalid(format!("{what}: expected {layers} elements (one per layer), got shape {:?}", b.dims)));
     }
     Ok(())
-}
-
-/// A state buffer pair (arg i -> ret j): aliased when donated, otherwise copied through.
-pub struct Pair<'a> {
-    pub arg: BufferRef<'a>,
-    pub ret: BufferRef<'a>,
-    pub aliased: bool,
-}
-
-/// A leaf's validated buffers (backend-neutral: the CUDA path uses the device addresses).
-pub struct LeafBuffers<'a> {
-    pub name: String,
-    pub shape: LayerShape,
-    pub grad: BufferRef<'a>,
-    /// (arg -> ret): momentum, prev_grad, noise, valid, prev_step.
-    pub state: [Pair<'a>; 5],
-    /// param -> out (aliased for the in-place variant when donated).
-    pub param: Pair<'a>,
-    pub ratio: BufferRef<'a>,
-}
-
-/// A decoded, validated step call: every buffer checked for dtype and shape, and the outputs
-/// proved not to overlap anything else (`set` is sealed).
-pub struct StepLayout<'a> {
-    pub config: StepConfig,
-    pub in_place: bool,
-    pub hyper: BufferRef<'a>,
-    pub step: BufferRef<'a>,
-    pub leaves: Vec<LeafBuffers<'a>>,
-    /// The trailing uint8 scratch result (rank 1), if the call has one (the CUDA targets need
-    /// it, the CPU targets refuse it); its size is checked against the plan by the backend.
-    pub scratch: Option<BufferRef<'a>>,
-    pub set: BufferSet,
 }
 
 /// Everything the CPU step needs, borrowed from the frame.

@@ -5,7 +5,7 @@
 use super::device::{self, Gemm, Grid, Session, CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_R_32F};
 use crate::ffi::api::dtype;
 use crate::ffi::{CallFrame, FfiError, FfiResult};
-use crate::handlers::StepLayout;
+use crate::step::layout::StepLayout;
 use crate::step::{self, Kind, LayerShape, RatioStat};
 use cudarc::driver::sys as cu;
 use std::ffi::c_void;

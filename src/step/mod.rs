@@ -17,6 +17,8 @@
 
 use std::fmt;
 
+pub mod layout;
+
 /// The LMO geometry of a group (ALGORITHM.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
