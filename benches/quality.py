@@ -46,19 +46,21 @@ except ImportError:
     tqdm = None
 
 LANTON_GRID = [0.015, 0.03, 0.06]
+# Every variant names its ratio power, so a journal entry keeps its meaning when lanton's default changes.
+P1 = {"ratio_power": 1.0}
 # name -> (contender of optimizers.make, lanton options, learning-rate grid, Option II?, what it isolates)
 VARIANTS = {
     "muon": ("muon", {}, [0.01, 0.02, 0.04], False, "optax.contrib.muon, hidden only, tuned Adam part (the baseline)"),
-    "lanton": ("lanton", {}, LANTON_GRID, False, "lanton, defaults (K = 10, ratio alpha/max alpha)"),
+    "lanton": ("lanton", P1, LANTON_GRID, False, "lanton, the paper's ratio r = alpha/max alpha (K = 10)"),
     "lanton_noise_off": ("lanton_noise_off", {}, LANTON_GRID, False, "1. lanton with r = 1 (D-Muon / Scion-like)"),
-    "hybrid": ("hybrid", {}, LANTON_GRID, False, "2. lanton on hidden matrices + Muon's Adam part on the rest"),
+    "hybrid": ("hybrid", P1, LANTON_GRID, False, "2. lanton on hidden matrices + Muon's Adam part on the rest"),
     "hybrid_noise_off": ("hybrid", {"noise_adaptive": False}, LANTON_GRID, False, "2. the same with r = 1"),
     "lanton_p05": ("lanton", {"ratio_power": 0.5}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.5"),
     "lanton_p025": ("lanton", {"ratio_power": 0.25}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.25"),
     "hybrid_p05": ("hybrid", {"ratio_power": 0.5}, LANTON_GRID, False, "2 + 3. the hybrid with the tempered ratio (p = 0.5)"),
-    "lanton_floor": ("lanton", {"ratio_floor": 0.1}, LANTON_GRID, False, "3. ratio floor r >= 0.1"),
-    "lanton_split": ("lanton", {"labels": "split"}, LANTON_GRID, False, "3. QK / VO / MLP groups instead of one hidden group"),
-    "lanton_option2": ("lanton", {"noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
+    "lanton_floor": ("lanton", {**P1, "ratio_floor": 0.1}, LANTON_GRID, False, "3. ratio floor r >= 0.1"),
+    "lanton_split": ("lanton", {**P1, "labels": "split"}, LANTON_GRID, False, "3. QK / VO / MLP groups instead of one hidden group"),
+    "lanton_option2": ("lanton", {**P1, "noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
 }
 
 
