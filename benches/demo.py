@@ -25,7 +25,7 @@ except ImportError:  # the bar is a nicety
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--optimizers", default="lanton,muon")
     ap.add_argument("--out", default=None, help="write the histories as JSON here")
     args = ap.parse_args()

@@ -24,8 +24,9 @@ class StepConfig:
     noise_adaptive: bool = True
     ratio_stat: str = "max"
     ratio_eps: float = 1e-30
-    # Ratio shaping (our option): r = max(ratio_floor, (alpha/ref)^ratio_power); 1 and 0: the paper's.
-    ratio_power: float = 1.0
+    # Ratio shaping (our option): r = max(ratio_floor, (alpha/ref)^ratio_power). p = 0.5 won the
+    # 3-seed protocol (benches/results/quality); p = 1, r_min = 0 is the paper's rule.
+    ratio_power: float = 0.5
     ratio_floor: float = 0.0
     nesterov: bool = False
     vector_eps: float = 1e-8

@@ -9,7 +9,8 @@
 //!       n = dual_norm(G - G_prev);  H = b2*H + (1-b2)*n^2;  valid |= n > 0
 //!   if step t+1 is a noise step: G_prev = G
 //! alpha_l = (H_l + eps)^(-1/2) for valid l;  r_l = alpha_l / stat_{valid j}(alpha_j), else 1
-//! shaped (options; default p = 1, r_min = 0, the paper's rule):  r_l = max(r_min, r_l^p)
+//! shaped (options):  r_l = max(r_min, r_l^p)     kernels' default p = 1, r_min = 0: the paper's rule;
+//!                                                 lanton()'s default p = 0.5 (benches/results/quality)
 //! for every layer l:
 //!   V = nesterov ? b1*B + (1-b1)*G : B
 //!   delta = -lr * (wd*X + s(kind, shape) * r_l * D_kind(V))
@@ -126,7 +127,8 @@ pub struct StepConfig {
     pub ratio_eps: f32,
     /// Ratio shaping (our option, not the paper's): r = max(ratio_floor, (alpha/ref)^ratio_power)
     /// for valid layers. p < 1 tempers the spread of the rates, r_min bounds how far a noisy
-    /// layer's rate may fall. Defaults 1 and 0: the paper's r = alpha/ref.
+    /// layer's rate may fall. Defaults 1 and 0: the paper's r = alpha/ref (the Python optimizer
+    /// always passes its own, p = 0.5 by default).
     pub ratio_power: f32,
     pub ratio_floor: f32,
     pub nesterov: bool,
