@@ -3,7 +3,9 @@
 For every variant (optax Muon, lanton and its parts, see VARIANTS):
 1. a learning-rate sweep at --sweep-steps (default: the full horizon), seed 0, the same 3-point grid
    shape for everyone (half, once and twice the variant's default rate), extended by halving or
-   doubling (at most twice) while the best rate is at the grid's edge;
+   doubling (at most twice) while the best rate is at the grid's edge. "Best" is the lowest
+   training loss over the sweep run's last 100 steps: the validation split is never used to
+   tune, only to report;
 2. the best rate trained for --steps with --seeds seeds (seed 0 reuses the sweep run when the
    horizons are equal);
 3. a report (report.md), the runs (runs.jsonl) and plots under --out: final loss per seed, mean,
@@ -146,6 +148,10 @@ def main():
         journal.add(r)
         return r
 
+    def train_score(r):
+        """What the sweep minimizes: the mean training loss of the run's last 100 steps."""
+        return float(np.mean(r["train_loss"][-100:]))
+
     sweeps, best, finals, missing = {}, {}, {}, []
     for n in names:
         if n in fixed:
@@ -155,11 +161,11 @@ def main():
         for lr in VARIANTS[n][2]:
             r = run(n, lr, sweep_steps, 0)
             if r:
-                sweeps[n][lr] = r["val_loss"][-1]
+                sweeps[n][lr] = r
         if len(sweeps[n]) < len(VARIANTS[n][2]):
             missing.append(f"{n}: sweep unfinished")
             continue
-        best[n] = min(sweeps[n], key=sweeps[n].get)
+        best[n] = min(sweeps[n], key=lambda lr: train_score(sweeps[n][lr]))
         # A best rate at the grid's edge is not bracketed: extend the grid that way (up to twice).
         for _ in range(2):
             lo, hi = min(sweeps[n]), max(sweeps[n])
@@ -170,9 +176,9 @@ def main():
             if r is None:
                 missing.append(f"{n}: best rate {best[n]:g} at the grid's edge, {lr:g} not run yet")
                 break
-            sweeps[n][lr] = r["val_loss"][-1]
-            best[n] = min(sweeps[n], key=sweeps[n].get)
-        sweeps[n] = dict(sorted(sweeps[n].items()))
+            sweeps[n][lr] = r
+            best[n] = min(sweeps[n], key=lambda lr: train_score(sweeps[n][lr]))
+    sweeps = {n: {lr: {"train": train_score(r), "val": r["val_loss"][-1]} for lr, r in sorted(d.items())} for n, d in sweeps.items()}
     for seed in range(args.seeds):  # seed by seed, so a partial protocol has every variant's seed 0
         for n in (n for n in names if n in best):
             r = run(n, best[n], args.steps, seed)
@@ -227,8 +233,10 @@ def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, 
         lines.append(f"| {n} | {VARIANTS[n][4]} | {best[n]:g} | {len(runs)} | {np.mean(fin):.4f} | {f'{max(fin) - min(fin):.4f}' if len(fin) > 1 else '-'} | "
                      f"{', '.join(f'{v:.4f}' for v in fin)} | {', '.join(fmt(s) for s in per_seed)} | {fmt(reach)} | "
                      f"{'-' if reach is None or not ref_reach else f'{reach / ref_reach:.2f}x'} | {summary[n]['ms_per_step']:.0f} |")
-    lines += ["", f"Sweep (seed 0, final val loss at {sweep_steps} steps):", ""]
-    lines += [f"- {n}: " + ", ".join(f"lr {k:g}: {v:.4f}" for k, v in d.items()) for n, d in sweeps.items()]
+    lines += ["", f"Sweep (seed 0, {sweep_steps} steps; the rate is picked by the training loss of the last 100 steps, "
+              "the validation loss is shown, not used):", ""]
+    lines += [f"- {n}: " + ", ".join(f"lr {k:g}: train {v['train']:.4f}, val {v['val']:.4f}" for k, v in d.items())
+              for n, d in sweeps.items()]
     lines += ["", "Option II draws two batches per step: per sample it has seen twice the data of the others at the "
               "same step.", "", "![validation loss](val_loss.png)", ""]
     (out / "results.json").write_text(json.dumps({"meta": meta, "sweeps": {n: {str(k): v for k, v in d.items()} for n, d in sweeps.items()},

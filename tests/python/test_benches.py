@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHES = Path(__file__).resolve().parents[2] / "benches"
@@ -124,6 +125,9 @@ def test_quality_protocol_sweeps_journals_and_resumes(tmp_path):
         assert 3 <= len(rates) <= 5 and sorted(map(float, results["sweeps"][v])) == rates
         best = results["best_lr"][v]
         assert len(rates) == 5 or min(rates) < best < max(rates), (v, rates, best)
+        # The rate is picked by the training loss (last 100 steps), never by the validation split.
+        sweep = [r for r in runs if r["variant"] == v and r["seed"] == 0]
+        assert best == min(sweep, key=lambda r: np.mean(r["train_loss"][-100:]))["lr"]
         assert [r["lr"] for r in runs if r["variant"] == v and r["seed"] == 1] == [best]
     assert {r["samples_per_step"] for r in runs if r["variant"] == "lanton_option2"} == {2}
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
