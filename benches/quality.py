@@ -76,6 +76,16 @@ def make_tx(variant, lr):
     return make(base, lr, **kw)
 
 
+def train_score(r):
+    """What the sweep minimizes: the mean training loss of the run's last 100 steps."""
+    return float(np.mean(r["train_loss"][-100:]))
+
+
+def best_rate(sweep):
+    """The rate of {lr: run} with the lowest training score (the validation split is not used)."""
+    return min(sweep, key=lambda lr: train_score(sweep[lr]))
+
+
 class Journal:
     """Finished runs keyed by (variant, lr, steps, seed, model), appended as JSON lines."""
 
@@ -148,10 +158,6 @@ def main():
         journal.add(r)
         return r
 
-    def train_score(r):
-        """What the sweep minimizes: the mean training loss of the run's last 100 steps."""
-        return float(np.mean(r["train_loss"][-100:]))
-
     sweeps, best, finals, missing = {}, {}, {}, []
     for n in names:
         if n in fixed:
@@ -165,7 +171,7 @@ def main():
         if len(sweeps[n]) < len(VARIANTS[n][2]):
             missing.append(f"{n}: sweep unfinished")
             continue
-        best[n] = min(sweeps[n], key=lambda lr: train_score(sweeps[n][lr]))
+        best[n] = best_rate(sweeps[n])
         # A best rate at the grid's edge is not bracketed: extend the grid that way (up to twice).
         for _ in range(2):
             lo, hi = min(sweeps[n]), max(sweeps[n])
@@ -177,7 +183,7 @@ def main():
                 missing.append(f"{n}: best rate {best[n]:g} at the grid's edge, {lr:g} not run yet")
                 break
             sweeps[n][lr] = r
-            best[n] = min(sweeps[n], key=lambda lr: train_score(sweeps[n][lr]))
+            best[n] = best_rate(sweeps[n])
     sweeps = {n: {lr: {"train": train_score(r), "val": r["val_loss"][-1]} for lr, r in sorted(d.items())} for n, d in sweeps.items()}
     for seed in range(args.seeds):  # seed by seed, so a partial protocol has every variant's seed 0
         for n in (n for n in names if n in best):

@@ -205,13 +205,13 @@ class _Lanton:
         self.base_config = StepConfig(
             kind="hidden",
             ns_coeffs=StepConfig.ns_coeffs if ns_coeffs is None else _checks.ns_coeffs(ns_coeffs),
-            noise_every=_static("noise_every", noise_every, 10, lambda v: _checks.positive_int("noise_every", v)),
-            noise_adaptive=_static("noise_adaptive", noise_adaptive, True, _flag("noise_adaptive")),
+            noise_every=_static("noise_every", noise_every, StepConfig.noise_every, lambda v: _checks.positive_int("noise_every", v)),
+            noise_adaptive=_static("noise_adaptive", noise_adaptive, StepConfig.noise_adaptive, _flag("noise_adaptive")),
             ratio_stat=ratio_stat,
-            ratio_eps=_static("ratio_eps", ratio_eps, 1e-30, lambda v: float(_checks.real("ratio_eps", v, lo=0.0))),
+            ratio_eps=_static("ratio_eps", ratio_eps, StepConfig.ratio_eps, lambda v: float(_checks.real("ratio_eps", v, lo=0.0))),
             ratio_power=_static("ratio_power", ratio_power, StepConfig.ratio_power, lambda v: float(_checks.real("ratio_power", v, lo=0.0))),
             ratio_floor=_static("ratio_floor", ratio_floor, StepConfig.ratio_floor, lambda v: float(_checks.real("ratio_floor", v, lo=0.0))),
-            nesterov=_static("nesterov", nesterov, False, _flag("nesterov")),
+            nesterov=_static("nesterov", nesterov, StepConfig.nesterov, _flag("nesterov")),
             ns_dtype=ns_dtype,
             noise_estimator=noise_estimator,
         )
