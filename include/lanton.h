@@ -13,9 +13,9 @@
  * `lanton_cuda_scratch_bytes`; 4: the `owned_layers` attribute splits a group's work across
  * devices, which an older library would ignore and so compute every update on every device;
  * 5: the `ratio_power` and `ratio_floor` attributes shape the ratio, which an older library would
- * ignore).
+ * ignore; 6: the `noise_relative` attribute, likewise).
  */
-#define LANTON_ABI_VERSION 5
+#define LANTON_ABI_VERSION 6
 
 #define LANTON_OK 0
 

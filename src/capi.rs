@@ -15,8 +15,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// `lanton_cuda_scratch_bytes`; 4: the `owned_layers` attribute splits a group's work across
 /// devices, which an older library would ignore and so compute every update on every device;
 /// 5: the `ratio_power` and `ratio_floor` attributes shape the ratio, which an older library would
-/// ignore).
-pub const LANTON_ABI_VERSION: u32 = 5;
+/// ignore; 6: the `noise_relative` attribute, likewise).
+pub const LANTON_ABI_VERSION: u32 = 6;
 
 pub const LANTON_OK: i32 = 0;
 pub const LANTON_ERR_INVALID: i32 = 1;
@@ -69,7 +69,7 @@ pub extern "C" fn lanton_newton_schulz_runs() -> u64 {
 pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("config is not valid JSON: {e}"))?;
     let obj = v.as_object().ok_or("config must be a JSON object")?;
-    let known = ["kind", "ns_coeffs", "noise_every", "noise_adaptive", "ratio_stat", "ratio_eps", "ratio_power", "ratio_floor", "nesterov", "vector_eps"];
+    let known = ["kind", "ns_coeffs", "noise_every", "noise_adaptive", "ratio_stat", "ratio_eps", "ratio_power", "ratio_floor", "noise_relative", "nesterov", "vector_eps"];
     if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("config: unknown key '{k}' (known: {known:?})"));
     }
@@ -99,6 +99,9 @@ pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
     }
     if let Some(b) = flag("noise_adaptive")? {
         cfg.noise_adaptive = b;
+    }
+    if let Some(b) = flag("noise_relative")? {
+        cfg.noise_relative = b;
     }
     if let Some(b) = flag("nesterov")? {
         cfg.nesterov = b;

@@ -9,7 +9,7 @@
 //!         ratio f32[L]; then, for the CUDA targets only, scratch u8[bytes] (bytes from
 //!         `lanton_cuda_scratch_bytes`, src/capi.rs: the handler allocates nothing)
 //!   attrs: kind, ns_coeffs, noise_every, noise_adaptive, ratio_stat, ratio_eps, nesterov,
-//!         vector_eps, ratio_power and ratio_floor (optional, 1 and 0), rows_are_input (one per leaf), leaf_names ("\n"-joined, optional),
+//!         vector_eps, ratio_power, ratio_floor and noise_relative (optional, 1, 0 and false), rows_are_input (one per leaf), leaf_names ("\n"-joined, optional),
 //!         layer_dims (optional, (L, R, C) per leaf: then param/grad/momentum/prev_grad may have
 //!         any shape of L*R*C elements in that order, and the per-layer buffers any shape of L)
 
@@ -58,6 +58,7 @@ pub fn decode_config(call: &CallFrame) -> FfiResult<StepConfig> {
         ratio_eps: call.attr_f32("ratio_eps")?,
         ratio_power: call.attr_opt("ratio_power", CallFrame::attr_f32)?.unwrap_or(1.0),
         ratio_floor: call.attr_opt("ratio_floor", CallFrame::attr_f32)?.unwrap_or(0.0),
+        noise_relative: call.attr_opt("noise_relative", CallFrame::attr_bool)?.unwrap_or(false),
         nesterov: call.attr_bool("nesterov")?,
         vector_eps: call.attr_f32("vector_eps")?,
         nuclear: match call.attr_opt("noise_estimator", CallFrame::attr_str)?.as_deref() {
@@ -371,6 +372,12 @@ fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
     if layout.config.nuclear == NuclearEstimator::GramEigen {
         return Err(FfiError::invalid(
             "attribute 'noise_estimator': 'eigen' runs on CPU only; the CUDA kernels estimate the noise by polar iteration ('polar' or 'auto')",
+        ));
+    }
+    if layout.config.noise_relative {
+        return Err(FfiError::invalid(
+            "attribute 'noise_relative': the noise-to-signal measure runs on CPU only (an ablation option); \
+             the CUDA kernels measure the paper's absolute noise",
         ));
     }
     if layout.config.owned_layers.is_some() {

@@ -46,6 +46,32 @@ fn host_step_matches_reference() {
 }
 
 #[test]
+fn host_step_takes_the_noise_to_signal_option() {
+    use lanton::capi::config_from_json;
+    let err = config_from_json(r#"{"kind": "hidden", "noise_relative": 1}"#).unwrap_err();
+    assert!(err.contains("'noise_relative' must be true or false"), "{err}");
+    let text = r#"{"kind": "hidden", "noise_every": 1, "noise_relative": true}"#;
+    let cfg = config_from_json(text).unwrap();
+    assert!(cfg.noise_relative);
+    let mut rng = Rng::new(78);
+    let shape = lanton::step::LayerShape { layers: 2, rows: 6, cols: 10, rows_are_input: true };
+    let p0 = rng.normals(120, 0.5);
+    let mut leaf = OwnedLeaf::new(shape, p0.clone());
+    let hyper = [0.05, 0.9, 0.9, 0.0, 0.2];
+    let h = lanton::step::Hyper::from_slice(&hyper).unwrap();
+    let mut refs = vec![RefLeaf::new(shape, &p0)];
+    for t in 1..=3 {
+        let grad = rng.normals(120, 1.0);
+        call(text, &hyper, t, &mut leaf, &grad).unwrap();
+        ref_group_step(&cfg, &h, t, &mut refs, &[grad]);
+    }
+    // H holds squared noise-to-signal ratios (order 1 here), not squared noise norms.
+    for (a, b) in leaf.noise.iter().zip(&refs[0].noise) {
+        assert!(*b > 0.0 && (*a as f64 - b).abs() <= 1e-4 * b, "{a} vs {b}");
+    }
+}
+
+#[test]
 fn host_step_errors_are_reported() {
     let shape = lanton::step::LayerShape { layers: 1, rows: 2, cols: 2, rows_are_input: true };
     let mut leaf = OwnedLeaf::new(shape, vec![0.0; 4]);

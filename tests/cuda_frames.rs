@@ -43,6 +43,9 @@ fn cuda_handlers_validate_before_touching_the_device() {
         let mut f = frame("hidden", dtype::F32);
         f.set_attr("noise_estimator", Attr::Str("svd".into()));
         expect_error(&mut f, h, &["'noise_estimator'", "got 'svd'"]);
+        let mut f = frame("hidden", dtype::F32);
+        f.set_attr("noise_relative", Attr::Bool(true));
+        expect_error(&mut f, h, &["'noise_relative'", "CPU only"]);
     }
 }
 

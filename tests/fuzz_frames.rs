@@ -428,6 +428,9 @@ impl FrameSpec {
         f.attrs.push(float_attr(rng, "ratio_eps", 1e-30));
         f.attrs.push(bool_attr(rng, "nesterov"));
         f.attrs.push(float_attr(rng, "vector_eps", 1e-8));
+        if rng.one_in(3) {
+            f.attrs.push(bool_attr(rng, "noise_relative"));
+        }
         let rd = rng.pick(&[dtype::S64, dtype::S32, dtype::U8, dtype::S8, dtype::PRED]);
         f.attrs.push(array("rows_are_input", rd, pack(rd, &rows_are_input), rows_are_input.len()));
         if rng.one_in(2) {
@@ -468,9 +471,9 @@ fn random_dims(rng: &mut Rng) -> Vec<i64> {
 }
 
 fn random_attr_name(rng: &mut Rng) -> Vec<u8> {
-    const NAMES: [&str; 17] = [
+    const NAMES: [&str; 18] = [
         "kind", "ns_coeffs", "noise_every", "noise_adaptive", "ratio_stat", "ratio_eps", "nesterov", "vector_eps",
-        "rows_are_input", "leaf_names", "noise_work", "ns_dtype", "noise_estimator", "Kind", "kind ", "", "extra",
+        "rows_are_input", "leaf_names", "noise_work", "ns_dtype", "noise_estimator", "noise_relative", "Kind", "kind ", "", "extra",
     ];
     match rng.below(4) {
         0 => rng.bytes(12),

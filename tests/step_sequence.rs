@@ -133,8 +133,17 @@ fn run_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adap
 
 #[allow(clippy::too_many_arguments)]
 fn run_shaped_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat,
-                                steps: i32, (power, floor): (f32, f32)) {
+                                steps: i32, shaping: (f32, f32)) {
+    run_configured_against_reference(kind, k, nesterov, wd, noise_adaptive, stat, steps, shaping, false);
+}
+
+/// Runs the kernels and the f64 reference side by side for `steps` steps, checking every step;
+/// returns the kernels' leaves.
+#[allow(clippy::too_many_arguments)]
+fn run_configured_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat,
+                                    steps: i32, (power, floor): (f32, f32), relative: bool) -> Vec<Leaf> {
     let mut cfg = StepConfig::new(kind);
+    cfg.noise_relative = relative;
     cfg.ratio_power = power;
     cfg.ratio_floor = floor;
     cfg.noise_every = k;
@@ -189,6 +198,7 @@ fn run_shaped_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noi
         let all: Vec<f32> = leaves.iter().flat_map(|l| l.ratio.clone()).collect();
         assert!(all.iter().any(|&r| (r - 1.0).abs() > 1e-3), "ratios never left 1: {all:?}");
     }
+    leaves
 }
 
 #[test]
@@ -204,6 +214,19 @@ fn shaped_ratios_match_reference() {
     run_shaped_against_reference(Kind::Hidden, 1, false, 0.0, true, RatioStat::Max, 5, (0.5, 0.4));
     run_shaped_against_reference(Kind::Embed, 2, false, 0.0, true, RatioStat::Max, 6, (0.5, 0.0));
     run_shaped_against_reference(Kind::Vector, 1, false, 0.0, true, RatioStat::Mean, 4, (1.0, 0.8));
+}
+
+/// The noise-to-signal option: H tracks (||G - G_prev|| / ||B||)^2, every kind, against the
+/// f64 reference; and it differs from the absolute measure on the same inputs.
+#[test]
+fn relative_noise_matches_reference() {
+    for (kind, k, stat) in [(Kind::Hidden, 1, RatioStat::Max), (Kind::Embed, 2, RatioStat::Mean), (Kind::Vector, 1, RatioStat::Max)] {
+        let relative = run_configured_against_reference(kind, k, false, 0.0, true, stat, 6, (1.0, 0.0), true);
+        let absolute = run_configured_against_reference(kind, k, false, 0.0, true, stat, 6, (1.0, 0.0), false);
+        let (hr, ha): (Vec<f32>, Vec<f32>) = (relative.iter().flat_map(|l| l.noise.clone()).collect(),
+                                              absolute.iter().flat_map(|l| l.noise.clone()).collect());
+        assert!(hr.iter().zip(&ha).any(|(a, b)| (a - b).abs() > 1e-3 * b.abs()), "{kind}: {hr:?} vs {ha:?}");
+    }
 }
 
 #[test]

@@ -28,6 +28,10 @@ class StepConfig:
     # 3-seed protocol (benches/results/quality); p = 1, r_min = 0 is the paper's rule.
     ratio_power: float = 0.5
     ratio_floor: float = 0.0
+    # Noise measured relative to the layer's signal (our option): H tracks the squared
+    # noise-to-signal ratio ||G - G_prev|| / ||B|| in the group's dual norm. CPU kernels and the
+    # reference only.
+    noise_relative: bool = False
     nesterov: bool = False
     vector_eps: float = 1e-8
     # Newton-Schulz operand dtype on CUDA (f32 accumulation either way); the CPU kernels and

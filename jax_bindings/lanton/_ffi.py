@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-ABI_VERSION = 5  # must equal LANTON_ABI_VERSION in src/capi.rs
+ABI_VERSION = 6  # must equal LANTON_ABI_VERSION in src/capi.rs
 # The handlers report XLA FFI API 0.3 (src/ffi/api.rs); jaxlib accepts it from 0.10.0 on. Older
 # jaxlib refuses the registration when its CPU backend starts, which breaks every computation of
 # the process, so the loader refuses first.
@@ -307,6 +307,7 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, owned=None):
         ratio_eps=np.float32(config.ratio_eps),
         ratio_power=np.float32(config.ratio_power),
         ratio_floor=np.float32(config.ratio_floor),
+        noise_relative=bool(config.noise_relative),
         nesterov=bool(config.nesterov),
         vector_eps=np.float32(config.vector_eps),
         rows_are_input=np.asarray([lf[7] for lf in leaves], np.uint8),

@@ -176,7 +176,7 @@ class _Lanton:
     def __init__(self, learning_rate, beta1, beta2, weight_decay, scale, *, noise_every, noise_adaptive, nesterov,
                  ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend,
                  ns_dtype="bfloat16", noise_estimator="auto", mesh=None, mesh_axes=None, ratio_power=None,
-                 ratio_floor=None):
+                 ratio_floor=None, noise_relative=None):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
         if backend != "reference":
@@ -211,6 +211,7 @@ class _Lanton:
             ratio_eps=_static("ratio_eps", ratio_eps, StepConfig.ratio_eps, lambda v: float(_checks.real("ratio_eps", v, lo=0.0))),
             ratio_power=_static("ratio_power", ratio_power, StepConfig.ratio_power, lambda v: float(_checks.real("ratio_power", v, lo=0.0))),
             ratio_floor=_static("ratio_floor", ratio_floor, StepConfig.ratio_floor, lambda v: float(_checks.real("ratio_floor", v, lo=0.0))),
+            noise_relative=_static("noise_relative", noise_relative, StepConfig.noise_relative, _flag("noise_relative")),
             nesterov=_static("nesterov", nesterov, StepConfig.nesterov, _flag("nesterov")),
             ns_dtype=ns_dtype,
             noise_estimator=noise_estimator,
@@ -533,6 +534,7 @@ def lanton(
     mesh_axes=None,
     ratio_power: Optional[float] = None,
     ratio_floor: Optional[float] = None,
+    noise_relative: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LANTON: layer-wise noise-adaptive learning rates on geometry-aware (Muon-style) updates.
 
@@ -570,6 +572,10 @@ def lanton(
         (benches/results/quality). p < 1 narrows the spread of the layers' rates (p = 0: every
         layer at the base rate, noise still tracked); r_min bounds how far a noisy layer's rate
         may fall. Measured effects: README "Training quality".
+      noise_relative: measure each layer's noise relative to its signal (our option, default
+        False): H tracks (||G - G_prev|| / ||B||)^2 in the group's dual norm, B the momentum, so a
+        layer whose gradient is large but steady is not slowed for its size. CPU kernels and the
+        reference only (the CUDA kernels refuse it). Measured effect: README "Training quality".
       ns_coeffs: Newton-Schulz (a, b, c) triples, one per step (default: muon.py's, 5 steps).
       labels: pytree of group names (or None to leave a leaf to another transformation: its
         update passes through unchanged), or a function of the params returning one. Default:
@@ -598,15 +604,16 @@ def lanton(
     it) the noise is then measured as ||G - G2|| instead of ||G_t - G_{t-1}||, and no gradient is
     kept across steps. Without it, Option I (the default) runs.
 
-    Structural options (noise_every, ratio_eps, ratio_power, ratio_floor, ns_coeffs, nesterov,
-    noise_adaptive, groups, momentum_dtype) are compiled into the kernel. `optax.inject_hyperparams(lanton)` injects
+    Structural options (noise_every, ratio_eps, ratio_power, ratio_floor, noise_relative, ns_coeffs,
+    nesterov, noise_adaptive, groups, momentum_dtype) are compiled into the kernel. `optax.inject_hyperparams(lanton)` injects
     learning_rate, beta1, beta2, weight_decay and scale; pass callables for labels/dim_numbers
     and explicit numeric structural options through `static_args`.
     """
     kw = dict(noise_every=noise_every, noise_adaptive=noise_adaptive, nesterov=nesterov, ratio_stat=ratio_stat,
               ratio_eps=ratio_eps, ns_coeffs=ns_coeffs, labels=labels, groups=groups, dim_numbers=dim_numbers,
               momentum_dtype=momentum_dtype, backend=backend, ns_dtype=ns_dtype, noise_estimator=noise_estimator,
-              mesh=mesh, mesh_axes=mesh_axes, ratio_power=ratio_power, ratio_floor=ratio_floor)
+              mesh=mesh, mesh_axes=mesh_axes, ratio_power=ratio_power, ratio_floor=ratio_floor,
+              noise_relative=noise_relative)
     impl = _make(learning_rate, beta1, beta2, weight_decay, scale, kw)
 
     def update_fn(updates, state, params=None, *, second_grad=None, **extra_args):

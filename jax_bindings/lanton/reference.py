@@ -5,6 +5,7 @@ One step for the layers l of a group (Hao et al., arXiv 2510.14009; ../shared/AL
 
     B   = b1*B + (1-b1)*G
     H   = b2*H + (1-b2)*dual_norm(G - G_prev)^2       on noise steps (t % K == 0, t >= 2)
+          (option noise_relative: dual_norm(G - G_prev) / dual_norm(B) in its place)
     r_l = alpha_l / max_j alpha_j,  alpha = (H + eps)^(-1/2)   (valid layers; else 1)
     r_l = max(r_min, r_l^p)                                      (options; default p = 1, r_min = 0)
     X  <- X - lr*(wd*X + s(shape)*r_l*D(B))
@@ -158,13 +159,16 @@ def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
         fin3 = finite[:, None, None]
         b_new = jnp.where(fin3, b1 * mom.astype(f32) + (1 - b1) * g, mom.astype(f32)).astype(mom.dtype)
         usable = noise_step & finite & (pstep >= 1) & (pstep == t - 1)
-        n = jax.lax.cond(
-            jnp.any(usable),
-            lambda g=g, prev=prev, rows_in=rows_in: dual_norm(config.kind, g - prev.astype(f32), rows_in, config.noise_estimator),
-            lambda g=g: jnp.zeros(g.shape[0], f32),
-        )
-        upd = usable & jnp.isfinite(n)
-        noise_new = jnp.where(upd, b2 * noise + (1 - b2) * n * n, noise)
+        def measure(g=g, prev=prev, b=b_new, rows_in=rows_in):
+            n = dual_norm(config.kind, g - prev.astype(f32), rows_in, config.noise_estimator)
+            if config.noise_relative:  # noise-to-signal: inf or NaN (dropped below) where B = 0
+                n = n / dual_norm(config.kind, b.astype(f32), rows_in, config.noise_estimator)
+            return n
+
+        n = jax.lax.cond(jnp.any(usable), measure, lambda g=g: jnp.zeros(g.shape[0], f32))
+        tracked = b2 * noise + (1 - b2) * n * n
+        upd = usable & jnp.isfinite(tracked)  # a norm that would make H non-finite is dropped
+        noise_new = jnp.where(upd, tracked, noise)
         valid_new = jnp.where(upd & (n > 0), f32(1), valid)
         store = keep & finite
         prev_new = jnp.where(store[:, None, None], grad.astype(prev.dtype), prev)

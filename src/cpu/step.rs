@@ -123,11 +123,13 @@ struct Layer<'a> {
 }
 
 impl Layer<'_> {
-    /// Folds this step's dual norm of G - G_prev into the tracker H (a non-finite norm is
-    /// dropped; a positive one makes the tracker valid).
+    /// Folds this step's dual norm of G - G_prev into the tracker H (a norm that would make H
+    /// non-finite is dropped, so one overflow cannot pin the layer's rate at 0 for good; a
+    /// positive one makes the tracker valid).
     fn record_noise(&mut self, norm: f32, beta2: f32) {
-        if norm.is_finite() {
-            *self.noise = step::track_noise(*self.noise, norm, beta2);
+        let tracked = step::track_noise(*self.noise, norm, beta2);
+        if tracked.is_finite() {
+            *self.noise = tracked;
             if norm > 0.0 {
                 *self.valid = 1.0;
             }
@@ -254,7 +256,9 @@ fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch
     if cfg.is_noise_step(t) && step::prev_grad_usable(*layer.prev_step, t) {
         layer.prev_grad.read(0, &mut s.d);
         s.d.iter_mut().zip(&s.g).for_each(|(d, &g)| *d = g - *d);
-        layer.record_noise(dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns), h.beta2);
+        let n = dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns);
+        let signal = if cfg.noise_relative { dual_norm(cfg.kind, cfg.nuclear, &s.b, &shape, &mut s.ns) } else { 1.0 };
+        layer.record_noise(step::noise_measure(cfg.noise_relative, n, signal), h.beta2);
     }
     if cfg.stores_prev_grad(t) {
         layer.prev_grad.write(0, &s.g);
@@ -311,7 +315,9 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
     let noise_now = cfg.is_noise_step(t) && step::prev_grad_usable(*layer.prev_step, t);
     let keep = cfg.stores_prev_grad(t);
     let pieces = grads.into_par_iter().zip(layer.momentum.chunks_mut(CHUNK)).zip(layer.prev_grad.chunks_mut(CHUNK));
-    let l1: f64 = pieces
+    let l1 = |x: &[f32]| x.iter().map(|&v| (v as f64).abs()).sum::<f64>();
+    // (l1 of G - G_prev, l1 of the new momentum B) over the pieces; the second only if needed.
+    let (noise_l1, signal_l1): (f64, f64) = pieces
         .map_init(
             || (buf(), buf()),
             |(g, b), ((gt, mut mt), mut pt)| {
@@ -321,10 +327,13 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
                 mt.read(0, b);
                 kernels::momentum(b, g, h.beta1);
                 mt.write(0, b);
-                let mut part = 0.0f64;
+                let mut part = (0.0f64, 0.0f64);
                 if noise_now {
+                    if cfg.noise_relative {
+                        part.1 = l1(b);
+                    }
                     pt.read(0, b);
-                    part = g.iter().zip(b.iter()).map(|(&g, &p)| ((g - p) as f64).abs()).sum();
+                    part.0 = g.iter().zip(b.iter()).map(|(&g, &p)| ((g - p) as f64).abs()).sum();
                 }
                 if keep {
                     pt.write(0, g);
@@ -332,9 +341,11 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
                 part
             },
         )
-        .sum();
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     if noise_now {
-        layer.record_noise(l1 as f32 * step::dual_norm_factor(cfg.kind, &layer.shape), h.beta2);
+        let factor = step::dual_norm_factor(cfg.kind, &layer.shape);
+        let n = step::noise_measure(cfg.noise_relative, noise_l1 as f32 * factor, signal_l1 as f32 * factor);
+        layer.record_noise(n, h.beta2);
     }
     if keep {
         *layer.prev_step = t;

@@ -236,8 +236,9 @@ extern "C" __global__ void lanton_track(LeafBatch batch, GroupArgs g) {
                    : g.kind == KIND_EMBED  ? acc[ACC_D]
                                            : sqrt(acc[ACC_D]);
         float n = (float)raw * a.dual_factor;
-        if (isfinite(n)) {
-            h = g.hyper[2] * h + (1.f - g.hyper[2]) * n * n;
+        float tracked = g.hyper[2] * h + (1.f - g.hyper[2]) * n * n;
+        if (isfinite(tracked)) {  // a norm that would make H non-finite is dropped (src/cpu record_noise)
+            h = tracked;
             if (n > 0.f) valid = 1.f;
         }
     }

@@ -6,7 +6,9 @@
 //!   skip the layer entirely if G has a non-finite entry (state untouched, zero update)
 //!   B  = b1*B + (1-b1)*G                                   momentum
 //!   if noise step t and G_prev was stored at step t-1:     (Option I)
-//!       n = dual_norm(G - G_prev);  H = b2*H + (1-b2)*n^2;  valid |= n > 0
+//!       n = dual_norm(G - G_prev)
+//!       relative (option): n = n / dual_norm(B)   noise-to-signal (B: this step's momentum)
+//!       H = b2*H + (1-b2)*n^2;  valid |= n > 0      (dropped, H and valid kept, unless finite)
 //!   if step t+1 is a noise step: G_prev = G
 //! alpha_l = (H_l + eps)^(-1/2) for valid l;  r_l = alpha_l / stat_{valid j}(alpha_j), else 1
 //! shaped (options):  r_l = max(r_min, r_l^p)     kernels' default p = 1, r_min = 0: the paper's rule;
@@ -131,6 +133,11 @@ pub struct StepConfig {
     /// always passes its own, p = 0.5 by default).
     pub ratio_power: f32,
     pub ratio_floor: f32,
+    /// Noise measured relative to the layer's signal (our option, issue 14): H tracks
+    /// (||G - G_prev|| / ||B||)^2 in the group's dual norm, B the momentum just updated, so a
+    /// layer's rate follows its noise-to-signal ratio rather than its raw noise. false: the paper's
+    /// absolute noise.
+    pub noise_relative: bool,
     pub nesterov: bool,
     /// eps in B / (rms(B) + eps) for `vector`.
     pub vector_eps: f32,
@@ -154,6 +161,7 @@ impl StepConfig {
             ratio_eps: 1e-30,
             ratio_power: 1.0,
             ratio_floor: 0.0,
+            noise_relative: false,
             nesterov: false,
             vector_eps: 1e-8,
             nuclear: NuclearEstimator::Auto,
@@ -262,6 +270,13 @@ pub fn dual_norm_factor(kind: Kind, shape: &LayerShape) -> f32 {
         Kind::Embed => 1.0,
         Kind::Vector => (shape.layer_len() as f32).sqrt(),
     }
+}
+
+/// The noise measure folded into H: the dual norm n of G - G_prev, or with `noise_relative`
+/// n / s, s the dual norm of the momentum (non-finite where s = 0, which `track_noise`'s
+/// callers drop like any non-finite norm).
+pub fn noise_measure(relative: bool, n: f32, signal: f32) -> f32 {
+    if relative { n / signal } else { n }
 }
 
 /// H <- b2*H + (1-b2)*n^2, in f32.

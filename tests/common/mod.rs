@@ -573,10 +573,16 @@ pub fn ref_group_step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [RefLeaf
             }
             if noise_step && leaf.prev_step[l] == t - 1 && leaf.prev_step[l] >= 1 {
                 let d: Vec<f64> = gl.iter().zip(&leaf.prev_grad[r.clone()]).map(|(a, b)| a - b).collect();
-                let nrm = ref_dual_norm(cfg.kind, &d, &leaf.shape);
-                leaf.noise[l] = b2 * leaf.noise[l] + (1.0 - b2) * nrm * nrm;
-                if nrm > 0.0 {
-                    leaf.valid[l] = true;
+                let mut nrm = ref_dual_norm(cfg.kind, &d, &leaf.shape);
+                if cfg.noise_relative {
+                    nrm /= ref_dual_norm(cfg.kind, &leaf.momentum[r.clone()], &leaf.shape);
+                }
+                let tracked = b2 * leaf.noise[l] + (1.0 - b2) * nrm * nrm;
+                if nrm.is_finite() && (tracked as f32).is_finite() {
+                    leaf.noise[l] = tracked;
+                    if nrm > 0.0 {
+                        leaf.valid[l] = true;
+                    }
                 }
             }
             if keep {

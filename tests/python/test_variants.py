@@ -1,5 +1,6 @@
-"""The training-quality variants (issue 14): ratio shaping (ratio_power, ratio_floor) and Option II
-(an independent second gradient as the noise reference), on the fused kernels and the reference."""
+"""The training-quality variants (issue 14): ratio shaping (ratio_power, ratio_floor), the
+noise-to-signal measure (noise_relative) and Option II (an independent second gradient as the
+noise reference), on the fused kernels and the reference."""
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,82 @@ def test_shaped_ratio_kernels_match_reference():
     for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(ratios(sf), ratios(sr), rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relative_noise_is_the_noise_over_the_momentum_dual_norm(backend):
+    params = transformer_params(jax.random.key(8))
+    b1, b2, steps = 0.8, 0.9, 5
+    _, st = run(params, steps, backend, noise_every=1, beta1=b1, beta2=b2, noise_relative=True)
+    # By hand for the embedding (dual norm: entrywise l1) and a vector leaf (sqrt(n) * l2), with
+    # B the momentum after the step's update.
+    l1 = lambda x: np.abs(x).sum()
+    l2n = lambda x: np.sqrt(x.size) * np.sqrt((x**2).sum())
+    want, mom, prev = {"wte": 0.0, "ln": 0.0}, None, None
+    for t in range(steps):
+        g = jax.tree.map(lambda a: np.asarray(a, np.float64), grads_at(t, params))
+        mom = jax.tree.map(lambda a: (1 - b1) * a, g) if mom is None else jax.tree.map(lambda m, a: b1 * m + (1 - b1) * a, mom, g)
+        if prev is not None:
+            for key, norm, get in (("wte", l1, lambda x: x["wte"]), ("ln", l2n, lambda x: x["ln_f"]["scale"])):
+                n = norm(get(g) - get(prev)) / norm(get(mom))
+                want[key] = b2 * want[key] + (1 - b2) * n**2
+        prev = g
+    np.testing.assert_allclose(np.asarray(st.noise["wte"]).reshape(-1)[0], want["wte"], rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(st.noise["ln_f"]["scale"]).reshape(-1)[0], want["ln"], rtol=1e-4)
+
+
+@pytest.mark.skipif("ffi" not in BACKENDS, reason="liblanton not built")
+def test_relative_noise_kernels_match_reference_and_differ_from_absolute():
+    params = transformer_params(jax.random.key(9))
+    kw = dict(noise_every=2, noise_relative=True, weight_decay=0.05)
+    pf, sf = run(params, 12, "ffi", **kw)
+    pr, sr = run(params, 12, "reference", **kw)
+    for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(sf.noise), jax.tree.leaves(sr.noise)):
+        np.testing.assert_allclose(a, b, rtol=2e-3)
+    np.testing.assert_allclose(ratios(sf), ratios(sr), rtol=2e-3)
+    _, absolute = run(params, 12, "ffi", noise_every=2, weight_decay=0.05)
+    assert not np.allclose(ratios(absolute), ratios(sf), rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relative_noise_of_a_layer_without_signal_is_dropped(backend):
+    # A leaf whose gradient is always 0 has B = 0: its ratio 0/0 is dropped (H and valid stay 0,
+    # r = 1), and nothing else is disturbed.
+    params = transformer_params(jax.random.key(10))
+    tx = lanton.lanton(learning_rate=0.05, backend=backend, noise_every=1, noise_relative=True)
+    state, upd = tx.init(params), jax.jit(tx.update)
+    for t in range(4):
+        g = grads_at(t, params)
+        g = {**g, "ln_f": {**g["ln_f"], "scale": jnp.zeros_like(g["ln_f"]["scale"])}}
+        u, state = upd(g, state, params)
+        params = optax.apply_updates(params, u)
+    assert np.all(np.asarray(state.noise["ln_f"]["scale"]) == 0)
+    assert np.all(np.asarray(state.valid["ln_f"]["scale"]) == 0)
+    assert np.all(np.asarray(state.ratio["ln_f"]["scale"]) == 1)
+    assert np.all(np.asarray(state.valid["wte"]) == 1)  # the others were tracked
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((params, state)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_noise_norm_that_would_overflow_the_tracker_is_dropped(backend):
+    # A gradient jump of ~1e20 (finite in f32) gives a norm whose square is not: H must not turn
+    # inf (it would pin the layer's rate at 0 for good); the refresh is dropped instead.
+    params = transformer_params(jax.random.key(11))
+    tx = lanton.lanton(learning_rate=0.05, backend=backend, noise_every=1)
+    state, upd = tx.init(params), jax.jit(tx.update)
+    prev_noise = None
+    for t in range(5):
+        g = grads_at(t, params)
+        if t == 2:
+            g = {**g, "lm_head": g["lm_head"] * 1e20}
+        _, state = upd(g, state, params)
+        noise = np.asarray(state.noise["lm_head"])
+        if t == 2:  # step 3's refresh was dropped
+            np.testing.assert_array_equal(noise, prev_noise)
+        prev_noise = noise
+    assert np.all(np.isfinite(prev_noise)) and np.all(prev_noise > 0)
 
 
 def perturbed(t, g, size=0.3):
@@ -139,6 +216,8 @@ def test_bad_second_gradient_and_shaping_options_are_refused_by_name():
     wrong = {**g, "lm_head": g["lm_head"][:, :3]}
     with pytest.raises(ValueError, match=r"leaf 'lm_head': second_grad shape \(32, 3\) != parameter shape \(32, 64\)"):
         tx.update(g, state, params, second_grad=wrong)
+    with pytest.raises(TypeError, match="lanton option 'noise_relative' must be True or False, got 1"):
+        lanton.lanton(noise_relative=1)
     for name, value in (("ratio_power", -1.0), ("ratio_floor", float("nan"))):
         with pytest.raises(ValueError, match=f"'{name}' must be finite and in \\[0, inf\\)"):
             lanton.lanton(**{name: value})
