@@ -11,7 +11,12 @@ pub fn all_finite(x: &[f32]) -> bool {
 }
 
 pub fn l1(x: &[f32]) -> f32 {
-    x.iter().map(|&v| (v as f64).abs()).sum::<f64>() as f32
+    l1_f64(x) as f32
+}
+
+/// Entrywise l1 accumulated in f64, for sums over pieces of a layer.
+pub fn l1_f64(x: &[f32]) -> f64 {
+    x.iter().map(|&v| (v as f64).abs()).sum()
 }
 
 pub fn l2(x: &[f32]) -> f32 {

@@ -256,9 +256,11 @@ fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch
     if cfg.is_noise_step(t) && step::prev_grad_usable(*layer.prev_step, t) {
         layer.prev_grad.read(0, &mut s.d);
         s.d.iter_mut().zip(&s.g).for_each(|(d, &g)| *d = g - *d);
-        let n = dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns);
-        let signal = if cfg.noise_relative { dual_norm(cfg.kind, cfg.nuclear, &s.b, &shape, &mut s.ns) } else { 1.0 };
-        layer.record_noise(step::noise_measure(cfg.noise_relative, n, signal), h.beta2);
+        let mut n = dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns);
+        if cfg.noise_relative {
+            n /= dual_norm(cfg.kind, cfg.nuclear, &s.b, &shape, &mut s.ns); // B = 0: dropped as non-finite
+        }
+        layer.record_noise(n, h.beta2);
     }
     if cfg.stores_prev_grad(t) {
         layer.prev_grad.write(0, &s.g);
@@ -315,7 +317,6 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
     let noise_now = cfg.is_noise_step(t) && step::prev_grad_usable(*layer.prev_step, t);
     let keep = cfg.stores_prev_grad(t);
     let pieces = grads.into_par_iter().zip(layer.momentum.chunks_mut(CHUNK)).zip(layer.prev_grad.chunks_mut(CHUNK));
-    let l1 = |x: &[f32]| x.iter().map(|&v| (v as f64).abs()).sum::<f64>();
     // (l1 of G - G_prev, l1 of the new momentum B) over the pieces; the second only if needed.
     let (noise_l1, signal_l1): (f64, f64) = pieces
         .map_init(
@@ -330,7 +331,7 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
                 let mut part = (0.0f64, 0.0f64);
                 if noise_now {
                     if cfg.noise_relative {
-                        part.1 = l1(b);
+                        part.1 = kernels::l1_f64(b);
                     }
                     pt.read(0, b);
                     part.0 = g.iter().zip(b.iter()).map(|(&g, &p)| ((g - p) as f64).abs()).sum();
@@ -344,7 +345,10 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
         .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     if noise_now {
         let factor = step::dual_norm_factor(cfg.kind, &layer.shape);
-        let n = step::noise_measure(cfg.noise_relative, noise_l1 as f32 * factor, signal_l1 as f32 * factor);
+        let mut n = noise_l1 as f32 * factor;
+        if cfg.noise_relative {
+            n /= signal_l1 as f32 * factor; // B = 0: dropped as non-finite
+        }
         layer.record_noise(n, h.beta2);
     }
     if keep {

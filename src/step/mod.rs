@@ -272,13 +272,6 @@ pub fn dual_norm_factor(kind: Kind, shape: &LayerShape) -> f32 {
     }
 }
 
-/// The noise measure folded into H: the dual norm n of G - G_prev, or with `noise_relative`
-/// n / s, s the dual norm of the momentum (non-finite where s = 0, which `track_noise`'s
-/// callers drop like any non-finite norm).
-pub fn noise_measure(relative: bool, n: f32, signal: f32) -> f32 {
-    if relative { n / signal } else { n }
-}
-
 /// H <- b2*H + (1-b2)*n^2, in f32.
 pub fn track_noise(h: f32, n: f32, beta2: f32) -> f32 {
     beta2 * h + (1.0 - beta2) * n * n

@@ -578,7 +578,7 @@ pub fn ref_group_step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [RefLeaf
                     nrm /= ref_dual_norm(cfg.kind, &leaf.momentum[r.clone()], &leaf.shape);
                 }
                 let tracked = b2 * leaf.noise[l] + (1.0 - b2) * nrm * nrm;
-                if nrm.is_finite() && (tracked as f32).is_finite() {
+                if (tracked as f32).is_finite() {
                     leaf.noise[l] = tracked;
                     if nrm > 0.0 {
                         leaf.valid[l] = true;
