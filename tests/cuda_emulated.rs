@@ -5,7 +5,9 @@
 //! with a naive column-major strided-batched GEMM standing in for cuBLAS. Results must match the CPU
 //! handler's over several steps (noise refreshes, G_prev stores, skipped layers), for every
 //! group kind, f32 and bf16 data, f32 and bf16 Newton-Schulz operands, zero-size leaves, and
-//! layers spread over several blocks (the launches are recorded to prove it).
+//! layers spread over several blocks (the launches are recorded to prove it). The noise
+//! estimate's products run through the emulated `lanton_noise_gemm` (gated on the device step
+//! count), so every step's launches are the same and the noise steps' results still match.
 //!
 //! What this cannot check: the CUDA driver and cuBLAS calls themselves, real concurrency
 //! between blocks, and anything about speed (tests/gpu/run.sh does, on a GPU).
@@ -14,7 +16,7 @@ mod common;
 use common::*;
 use half::bf16;
 use lanton::cuda::device::{Gemm, Grid, CUDA_R_16BF, CUDA_R_32F};
-use lanton::cuda::{enqueue_on, plan_in_scratch, LeafBatch, Queue, KERNEL_NAMES};
+use lanton::cuda::{enqueue_on, plan_in_scratch, GemmArgs, GroupArgs, LeafBatch, Queue, KERNEL_NAMES};
 use lanton::ffi::api::*;
 use lanton::handlers::{decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_update_cpu};
 use std::cell::RefCell;
@@ -63,10 +65,20 @@ struct Seen {
 
 thread_local! {
     static LAUNCHES: RefCell<[Seen; KERNEL_NAMES.len()]> = RefCell::new([Seen::default(); KERNEL_NAMES.len()]);
+    /// cuBLAS products asked for, by operand dtype: (f32, bf16).
+    static GEMMS: RefCell<(usize, usize)> = const { RefCell::new((0, 0)) };
 }
 
 fn take_launches() -> [Seen; KERNEL_NAMES.len()] {
     LAUNCHES.with(|l| std::mem::take(&mut *l.borrow_mut()))
+}
+
+fn take_gemms() -> (usize, usize) {
+    GEMMS.with(|g| std::mem::take(&mut *g.borrow_mut()))
+}
+
+fn launches_of(seen: &[Seen], name: &str) -> usize {
+    seen[KERNEL_NAMES.iter().position(|&n| n == name).unwrap()].launches
 }
 
 /// cuBLAS's own argument checks (CUBLAS_STATUS_INVALID_VALUE), which a naive GEMM would not make.
@@ -92,7 +104,7 @@ unsafe fn st(p: *mut c_void, dt: i32, i: usize, v: f64) {
 impl Queue for HostQueue {
     unsafe fn launch(&self, k: usize, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
         let name = CString::new(KERNEL_NAMES[k]).unwrap();
-        let chunks = if matches!(KERNEL_NAMES[k], "lanton_reference" | "lanton_affine_diag") {
+        let chunks = if matches!(KERNEL_NAMES[k], "lanton_reference" | "lanton_affine_diag" | "lanton_noise_gemm") {
             0
         } else {
             // SAFETY: the per-leaf kernels take a LeafBatch first (what enqueue_on passes).
@@ -113,6 +125,10 @@ impl Queue for HostQueue {
     fn gemm(&self, g: &Gemm) -> Result<(), String> {
         assert!(g.dtype == CUDA_R_32F || g.dtype == CUDA_R_16BF);
         cublas_checks(g)?;
+        GEMMS.with(|n| {
+            let n = &mut *n.borrow_mut();
+            if g.dtype == CUDA_R_32F { n.0 += 1 } else { n.1 += 1 }
+        });
         for b in 0..g.batch as usize {
             // SAFETY: the plan sized every operand for the batch (what this test checks).
             unsafe {
@@ -393,4 +409,102 @@ fn shaped_ratios_match_cpu_kernels() {
     assert!(ratios.iter().any(|&r| r > 0.3 && r < 0.999), "no tempered ratio strictly between floor and 1: {ratios:?}");
     let embed = vec![LeafSpec { dims: [1, 30, 8], dtype: dtype::F32, rows_are_input: true }, LeafSpec { dims: [2, 5, 8], dtype: dtype::F32, rows_are_input: false }];
     compare_shaped("embed", &embed, 1, "bfloat16", 1e-5, false, None, Some((0.25, 0.9)));
+}
+
+#[test]
+fn every_step_enqueues_the_same_work_and_noise_products_skip_cublas() {
+    // K = 2 over 4 steps: steps 2 and 4 refresh the tracker, 1 and 3 do not. The direction's
+    // products go to cuBLAS (bf16 here) and the noise estimate's to lanton_noise_gemm, which
+    // reads the step count on the device: the host enqueues the same launches on every step,
+    // so nothing needs a conditional (and results still match the CPU, noise steps included).
+    // hidden_specs: two shape classes (16 x 8, five layers; 12 x 20, one layer).
+    let (steps, classes) = (4, 2);
+    take_launches();
+    take_gemms();
+    compare("hidden", &hidden_specs(dtype::F32), 2, "bfloat16", 6e-2, false, None);
+    let (seen, (f32_gemms, bf16_gemms)) = (take_launches(), take_gemms());
+    let (direction_iters, noise_iters) = (5, 7); // NS5, and the nuclear norm's 5 + 2 polar steps
+    assert_eq!((f32_gemms, bf16_gemms), (0, steps * classes * direction_iters * 3), "cuBLAS products");
+    assert_eq!(launches_of(&seen, "lanton_noise_gemm"), steps * classes * noise_iters * 3);
+    assert_eq!(launches_of(&seen, "lanton_affine_diag"), steps * classes * (direction_iters + noise_iters));
+    assert_eq!(launches_of(&seen, "lanton_dot"), steps);
+}
+
+/// A column-major f64 product of `(rows, cols)` operands, op() by the flags: the test's oracle.
+fn product(g: &GemmArgs, a: &[f32], b: &[f32], c0: &[f32], batch: usize) -> Vec<f32> {
+    let mut c = c0.to_vec();
+    for z in 0..batch {
+        let (a, b) = (&a[z * g.stride_a as usize..], &b[z * g.stride_b as usize..]);
+        for j in 0..g.n as usize {
+            for i in 0..g.m as usize {
+                let mut acc = 0.0f64;
+                for p in 0..g.k as usize {
+                    let x = if g.trans_a != 0 { a[p + i * g.lda as usize] } else { a[i + p * g.lda as usize] };
+                    let y = if g.trans_b != 0 { b[j + p * g.ldb as usize] } else { b[p + j * g.ldb as usize] };
+                    acc += x as f64 * y as f64;
+                }
+                let at = z * g.stride_c as usize + i + j * g.ldc as usize;
+                let old = if g.beta != 0.0 { g.beta as f64 * c[at] as f64 } else { 0.0 };
+                c[at] = (g.alpha as f64 * acc + old) as f32;
+            }
+        }
+    }
+    c
+}
+
+#[test]
+fn noise_gemm_multiplies_on_noise_steps_and_leaves_other_steps_alone() {
+    // Several 64 x 64 tiles with ragged edges, both transposes, beta = 0 (C never read: it
+    // starts as NaN) and beta != 0, a batch of 2; then the gate: off-cadence steps and a group
+    // without noise adaptation must leave C bitwise as it was.
+    let mut rng = Rng::new(5);
+    let (m, n, k, batch) = (70usize, 130usize, 40usize, 2usize);
+    let hyper = [0.1f32, 0.9, 0.99, 0.0, 1.0];
+    for (trans_a, trans_b, beta) in [(false, false, 0.0f32), (true, false, 0.5), (false, true, 0.0), (true, true, -1.5)] {
+        let lda = if trans_a { k + 3 } else { m + 1 };
+        let ldb = if trans_b { n } else { k + 2 };
+        let ldc = m + 5;
+        let (sa, sb, sc) = (lda * if trans_a { m } else { k }, ldb * if trans_b { k } else { n }, ldc * n);
+        let a = rng.normals(sa * batch, 1.0);
+        let b = rng.normals(sb * batch, 1.0);
+        let c0 = if beta == 0.0 { vec![f32::NAN; sc * batch] } else { rng.normals(sc * batch, 1.0) };
+        for (t, adaptive, runs) in [(4, 1, true), (3, 1, false), (1, 1, false), (4, 0, false)] {
+            let mut c = c0.clone();
+            let step = [t];
+            let mut args = GemmArgs {
+                a: a.as_ptr(), b: b.as_ptr(), c: c.as_mut_ptr(), stride_a: sa as i64, stride_b: sb as i64,
+                stride_c: sc as i64, m: m as i32, n: n as i32, k: k as i32, lda: lda as i32, ldb: ldb as i32,
+                ldc: ldc as i32, trans_a: trans_a as i32, trans_b: trans_b as i32, alpha: 0.75, beta,
+            };
+            let mut group = GroupArgs {
+                hyper: hyper.as_ptr(), step: step.as_ptr(), acc: std::ptr::null_mut(), group_h: std::ptr::null_mut(),
+                group_valid: std::ptr::null_mut(), reference: std::ptr::null_mut(), kind: 0, noise_every: 2,
+                noise_adaptive: adaptive, nesterov: 0, ratio_stat: 0, noise_work: 1, ratio_eps: 1e-8,
+                vector_eps: 1e-8, ratio_power: 1.0, ratio_floor: 0.0,
+            };
+            let grid = Grid { x: (m.div_ceil(64) * n.div_ceil(64)) as u32, y: batch as u32, block: 256 };
+            // SAFETY: the arguments lanton_noise_gemm takes; every operand holds the batch.
+            unsafe {
+                HostQueue.launch(KERNEL_NAMES.iter().position(|&n| n == "lanton_noise_gemm").unwrap(), grid, &mut [
+                    &mut args as *mut GemmArgs as *mut c_void, &mut group as *mut GroupArgs as *mut c_void,
+                ])
+            }
+            .unwrap();
+            let what = format!("trans ({trans_a}, {trans_b}) beta {beta} t {t} adaptive {adaptive}");
+            if runs {
+                let want = product(&args, &a, &b, &c0, batch);
+                for z in 0..batch {
+                    for j in 0..n {
+                        for i in 0..m {
+                            let at = z * sc + i + j * ldc;
+                            assert!((c[at] - want[at]).abs() <= 1e-4 * (1.0 + want[at].abs()), "{what}: C[{z}][{i},{j}] {} vs {}", c[at], want[at]);
+                        }
+                    }
+                }
+            } else {
+                assert!(c.iter().zip(&c0).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: C was written");
+            }
+        }
+    }
+    take_launches();
 }

@@ -39,10 +39,6 @@ class StepConfig:
     ns_dtype: str = "bfloat16"
     noise_estimator: str = "auto"
 
-    def is_noise_step(self, t):
-        """Step t (1-based, may be traced) refreshes the noise tracker (src/step/mod.rs)."""
-        return self.noise_adaptive & (t >= 2) & (t % int(self.noise_every) == 0)
-
     def __post_init__(self):
         if self.ns_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"ns_dtype must be 'bfloat16' or 'float32', got {self.ns_dtype!r}")

@@ -320,24 +320,16 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, owned=None):
         attrs["owned_layers"] = np.asarray(owned, np.uint8)
     dims = tuple(tuple(int(x) for x in lf[8]) for lf in leaves)
 
-    def cuda_call(*a, noise_work=None):
-        # noise_work=None: the attribute is left out (the handler's default, true).
-        extra = {} if noise_work is None else {"noise_work": noise_work}
-        nbytes = cuda_scratch_bytes(config.kind, bool(config.noise_adaptive), noise_work is not False,
-                                    config.ns_dtype, dims)
+    def cuda(*a):
+        # Every step makes the same call: the hidden group's noise work (polar iterations) is
+        # enqueued always and its kernels read the step count on the device, returning at once
+        # on steps that do not refresh the tracker (no conditional: on GPU XLA would copy its
+        # predicate to the host and wait for the device every step).
+        nbytes = cuda_scratch_bytes(config.kind, bool(config.noise_adaptive), True, config.ns_dtype, dims)
         scratch = jax.ShapeDtypeStruct((nbytes,), np.uint8)
         with_scratch = jax.ffi.ffi_call(target, out_types + [scratch], input_output_aliases=aliases,
                                         vmap_method="sequential")
-        return list(with_scratch(*a, **extra, **attrs))[:-1]  # the scratch stays inside the step
+        return list(with_scratch(*a, **attrs))[:-1]  # the scratch stays inside the step
 
-    if config.kind == "hidden" and config.noise_adaptive:
-        # The hidden group's noise work (polar iterations) is worth skipping on steps that do
-        # not refresh the tracker. The CPU handler reads t itself; on CUDA the step count stays
-        # on the device, so XLA picks the variant with a conditional.
-        def cuda(*a):
-            return jax.lax.cond(config.is_noise_step(a[1]), lambda *b: cuda_call(*b, noise_work=True),
-                                lambda *b: cuda_call(*b, noise_work=False), *a)
-    else:
-        cuda = cuda_call
     outs = jax.lax.platform_dependent(*args, cpu=lambda *a: list(call(*a, **attrs)), default=cuda)
     return [tuple(outs[RETS_PER_LEAF * i: RETS_PER_LEAF * (i + 1)]) for i in range(len(leaves))]

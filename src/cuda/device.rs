@@ -9,8 +9,10 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// The kernel sources, compiled by NVRTC at first use on each device.
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
-pub const KERNEL_NAMES: [&str; 7] =
-    ["lanton_stats", "lanton_prepare", "lanton_dot", "lanton_track", "lanton_reference", "lanton_affine_diag", "lanton_apply"];
+pub const KERNEL_NAMES: [&str; 8] = [
+    "lanton_stats", "lanton_prepare", "lanton_dot", "lanton_track", "lanton_reference", "lanton_affine_diag", "lanton_apply",
+    "lanton_noise_gemm",
+];
 
 /// Compiled code for one architecture ("sm_90": CUBIN; "compute_90": PTX).
 pub fn compile(arch: &str) -> Result<Vec<u8>, String> {
@@ -102,7 +104,7 @@ fn version_hint() -> String {
 
 /// Kernels and cuBLAS for one CUDA context.
 pub struct Device {
-    pub functions: [cu::CUfunction; 7],
+    pub functions: [cu::CUfunction; KERNEL_NAMES.len()],
     pub sm_count: u32,
     blas: Mutex<CublasHandle>,
 }
@@ -251,7 +253,7 @@ fn build_device() -> Result<Device, String> {
         },
     )
     .map_err(|e| format!("{e}\n{}", version_hint()))?;
-    let mut functions = [std::ptr::null_mut(); 7];
+    let mut functions = [std::ptr::null_mut(); KERNEL_NAMES.len()];
     for (f, name) in functions.iter_mut().zip(KERNEL_NAMES) {
         let c = CString::new(name).unwrap();
         // SAFETY: module loaded above; name is a kernel in it.

@@ -5,7 +5,8 @@
 //   lanton_stats    per leaf: per-layer non-finite count, ||V||^2 and the noise difference's norm
 //   lanton_prepare  per leaf: momentum write, Newton-Schulz input V/||V||, noise input D/||D||,
 //                   G_prev store
-//   [cuBLAS Newton-Schulz on the noise inputs, then lanton_dot: <D0, polar(D0)> per layer]
+//   [Newton-Schulz on the noise inputs with lanton_noise_gemm, then lanton_dot: <D0, polar(D0)>
+//    per layer; every launch returns at once unless the device step count is a noise step]
 //   lanton_track    per leaf: H, valid and prev_step per layer; H/valid copied to group scratch
 //   lanton_reference  one block: the group's reference alpha (max/mean/min over valid layers)
 //   [cuBLAS Newton-Schulz on the direction inputs]
@@ -124,8 +125,9 @@ __device__ __forceinline__ Where locate(const LeafBatch& b) {
 }
 
 // 64-bit: callers ask about t + 1, which must not overflow at t = INT_MAX (as on the CPU).
+__device__ __forceinline__ bool cadence_due(long long t, int every) { return t >= 2 && (t % (long long)every) == 0; }
 __device__ __forceinline__ bool is_noise_step(const GroupArgs& g, long long t) {
-    return g.noise_adaptive && t >= 2 && (t % (long long)g.noise_every) == 0;
+    return g.noise_adaptive && cadence_due(t, g.noise_every);
 }
 __device__ __forceinline__ bool prev_usable(int prev_step, int t) { return prev_step >= 1 && prev_step == t - 1; }
 
@@ -186,6 +188,7 @@ extern "C" __global__ void lanton_prepare(LeafBatch batch, GroupArgs g) {
     const bool finite = acc[ACC_NONFINITE] == 0.0;
     const bool noise = finite && g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t);
     const bool keep = finite && is_noise_step(g, (long long)t + 1);
+    const bool noise_inputs = g.kind == KIND_HIDDEN && g.noise_work && is_noise_step(g, t);
     const float inv_v = (float)(1.0 / (sqrt(acc[ACC_V2]) + 1e-7));
     const double dnorm = sqrt(acc[ACC_D]);
     const float inv_d = (noise && dnorm > 0.0 && isfinite(dnorm)) ? (float)(1.0 / dnorm) : 0.f;
@@ -200,15 +203,16 @@ extern "C" __global__ void lanton_prepare(LeafBatch batch, GroupArgs g) {
         }
         if (g.kind == KIND_HIDDEN) {
             store(a.ns_in, a.dt_ns, base + i, finite ? v * inv_v : 0.f);  // a skipped layer's NaN stays out
-            if (g.noise_work && g.noise_adaptive)
+            if (noise_inputs)  // every layer's: a layer without a usable G_prev goes in as zeros
                 a.noise_in[base + i] = inv_d != 0.f ? (gr - load(a.prev_grad, a.dt_prev, base + i)) * inv_d : 0.f;
         }
         if (keep) store(a.prev_grad, a.dt_prev, base + i, gr);
     }
 }
 
-// <D0, P> per layer. grid: the batch's blocks, block BLOCK.
+// <D0, P> per layer, on noise steps (P is only computed then). grid: the batch's blocks, block BLOCK.
 extern "C" __global__ void lanton_dot(LeafBatch batch, GroupArgs g) {
+    if (!is_noise_step(g, *g.step)) return;  // uniform across the launch
     const Where w = locate(batch);
     const LeafArgs& a = batch.leaf[w.j];
     const int l = w.local / w.chunks, chunk = w.local % w.chunks;
@@ -284,13 +288,84 @@ extern "C" __global__ void lanton_reference(GroupArgs g, int group_layers) {
     }
 }
 
-// Newton-Schulz helper: B = b*A + a*I for a batch of s x s matrices (dtype dt).
-extern "C" __global__ void lanton_affine_diag(const void* A, void* B, int dt, int s, long long total, float a, float b) {
+// Newton-Schulz helper: B = b*A + a*I for a batch of s x s matrices (dtype dt). Gated like
+// lanton_noise_gemm when gate_step is set (the noise estimate's iterations): nothing happens
+// unless *gate_step is due every gate_every steps.
+extern "C" __global__ void lanton_affine_diag(const void* A, void* B, int dt, int s, long long total, float a, float b,
+                                              const int* gate_step, int gate_every) {
+    if (gate_step && !cadence_due(*gate_step, gate_every)) return;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
         long long within = i % ((long long)s * s);
         float diag = (within / s == within % s) ? a : 0.f;
         store(B, dt, i, b * load(A, dt, i) + diag);
     }
+}
+
+// One f32 strided-batched product, column-major with cuBLAS's conventions (layout mirrored by
+// `GemmArgs` in src/cuda/step.rs): C = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n,
+// C not read when beta = 0.
+struct GemmArgs {
+    const float* a;
+    const float* b;
+    float* c;
+    long long stride_a, stride_b, stride_c;
+    int m, n, k, lda, ldb, ldc;
+    int trans_a, trans_b;
+    float alpha, beta;
+};
+static_assert(sizeof(GemmArgs) == 88, "GemmArgs layout must match src/cuda/step.rs");
+
+#define GEMM_TILE 64
+#define GEMM_DEPTH 16
+// The noise estimate's products. cuBLAS cannot skip work on a value that lives on the device,
+// so these run on our kernel, which reads the step count and returns at once unless the step
+// refreshes the noise tracker: every step enqueues the same launches (no conditional, no host
+// synchronization), and steps between refreshes pay only their launch latency.
+// grid: x = 64 x 64 tiles of C (column-major tile order), y = the batch; block BLOCK (each
+// thread 4 x 4 outputs, strided by 16 so a warp's loads and stores are contiguous).
+extern "C" __global__ void lanton_noise_gemm(GemmArgs p, GroupArgs g) {
+    if (!is_noise_step(g, *g.step)) return;  // uniform across the launch: no thread waits at a barrier
+    __shared__ float sa[GEMM_DEPTH][GEMM_TILE + 1], sb[GEMM_DEPTH][GEMM_TILE + 1];
+    const int tiles_m = (p.m + GEMM_TILE - 1) / GEMM_TILE;
+    const int i0 = (int)(blockIdx.x % tiles_m) * GEMM_TILE, j0 = (int)(blockIdx.x / tiles_m) * GEMM_TILE;
+    const float* A = p.a + blockIdx.y * p.stride_a;
+    const float* B = p.b + blockIdx.y * p.stride_b;
+    float* C = p.c + blockIdx.y * p.stride_c;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < p.k; k0 += GEMM_DEPTH) {
+        // e -> (depth kk, row r of op(A)'s tile / column r of op(B)'s), with whichever of the two
+        // is contiguous in memory varying fastest across threads (coalesced loads).
+        for (int e = threadIdx.x; e < GEMM_DEPTH * GEMM_TILE; e += blockDim.x) {
+            int kk = p.trans_a ? e % GEMM_DEPTH : e / GEMM_TILE, r = p.trans_a ? e / GEMM_DEPTH : e % GEMM_TILE;
+            int kp = k0 + kk, i = i0 + r;
+            sa[kk][r] = (i < p.m && kp < p.k) ? (p.trans_a ? A[kp + (long long)i * p.lda] : A[i + (long long)kp * p.lda]) : 0.f;
+            kk = p.trans_b ? e / GEMM_TILE : e % GEMM_DEPTH;
+            r = p.trans_b ? e % GEMM_TILE : e / GEMM_DEPTH;
+            kp = k0 + kk;
+            const int j = j0 + r;
+            sb[kk][r] = (j < p.n && kp < p.k) ? (p.trans_b ? B[j + (long long)kp * p.ldb] : B[kp + (long long)j * p.ldb]) : 0.f;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < GEMM_DEPTH; ++kk) {
+            float av[4], bv[4];
+            for (int u = 0; u < 4; ++u) {
+                av[u] = sa[kk][tx + 16 * u];
+                bv[u] = sb[kk][ty + 16 * u];
+            }
+            for (int u = 0; u < 4; ++u)
+                for (int v = 0; v < 4; ++v) acc[u][v] += av[u] * bv[v];
+        }
+        __syncthreads();
+    }
+    for (int v = 0; v < 4; ++v)
+        for (int u = 0; u < 4; ++u) {
+            const int i = i0 + tx + 16 * u, j = j0 + ty + 16 * v;
+            if (i < p.m && j < p.n) {
+                float* out = C + i + (long long)j * p.ldc;
+                *out = p.alpha * acc[u][v] + (p.beta != 0.f ? p.beta * *out : 0.f);
+            }
+        }
 }
 
 // grid: the batch's blocks (layers x chunks per leaf), block BLOCK.

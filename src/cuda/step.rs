@@ -1,6 +1,8 @@
 //! The LANTON group step on the GPU: scratch layout, kernel launches and the batched
 //! Newton-Schulz products, all enqueued on XLA's stream (no host synchronization: the step
 //! count and hyperparameters stay on the device and the kernels apply `crate::step`'s rules).
+//! Every step enqueues the same work: the noise estimate's launches (lanton_noise_gemm) read the
+//! step count themselves and return at once unless it refreshes the tracker.
 
 use super::device::{self, Gemm, Grid, Session, CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_R_32F};
 use crate::ffi::api::dtype;
@@ -23,13 +25,20 @@ const K_TRACK: usize = 3;
 const K_REFERENCE: usize = 4;
 const K_AFFINE_DIAG: usize = 5;
 const K_APPLY: usize = 6;
+const K_NOISE_GEMM: usize = 7;
+
+/// Grid rows of one launch (CUDA's limit on gridDim.y): lanton_noise_gemm's batch.
+const MAX_GRID_Y: usize = 65_535;
+/// C tile of lanton_noise_gemm (GEMM_TILE in kernels.cu).
+const GEMM_TILE: usize = 64;
 
 /// CUDA-only options of a call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CudaOptions {
-    /// Enqueue the hidden group's noise work (polar iterations). The Python shim selects the
-    /// variant with `lax.cond` on the step count, so non-noise steps skip the work entirely;
-    /// the kernels still check the cadence on the device.
+    /// Enqueue the hidden group's noise work (polar iterations; default true). Its launches
+    /// read the step count on the device and return at once on steps that do not refresh the
+    /// tracker, so every step enqueues the same work and nothing waits for the host. false
+    /// leaves it out entirely (no tracker refresh): for a host that keeps the cadence itself.
     pub noise_work: bool,
     /// Newton-Schulz operands in f32 instead of bf16 (f32 accumulation either way).
     pub ns_f32: bool,
@@ -103,6 +112,95 @@ pub struct GroupArgs {
 }
 const _: () = assert!(std::mem::size_of::<GroupArgs>() == 88);
 
+/// Mirrors `struct GemmArgs` in kernels.cu: one f32 product of lanton_noise_gemm.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GemmArgs {
+    pub a: *const f32,
+    pub b: *const f32,
+    pub c: *mut f32,
+    pub stride_a: i64,
+    pub stride_b: i64,
+    pub stride_c: i64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub lda: i32,
+    pub ldb: i32,
+    pub ldc: i32,
+    pub trans_a: i32,
+    pub trans_b: i32,
+    pub alpha: f32,
+    pub beta: f32,
+}
+const _: () = assert!(std::mem::size_of::<GemmArgs>() == 88);
+
+impl GemmArgs {
+    /// The kernel's launches for an f32 product: grid x = 64 x 64 tiles of C, y = matrices of
+    /// the batch, in slices of at most MAX_GRID_Y matrices.
+    pub fn launches(g: &Gemm) -> Result<Vec<(GemmArgs, Grid)>, String> {
+        if g.dtype != CUDA_R_32F {
+            return Err("lanton_noise_gemm multiplies f32 operands only".into());
+        }
+        let tiles = (g.m.max(0) as usize).div_ceil(GEMM_TILE) * (g.n.max(0) as usize).div_ceil(GEMM_TILE);
+        if tiles > i32::MAX as usize {
+            return Err(format!("a noise product of {tiles} tiles exceeds one launch's grid"));
+        }
+        let batch = g.batch.max(0) as usize;
+        let skip = |p: *const c_void, stride: i64, first: usize| (p as usize + first * stride as usize * 4) as *mut f32;
+        Ok((0..batch)
+            .step_by(MAX_GRID_Y)
+            .map(|first| {
+                let args = GemmArgs {
+                    a: skip(g.a, g.stride_a, first), b: skip(g.b, g.stride_b, first), c: skip(g.c, g.stride_c, first),
+                    stride_a: g.stride_a, stride_b: g.stride_b, stride_c: g.stride_c, m: g.m, n: g.n, k: g.k, lda: g.lda,
+                    ldb: g.ldb, ldc: g.ldc, trans_a: g.trans_a as i32, trans_b: g.trans_b as i32, alpha: g.alpha,
+                    beta: g.beta,
+                };
+                (args, Grid { x: tiles as u32, y: (batch - first).min(MAX_GRID_Y) as u32, block: BLOCK })
+            })
+            .collect())
+    }
+}
+
+/// Who multiplies in a Newton-Schulz run.
+#[derive(Clone, Copy)]
+enum Products {
+    /// cuBLAS: the direction, needed on every step.
+    Cublas,
+    /// lanton_noise_gemm (and a gated lanton_affine_diag) under the group's cadence: the noise
+    /// estimate, whose launches do nothing unless the device step count refreshes the tracker.
+    Gated(GroupArgs),
+}
+
+impl Products {
+    fn multiply<Q: Queue>(self, s: &Q, g: &Gemm) -> Result<(), String> {
+        match self {
+            Products::Cublas => s.gemm(g),
+            Products::Gated(mut group) => {
+                for (mut args, grid) in GemmArgs::launches(g)? {
+                    // SAFETY: GemmArgs/GroupArgs mirror the kernel's structs (sizes asserted on
+                    // both sides); the operands are the plan's scratch ranges, sized for the batch.
+                    unsafe {
+                        s.launch(K_NOISE_GEMM, grid, &mut [
+                            &mut args as *mut GemmArgs as *mut c_void, &mut group as *mut GroupArgs as *mut c_void,
+                        ])?
+                    };
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// lanton_affine_diag's gate: (step count, every) or (null, 0) for "always".
+    fn gate(self) -> (*const i32, i32) {
+        match self {
+            Products::Cublas => (std::ptr::null(), 0),
+            Products::Gated(group) => (group.step, group.noise_every),
+        }
+    }
+}
+
 /// Same-shape hidden layers of the group, batched through one strided GEMM per product.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ShapeClass {
@@ -160,8 +258,9 @@ fn batched(
 #[allow(clippy::too_many_arguments)]
 fn newton_schulz<Q: Queue>(
     s: &Q, classes: &[ShapeClass], x: *mut c_void, y: *mut c_void, a: *mut c_void, bm: *mut c_void,
-    f32_ops: bool, coeffs: &[[f32; 3]],
+    f32_ops: bool, coeffs: &[[f32; 3]], products: Products,
 ) -> Result<*mut c_void, String> {
+    let (gate_step, gate_every) = products.gate();
     let (dt, cuda_dt, size) = ns_dtype_size(f32_ops);
     let at = |p: *mut c_void, elems: usize| (p as usize + elems * size) as *mut c_void;
     // A class of zero-size matrices has nothing to multiply (and would hand cuBLAS ld = 0).
@@ -175,7 +274,7 @@ fn newton_schulz<Q: Queue>(
             // else A = P P^T (the transposed problem), with no data transposition.
             let (xs, xd) = ((src, cl, mat), (dst, cl, mat));
             let (am, bp) = ((a, sm, gram), (bm, sm, gram));
-            s.gemm(&if c.rows <= c.cols {
+            products.multiply(s, &if c.rows <= c.cols {
                 batched((true, false), (r, r, cl), 1.0, xs, xs, 0.0, am, batch, cuda_dt)
             } else {
                 batched((false, true), (cl, cl, r), 1.0, xs, xs, 0.0, am, batch, cuda_dt)
@@ -183,18 +282,20 @@ fn newton_schulz<Q: Queue>(
             // Bm = b*A + a*I, then Bm += c*A*A.
             let total = gram * c.batch as i64;
             let (mut pa, mut pb, mut pdt, mut psm, mut ptot, mut pca, mut pcb) = (a, bm, dt, sm, total, ca, cb);
+            let (mut pstep, mut pevery) = (gate_step, gate_every);
             let grid = Grid { x: (total as u64).div_ceil(BLOCK as u64 * 4).clamp(1, 4096) as u32, y: 1, block: BLOCK };
             // SAFETY: A and Bm hold `total` elements of dtype dt.
             unsafe {
                 s.launch(K_AFFINE_DIAG, grid, &mut [
                     &mut pa as *mut _ as *mut c_void, &mut pb as *mut _ as *mut c_void, &mut pdt as *mut _ as *mut c_void,
                     &mut psm as *mut _ as *mut c_void, &mut ptot as *mut _ as *mut c_void, &mut pca as *mut _ as *mut c_void,
-                    &mut pcb as *mut _ as *mut c_void,
+                    &mut pcb as *mut _ as *mut c_void, &mut pstep as *mut _ as *mut c_void,
+                    &mut pevery as *mut _ as *mut c_void,
                 ])?;
             }
-            s.gemm(&batched((false, false), (sm, sm, sm), cc, am, am, 1.0, bp, batch, cuda_dt))?;
+            products.multiply(s, &batched((false, false), (sm, sm, sm), cc, am, am, 1.0, bp, batch, cuda_dt))?;
             // X' = X Bm (rows <= cols) or Bm X (the transposed problem).
-            s.gemm(&if c.rows <= c.cols {
+            products.multiply(s, &if c.rows <= c.cols {
                 batched((false, false), (cl, r, r), 1.0, xs, bp, 0.0, xd, batch, cuda_dt)
             } else {
                 batched((false, false), (cl, r, cl), 1.0, bp, xs, 0.0, xd, batch, cuda_dt)
@@ -575,10 +676,11 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
     per_leaf(K_PREPARE, &mut plan.leaves, g)?;
     if plan.noise_polar {
         // The polar factor of D0 (kept in n0 for the inner product): one step n0 -> n1, then
-        // n1 and n2 alternate.
+        // n1 and n2 alternate. Gated on the device step count: a no-op unless it is a noise step.
         let schedule = step::nuclear_schedule();
-        newton_schulz(s, &plan.classes, at(o.n0), at(o.n1), at(o.na), at(o.nb), true, &schedule[..1])?;
-        let polar = newton_schulz(s, &plan.classes, at(o.n1), at(o.n2), at(o.na), at(o.nb), true, &schedule[1..])?;
+        let gated = Products::Gated(*g);
+        newton_schulz(s, &plan.classes, at(o.n0), at(o.n1), at(o.na), at(o.nb), true, &schedule[..1], gated)?;
+        let polar = newton_schulz(s, &plan.classes, at(o.n1), at(o.n2), at(o.na), at(o.nb), true, &schedule[1..], gated)?;
         for a in plan.leaves.iter_mut() {
             a.noise_out = (polar as usize + (a.noise_in as usize - at(o.n0) as usize)) as *const f32;
         }
@@ -593,7 +695,7 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
     }
     if plan.hidden {
         let coeffs = &layout.config.ns_coeffs;
-        let dir = newton_schulz(s, &plan.classes, at(o.x), at(o.y), at(o.a), at(o.b), plan.ns_f32, coeffs)?;
+        let dir = newton_schulz(s, &plan.classes, at(o.x), at(o.y), at(o.a), at(o.b), plan.ns_f32, coeffs, Products::Cublas)?;
         for a in plan.leaves.iter_mut() {
             a.ns_out = (dir as usize + (a.ns_in as usize - at(o.x) as usize)) as *const c_void;
         }
@@ -604,6 +706,20 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn noise_products_of_many_matrices_take_several_launches() {
+        let base = 0x1000_0000usize;
+        let g = batched((true, false), (100, 100, 70), 1.0, (base as *mut c_void, 70, 7000), (base as *mut c_void, 70, 7000),
+                        0.0, ((2 * base) as *mut c_void, 100, 10_000), 70_000, CUDA_R_32F);
+        let l = GemmArgs::launches(&g).unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!((l[0].1.x, l[0].1.y, l[1].1.y), (4, MAX_GRID_Y as u32, (70_000 - MAX_GRID_Y) as u32));
+        assert_eq!(l[1].0.a as usize, base + MAX_GRID_Y * 7000 * 4);
+        assert_eq!(l[1].0.c as usize, 2 * base + MAX_GRID_Y * 10_000 * 4);
+        let bf16 = Gemm { dtype: CUDA_R_16BF, ..g };
+        assert!(GemmArgs::launches(&bf16).is_err());
+    }
 
     #[test]
     fn align_pad_reaches_the_next_256_byte_boundary() {

@@ -17,8 +17,10 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     else if (k == "lanton_affine_diag")
         emu_run(gx, gy, block, [&] {
             lanton_affine_diag(*(const void**)p[0], *(void**)p[1], *(int*)p[2], *(int*)p[3], *(long long*)p[4],
-                               *(float*)p[5], *(float*)p[6]);
+                               *(float*)p[5], *(float*)p[6], *(const int**)p[7], *(int*)p[8]);
         });
+    else if (k == "lanton_noise_gemm")
+        emu_run(gx, gy, block, [&] { lanton_noise_gemm(*(GemmArgs*)p[0], *(GroupArgs*)p[1]); });
     else return 1;
     return 0;
 }
