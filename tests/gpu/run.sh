@@ -36,7 +36,7 @@ if XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_graph_
      "$PY" tests/gpu/graph_check.py dump "$TMP/graphs_off.npz" \
    && "$PY" tests/gpu/graph_check.py compare "$TMP/graphs_on.npz" "$TMP/graphs_off.npz"; then :; else FAILED+=("graphs"); fi
 
-echo "== no host sync: no conditional in a steady-state step"
+echo "== no host sync: no conditional or host transfer in a steady-state step"
 "$PY" tests/gpu/graph_check.py no-sync || FAILED+=("no-sync")
 
 echo "== compute-sanitizer (memcheck, racecheck, synccheck) on a short case"
