@@ -1,6 +1,7 @@
-"""Step time under sharding on virtual CPU devices: lanton without a mesh (every device repeats
-the step), lanton with `mesh=` (the Newton-Schulz work divided among the devices) and
-optax.contrib.muon (hidden only), each with parameters, gradients and state laid out the same
+"""Step time under sharding on virtual CPU devices: lanton with mesh=False (every device repeats
+the step), lanton with `mesh=` (the Newton-Schulz work divided among the devices), lanton's
+default (the same split over the mesh the inputs are laid out on) and optax.contrib.muon
+(hidden only), each with parameters, gradients and state laid out the same
 way: replicated (data parallel) and FSDP (2-D leaves sharded on their first axis). Ratios to
 optax Muon from the same run. The devices share this machine's cores, so absolute times mean
 little; the ratios show who repeats work.
@@ -48,8 +49,9 @@ def layouts(mesh):
 
 def contenders(mesh):
     return {
-        "lanton, no mesh (repeated)": lambda: lanton.lanton(0.02),
+        "lanton, mesh=False (repeated)": lambda: lanton.lanton(0.02, mesh=False),
         "lanton, mesh= (split)": lambda: lanton.lanton(0.02, mesh=mesh),
+        "lanton, default (inputs' mesh)": lambda: lanton.lanton(0.02),
         "optax muon (hidden only)": lambda: optax.contrib.muon(0.02, adam_learning_rate=3e-3,
                                                                muon_weight_dimension_numbers=hidden_only_dims),
     }

@@ -341,6 +341,32 @@ class _Lanton:
             self._warned = True
         return reference.group_step
 
+    def _work_split(self, plan, p_leaves, g_leaves, in_place, step_fn):
+        """(mesh, axes) to divide the groups' work over, or (None, None): every device repeats
+        the step. `mesh=` given: that one. Default: the mesh the parameters and gradients are
+        laid out on, when it has several devices, the CPU kernels run, and no axis is manual (in
+        the user's own shard_map each device steps its local arrays). `mesh=False`: never."""
+        if step_fn is not _ffi.group_step or self.mesh is False:
+            return None, None
+        if self.mesh is not None:
+            if in_place:
+                raise ValueError("lanton.fused does not divide work across a mesh yet: use lanton(..., mesh=...)")
+            return self.mesh, self.mesh_axes
+        mesh = _input_mesh([(f"{lf.name}' ({what})", x[lf.index]) for group in plan.values() for lf in group
+                            for what, x in (("parameter", p_leaves), ("gradient", g_leaves))])
+        if mesh is None or getattr(mesh, "manual_axes", ()):
+            return None, None
+        why = ("lanton.fused does not divide work across a mesh yet" if in_place
+               else None if _mesh_platform(mesh) == "cpu" else "the CUDA kernels do not divide work across a mesh yet")
+        if why:
+            if not getattr(self, "_warned_repeat", False):
+                warnings.warn(f"lanton: the inputs are laid out on a mesh of {mesh.size} devices, but {why}: every "
+                              "device repeats the whole step (use lanton(..., mesh=...) on CPU, or mesh=False to "
+                              "silence this)", stacklevel=4)
+                self._warned_repeat = True
+            return None, None
+        return mesh, tuple(mesh.axis_names)
+
     def apply(self, grads, state: LantonState, params, *, in_place: bool, second_grad=None):
         if params is None:
             raise ValueError("lanton needs the parameters: call update(grads, state, params)")
@@ -361,6 +387,7 @@ class _Lanton:
         count = optax.safe_int32_increment(state.count)
         lr = self.learning_rate(state.count) if callable(self.learning_rate) else self.learning_rate
         step_fn = self._backend()
+        mesh, axes = self._work_split(plan, p_leaves, g_leaves, in_place, step_fn)
         out_leaves = list(p_leaves) if in_place else list(g_leaves)
         new = {k: list(v) for k, v in st.items()}
         for gname, group in plan.items():
@@ -395,10 +422,8 @@ class _Lanton:
                     lf.canonical,
                 ))
             names = [lf.name for lf in group]
-            if self.mesh is not None and step_fn is _ffi.group_step:
-                if in_place:
-                    raise ValueError("lanton.fused does not divide work across a mesh yet: use lanton(..., mesh=...)")
-                results = _split_across_mesh(self.mesh, self.mesh_axes, self.configs[gname], hyper, count, args, names)
+            if mesh is not None:
+                results = _split_across_mesh(mesh, axes, self.configs[gname], hyper, count, args, names)
             else:
                 results = step_fn(self.configs[gname], hyper, count, args, names, in_place=in_place)
             for lf, fin, (out, mom, prev, noise, valid, pstep, ratio) in zip(group, finite, results):
@@ -423,13 +448,43 @@ def _flatten_like(treedef, tree, what):
         raise ValueError(f"{what} do not match the parameters' structure: {e}") from None
 
 
+def _input_mesh(named_arrays):
+    """The mesh the arrays are laid out on, if one has several devices (None otherwise). Inside
+    jit each traced array's type carries its input's mesh, automatic or explicit axes alike;
+    outside, a concrete array's NamedSharding does. Arrays on different meshes are refused."""
+    found = None
+    for name, x in named_arrays:
+        if isinstance(x, jax.core.Tracer) or not hasattr(x, "sharding"):
+            typeof = getattr(jax, "typeof", None)
+            sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
+        else:
+            sharding = x.sharding
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty or mesh.size < 2:
+            continue
+        if found is None:
+            found = (name, mesh)
+        elif dict(mesh.shape) != dict(found[1].shape):
+            raise ValueError(f"lanton: leaf '{name} is laid out on a mesh {dict(mesh.shape)}, but leaf '{found[0]} on "
+                             f"{dict(found[1].shape)}; pass lanton(..., mesh=...) to choose the one to divide work over")
+    return None if found is None else found[1]
+
+
+def _mesh_platform(mesh):
+    device = getattr(mesh, "abstract_device", None)
+    if device is None and hasattr(mesh, "abstract_mesh"):
+        device = getattr(mesh.abstract_mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def _check_mesh(mesh, axes):
-    if mesh is None:
+    # None: follow the inputs' mesh; False: never divide the work.
+    if mesh is None or mesh is False:
         if axes is not None:
             raise ValueError("lanton option 'mesh_axes' needs a 'mesh'")
-        return None, None
+        return mesh, None
     if not isinstance(mesh, jax.sharding.Mesh):
-        raise TypeError(f"lanton option 'mesh' must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        raise TypeError(f"lanton option 'mesh' must be a jax.sharding.Mesh, None or False, got {type(mesh).__name__}")
     axes = tuple(mesh.axis_names) if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
     unknown = [a for a in axes if a not in mesh.axis_names]
     if unknown or not axes:
@@ -595,8 +650,10 @@ def lanton(
         that mesh: every device tracks every layer, computes the updates of its share of the
         layers (balanced by cost), and a psum over the axes assembles the update, so each
         matrix is orthogonalized once per step in total instead of once per device. CPU kernels
-        only; operands enter the kernels whole (sharded ones are gathered first). Without a
-        mesh, sharded or replicated operands work too but every device repeats the whole step.
+        only; operands enter the kernels whole (sharded ones are gathered first). Default
+        (None): the mesh the parameters and gradients are laid out on, over all its axes, when
+        it has several devices (on CUDA, and for `fused`, every device repeats the step, with a
+        warning). mesh=False: every device repeats the whole step.
 
     Option II of the paper's Algorithm 1: pass an independent second gradient of the same step,
     ``update(grads, state, params, second_grad=grads2)`` (a pytree like `grads`, through the same

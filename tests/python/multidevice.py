@@ -8,7 +8,7 @@ give the virtual CPU devices before jax starts):
     python multidevice.py CASES PROCESS_ID 2 PORT   # one of two processes joined by
                                                     # jax.distributed, 4 virtual devices each
 
-CASES: comma-separated, from data, fsdp_in, fsdp_out, fsdp_explicit, layers, 2d. Prints one JSON line per case and mode: the case, the mesh, the largest differences and the leaf shardings seen.
+CASES: comma-separated, from data, fsdp_in, fsdp_out, fsdp_explicit, layers, 2d, fallbacks. Prints one JSON line per case and mode: the case, the mesh, the largest differences and the leaf shardings seen.
 """
 
 import json
@@ -151,23 +151,65 @@ def main():
         single_runs = lanton._ffi.newton_schulz_runs() - before
 
     for case in cases:
-        check(case, options, params, grads, want_p, want_s, single_runs)
+        if case == "fallbacks":
+            fallbacks(options, params, grads, want_p, single_runs)
+        else:
+            check(case, options, params, grads, want_p, want_s, single_runs)
     if len(sys.argv) > 2:
         jax.distributed.shutdown()
 
 
 def check(case, options, params, grads, want_p, want_s, single_runs):
-    """Sharded as the case says, without and with lanton's work split (mesh=...)."""
+    """Sharded as the case says: every device repeating the step (mesh=False), lanton's work
+    split over the mesh given (mesh=...) and over the inputs' own mesh (the default)."""
     import lanton
     mesh = make_mesh(case)
     ps = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec_for(case, path, x)), params)
     shard = (ps, lambda s: state_shardings(s, ps, mesh))
     runs = {}
-    for mode, tx in (("repeated", lanton.lanton(**options)), ("split", lanton.lanton(**options, mesh=mesh))):
+    modes = (("repeated", lanton.lanton(**options, mesh=False)), ("split", lanton.lanton(**options, mesh=mesh)),
+             ("auto", lanton.lanton(**options)))  # the default: the mesh the inputs are laid out on
+    for mode, tx in modes:
         before = lanton._ffi.newton_schulz_runs()
         got = run(tx, params, grads, shard=shard)
         runs[mode] = lanton._ffi.newton_schulz_runs() - before
         report(case, mode, got, want_p, want_s, single_runs, runs[mode])
+
+
+def fallbacks(options, params, grads, want_p, single_runs):
+    """Where the default cannot divide the work: lanton.fused on sharded inputs repeats the
+    step with one warning (and the same result); inputs on two different meshes are refused by
+    name."""
+    import warnings
+
+    import lanton
+    mesh = make_mesh("fsdp_in")
+    ps = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec_for("fsdp_in", path, x)), params)
+    opt = lanton.fused(**options)
+    # Copies: the fused step donates them (device_put may share a buffer with its input).
+    p, s = jax.device_put(jax.tree.map(jnp.copy, params), ps), opt.init(jax.tree.map(jnp.copy, params))
+    before = lanton._ffi.newton_schulz_runs()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for g in grads:
+            p, s = opt.step(jax.device_put(g, ps), s, p)
+        jax.block_until_ready(p)
+    runs = lanton._ffi.newton_schulz_runs() - before
+    fused_warnings = [str(w.message) for w in seen if "repeats the whole step" in str(w.message)]
+    other = Mesh(np.array(jax.devices()).reshape(2, -1), ("a", "b"))
+    tx = lanton.lanton(**options)
+    try:
+        g = jax.device_put(grads[0], NamedSharding(other, P()))
+        jax.jit(tx.update)(g, tx.init(params), jax.device_put(params, ps))
+        mixed = "no error"
+    except ValueError as e:
+        mixed = str(e)
+    print(json.dumps({
+        "case": "fallbacks", "fused_warnings": fused_warnings, "fused_ns_runs": runs, "ns_runs_one_device": single_runs,
+        "fused_params": float(max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
+                                  zip(jax.tree.leaves(to_host(p)), jax.tree.leaves(want_p)))),
+        "mixed_meshes": mixed,
+    }), flush=True)
 
 
 def report(case, mode, got, want_p, want_s, single_runs, runs):

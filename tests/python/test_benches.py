@@ -106,8 +106,11 @@ def test_multidevice_bench_table_and_json(tmp_path):
     assert set(results) == {"data parallel (replicated)", "FSDP (d_in sharded)"}
     for rows in results.values():
         assert all(r["seconds"] > 0 for r in rows.values())
-        # Two devices: without a mesh each repeats every direction, with one they share them.
-        assert rows["lanton, no mesh (repeated)"]["ns_runs"] == 2 * rows["lanton, mesh= (split)"]["ns_runs"] > 0
+        # Two devices: with mesh=False each repeats every direction; with a mesh, given or the
+        # inputs' own (the default), they share them.
+        split = rows["lanton, mesh= (split)"]["ns_runs"]
+        assert rows["lanton, mesh=False (repeated)"]["ns_runs"] == 2 * split > 0
+        assert rows["lanton, default (inputs' mesh)"]["ns_runs"] == split
     table = (tmp_path / "md.md").read_text()
     assert "| optax muon (hidden only) |" in table and table.strip() in out
 

@@ -128,8 +128,12 @@ def test_missing_library_gives_clear_message(tmp_path):
 def test_mesh_options_are_checked(params):
     import numpy as np
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
-    with pytest.raises(TypeError, match=r"option 'mesh' must be a jax.sharding.Mesh, got list"):
+    with pytest.raises(TypeError, match=r"option 'mesh' must be a jax.sharding.Mesh, None or False, got list"):
         lanton.lanton(mesh=[0, 1])
+    with pytest.raises(TypeError, match=r"option 'mesh' must be a jax.sharding.Mesh, None or False, got bool"):
+        lanton.lanton(mesh=True)
+    with pytest.raises(ValueError, match=r"option 'mesh_axes' needs a 'mesh'"):
+        lanton.lanton(mesh=False, mesh_axes="x")
     with pytest.raises(ValueError, match=r"option 'mesh_axes': \['y'\] not among the mesh's axes \('x',\)"):
         lanton.lanton(mesh=mesh, mesh_axes="y")
     with pytest.raises(ValueError, match=r"option 'mesh_axes' needs a 'mesh'"):

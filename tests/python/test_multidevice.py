@@ -5,6 +5,7 @@ Newton-Schulz counter), not once per device as without it."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("multidevice.py")
 CASES = ["data", "fsdp_in", "fsdp_out", "fsdp_explicit", "layers", "2d"]
+MODES = ("repeated", "split", "auto")
 # f32 round-off: the sharded program may order reductions differently.
 TOL = {"params": 1e-5, "state": 1e-4, "layer_stats": 1e-4}
 
@@ -40,12 +42,24 @@ def check(r, devices, processes):
 
 def test_eight_virtual_devices_match_one_device():
     rs = results(launch(CASES, 8))
-    assert [(r["case"], r["mode"]) for r in rs] == [(c, m) for c in CASES for m in ("repeated", "split")]
+    assert [(r["case"], r["mode"]) for r in rs] == [(c, m) for c in CASES for m in MODES]
     for r in rs:
         check(r, 8, 1)
-        # Without a mesh every device repeats the whole step; with one, the work is divided.
+        # mesh=False: every device repeats the whole step; with a mesh, given or the inputs'
+        # own (the default), the work is divided.
         want = r["ns_runs_one_device"] * (8 if r["mode"] == "repeated" else 1)
         assert r["ns_runs"] == want, r
+
+
+def test_where_the_default_cannot_divide_the_work_it_says_so():
+    (r,) = results(launch(["fallbacks"], 8))
+    # lanton.fused on FSDP-sharded inputs: every device repeats the step, warned once, same result.
+    assert len(r["fused_warnings"]) == 1 and "8 devices" in r["fused_warnings"][0], r
+    assert r["fused_params"] <= TOL["params"], r
+    assert r["fused_ns_runs"] == 8 * r["ns_runs_one_device"] > 0, r
+    # Parameters on one mesh, gradients on another: refused, naming both.
+    assert re.search(r"leaf '\S+' \(gradient\) is laid out on a mesh \{'a': 2, 'b': 4\}, but leaf '\S+' \(parameter\) "
+                     r"on \{'x': 8\}", r["mixed_meshes"]), r
 
 
 def free_port():
@@ -64,7 +78,7 @@ def test_two_processes_with_jax_distributed_match_one_device():
         for p in procs:
             p.kill()
     for rs in outs:
-        assert [(r["case"], r["mode"]) for r in rs] == [(c, m) for c in cases for m in ("repeated", "split")]
+        assert [(r["case"], r["mode"]) for r in rs] == [(c, m) for c in cases for m in MODES]
         for r in rs:
             check(r, 8, 2)
     # Each process counts its own 4 devices' directions: split, the two add up to one device's.
