@@ -352,7 +352,7 @@ class _Lanton:
             if in_place:
                 raise ValueError("lanton.fused does not divide work across a mesh yet: use lanton(..., mesh=...)")
             return self.mesh, self.mesh_axes
-        mesh = _input_mesh([(f"{lf.name}' ({what})", x[lf.index]) for group in plan.values() for lf in group
+        mesh = _input_mesh([(lf.name, what, x[lf.index]) for group in plan.values() for lf in group
                             for what, x in (("parameter", p_leaves), ("gradient", g_leaves))])
         if mesh is None or getattr(mesh, "manual_axes", ()):
             return None, None
@@ -448,12 +448,14 @@ def _flatten_like(treedef, tree, what):
         raise ValueError(f"{what} do not match the parameters' structure: {e}") from None
 
 
-def _input_mesh(named_arrays):
-    """The mesh the arrays are laid out on, if one has several devices (None otherwise). Inside
-    jit each traced array's type carries its input's mesh, automatic or explicit axes alike;
-    outside, a concrete array's NamedSharding does. Arrays on different meshes are refused."""
+def _input_mesh(arrays):
+    """The mesh the arrays, (leaf name, what, array), are laid out on if one has several devices
+    (None otherwise). Inside jit each traced array's type carries its input's mesh, automatic or
+    explicit axes alike; outside, a concrete array's NamedSharding does. Arrays on different
+    meshes (axes, sizes, axis types, devices where known) are refused, naming both."""
     found = None
-    for name, x in named_arrays:
+    for leaf, what, x in arrays:
+        name = f"'{leaf}' ({what})"
         if isinstance(x, jax.core.Tracer) or not hasattr(x, "sharding"):
             typeof = getattr(jax, "typeof", None)
             sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
@@ -464,17 +466,22 @@ def _input_mesh(named_arrays):
             continue
         if found is None:
             found = (name, mesh)
-        elif dict(mesh.shape) != dict(found[1].shape):
-            raise ValueError(f"lanton: leaf '{name} is laid out on a mesh {dict(mesh.shape)}, but leaf '{found[0]} on "
+        elif not _same_mesh(mesh, found[1]):
+            raise ValueError(f"lanton: leaf {name} is laid out on a mesh {dict(mesh.shape)}, but leaf {found[0]} on "
                              f"{dict(found[1].shape)}; pass lanton(..., mesh=...) to choose the one to divide work over")
     return None if found is None else found[1]
 
 
+def _same_mesh(a, b):
+    abstract = lambda m: getattr(m, "abstract_mesh", m)
+    ids = lambda m: getattr(m, "device_ids", None) if isinstance(m, jax.sharding.Mesh) else None
+    return abstract(a) == abstract(b) and (ids(a) is None or ids(b) is None or np.array_equal(ids(a), ids(b)))
+
+
 def _mesh_platform(mesh):
-    device = getattr(mesh, "abstract_device", None)
-    if device is None and hasattr(mesh, "abstract_mesh"):
-        device = getattr(mesh.abstract_mesh, "abstract_device", None)
-    return getattr(device, "platform", None) or jax.default_backend()
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh.devices.flat[0].platform
+    return getattr(getattr(mesh, "abstract_device", None), "platform", None) or jax.default_backend()
 
 
 def _check_mesh(mesh, axes):

@@ -124,7 +124,7 @@ fn load_normalized(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) ->
 /// point, no eigensolver; ~1e-6 of an f64 SVD). Above: the product in f32 and faer's symmetric
 /// eigenvalue solver with a floor (~5e-4). This is the CPU's noise estimate (its cost against a
 /// Newton-Schulz-5 and its error: benches/newton_schulz.rs); the GPU keeps the polar iteration
-/// (`nuclear_norm_polar`), which suits tensor cores.
+/// (`nuclear_norm_polar`): batched products, no per-matrix solver.
 pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> f32 {
     // Normalized, the Gram matrix has trace 1: no overflow whatever the gradients' scale.
     let (m, n, fro) = match load_normalized(d, rows, cols, ws) {

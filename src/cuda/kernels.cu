@@ -290,7 +290,8 @@ extern "C" __global__ void lanton_reference(GroupArgs g, int group_layers) {
 
 // Newton-Schulz helper: B = b*A + a*I for a batch of s x s matrices (dtype dt). Gated like
 // lanton_noise_gemm when gate_step is set (the noise estimate's iterations): nothing happens
-// unless *gate_step is due every gate_every steps.
+// unless *gate_step is due every gate_every steps (the caller enqueues that work only for a
+// noise-adaptive group with noise work on, so the cadence is the whole of is_noise_step).
 extern "C" __global__ void lanton_affine_diag(const void* A, void* B, int dt, int s, long long total, float a, float b,
                                               const int* gate_step, int gate_every) {
     if (gate_step && !cadence_due(*gate_step, gate_every)) return;
@@ -317,6 +318,7 @@ static_assert(sizeof(GemmArgs) == 88, "GemmArgs layout must match src/cuda/step.
 
 #define GEMM_TILE 64
 #define GEMM_DEPTH 16
+static_assert(BLOCK == 256 && GEMM_TILE == 4 * 16, "lanton_noise_gemm: 16 x 16 threads of 4 x 4 outputs");
 // The noise estimate's products. cuBLAS cannot skip work on a value that lives on the device,
 // so these run on our kernel, which reads the step count and returns at once unless the step
 // refreshes the noise tracker: every step enqueues the same launches (no conditional, no host
@@ -331,7 +333,7 @@ extern "C" __global__ void lanton_noise_gemm(GemmArgs p, GroupArgs g) {
     const float* A = p.a + blockIdx.y * p.stride_a;
     const float* B = p.b + blockIdx.y * p.stride_b;
     float* C = p.c + blockIdx.y * p.stride_c;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 16 x 16 threads: blockDim.x == BLOCK == 256
     float acc[4][4] = {};
     for (int k0 = 0; k0 < p.k; k0 += GEMM_DEPTH) {
         // e -> (depth kk, row r of op(A)'s tile / column r of op(B)'s), with whichever of the two

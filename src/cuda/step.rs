@@ -38,7 +38,8 @@ pub struct CudaOptions {
     /// Enqueue the hidden group's noise work (polar iterations; default true). Its launches
     /// read the step count on the device and return at once on steps that do not refresh the
     /// tracker, so every step enqueues the same work and nothing waits for the host. false
-    /// leaves it out entirely (no tracker refresh): for a host that keeps the cadence itself.
+    /// leaves it out entirely (no tracker refresh): for direct FFI users that keep the cadence
+    /// on the host (the Python shim never sets it).
     pub noise_work: bool,
     /// Newton-Schulz operands in f32 instead of bf16 (f32 accumulation either way).
     pub ns_f32: bool,
@@ -142,9 +143,17 @@ impl GemmArgs {
         if g.dtype != CUDA_R_32F {
             return Err("lanton_noise_gemm multiplies f32 operands only".into());
         }
+        // The kernel's row and column indices are 32-bit: leave them a tile of headroom.
+        let limit = i32::MAX - GEMM_TILE as i32;
+        if g.m > limit || g.n > limit {
+            return Err(format!("a noise product of {} x {} exceeds lanton_noise_gemm's 32-bit indices", g.m, g.n));
+        }
         let tiles = (g.m.max(0) as usize).div_ceil(GEMM_TILE) * (g.n.max(0) as usize).div_ceil(GEMM_TILE);
         if tiles > i32::MAX as usize {
             return Err(format!("a noise product of {tiles} tiles exceeds one launch's grid"));
+        }
+        if tiles == 0 {
+            return Ok(Vec::new()); // an empty C: nothing to launch (as cuBLAS would do nothing)
         }
         let batch = g.batch.max(0) as usize;
         let skip = |p: *const c_void, stride: i64, first: usize| (p as usize + first * stride as usize * 4) as *mut f32;
@@ -719,6 +728,11 @@ mod tests {
         assert_eq!(l[1].0.c as usize, 2 * base + MAX_GRID_Y * 10_000 * 4);
         let bf16 = Gemm { dtype: CUDA_R_16BF, ..g };
         assert!(GemmArgs::launches(&bf16).is_err());
+        let empty = Gemm { n: 0, ..bf16 };
+        assert!(GemmArgs::launches(&Gemm { dtype: CUDA_R_32F, ..empty }).unwrap().is_empty());
+        let huge = batched((false, false), (i32::MAX - 10, 1, 1), 1.0, (base as *mut c_void, i32::MAX, 0),
+                           (base as *mut c_void, 1, 0), 0.0, (base as *mut c_void, i32::MAX, 0), 1, CUDA_R_32F);
+        assert!(matches!(GemmArgs::launches(&huge), Err(e) if e.contains("32-bit")));
     }
 
     #[test]

@@ -73,16 +73,20 @@ def compare(a, b):
     print(f"bitwise equal: {len(x.files)} arrays")
 
 
+def host_syncs(hlo_text):
+    """Lines of a compiled HLO module that make a step wait for the device: a conditional (XLA
+    copies its predicate to the host), an outfeed/infeed/send/recv, or a buffer moved to host
+    memory (MoveToHost, memory space S(5)). tests/python/test_compiled.py checks it on CPU."""
+    host = re.compile(r" (conditional|outfeed|infeed|send|recv|send-done|recv-done)\(|MoveToHost|S\(5\)")
+    return [line.strip()[:120] for line in hlo_text.splitlines() if host.search(line)]
+
+
 def no_sync():
     p0 = model(jnp.bfloat16)
     tx = lanton.lanton(0.02)
     step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)),
                    donate_argnums=(0, 1))
-    text = step.lower(p0, tx.init(p0), grads(p0, 0)).compile().as_text()
-    # A conditional's predicate, an outfeed/send/recv, or a buffer moved to host memory (memory
-    # space S(5)) would each make the step wait for the device.
-    host = re.compile(r" (conditional|outfeed|infeed|send|recv|send-done|recv-done)\(|MoveToHost|S\(5\)")
-    found = [line.strip()[:120] for line in text.splitlines() if host.search(line)]
+    found = host_syncs(step.lower(p0, tx.init(p0), grads(p0, 0)).compile().as_text())
     if found:
         sys.exit(f"FAIL: the step has {len(found)} host transfer(s) or conditional(s): {found[:2]}")
     print("no conditional and no host transfer in the compiled step")

@@ -74,3 +74,27 @@ def test_the_in_place_step_still_returns_params_then_state(setup):
     want = optax.apply_updates(params, u)
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(want)):
         assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_gpu_no_sync_check_sees_a_conditional_and_passes_the_step(setup):
+    """tests/gpu/graph_check.py's no-sync check (run on a GPU by tests/gpu/run.sh), on CPU: the
+    compiled step of lanton has no conditional or host transfer, and a lax.cond is caught."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "gpu" / "graph_check.py"
+    spec = importlib.util.spec_from_file_location("graph_check", path)
+    graph_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph_check)
+    params, grads = setup
+    tx = lanton.lanton(0.02)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile().as_text()
+    assert graph_check.host_syncs(text) == []
+    cond = jax.jit(lambda t, x: jax.lax.cond(t % 10 == 0, lambda v: v * 2, lambda v: v, x))
+    found = graph_check.host_syncs(cond.lower(jnp.int32(3), jnp.ones(3)).compile().as_text())
+    assert len(found) == 1 and "conditional(" in found[0], found

@@ -88,13 +88,12 @@ def expected_scratch(line):
 
     kind = re.search(r'kind = "(\w+)"', line).group(1)
     adaptive = re.search(r"noise_adaptive = (\w+)", line).group(1) == "true"
-    work = re.search(r"noise_work = (\w+)", line)
     ns = re.search(r'ns_dtype = "(\w+)"', line).group(1)
     m = re.search(r"layer_dims = dense<(\[[-\d, ]*\]|-?\d+)> : tensor<(\d+)xi64>", line)
     values, n = m.group(1), int(m.group(2))
     flat = [int(x) for x in values.strip("[]").split(",")] if values.startswith("[") else [int(values)] * n
     dims = tuple(tuple(flat[i:i + 3]) for i in range(0, len(flat), 3))
-    return _ffi.cuda_scratch_bytes(kind, adaptive, work is None or work.group(1) == "true", ns, dims)
+    return _ffi.cuda_scratch_bytes(kind, adaptive, True, ns, dims)
 
 
 @pytest.mark.parametrize("kw", [{}, {"ns_dtype": "float32"}, {"noise_adaptive": False}])
