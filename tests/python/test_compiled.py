@@ -48,14 +48,18 @@ def test_the_in_place_step_copies_no_buffer(setup):
     assert big_copies(text) == []
 
 
-def test_a_donated_update_step_copies_no_buffer(setup):
-    params, grads = setup
-    tx = lanton.lanton(0.02)
-
+def training_step(tx):
+    """update + apply_updates, as a training loop jits it."""
     def step(p, s, g):
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
+    return step
 
+
+def test_a_donated_update_step_copies_no_buffer(setup):
+    params, grads = setup
+    tx = lanton.lanton(0.02)
+    step = training_step(tx)
     text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile().as_text()
     assert big_copies(text) == []
     # Without donation XLA must copy the state the kernel updates in place: the check sees it.
@@ -88,12 +92,8 @@ def test_the_gpu_no_sync_check_sees_a_conditional_and_passes_the_step(setup):
     spec.loader.exec_module(graph_check)
     params, grads = setup
     tx = lanton.lanton(0.02)
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile().as_text()
+    step = jax.jit(training_step(tx), donate_argnums=(0, 1))
+    text = step.lower(params, tx.init(params), grads).compile().as_text()
     assert graph_check.host_syncs(text) == []
     cond = jax.jit(lambda t, x: jax.lax.cond(t % 10 == 0, lambda v: v * 2, lambda v: v, x))
     found = graph_check.host_syncs(cond.lower(jnp.int32(3), jnp.ones(3)).compile().as_text())
