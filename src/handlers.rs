@@ -380,11 +380,6 @@ fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
              the CUDA kernels measure the paper's absolute noise",
         ));
     }
-    if layout.config.owned_layers.is_some() {
-        return Err(FfiError::invalid(
-            "attribute 'owned_layers': the CUDA kernels do not split a group's work across devices yet (CPU only)",
-        ));
-    }
     let opts = decode_cuda_options(call)?;
     check_cuda_limits(&layout)?;
     cuda::group_step(call, &layout, opts)

@@ -229,7 +229,8 @@ unsafe extern "C" fn plan_probe(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_E
         let opts = decode_cuda_options(c)?;
         let buffers = layout.leaves.iter().map(|l| (l.param.ret.data as usize, l.grad.data as usize)).collect();
         let base = BASE.with(|b| b.get());
-        SEEN.with(|s| *s.borrow_mut() = Some((Plan::new(&layout, opts, base), opts, buffers)));
+        let plan = Plan::new(&layout, opts, base).map_err(lanton::ffi::FfiError::invalid)?;
+        SEEN.with(|s| *s.borrow_mut() = Some((plan, opts, buffers)));
         Ok(())
     })
 }

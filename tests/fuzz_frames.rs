@@ -1003,7 +1003,7 @@ fn plan_probe(frame: *mut XLA_FFI_CallFrame, name: &str, in_place: bool) -> *mut
             let layout = decode_layout(c, in_place)?;
             let opts: CudaOptions = decode_cuda_options(c)?;
             check_cuda_limits(&layout)?;
-            let plan = Plan::new(&layout, opts, 0x7000_0000);
+            let plan = Plan::new(&layout, opts, 0x7000_0000).map_err(FfiError::invalid)?;
             for track in [false, true] {
                 batches(&plan.leaves, track).map_err(FfiError::invalid)?;
             }

@@ -344,8 +344,8 @@ class _Lanton:
     def _work_split(self, plan, p_leaves, g_leaves, in_place, step_fn):
         """(mesh, axes) to divide the groups' work over, or (None, None): every device repeats
         the step. `mesh=` given: that one. Default: the mesh the parameters and gradients are
-        laid out on, when it has several devices, the CPU kernels run, and no axis is manual (in
-        the user's own shard_map each device steps its local arrays). `mesh=False`: never."""
+        laid out on, when it has several devices and no axis is manual (in the user's own
+        shard_map each device steps its local arrays). `mesh=False`: never."""
         if step_fn is not _ffi.group_step or self.mesh is False:
             return None, None
         if self.mesh is not None:
@@ -356,13 +356,11 @@ class _Lanton:
                             for what, x in (("parameter", p_leaves), ("gradient", g_leaves))])
         if mesh is None or getattr(mesh, "manual_axes", ()):
             return None, None
-        why = ("lanton.fused does not divide work across a mesh yet" if in_place
-               else None if _mesh_platform(mesh) == "cpu" else "the CUDA kernels do not divide work across a mesh yet")
-        if why:
+        if in_place:
             if not getattr(self, "_warned_repeat", False):
-                warnings.warn(f"lanton: the inputs are laid out on a mesh of {mesh.size} devices, but {why}: every "
-                              "device repeats the whole step (use lanton(..., mesh=...) on CPU, or mesh=False to "
-                              "silence this)", stacklevel=4)
+                warnings.warn(f"lanton: the inputs are laid out on a mesh of {mesh.size} devices, but lanton.fused does "
+                              "not divide work across a mesh yet: every device repeats the whole step (use "
+                              "lanton(...) for the divided work, or mesh=False to silence this)", stacklevel=4)
                 self._warned_repeat = True
             return None, None
         return mesh, tuple(mesh.axis_names)
@@ -478,12 +476,6 @@ def _same_mesh(a, b):
     return abstract(a) == abstract(b) and (ids(a) is None or ids(b) is None or np.array_equal(ids(a), ids(b)))
 
 
-def _mesh_platform(mesh):
-    if isinstance(mesh, jax.sharding.Mesh):
-        return mesh.devices.flat[0].platform
-    return getattr(getattr(mesh, "abstract_device", None), "platform", None) or jax.default_backend()
-
-
 def _check_mesh(mesh, axes):
     # None: follow the inputs' mesh; False: never divide the work.
     if mesh is None or mesh is False:
@@ -500,13 +492,15 @@ def _check_mesh(mesh, axes):
 
 
 def assign_layers(costs, devices):
-    """Owner device of each layer: the most expensive first, each to the least loaded device
-    (longest-processing-time rule, as distributed Muon implementations balance their work)."""
-    load = [0] * devices
-    owner = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        d = min(range(devices), key=lambda d: load[d])
-        owner[i], load[d] = d, load[d] + costs[i]
+    """Owner device of each layer: the group's layers in order, cut into `devices` contiguous
+    runs of about equal cost (each layer goes to the device whose share of the total cost holds
+    the layer's midpoint, so no device gets more than its share plus one layer). Contiguous
+    runs are what the CUDA kernels take (one strided-batched product per shape class)."""
+    total, done, owner = float(sum(costs)), 0.0, []
+    for i, c in enumerate(costs):
+        mid = (done + c / 2) / total if total > 0 else (i + 0.5) / len(costs)
+        owner.append(min(int(mid * devices), devices - 1))
+        done += c
     return owner
 
 
@@ -655,11 +649,11 @@ def lanton(
       mesh, mesh_axes: divide each group's Newton-Schulz work among the devices of these axes of
         a `jax.sharding.Mesh` (default: all its axes) when the fused kernels run under jit with
         that mesh: every device tracks every layer, computes the updates of its share of the
-        layers (balanced by cost), and a psum over the axes assembles the update, so each
-        matrix is orthogonalized once per step in total instead of once per device. CPU kernels
-        only; operands enter the kernels whole (sharded ones are gathered first). Default
-        (None): the mesh the parameters and gradients are laid out on, over all its axes, when
-        it has several devices (on CUDA, and for `fused`, every device repeats the step, with a
+        layers (contiguous runs of the group's layers, balanced by cost), and a psum over the
+        axes assembles the update, so each matrix is orthogonalized once per step in total
+        instead of once per device. Operands enter the kernels whole (sharded ones are gathered
+        first). Default (None): the mesh the parameters and gradients are laid out on, over all
+        its axes, when it has several devices (for `fused` every device repeats the step, with a
         warning). mesh=False: every device repeats the whole step.
 
     Option II of the paper's Algorithm 1: pass an independent second gradient of the same step,
