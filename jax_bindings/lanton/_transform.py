@@ -356,11 +356,16 @@ class _Lanton:
                             for what, x in (("parameter", p_leaves), ("gradient", g_leaves))])
         if mesh is None or getattr(mesh, "manual_axes", ()):
             return None, None
-        if in_place:
+        # On GPU the split's lax.switch on the device index is a conditional (a host sync per
+        # step): the default does not take it there; mesh= does, knowingly.
+        why = ("lanton.fused does not divide work across a mesh yet" if in_place
+               else None if _mesh_platform(mesh) == "cpu"
+               else "the split picks each device's layers with lax.switch, a host sync per step on GPU")
+        if why:
             if not getattr(self, "_warned_repeat", False):
-                warnings.warn(f"lanton: the inputs are laid out on a mesh of {mesh.size} devices, but lanton.fused does "
-                              "not divide work across a mesh yet: every device repeats the whole step (use "
-                              "lanton(...) for the divided work, or mesh=False to silence this)", stacklevel=4)
+                warnings.warn(f"lanton: the inputs are laid out on a mesh of {mesh.size} devices, but {why}: every "
+                              "device repeats the whole step (pass mesh=... to split anyway, or mesh=False to "
+                              "silence this)", stacklevel=4)
                 self._warned_repeat = True
             return None, None
         return mesh, tuple(mesh.axis_names)
@@ -474,6 +479,12 @@ def _same_mesh(a, b):
     abstract = lambda m: getattr(m, "abstract_mesh", m)
     ids = lambda m: getattr(m, "device_ids", None) if isinstance(m, jax.sharding.Mesh) else None
     return abstract(a) == abstract(b) and (ids(a) is None or ids(b) is None or np.array_equal(ids(a), ids(b)))
+
+
+def _mesh_platform(mesh):
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh.devices.flat[0].platform
+    return getattr(getattr(mesh, "abstract_device", None), "platform", None) or jax.default_backend()
 
 
 def _check_mesh(mesh, axes):
