@@ -344,8 +344,9 @@ class _Lanton:
     def _work_split(self, plan, p_leaves, g_leaves, in_place, step_fn):
         """(mesh, axes) to divide the groups' work over, or (None, None): every device repeats
         the step. `mesh=` given: that one. Default: the mesh the parameters and gradients are
-        laid out on, when it has several devices and no axis is manual (in the user's own
-        shard_map each device steps its local arrays). `mesh=False`: never."""
+        laid out on, when it has several devices, no axis is manual (in the user's own
+        shard_map each device steps its local arrays) and its devices are CPUs (on GPU, and for
+        `fused`, every device repeats the step, with one warning). `mesh=False`: never."""
         if step_fn is not _ffi.group_step or self.mesh is False:
             return None, None
         if self.mesh is not None:
@@ -664,8 +665,9 @@ def lanton(
         axes assembles the update, so each matrix is orthogonalized once per step in total
         instead of once per device. Operands enter the kernels whole (sharded ones are gathered
         first). Default (None): the mesh the parameters and gradients are laid out on, over all
-        its axes, when it has several devices (for `fused` every device repeats the step, with a
-        warning). mesh=False: every device repeats the whole step.
+        its axes, when it has several CPU devices (on a GPU mesh, where the split's lax.switch on
+        the device index would sync with the host every step, and for `fused`, every device
+        repeats the step, with a warning). mesh=False: every device repeats the whole step.
 
     Option II of the paper's Algorithm 1: pass an independent second gradient of the same step,
     ``update(grads, state, params, second_grad=grads2)`` (a pytree like `grads`, through the same
