@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 import warnings
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _checks, _ffi, reference
+from . import _checks, _ffi, _mesh, reference
 from ._config import KINDS, StepConfig
 from .labels import SPLIT_GROUPS, DimSpec, default_dim_spec, default_labels, path_str, tree_context
 
@@ -217,7 +216,7 @@ class _Lanton:
             noise_estimator=noise_estimator,
         )
         self.configs = {name: self._group_config(g) for name, g in self.groups.items()}
-        self.mesh, self.mesh_axes = _check_mesh(mesh, mesh_axes)
+        self.mesh, self.mesh_axes = _mesh.check_mesh(mesh, mesh_axes)
 
     def _group_config(self, g: Group) -> StepConfig:
         k = self.base_config.noise_every if g.noise_every is None else int(np.asarray(g.noise_every))
@@ -341,33 +340,18 @@ class _Lanton:
             self._warned = True
         return reference.group_step
 
-    def _work_split(self, plan, p_leaves, g_leaves, in_place, step_fn):
+    def _work_split(self, plan, p_leaves, g_leaves, step_fn):
         """(mesh, axes) to divide the groups' work over, or (None, None): every device repeats
         the step. `mesh=` given: that one. Default: the mesh the parameters and gradients are
-        laid out on, when it has several devices, no axis is manual (in the user's own
-        shard_map each device steps its local arrays) and its devices are CPUs (on GPU, and for
-        `fused`, every device repeats the step, with one warning). `mesh=False`: never."""
+        laid out on, when it has several devices and no axis is manual (in the user's own
+        shard_map each device steps its local arrays). `mesh=False`: never."""
         if step_fn is not _ffi.group_step or self.mesh is False:
             return None, None
         if self.mesh is not None:
-            if in_place:
-                raise ValueError("lanton.fused does not divide work across a mesh yet: use lanton(..., mesh=...)")
             return self.mesh, self.mesh_axes
-        mesh = _input_mesh([(lf.name, what, x[lf.index]) for group in plan.values() for lf in group
-                            for what, x in (("parameter", p_leaves), ("gradient", g_leaves))])
+        mesh = _mesh.input_mesh([(lf.name, what, x[lf.index]) for group in plan.values() for lf in group
+                                 for what, x in (("parameter", p_leaves), ("gradient", g_leaves))])
         if mesh is None or getattr(mesh, "manual_axes", ()):
-            return None, None
-        # On GPU the split's lax.switch on the device index is a conditional (a host sync per
-        # step): the default does not take it there; mesh= does, knowingly.
-        why = ("lanton.fused does not divide work across a mesh yet" if in_place
-               else None if _mesh_platform(mesh) == "cpu"
-               else "the split picks each device's layers with lax.switch, a host sync per step on GPU")
-        if why:
-            if not getattr(self, "_warned_repeat", False):
-                warnings.warn(f"lanton: the inputs are laid out on a mesh of {mesh.size} devices, but {why}: every "
-                              "device repeats the whole step (pass mesh=... to split anyway, or mesh=False to "
-                              "silence this)", stacklevel=4)
-                self._warned_repeat = True
             return None, None
         return mesh, tuple(mesh.axis_names)
 
@@ -391,7 +375,7 @@ class _Lanton:
         count = optax.safe_int32_increment(state.count)
         lr = self.learning_rate(state.count) if callable(self.learning_rate) else self.learning_rate
         step_fn = self._backend()
-        mesh, axes = self._work_split(plan, p_leaves, g_leaves, in_place, step_fn)
+        mesh, axes = self._work_split(plan, p_leaves, g_leaves, step_fn)
         out_leaves = list(p_leaves) if in_place else list(g_leaves)
         new = {k: list(v) for k, v in st.items()}
         for gname, group in plan.items():
@@ -426,8 +410,10 @@ class _Lanton:
                     lf.canonical,
                 ))
             names = [lf.name for lf in group]
-            if mesh is not None:
-                results = _split_across_mesh(mesh, axes, self.configs[gname], hyper, count, args, names)
+            if mesh is not None and all(math.prod(lf.canonical) > 0 for lf in group):
+                results = _mesh.split_group_step(mesh, axes, self.configs[gname], hyper, count,
+                                                 [a + (len(lf.batch_shape),) for a, lf in zip(args, group)], names,
+                                                 in_place=in_place)
             else:
                 results = step_fn(self.configs[gname], hyper, count, args, names, in_place=in_place)
             for lf, fin, (out, mom, prev, noise, valid, pstep, ratio) in zip(group, finite, results):
@@ -450,114 +436,6 @@ def _flatten_like(treedef, tree, what):
         return treedef.flatten_up_to(tree)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{what} do not match the parameters' structure: {e}") from None
-
-
-def _input_mesh(arrays):
-    """The mesh the arrays, (leaf name, what, array), are laid out on if one has several devices
-    (None otherwise). Inside jit each traced array's type carries its input's mesh, automatic or
-    explicit axes alike; outside, a concrete array's NamedSharding does. Arrays on different
-    meshes (axes, sizes, axis types, devices where known) are refused, naming both."""
-    found = None
-    for leaf, what, x in arrays:
-        name = f"'{leaf}' ({what})"
-        if isinstance(x, jax.core.Tracer) or not hasattr(x, "sharding"):
-            typeof = getattr(jax, "typeof", None)
-            sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
-        else:
-            sharding = x.sharding
-        mesh = getattr(sharding, "mesh", None)
-        if mesh is None or mesh.empty or mesh.size < 2:
-            continue
-        if found is None:
-            found = (name, mesh)
-        elif not _same_mesh(mesh, found[1]):
-            raise ValueError(f"lanton: leaf {name} is laid out on a mesh {dict(mesh.shape)}, but leaf {found[0]} on "
-                             f"{dict(found[1].shape)}; pass lanton(..., mesh=...) to choose the one to divide work over")
-    return None if found is None else found[1]
-
-
-def _same_mesh(a, b):
-    abstract = lambda m: getattr(m, "abstract_mesh", m)
-    ids = lambda m: getattr(m, "device_ids", None) if isinstance(m, jax.sharding.Mesh) else None
-    return abstract(a) == abstract(b) and (ids(a) is None or ids(b) is None or np.array_equal(ids(a), ids(b)))
-
-
-def _mesh_platform(mesh):
-    if isinstance(mesh, jax.sharding.Mesh):
-        return mesh.devices.flat[0].platform
-    return getattr(getattr(mesh, "abstract_device", None), "platform", None) or jax.default_backend()
-
-
-def _check_mesh(mesh, axes):
-    # None: follow the inputs' mesh; False: never divide the work.
-    if mesh is None or mesh is False:
-        if axes is not None:
-            raise ValueError("lanton option 'mesh_axes' needs a 'mesh'")
-        return mesh, None
-    if not isinstance(mesh, jax.sharding.Mesh):
-        raise TypeError(f"lanton option 'mesh' must be a jax.sharding.Mesh, None or False, got {type(mesh).__name__}")
-    axes = tuple(mesh.axis_names) if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    unknown = [a for a in axes if a not in mesh.axis_names]
-    if unknown or not axes:
-        raise ValueError(f"lanton option 'mesh_axes': {unknown or axes} not among the mesh's axes {mesh.axis_names}")
-    return mesh, axes
-
-
-def assign_layers(costs, devices):
-    """Owner device of each layer: the group's layers in order, cut into `devices` contiguous
-    runs of about equal cost (each layer goes to the device whose share of the total cost holds
-    the layer's midpoint, so no device gets more than its share plus one layer). Contiguous
-    runs are what the CUDA kernels take (one strided-batched product per shape class)."""
-    total, done, owner = float(sum(costs)), 0.0, []
-    for i, c in enumerate(costs):
-        mid = (done + c / 2) / total if total > 0 else (i + 0.5) / len(costs)
-        owner.append(min(int(mid * devices), devices - 1))
-        done += c
-    return owner
-
-
-def _split_across_mesh(mesh, axes, config, hyper, count, args, names):
-    """One group step with its layers divided among the devices of `axes`: inside shard_map
-    every device tracks every layer (the state stays identical everywhere) but computes the
-    direction and update only of the layers it owns (the kernel's `owned_layers`); the others
-    get a zero update, and a psum over the devices adds each owner's update in. Each matrix is
-    orthogonalized once per step in total. Operands enter whole (replicated): a sharded
-    parameter is gathered first."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    devices = int(np.prod([mesh.shape[a] for a in axes]))
-    costs = []
-    for *_, (layers, rows, cols) in args:
-        costs += [rows * cols * max(min(rows, cols), 1)] * layers
-    owner = assign_layers(costs, devices)
-    arrays = [a[:7] for a in args]
-    static = [a[7:] for a in args]
-
-    def call_as(device, hyper, count, arrays):
-        leaves = [tuple(a) + s for a, s in zip(arrays, static)]
-        return _ffi.group_step(config, hyper, count, leaves, names, in_place=False, owned=[o == device for o in owner])
-
-    def body(hyper, count, arrays):
-        branches = [functools.partial(call_as, d) for d in range(devices)]
-        outs = jax.lax.switch(jax.lax.axis_index(axes), branches, hyper, count, arrays)
-        return [(jax.lax.psum(o[0], axes),) + tuple(o[1:]) for o in outs]
-
-    # A mesh with explicit axes types every array with its sharding: operands are made whole
-    # here and the results given their inputs' layout back (an automatic mesh does both itself).
-    explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
-    whole = (lambda x: jax.sharding.reshard(x, NamedSharding(mesh, P()))) if explicit else (lambda x: x)
-    # check_vma off: the state outputs are equal on every device (each computes them alike),
-    # which the type system cannot see through the switch on the device index.
-    outs = jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(
-        whole(hyper), whole(count), jax.tree.map(whole, arrays))
-    if not explicit:
-        return outs
-    # Results (update, momentum, prev_grad, noise, valid, prev_step, ratio) take the layout of
-    # (grad, momentum, prev_grad, noise, valid, prev_step, noise).
-    # (An input made outside the mesh, e.g. by init() without a sharding, has none to take.)
-    like = lambda a: (a[1], a[2], a[3], a[4], a[5], a[6], a[4])
-    back = lambda y, s: jax.sharding.reshard(y, s) if s.mesh.axis_names else y
-    return [tuple(back(y, jax.typeof(x).sharding) for y, x in zip(o, like(a))) for o, a in zip(outs, arrays)]
 
 
 def _check_array(name, what, x):
@@ -658,16 +536,16 @@ def lanton(
         platform's kernels' choice: Gram-matrix eigenvalues on CPU, ~1e-5 relative error at
         0.2-0.5x a Newton-Schulz from 256 rows up; 7 polar iterations on CUDA, <= 1 %), "eigen" (CPU only)
         or "polar".
-      mesh, mesh_axes: divide each group's Newton-Schulz work among the devices of these axes of
-        a `jax.sharding.Mesh` (default: all its axes) when the fused kernels run under jit with
-        that mesh: every device tracks every layer, computes the updates of its share of the
-        layers (contiguous runs of the group's layers, balanced by cost), and a psum over the
-        axes assembles the update, so each matrix is orthogonalized once per step in total
-        instead of once per device. Operands enter the kernels whole (sharded ones are gathered
-        first). Default (None): the mesh the parameters and gradients are laid out on, over all
-        its axes, when it has several CPU devices (on a GPU mesh, where the split's lax.switch on
-        the device index would sync with the host every step, and for `fused`, every device
-        repeats the step, with a warning). mesh=False: every device repeats the whole step.
+      mesh, mesh_axes: divide each group's work among the devices of these axes of a
+        `jax.sharding.Mesh` (default: all its axes) when the fused kernels run under jit: each
+        leaf is taken as shards (on its layer axis, d_in or d_out), an all_to_all makes each
+        device's equal run of every shape class whole matrices on it, the kernel does the
+        momentum, noise estimate and direction of those only, the per-layer trackers are
+        all-gathered so the ratios equal one device's, and the directions go back to the shards,
+        where the update is applied. Each matrix is orthogonalized once per step in total, no
+        parameter is gathered whole, state stays laid out like its parameter (lanton._mesh).
+        Default (None): the mesh the parameters and gradients are laid out on, over all its
+        axes. mesh=False: every device repeats the whole step.
 
     Option II of the paper's Algorithm 1: pass an independent second gradient of the same step,
     ``update(grads, state, params, second_grad=grads2)`` (a pytree like `grads`, through the same

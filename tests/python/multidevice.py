@@ -8,7 +8,10 @@ give the virtual CPU devices before jax starts):
     python multidevice.py CASES PROCESS_ID 2 PORT   # one of two processes joined by
                                                     # jax.distributed, 4 virtual devices each
 
-CASES: comma-separated, from data, fsdp_in, fsdp_out, fsdp_explicit, layers, 2d, fallbacks. Prints one JSON line per case and mode: the case, the mesh, the largest differences and the leaf shardings seen.
+CASES: comma-separated, from data, fsdp_in, fsdp_out, fsdp_explicit, layers, 2d, fused (lanton.fused
+splits too; parameters on two meshes are refused), memory (the compiled per-device temporaries).
+Prints one JSON line per case and mode: the case, the mesh, the largest differences and the leaf
+shardings seen.
 """
 
 import json
@@ -151,8 +154,10 @@ def main():
         single_runs = lanton._ffi.newton_schulz_runs() - before
 
     for case in cases:
-        if case == "fallbacks":
-            fallbacks(options, params, grads, want_p, single_runs)
+        if case == "fused":
+            fused(options, params, grads, want_p, single_runs)
+        elif case == "memory":
+            memory(options)
         else:
             check(case, options, params, grads, want_p, want_s, single_runs)
     if len(sys.argv) > 2:
@@ -176,10 +181,10 @@ def check(case, options, params, grads, want_p, want_s, single_runs):
         report(case, mode, got, want_p, want_s, single_runs, runs[mode])
 
 
-def fallbacks(options, params, grads, want_p, single_runs):
-    """Where the default cannot divide the work: lanton.fused on sharded inputs repeats the
-    step with one warning (and the same result); inputs on two different meshes are refused by
-    name."""
+def fused(options, params, grads, want_p, single_runs):
+    """lanton.fused on FSDP-sharded inputs divides the work like lanton() (same result, each
+    matrix orthogonalized once per step, no warning); inputs on two different meshes are
+    refused by name."""
     import warnings
 
     import lanton
@@ -195,7 +200,6 @@ def fallbacks(options, params, grads, want_p, single_runs):
             p, s = opt.step(jax.device_put(g, ps), s, p)
         jax.block_until_ready(p)
     runs = lanton._ffi.newton_schulz_runs() - before
-    fused_warnings = [str(w.message) for w in seen if "repeats the whole step" in str(w.message)]
     other = Mesh(np.array(jax.devices()).reshape(2, -1), ("a", "b"))
     tx = lanton.lanton(**options)
     try:
@@ -205,11 +209,43 @@ def fallbacks(options, params, grads, want_p, single_runs):
     except ValueError as e:
         mixed = str(e)
     print(json.dumps({
-        "case": "fallbacks", "fused_warnings": fused_warnings, "fused_ns_runs": runs, "ns_runs_one_device": single_runs,
+        "case": "fused", "warnings": [str(w.message) for w in seen if "lanton" in str(w.message)],
+        "fused_ns_runs": runs, "ns_runs_one_device": single_runs,
         "fused_params": float(max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
                                   zip(jax.tree.leaves(to_host(p)), jax.tree.leaves(want_p)))),
+        "param_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(p)}),
         "mixed_meshes": mixed,
     }), flush=True)
+
+
+def memory(options):
+    """Per-device temporaries of the compiled FSDP step (XLA's memory analysis) for a tree of
+    16 blocks and a 16-layer stacked leaf, with the work split over 8 and over 4 devices and
+    repeated on 8, beside the parameters' size."""
+    import lanton
+
+    ks = iter(jax.random.split(jax.random.key(7), 64))
+    n = lambda *shape: 0.1 * jax.random.normal(next(ks), shape, jnp.float32)
+    params = {"blocks": [{"q": n(128, 128), "fc": n(128, 512), "ln": {"scale": 1 + n(128)}} for _ in range(16)],
+              "scanned": {"kernel": n(16, 128, 256)}}
+    temps = {}
+    for name, devices, split in (("split_8", 8, True), ("split_4", 4, True), ("repeated_8", 8, False)):
+        mesh = Mesh(np.array(jax.devices()[:devices]), ("x",))
+        ps = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec_for("fsdp_in", path, x)), params)
+        tx = lanton.lanton(**options, mesh=None if split else False)
+        state = tx.init(params)
+        ss = state_shardings(state, ps, mesh)
+
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        f = jax.jit(step, in_shardings=(ps, ss, ps), out_shardings=(ps, ss), donate_argnums=(0, 1))
+        # Laid out first, as a user's arrays are: the default follows the inputs' mesh.
+        p, s = jax.device_put(params, ps), jax.device_put(state, ss)
+        temps[name] = f.lower(p, s, p).compile().memory_analysis().temp_size_in_bytes
+    print(json.dumps({"case": "memory", "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
+                      "largest_matrix_bytes": 128 * 512 * 4, "temp_bytes": temps}), flush=True)
 
 
 def report(case, mode, got, want_p, want_s, single_runs, runs):

@@ -51,15 +51,28 @@ def test_eight_virtual_devices_match_one_device():
         assert r["ns_runs"] == want, r
 
 
-def test_where_the_default_cannot_divide_the_work_it_says_so():
-    (r,) = results(launch(["fallbacks"], 8))
-    # lanton.fused on FSDP-sharded inputs: every device repeats the step, warned once, same result.
-    assert len(r["fused_warnings"]) == 1 and "8 devices" in r["fused_warnings"][0], r
+def test_fused_divides_the_work_and_two_meshes_are_refused():
+    (r,) = results(launch(["fused"], 8))
+    # lanton.fused on FSDP-sharded inputs: the work divided (no warning), the same result, the
+    # parameters left sharded as they came.
+    assert r["warnings"] == [] and r["fused_ns_runs"] == r["ns_runs_one_device"] > 0, r
     assert r["fused_params"] <= TOL["params"], r
-    assert r["fused_ns_runs"] == 8 * r["ns_runs_one_device"] > 0, r
+    assert r["param_specs"] == ["P('x', None)", "P('x',)"], r
     # Parameters on one mesh, gradients on another: refused, naming both.
     assert re.search(r"leaf '\S+' \(gradient\) is laid out on a mesh \{'a': 2, 'b': 4\}, but leaf '\S+' \(parameter\) "
                      r"on \{'x': 8\}", r["mixed_meshes"]), r
+
+
+def test_per_device_temporaries_shrink_with_the_devices():
+    # XLA's memory analysis of the compiled FSDP step: with the work split, each device's
+    # temporaries are a few times its 1/N share of the parameters (shards, their exchange and
+    # the whole matrices of its run), halving from 4 to 8 devices; repeated, every device
+    # gathers every matrix and its state whole (several times the parameters, whatever N).
+    (r,) = results(launch(["memory"], 8))
+    params, t = r["param_bytes"], r["temp_bytes"]
+    assert t["split_8"] <= 6 * params / 8, r
+    assert t["split_4"] >= 1.7 * t["split_8"], r
+    assert t["repeated_8"] >= 3 * params and t["repeated_8"] >= 6 * t["split_8"], r
 
 
 def free_port():
