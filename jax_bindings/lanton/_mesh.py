@@ -16,7 +16,8 @@ The divided step (`split_group_step`), inside `jax.shard_map` over the mesh axes
 
 No parameter is gathered whole: per device the temporaries are about 1/N of the group plus
 the padding of each class to a multiple of N layers. Pad layers carry a non-finite gradient,
-so the kernel skips them (no work, zero output). Everything is collectives and indexing by
+so the kernel skips them (no work, zero output); they go where the other classes gave the
+most work. Everything is collectives and indexing by
 the device index (no conditional, so no host sync on GPU).
 """
 
@@ -111,6 +112,11 @@ class _Bucket:
     rows_are_input: bool
     leaves: list  # indices into the group's leaves
     layers: int = 0  # before padding
+    cost: int = 0  # of one layer's direction
+    # Padded stack (exchanged buckets): row s holds real layer source[s], or a pad where
+    # source[s] == layers; real layer i lies in row slots[i].
+    source: np.ndarray = None
+    slots: np.ndarray = None
 
 
 def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place):
@@ -125,6 +131,7 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place)
     # layout into that with one all_to_all, into a layer cut only through the whole array.
     cuts = [_cut(a[0].shape, a[9], a[8], a[7], devices, layers_first=len(axes) == 1) for a in args]
     buckets = _buckets(args, cuts)
+    _place(buckets, devices)
 
     def spec(x, cut):
         how, axis = cut
@@ -214,34 +221,58 @@ def _buckets(args, cuts):
     out, index = [], {}
     for i, (a, (how, _)) in enumerate(zip(args, cuts)):
         L, R, C = a[8]
+        cost = R * C * max(min(R, C), 1)
         if how == LAYERS:
-            out.append(_Bucket(how, a[7], [i], L))
+            out.append(_Bucket(how, a[7], [i], L, cost))
             continue
         key = (how, R, C, a[7], a[1].dtype, a[2].dtype, a[3].dtype)
         if key not in index:
             index[key] = len(out)
-            out.append(_Bucket(how, a[7], []))
+            out.append(_Bucket(how, a[7], [], 0, cost))
         b = out[index[key]]
         b.leaves.append(i)
         b.layers += L
     return out
 
 
+def _place(buckets, devices):
+    """Where the pad layers go: a bucket of n layers is padded to k N (k = ceil(n / N)), each
+    device's run being k rows with at most one pad; the pads go to the devices with the most
+    work so far (most expensive buckets first), so that e.g. 4 MLP-in and 4 MLP-out matrices on
+    8 devices land on 8 different devices."""
+    load = np.zeros(devices)
+    for b in buckets:
+        if b.how == LAYERS:
+            load += b.cost * (b.layers // devices)
+    for b in sorted((b for b in buckets if b.how != LAYERS), key=lambda b: -b.cost):
+        k = -(-b.layers // devices)
+        pads = k * devices - b.layers
+        padded = set(np.argsort(-load, kind="stable")[:pads].tolist())
+        source, real = [], 0
+        for d in range(devices):
+            mine = k - (d in padded)
+            source += list(range(real, real + mine)) + [b.layers] * (k - mine)
+            real += mine
+            load[d] += mine * b.cost
+        b.source = np.asarray(source)
+        b.slots = np.flatnonzero(b.source < b.layers)
+
+
 def _deal(b, local, devices, ax, me):
     """This device's run of bucket `b`: (grad, momentum, prev_grad) as whole (k, R, C)
     matrices and (noise, valid, prev_step) of k layers. The bucket's layers are stacked and
-    padded to a multiple of the device count with layers whose gradient is NaN (the kernel
-    skips them); device i's run is layers [i k, (i + 1) k)."""
+    padded (`_place`) with layers whose gradient is NaN (the kernel skips them); device i's run
+    is rows [i k, (i + 1) k) of the padded stack."""
     if b.how == LAYERS:
         (big, small), = [local[i] for i in b.leaves]
         k = big[0].shape[0]
         return (*big, *(jax.lax.dynamic_slice_in_dim(s, me * k, k) for s in small))
-    k = -(-b.layers // devices)
-    pad = k * devices - b.layers
+    k = len(b.source) // devices
 
     def stack(xs, fill):
-        x = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-        return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)]) if pad else x
+        if len(b.source) == b.layers:  # no pads: the rows in order
+            return jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+        return jnp.concatenate(xs + [jnp.full((1,) + xs[0].shape[1:], fill, xs[0].dtype)])[b.source]
 
     big = [stack([local[i][0][j] for i in b.leaves], np.nan if j == 0 else 0) for j in range(3)]
     small = [stack([local[i][1][j] for i in b.leaves], 0) for j in range(3)]
@@ -263,6 +294,8 @@ def _collect(b, outs, layers, devices, ax):
         big = [jax.lax.all_gather(x, ax, axis=0, tiled=True) for x in (d, mom, prev)]
     else:
         big = [jax.lax.all_to_all(x, ax, 1 if b.how == ROWS else 2, 0, tiled=True) for x in (d, mom, prev)]
+    if len(b.source) != b.layers:
+        big, small = [x[b.slots] for x in big], [x[b.slots] for x in small]
     out, start = [], 0
     for n in layers:
         out.append(tuple(x[start:start + n] for x in big + small))

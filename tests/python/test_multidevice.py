@@ -99,3 +99,22 @@ def test_two_processes_with_jax_distributed_match_one_device():
         a, b = outs[0][i], outs[1][i]
         want = a["ns_runs_one_device"] * (8 if a["mode"] == "repeated" else 1)
         assert a["ns_runs"] + b["ns_runs"] == want, (a, b)
+
+
+def test_pad_layers_go_to_the_devices_with_the_least_work():
+    # 16 attention, 4 MLP-in and 4 MLP-out matrices over 8 devices: each device gets two
+    # attention matrices and one MLP matrix (not devices 0-3 both MLP ones, 4-7 none).
+    from lanton._mesh import _Bucket, _place
+
+    attn, fc, proj = (_Bucket("rows", True, [0], n, cost) for n, cost in ((16, 1), (4, 4), (4, 4)))
+    _place([attn, fc, proj], 8)
+    assert list(attn.source) == list(range(16)) and list(attn.slots) == list(range(16))
+    fc_devices, proj_devices = set(fc.slots.tolist()), set(proj.slots.tolist())  # one row per device
+    assert len(fc_devices) == 4 and len(proj_devices) == 4 and fc_devices | proj_devices == set(range(8))
+    # Every real layer has one row, in order; the other rows are pads.
+    for b in (attn, fc, proj):
+        assert [b.source[s] for s in b.slots] == list(range(b.layers)) and len(b.source) % 8 == 0
+    odd = _Bucket("cols", False, [0], 13, 1)
+    _place([odd], 8)
+    runs = odd.source.reshape(8, 2)
+    assert all((run == 13).sum() <= 1 for run in runs) and sorted(odd.source[odd.slots]) == list(range(13))
