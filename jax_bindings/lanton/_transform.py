@@ -344,14 +344,18 @@ class _Lanton:
         """(mesh, axes) to divide the groups' work over, or (None, None): every device repeats
         the step. `mesh=` given: that one. Default: the mesh the parameters and gradients are
         laid out on, when it has several devices and no axis is manual (in the user's own
-        shard_map each device steps its local arrays). `mesh=False`: never."""
-        if step_fn is not _ffi.group_step or self.mesh is False:
+        shard_map each device steps its local arrays, and sharded parameters are refused, with
+        either backend). `mesh=False`: never."""
+        if self.mesh is False:
             return None, None
         if self.mesh is not None:
-            return self.mesh, self.mesh_axes
+            return (self.mesh, self.mesh_axes) if step_fn is _ffi.group_step else (None, None)
         mesh = _mesh.input_mesh([(lf.name, what, x[lf.index]) for group in plan.values() for lf in group
                                  for what, x in (("parameter", p_leaves), ("gradient", g_leaves))])
-        if mesh is None or getattr(mesh, "manual_axes", ()):
+        if mesh is not None and getattr(mesh, "manual_axes", ()):
+            _check_local_params(plan, p_leaves)
+            return None, None
+        if mesh is None or step_fn is not _ffi.group_step:
             return None, None
         return mesh, tuple(mesh.axis_names)
 
@@ -436,6 +440,25 @@ def _flatten_like(treedef, tree, what):
         return treedef.flatten_up_to(tree)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{what} do not match the parameters' structure: {e}") from None
+
+
+def _check_local_params(plan, p_leaves):
+    """Inside the user's shard_map each device steps the arrays it holds, as whole matrices. A
+    parameter that varies over a manual axis is a shard (or a different model per device):
+    refused by default, since a shard's polar factor is not a shard of the matrix's; mesh=False
+    says each device holds whole matrices of its own."""
+    typeof = getattr(jax, "typeof", None)
+    for lf in (lf for group in plan.values() for lf in group if typeof is not None):
+        aval = typeof(p_leaves[lf.index])
+        # The manual axes a value varies over: aval.mat.varying in newer jax, aval.vma in older.
+        mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None)
+        varying = sorted(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+        if varying:
+            raise ValueError(
+                f"lanton: inside shard_map the parameter '{lf.name}' varies over the manual axes {varying}: each "
+                "device would orthogonalize its shard as a whole matrix. Pass the parameters replicated (in_specs "
+                "P()), or call lanton outside shard_map under jit, where it divides the work over the mesh itself; "
+                "lanton(..., mesh=False) if every device holds whole matrices of its own")
 
 
 def _check_array(name, what, x):

@@ -9,7 +9,8 @@ give the virtual CPU devices before jax starts):
                                                     # jax.distributed, 4 virtual devices each
 
 CASES: comma-separated, from data, fsdp_in, fsdp_out, fsdp_explicit, layers, 2d, fused (lanton.fused
-splits too; parameters on two meshes are refused), memory (the compiled per-device temporaries).
+splits too; parameters on two meshes are refused), memory (the compiled per-device temporaries),
+user_shard_map (lanton inside the user's own shard_map).
 Prints one JSON line per case and mode: the case, the mesh, the largest differences and the leaf
 shardings seen.
 """
@@ -158,6 +159,8 @@ def main():
             fused(options, params, grads, want_p, single_runs)
         elif case == "memory":
             memory(options)
+        elif case == "user_shard_map":
+            user_shard_map(options, params, grads, want_p, want_s)
         else:
             check(case, options, params, grads, want_p, want_s, single_runs)
     if len(sys.argv) > 2:
@@ -246,6 +249,46 @@ def memory(options):
         temps[name] = f.lower(p, s, p).compile().memory_analysis().temp_size_in_bytes
     print(json.dumps({"case": "memory", "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
                       "largest_matrix_bytes": 128 * 512 * 4, "temp_bytes": temps}), flush=True)
+
+
+def user_shard_map(options, params, grads, want_p, want_s):
+    """lanton inside the user's own shard_map over 8 devices: replicated parameters (each device
+    steps the whole tree, as one device would); FSDP-sharded parameters refused by name (each
+    device would orthogonalize its shard as a whole matrix); mesh=False lets each device step
+    what it holds."""
+    import lanton
+    mesh = make_mesh("data")
+
+    def steps(tx, specs):
+        def train(p, gs):
+            s = tx.init(p)  # inside: each device's state fits what it holds
+            for g in gs:
+                u, s = tx.update(g, s, p)
+                p = optax.apply_updates(p, u)
+            return (p, s) if specs == P() else p
+
+        gs = grads if specs == P() else grads[:3]
+        # (check_vma on, JAX's default: the types say which values vary across devices.)
+        f = jax.jit(jax.shard_map(train, mesh=mesh, in_specs=(specs, [specs] * len(gs)),
+                                  out_specs=(specs, P()) if specs == P() else specs))
+        return jax.device_get(f(params, gs))
+
+    got_p, got_s = steps(lanton.lanton(**options), P())
+    fsdp = jax.tree_util.tree_map_with_path(lambda path, x: spec_for("fsdp_in", path, x), params)
+    try:
+        steps(lanton.lanton(**options), fsdp)
+        sharded = "no error"
+    except ValueError as e:
+        sharded = str(e)
+    try:
+        steps(lanton.lanton(**options, mesh=False), fsdp)
+        own = "ran"
+    except Exception as e:  # noqa: BLE001 (reported, the test says what it expected)
+        own = f"{type(e).__name__}: {e}"
+    diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0))
+                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    print(json.dumps({"case": "user_shard_map", "params": diff(want_p, got_p), "state": diff(want_s, got_s),
+                      "sharded": sharded, "mesh_false": own}), flush=True)
 
 
 def report(case, mode, got, want_p, want_s, single_runs, runs):

@@ -63,6 +63,17 @@ def test_fused_divides_the_work_and_two_meshes_are_refused():
                      r"on \{'x': 8\}", r["mixed_meshes"]), r
 
 
+def test_inside_the_users_shard_map():
+    (r,) = results(launch(["user_shard_map"], 8))
+    # Replicated parameters: every device steps the whole tree, as one device does.
+    assert r["params"] <= TOL["params"] and r["state"] <= TOL["state"], r
+    # Sharded parameters: refused by name (a shard is not a matrix to orthogonalize) ...
+    assert re.search(r"inside shard_map the parameter '\S+' varies over the manual axes \['x'\]: each device would "
+                     r"orthogonalize its shard as a whole matrix", r["sharded"]), r
+    # ... unless mesh=False says each device holds whole matrices of its own.
+    assert r["mesh_false"] == "ran", r
+
+
 def test_per_device_temporaries_shrink_with_the_devices():
     # XLA's memory analysis of the compiled FSDP step: with the work split, each device's
     # temporaries are a few times its 1/N share of the parameters (shards, their exchange and
