@@ -148,9 +148,9 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place)
         runs = [_deal(b, local, devices, ax, me) for b in buckets]
         owner_hyper = hyper.at[0].set(-1.0).at[3].set(0.0)
         owner_config = dataclasses.replace(config, ratio_power=0.0, ratio_floor=0.0)
-        # The kernel reads X only for the decay, zero here: the momentum stands in (finite, and
-        # its dtype, f32 by default, is the direction's).
-        leaves = [(run[1], *run, b.rows_are_input, run[0].shape) for b, run in zip(buckets, runs)]
+        # The kernel reads X only for the decay, zero here: the momentum stands in (finite), in
+        # f32, the direction's dtype (a no-op for the default f32 momentum).
+        leaves = [(run[1].astype(jnp.float32), *run, b.rows_are_input, run[0].shape) for b, run in zip(buckets, runs)]
         outs = _ffi.group_step(owner_config, owner_hyper, count, leaves,
                                ["+".join(names[i] for i in b.leaves) for b in buckets], in_place=False)
         per_leaf = {}

@@ -10,7 +10,7 @@ give the virtual CPU devices before jax starts):
 
 CASES: comma-separated, from data, fsdp_in, fsdp_out, fsdp_explicit, layers, 2d, fused (lanton.fused
 splits too; parameters on two meshes are refused), memory (the compiled per-device temporaries),
-user_shard_map (lanton inside the user's own shard_map).
+user_shard_map (lanton inside the user's own shard_map), bf16 (bf16 parameters and momentum, FSDP).
 Prints one JSON line per case and mode: the case, the mesh, the largest differences and the leaf
 shardings seen.
 """
@@ -159,6 +159,8 @@ def main():
             fused(options, params, grads, want_p, single_runs)
         elif case == "memory":
             memory(options)
+        elif case == "bf16":
+            bf16(options, params, grads)
         elif case == "user_shard_map":
             user_shard_map(options, params, grads, want_p, want_s)
         else:
@@ -249,6 +251,29 @@ def memory(options):
         temps[name] = f.lower(p, s, p).compile().memory_analysis().temp_size_in_bytes
     print(json.dumps({"case": "memory", "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
                       "largest_matrix_bytes": 128 * 512 * 4, "temp_bytes": temps}), flush=True)
+
+
+def bf16(options, params, grads):
+    """bf16 parameters and gradients, with f32 and with bf16 momentum, FSDP-sharded with the
+    work split, against the same on one device: the largest difference in units of the
+    parameters' bf16 spacing."""
+    import lanton
+    cast = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)
+    params, grads = cast(params), [cast(g) for g in grads]
+    mesh = make_mesh("fsdp_in")
+    ps = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec_for("fsdp_in", path, x)), params)
+    out = {"case": "bf16"}
+    for momentum in ("float32", "bfloat16"):
+        tx = lanton.lanton(**options, momentum_dtype=momentum)
+        with jax.default_device(jax.local_devices()[0]):
+            want = jax.device_get(run(tx, params, grads)[0])
+        got = to_host(run(tx, params, grads, shard=(ps, lambda s: state_shardings(s, ps, mesh)))[0])
+        spacing = lambda a: 2.0 ** (np.floor(np.log2(np.maximum(np.abs(a), 2.0 ** -126))) - 7)  # bf16 ulp
+        ulps = [np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / spacing(np.asarray(a, np.float64)))
+                for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got))]
+        out[f"momentum_{momentum}_ulps"] = float(max(ulps))
+        out[f"momentum_{momentum}_leaves_differing"] = int(sum(u > 0 for u in ulps))
+    print(json.dumps(out), flush=True)
 
 
 def user_shard_map(options, params, grads, want_p, want_s):
