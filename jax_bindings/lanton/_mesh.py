@@ -10,7 +10,8 @@ The divided step (`split_group_step`), inside `jax.shard_map` over the mesh axes
     each device runs the fused kernel on its run only: momentum, the noise estimate and the
         direction D of each matrix once per step in total, never once per device
     the kernel's per-layer trackers are all-gathered (a few floats per layer); every device
-        forms the group's ratios r from them, exactly as one device would
+        forms the group's ratios r from them as one device would (to f32 round-off: the
+        reference's f32 formula, where the kernels use f64)
     the directions go back to the shards by the reverse all_to_all, and each device applies
         delta = -lr * (wd * X + r * D) to its own shards
 
@@ -84,17 +85,12 @@ def check_mesh(mesh, axes):
 LAYERS, ROWS, COLS, WHOLE = "layers", "rows", "cols", "whole"
 
 
-def _cut(shape, batch_axes, dims, rows_are_input, devices, layers_first):
-    """(how, array axis) for a leaf of `shape` whose row-major view is dims = (L, R, C) with
-    `batch_axes` leading layer axes. The first axis of a group (layers, then d_in, then d_out;
-    layers last with `layers_first` off) whose size `devices` divides: a device's shard is
-    then one contiguous run of that group."""
-    L, R, _ = dims
-    rest, prod, row_axes = shape[batch_axes:], 1, 0
-    while row_axes < len(rest) and prod < R:  # the row axes: a prefix of the rest whose product is R
-        prod *= rest[row_axes]
-        row_axes += 1
-    first = {LAYERS: 0 if batch_axes else None, ROWS: batch_axes if R > 1 else None,
+def _cut(shape, batch_axes, row_axes, rows_are_input, devices, layers_first):
+    """(how, array axis) for a leaf of `shape` whose row-major view is (L, R, C): `batch_axes`
+    leading layer axes, then `row_axes` row axes, then the columns. The first axis of a group
+    (layers, then d_in, then d_out; layers last with `layers_first` off) whose size `devices`
+    divides: a device's shard is then one contiguous run of that group."""
+    first = {LAYERS: 0 if batch_axes else None, ROWS: batch_axes if row_axes else None,
              COLS: batch_axes + row_axes if batch_axes + row_axes < len(shape) else None}
     order = (ROWS, COLS) if rows_are_input else (COLS, ROWS)
     order = (LAYERS,) + order if layers_first else order + (LAYERS,)
@@ -121,15 +117,16 @@ class _Bucket:
 
 def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place):
     """One group step divided over the devices of `axes` (see the module docstring). `args` as
-    for `_ffi.group_step`, plus per leaf its number of leading layer axes: (param, grad,
-    momentum, prev_grad, noise, valid, prev_step, rows_are_input, (L, R, C), batch_axes).
+    for `_ffi.group_step`, plus per leaf its numbers of leading layer axes and of row axes:
+    (param, grad, momentum, prev_grad, noise, valid, prev_step, rows_are_input, (L, R, C),
+    batch_axes, row_axes).
     Returns per leaf (out, momentum, prev_grad, noise, valid, prev_step, ratio) like
     `_ffi.group_step`, each laid out like the input it comes from."""
     devices = int(np.prod([mesh.shape[a] for a in axes]))
     ax = tuple(axes) if len(axes) > 1 else axes[0]
     # On a mesh of several axes a stacked leaf is cut on d_in or d_out: XLA reshards a 2-D
     # layout into that with one all_to_all, into a layer cut only through the whole array.
-    cuts = [_cut(a[0].shape, a[9], a[8], a[7], devices, layers_first=len(axes) == 1) for a in args]
+    cuts = [_cut(a[0].shape, a[9], a[10], a[7], devices, layers_first=len(axes) == 1) for a in args]
     buckets = _buckets(args, cuts)
     _place(buckets, devices)
 
@@ -148,16 +145,16 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place)
         runs = [_deal(b, local, devices, ax, me) for b in buckets]
         owner_hyper = hyper.at[0].set(-1.0).at[3].set(0.0)
         owner_config = dataclasses.replace(config, ratio_power=0.0, ratio_floor=0.0)
-        # The kernel reads X only for the decay, zero here: the momentum stands in (finite), in
-        # f32, the direction's dtype (a no-op for the default f32 momentum).
-        leaves = [(run[1].astype(jnp.float32), *run, b.rows_are_input, run[0].shape) for b, run in zip(buckets, runs)]
+        # The kernel reads X only for the decay, zero here, and only in layers whose gradient is
+        # finite: the gradient stands in, in f32, the direction's dtype.
+        leaves = [(run[0].astype(jnp.float32), *run, b.rows_are_input, run[0].shape) for b, run in zip(buckets, runs)]
         outs = _ffi.group_step(owner_config, owner_hyper, count, leaves,
                                ["+".join(names[i] for i in b.leaves) for b in buckets], in_place=False)
         per_leaf = {}
         for b, o in zip(buckets, outs):
             per_leaf.update(zip(b.leaves, _collect(b, o, [args[i][8][0] for i in b.leaves], devices, ax)))
         per_leaf = [per_leaf[i] for i in range(len(args))]
-        # The group's ratios from every layer's tracker, as one device forms them.
+        # The group's ratios from every layer's tracker, as one device forms them (in f32).
         noise = jnp.concatenate([o[3] for o in per_leaf])
         valid = jnp.concatenate([o[4] for o in per_leaf])
         ratios = (reference.group_ratios(noise, valid > 0.5, config.ratio_stat, config.ratio_eps, config.ratio_power,

@@ -70,6 +70,7 @@ class _Leaf(NamedTuple):
     canonical: tuple  # (L, R, C)
     batch_shape: tuple
     rows_are_input: bool
+    row_axes: int = 0  # how many axes of the permuted shape, after the batch axes, are rows
 
 
 def _axes(spec, ndim, name, what):
@@ -111,7 +112,7 @@ def _plan_leaf(index, name, group_name, kind, shape, spec: Optional[DimSpec]) ->
         perm, rows_in, red, out = None, False, out, red  # (batch..., d_out..., d_in...): also free
     permuted = tuple(shape[a] for a in perm) if perm else tuple(shape)
     return _Leaf(index, name, group_name, perm, permuted, (size(batch), size(red), size(out)),
-                 tuple(shape[a] for a in batch), rows_in)
+                 tuple(shape[a] for a in batch), rows_in, len(red))
 
 
 def _to_permuted(x, lf: _Leaf):
@@ -348,16 +349,16 @@ class _Lanton:
         either backend). `mesh=False`: never."""
         if self.mesh is False:
             return None, None
-        if self.mesh is not None:
-            return (self.mesh, self.mesh_axes) if step_fn is _ffi.group_step else (None, None)
         mesh = _mesh.input_mesh([(lf.name, what, x[lf.index]) for group in plan.values() for lf in group
                                  for what, x in (("parameter", p_leaves), ("gradient", g_leaves))])
         if mesh is not None and getattr(mesh, "manual_axes", ()):
             _check_local_params(plan, p_leaves)
             return None, None
-        if mesh is None or step_fn is not _ffi.group_step:
+        if step_fn is not _ffi.group_step:
             return None, None
-        return mesh, tuple(mesh.axis_names)
+        if self.mesh is not None:
+            return self.mesh, self.mesh_axes
+        return (None, None) if mesh is None else (mesh, tuple(mesh.axis_names))
 
     def apply(self, grads, state: LantonState, params, *, in_place: bool, second_grad=None):
         if params is None:
@@ -416,7 +417,8 @@ class _Lanton:
             names = [lf.name for lf in group]
             if mesh is not None and all(math.prod(lf.canonical) > 0 for lf in group):
                 results = _mesh.split_group_step(mesh, axes, self.configs[gname], hyper, count,
-                                                 [a + (len(lf.batch_shape),) for a, lf in zip(args, group)], names,
+                                                 [a + (len(lf.batch_shape), lf.row_axes) for a, lf in zip(args, group)],
+                                                 names,
                                                  in_place=in_place)
             else:
                 results = step_fn(self.configs[gname], hyper, count, args, names, in_place=in_place)
@@ -620,10 +622,25 @@ def fused(learning_rate: ScalarOrSchedule = 0.03, beta1: float = 0.8, beta2: flo
     # returning (state, params) in the order they are passed lets each buffer be updated where
     # it lies. Returning (params, state) would pair the new params with the old momentum (the
     # first donated input of that shape), and XLA would copy every parameter and state buffer.
-    inner = jax.jit(lambda g, s, p: impl.apply(g, s, p, in_place=True)[::-1], donate_argnums=(1, 2))
+    body = lambda g, s, p: impl.apply(g, s, p, in_place=True)[::-1]
+    inner = jax.jit(body, donate_argnums=(1, 2))
+    # Laid-out inputs come back in their own layouts (the work split leaves its own otherwise,
+    # and a changed layout would make the next call compile again): one jit per layout.
+    by_layout = {}
 
     def step(grads, state, params):
-        new_state, new_params = inner(grads, state, params)
+        leaves, tree = jax.tree.flatten((state, params))
+        layouts = [getattr(x, "sharding", None) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                   else None for x in leaves]
+        f = inner
+        if any(isinstance(s, jax.sharding.NamedSharding) for s in layouts):
+            # (None: XLA's choice, for an input not laid out on a mesh.)
+            layouts = [s if isinstance(s, jax.sharding.NamedSharding) else None for s in layouts]
+            key = (tree, tuple(layouts))
+            if key not in by_layout:
+                by_layout[key] = jax.jit(body, donate_argnums=(1, 2), out_shardings=tree.unflatten(layouts))
+            f = by_layout[key]
+        new_state, new_params = f(grads, state, params)
         return new_params, new_state
 
     step.lower = inner.lower  # for inspecting the compiled step (outputs in (state, params) order)

@@ -10,7 +10,8 @@ give the virtual CPU devices before jax starts):
 
 CASES: comma-separated, from data, fsdp_in, fsdp_out, fsdp_explicit, layers, 2d, fused (lanton.fused
 splits too; parameters on two meshes are refused), memory (the compiled per-device temporaries),
-user_shard_map (lanton inside the user's own shard_map), bf16 (bf16 parameters and momentum, FSDP).
+user_shard_map (lanton inside the user's own shard_map), bf16 (bf16 parameters and momentum, FSDP),
+variants (other options, FSDP).
 Prints one JSON line per case and mode: the case, the mesh, the largest differences and the leaf
 shardings seen.
 """
@@ -31,7 +32,8 @@ LAYERS = 8  # the stacked leaf's layer axis: one layer per device on the "layers
 
 def params_and_grads(step):
     """The same tree in every process: embeddings, per-block matrices, a stacked (scanned)
-    kernel, vectors. Gradients change every step so that G - G_prev != 0."""
+    kernel, vectors, a torch-layout and a conv kernel. Gradients change every step so that
+    G - G_prev != 0."""
     def n(key, *shape):
         return 0.1 * jax.random.normal(key, shape, jnp.float32)
 
@@ -42,8 +44,15 @@ def params_and_grads(step):
             "blocks": [{"q": n(next(ks), 32, 32), "fc": n(next(ks), 32, 128), "proj": n(next(ks), 128, 32),
                         "ln": {"scale": 1 + n(next(ks), 32)}} for _ in range(2)],
             "scanned": {"kernel": n(next(ks), LAYERS, 32, 64), "norm": {"scale": 1 + n(next(ks), LAYERS, 32)}},
+            "head_t": {"weight": n(next(ks), 64, 32)},  # torch layout (d_out, d_in): rows are outputs
+            "Conv_0": {"kernel": n(next(ks), 3, 3, 16, 32)},  # (*window, in, out): three row axes
         }
-    return tree(jax.random.key(0)), [tree(jax.random.key(100 + t)) for t in range(step)]
+    grads = [tree(jax.random.key(100 + t)) for t in range(step)]
+    # A NaN in one row of an FSDP-cut matrix: one device's shard only. (One process: across
+    # processes device_put checks that every process passes the same values, and NaN != NaN.)
+    if step > 7 and jax.process_count() == 1:
+        grads[7]["blocks"][1]["fc"] = grads[7]["blocks"][1]["fc"].at[3, 5].set(jnp.nan)
+    return tree(jax.random.key(0)), grads
 
 
 def lanton_state(s):
@@ -159,6 +168,8 @@ def main():
             fused(options, params, grads, want_p, single_runs)
         elif case == "memory":
             memory(options)
+        elif case == "variants":
+            variants(params, grads)
         elif case == "bf16":
             bf16(options, params, grads)
         elif case == "user_shard_map":
@@ -188,8 +199,8 @@ def check(case, options, params, grads, want_p, want_s, single_runs):
 
 def fused(options, params, grads, want_p, single_runs):
     """lanton.fused on FSDP-sharded inputs divides the work like lanton() (same result, each
-    matrix orthogonalized once per step, no warning); inputs on two different meshes are
-    refused by name."""
+    matrix orthogonalized once per step, no warning, parameters back in their layouts); inputs
+    on two different meshes are refused by name."""
     import warnings
 
     import lanton
@@ -218,7 +229,8 @@ def fused(options, params, grads, want_p, single_runs):
         "fused_ns_runs": runs, "ns_runs_one_device": single_runs,
         "fused_params": float(max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
                                   zip(jax.tree.leaves(to_host(p)), jax.tree.leaves(want_p)))),
-        "param_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(p)}),
+        "layouts_kept": [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(p)
+                         if x.sharding.spec != spec_for("fsdp_in", path, x)] == [],
         "mixed_meshes": mixed,
     }), flush=True)
 
@@ -251,6 +263,45 @@ def memory(options):
         temps[name] = f.lower(p, s, p).compile().memory_analysis().temp_size_in_bytes
     print(json.dumps({"case": "memory", "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
                       "largest_matrix_bytes": 128 * 512 * 4, "temp_bytes": temps}), flush=True)
+
+
+def variants(params, grads):
+    """Other options, FSDP-sharded with the work split, against one device: Nesterov, noise
+    relative to the signal, the mean statistic, the paper's power with a floor; Option II."""
+    import lanton
+    mesh = make_mesh("fsdp_in")
+    ps = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec_for("fsdp_in", path, x)), params)
+    shard = (ps, lambda s: state_shardings(s, ps, mesh))
+    opts = dict(learning_rate=0.02, noise_every=2, nesterov=True, noise_relative=True, ratio_stat="mean",
+                ratio_power=1.0, ratio_floor=0.1)
+    out = {"case": "variants"}
+    with jax.default_device(jax.local_devices()[0]):
+        want = jax.device_get(run(lanton.lanton(**opts), params, grads))
+    got = to_host(run(lanton.lanton(**opts), params, grads, shard=shard))
+    out["options"] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+                         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+    # Option II: a second gradient per step (the next step's, as a stand-in).
+    tx = lanton.lanton(learning_rate=0.02, noise_every=2)
+
+    def option2(p, shard=None):
+        s = tx.init(p)
+        f = jax.jit(lambda p, s, g, g2: (lambda u, s: (optax.apply_updates(p, u), s))(
+            *tx.update(g, s, p, second_grad=g2)))
+        if shard is not None:
+            p, s = jax.device_put(p, shard[0]), jax.device_put(s, shard[1](s))
+        for g, g2 in zip(grads[:-1], grads[1:]):
+            if shard is not None:
+                g, g2 = jax.device_put(g, shard[0]), jax.device_put(g2, shard[0])
+            p, s = f(p, s, g, g2)
+        return p, s
+
+    with jax.default_device(jax.local_devices()[0]):
+        want2 = jax.device_get(option2(params))
+    got2 = to_host(option2(params, shard))
+    out["option2"] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+                         for a, b in zip(jax.tree.leaves(want2), jax.tree.leaves(got2)))
+    out["ratios_vary"] = bool(np.ptp(np.concatenate([np.ravel(v["ratio"]) for v in lanton.layer_stats(got[1]).values()])) > 1e-3)
+    print(json.dumps(out), flush=True)
 
 
 def bf16(options, params, grads):

@@ -54,13 +54,20 @@ def test_eight_virtual_devices_match_one_device():
 def test_fused_divides_the_work_and_two_meshes_are_refused():
     (r,) = results(launch(["fused"], 8))
     # lanton.fused on FSDP-sharded inputs: the work divided (no warning), the same result, the
-    # parameters left sharded as they came.
+    # parameters back in the layouts they came in.
     assert r["warnings"] == [] and r["fused_ns_runs"] == r["ns_runs_one_device"] > 0, r
     assert r["fused_params"] <= TOL["params"], r
-    assert r["param_specs"] == ["P('x', None)", "P('x',)"], r
+    assert r["layouts_kept"], r
     # Parameters on one mesh, gradients on another: refused, naming both.
     assert re.search(r"leaf '\S+' \(gradient\) is laid out on a mesh \{'a': 2, 'b': 4\}, but leaf '\S+' \(parameter\) "
                      r"on \{'x': 8\}", r["mixed_meshes"]), r
+
+
+def test_other_options_split_as_on_one_device():
+    # Nesterov, noise relative to the signal, the mean statistic, power 1 with a floor; and
+    # Option II (a second gradient per step): FSDP with the work split equals one device.
+    (r,) = results(launch(["variants"], 8))
+    assert r["options"] <= TOL["params"] and r["option2"] <= TOL["params"] and r["ratios_vary"], r
 
 
 def test_bf16_parameters_and_momentum_split_as_on_one_device():
