@@ -3,7 +3,7 @@
 //!   plain algorithm's FLOP count / time, so both rows compare directly), with the products
 //!   split across the pool (a group with few layers) and one matrix per thread (many layers);
 //! * the noise estimate's cost (nuclear norm of one matrix on a noise step) as a fraction of
-//!   NS5, for the CPU estimator (Gram matrix + symmetric eigenvalues) and the polar iteration
+//!   NS5, for the CPU estimator (f64 Gram matrix, tridiagonal, quadrature) and the polar iteration
 //!   (the CUDA estimator); target <= 0.4x;
 //! * both estimators' accuracy against an f64 SVD on several spectra.
 //!
@@ -59,6 +59,7 @@ fn median_secs(reps: usize, f: &mut dyn FnMut()) -> f64 {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let coeffs = vec![NS_DEFAULT; NS_DEFAULT_STEPS];
+    let pool = lanton::cpu::gemm::pool().expect("the CPU pool");
     let mut rows_json = Vec::new();
     println!(
         "{:<10} {:>7} {:>7} {:>8} {:>9} {:>10} {:>7} {:>10} {:>7}",
@@ -73,15 +74,20 @@ fn main() {
         let mut ws = NsWorkspace::default();
         let reps = if quick { 2 } else { 7 };
         let median = |f: &mut dyn FnMut()| median_secs(reps, f);
-        let plain = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, false));
-        let sym = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, true));
+        // On the library's pool, as the step driver calls them (a rayon join from outside the
+        // pool pays a wake-up each time).
+        let (plain, sym, eigen, polar) = pool.install(|| {
+            let plain = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, false));
+            let sym = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, true));
+            let eigen = median(&mut || {
+                std::hint::black_box(nuclear_norm(&v, r, c, &mut ws));
+            });
+            let polar = median(&mut || {
+                std::hint::black_box(nuclear_norm_polar(&v, r, c, &mut ws));
+            });
+            (plain, sym, eigen, polar)
+        });
         let ns5 = plain.min(sym); // the variant the kernels use (see newton_schulz.rs)
-        let eigen = median(&mut || {
-            std::hint::black_box(nuclear_norm(&v, r, c, &mut ws));
-        });
-        let polar = median(&mut || {
-            std::hint::black_box(nuclear_norm_polar(&v, r, c, &mut ws));
-        });
         let (gp, gs) = (flops / plain / 1e9, flops / sym / 1e9);
         println!(
             "{:<10} {:>7.1} {:>7.1} {:>8.1} {:>9.1} {:>10.1} {:>6.2}x {:>10.1} {:>6.2}x",

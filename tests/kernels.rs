@@ -116,6 +116,43 @@ fn nuclear_norm_on_test_spectra_tall_wide_f32_and_bf16() {
     }
 }
 
+/// Larger matrices, whose Gram reduction is split across the pool's threads (steps above
+/// 2^15 trailing elements): the same spectra on square, wide and tall matrices of 264-520 rows,
+/// f32 and bf16 inputs, within the gram-eigen bar of an f64 SVD, pooled and on one thread.
+/// (An f32 Gram matrix failed here: bf16-rounded rank-1 read 1.4 % low.)
+#[test]
+fn nuclear_norm_large_on_test_spectra_pooled_and_serial() {
+    use lanton::cpu::gemm::{pool, serial};
+    let pool = pool().expect("the CPU pool");
+    let mut rng = Rng::new(37);
+    let mut ws = NsWorkspace::default();
+    for &(r, c) in &[(300, 300), (264, 520), (520, 264)] {
+        let k = r.min(c);
+        let spectra: [(&str, Vec<f64>); 5] = [
+            ("power-law", (0..k).map(|i| 1.0 / (1.0 + i as f64)).collect()),
+            ("exponential", (0..k).map(|i| (-(i as f64) / (k as f64 / 8.0)).exp()).collect()),
+            ("rank-4", (0..k).map(|i| if i < 4 { 4.0 - i as f64 } else { 0.0 }).collect()),
+            ("rank-1", (0..k).map(|i| if i == 0 { 3.0 } else { 0.0 }).collect()),
+            ("flat", vec![0.5; k]),
+        ];
+        for (label, s) in spectra {
+            for bf16 in [false, true] {
+                let mut d = with_spectrum(&mut rng, r, c, &s);
+                if bf16 {
+                    d = bf16_round(&d);
+                }
+                let want = nuclear_f64(&d, r, c);
+                let pooled = pool.install(|| nuclear_norm(&d, r, c, &mut ws)) as f64;
+                let alone = serial(|| nuclear_norm(&d, r, c, &mut ws)) as f64;
+                for (mode, got) in [("pooled", pooled), ("serial", alone)] {
+                    let rel = (got - want).abs() / want;
+                    assert!(rel < ESTIMATORS[0].2, "{mode} {label} {r}x{c} bf16={bf16}: nuclear {got} vs {want} (rel {rel})");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn dual_norms_match_f64_with_kind_factors() {
     let mut rng = Rng::new(31);

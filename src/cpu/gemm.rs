@@ -74,10 +74,6 @@ pub fn pool() -> Result<&'static rayon::ThreadPool, PoolError> {
     let requested = num_threads_from_env().map_err(PoolError::Env)?;
     let built = POOL.get_or_init(|| {
         let n = requested.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        // faer (the noise estimate's eigensolver) runs on the calling thread: its own splitting
-        // gained nothing here and slowed the one-layer-per-thread mode (768 x 768: 45 -> 33 ms
-        // sequential, benches/newton_schulz.rs). The setting is this library's copy of faer's.
-        faer::set_global_parallelism(faer::Par::Seq);
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .thread_name(|i| format!("lanton-gemm-{i}"))
@@ -118,12 +114,21 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-fn parallelism(macs: usize) -> gemm::Parallelism {
+/// Threads a piece of work of `macs` multiply-adds is split over: the pool's, unless it is
+/// small or this thread works through layers of its own (`serial`).
+pub fn threads_for(macs: usize) -> usize {
     let n = pool_threads();
     if n > 1 && macs >= PARALLEL_MIN_MACS && !SERIAL.with(|c| c.get()) {
-        gemm::Parallelism::Rayon(n)
+        n
     } else {
-        gemm::Parallelism::None
+        1
+    }
+}
+
+fn parallelism(macs: usize) -> gemm::Parallelism {
+    match threads_for(macs) {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
     }
 }
 
@@ -205,7 +210,7 @@ pub fn syrk<T: Scalar>(m: usize, k: usize, x: &[T], c: &mut [T]) {
     }
     // SAFETY: every block product below reads rows of `x` inside m*k and writes a block of `c`
     // inside m*m that no other product of this call writes.
-    unsafe { syrk_upper(0, m, m, k, x.as_ptr(), c.as_mut_ptr()) };
+    unsafe { syrk_upper(0, m, m, k, x.as_ptr(), c.as_mut_ptr(), SYRK_LEAF) };
     for i in 1..m {
         for j in 0..i {
             c[i * m + j] = c[j * m + i];
@@ -213,18 +218,36 @@ pub fn syrk<T: Scalar>(m: usize, k: usize, x: &[T], c: &mut [T]) {
     }
 }
 
-unsafe fn syrk_upper<T: Scalar>(r0: usize, r1: usize, m: usize, k: usize, x: *const T, c: *mut T) {
+/// The upper triangle (row-major; the lower in column-major) of X X^T, X m x k: the noise
+/// estimate's Gram matrix, whose reduction reads no other entry. Below the diagonal `c` is
+/// left as it was. Without the mirror, small blocks pay: 64-row blocks at 128 rows.
+pub fn gram_upper<T: Scalar>(m: usize, k: usize, x: &[T], c: &mut [T]) {
+    assert!(x.len() >= m * k && c.len() >= m * m, "gram_upper: slice too short");
+    if m == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * m].fill(T::ZERO);
+        return;
+    }
+    let leaf = if m <= SYRK_LEAF { 64 } else { SYRK_LEAF };
+    // SAFETY: as in `syrk`: each block product reads rows of `x` inside m*k and writes its own
+    // block of `c` inside m*m.
+    unsafe { syrk_upper(0, m, m, k, x.as_ptr(), c.as_mut_ptr(), leaf) };
+}
+
+unsafe fn syrk_upper<T: Scalar>(r0: usize, r1: usize, m: usize, k: usize, x: *const T, c: *mut T, leaf: usize) {
     let len = r1 - r0;
     let rows = |r: usize| View { ptr: x.add(r * k), rs: k as isize, cs: 1 };
     // x[rows]^T as a k x cols view: element (p, j) = x[j, p].
     let cols_t = |r: usize| View { ptr: x.add(r * k), rs: 1, cs: k as isize };
-    if len <= SYRK_LEAF {
+    if len <= leaf {
         raw_gemm(len, len, k, c.add(r0 * m + r0), m as isize, T::ZERO, T::ONE, rows(r0), cols_t(r0));
         return;
     }
     let mid = r0 + (len / 2).next_multiple_of(16).min(len - 1);
-    syrk_upper(r0, mid, m, k, x, c);
-    syrk_upper(mid, r1, m, k, x, c);
+    syrk_upper(r0, mid, m, k, x, c, leaf);
+    syrk_upper(mid, r1, m, k, x, c, leaf);
     raw_gemm(mid - r0, r1 - mid, k, c.add(r0 * m + mid), m as isize, T::ZERO, T::ONE, rows(r0), cols_t(mid));
 }
 

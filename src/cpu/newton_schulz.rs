@@ -2,6 +2,7 @@
 //! used for their noise estimate. Matrices are oriented so that rows <= cols, as in muon.py.
 
 use super::gemm;
+use super::tridiag::tridiagonalize;
 
 /// Scratch reused across the layers of one call.
 #[derive(Default)]
@@ -13,6 +14,9 @@ pub struct NsWorkspace {
     /// The noise estimate's input and Gram matrix, in f64.
     x64: Vec<f64>,
     gram: Vec<f64>,
+    /// The Gram matrix's tridiagonal form: diagonal, squared off-diagonal.
+    diag: Vec<f64>,
+    offdiag2: Vec<f64>,
 }
 
 fn resize<T: gemm::Scalar>(v: &mut Vec<T>, n: usize) {
@@ -89,21 +93,10 @@ pub fn newton_schulz(v: &[f32], rows: usize, cols: usize, coeffs: &[[f32; 3]], o
     }
 }
 
-/// The quadrature in `sum_sqrt_eigenvalues` starts at s = GRAM_FLOOR * trace: eigenvalues far
-/// below it (f64 round-off of the Gram matrix, singular values under ~1e-6 of ||D||_F) count
-/// as about (4/pi) * lambda / sqrt(s), eigenvalues far above it in full.
+/// The quadrature in `sum_sqrt_eigenvalues` starts at s = floor * trace: eigenvalues far below
+/// it count as about (4/pi) * lambda / sqrt(s), eigenvalues far above it in full. For the f64
+/// Gram matrix the floor sits under its round-off (singular values under ~1e-6 of ||D||_F).
 pub const GRAM_FLOOR: f64 = 1e-12;
-
-/// Up to this many rows (the smaller side) the Gram matrix is f64 and summed by quadrature;
-/// above it, f32 and faer's eigenvalue solver. Chosen by measurement (benches/newton_schulz.rs):
-/// at 128 rows the eigensolver's QR sweeps are half the cost and the f64 product is cheap; at
-/// 768 the f64 product and tridiagonalization cost more than the sweeps save.
-pub const GRAM_F64_MAX_ROWS: usize = 256;
-
-/// f32 Gram eigenvalues below this fraction of the largest are round-off of the product, not
-/// signal: summed through sqrt they add up (a rank-1 384x768 D read 1.5 % high without a floor
-/// in a prototype run; 4e-4 with it). Singular values under ~3e-4 of the largest go with them.
-pub const GRAM_F32_EIGEN_FLOOR: f32 = 1e-7;
 
 /// Loads `d` oriented (m <= n) into ws.x, divided by its Frobenius norm, which it returns
 /// with (m, n); Err(norm) if the norm is 0 or not finite (the nuclear norm is then that norm).
@@ -119,67 +112,32 @@ fn load_normalized(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) ->
 }
 
 /// ||d||_* = sum of sqrt(eigenvalues) of the Gram matrix of the smaller side, D D^T (m x m,
-/// m = min(rows, cols)). Up to GRAM_F64_MAX_ROWS rows: the product in f64, faer's Householder
-/// tridiagonalization, and `sum_sqrt_eigenvalues` on the tridiagonal (O(m) per quadrature
-/// point, no eigensolver; ~1e-6 of an f64 SVD). Above: the product in f32 and faer's symmetric
-/// eigenvalue solver with a floor (~5e-4). This is the CPU's noise estimate (its cost against a
+/// m = min(rows, cols)): the product (its upper triangle), its Householder reduction to a
+/// tridiagonal T (`tridiag`) and `sum_sqrt_eigenvalues` on T (O(m) per quadrature point, no
+/// eigensolver), all in f64: ~1e-7 of an f64 SVD. In f32 (product and reduction) the 768-row
+/// case took half the time but read a bf16-rounded rank-1 matrix 1.4 % low: its many tiny
+/// singular values sit under f32 round-off. This is the CPU's noise estimate (its cost against a
 /// Newton-Schulz-5 and its error: benches/newton_schulz.rs); the GPU keeps the polar iteration
-/// (`nuclear_norm_polar`): batched products, no per-matrix solver.
+/// (`nuclear_norm_polar`): batched products, no per-matrix reduction.
 pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> f32 {
     // Normalized, the Gram matrix has trace 1: no overflow whatever the gradients' scale.
     let (m, n, fro) = match load_normalized(d, rows, cols, ws) {
         Ok(v) => v,
         Err(norm) => return norm,
     };
-    let sum = if m <= GRAM_F64_MAX_ROWS {
-        ws.x64.clear();
-        ws.x64.extend(ws.x[..m * n].iter().map(|&v| v as f64));
-        resize(&mut ws.gram, m * m);
-        gemm::syrk(m, n, &ws.x64, &mut ws.gram);
-        let (diag, offdiag) = tridiagonalize(&mut ws.gram[..m * m], m);
-        sum_sqrt_eigenvalues(&diag, &offdiag)
-    } else {
-        resize(&mut ws.a, m * m);
-        gemm::syrk(m, n, &ws.x[..m * n], &mut ws.a);
-        sum_sqrt_eigenvalues_f32(&ws.a[..m * m], m)
-    };
-    match sum {
+    ws.x64.clear();
+    ws.x64.extend(ws.x[..m * n].iter().map(|&v| v as f64));
+    resize(&mut ws.gram, m * m);
+    gemm::gram_upper(m, n, &ws.x64, &mut ws.gram);
+    // The reduction's work: ~m^3 / 6 elements, four multiply-adds each.
+    let threads = gemm::threads_for(m * m * m * 2 / 3);
+    tridiagonalize(&mut ws.gram[..m * m], m, &mut ws.diag, &mut ws.offdiag2, threads);
+    match sum_sqrt_eigenvalues(&ws.diag, &ws.offdiag2, GRAM_FLOOR) {
         Some(sum) => (fro * sum) as f32,
-        // Not positive semi-definite beyond round-off, or the solver did not converge (no
-        // finite input gets here): the polar factor.
+        // Not positive semi-definite beyond round-off (no finite input has got here): the
+        // polar factor.
         None => nuclear_norm_polar(d, rows, cols, ws),
     }
-}
-
-/// sum sqrt(lambda) over the eigenvalues of the symmetric f32 matrix `a` above the floor.
-fn sum_sqrt_eigenvalues_f32(a: &[f32], m: usize) -> Option<f64> {
-    use faer::dyn_stack::{MemBuffer, MemStack};
-    use faer::linalg::evd;
-    // Sequential: faer's parallel tridiagonalization measured slower here at 768 rows (43 vs 32 ms).
-    let par = faer::Par::Seq;
-    let mut eigenvalues = faer::diag::Diag::<f32>::zeros(m);
-    let scratch = evd::self_adjoint_evd_scratch::<f32>(m, evd::ComputeEigenvectors::No, par, Default::default());
-    let gram = faer::MatRef::from_column_major_slice(a, m, m);
-    evd::self_adjoint_evd(gram, eigenvalues.as_mut(), None, par, MemStack::new(&mut MemBuffer::new(scratch)), Default::default()).ok()?;
-    let eigenvalues = eigenvalues.column_vector();
-    let top = eigenvalues.iter().copied().fold(0.0f32, f32::max);
-    Some(eigenvalues.iter().filter(|&&l| l > GRAM_F32_EIGEN_FLOOR * top).map(|&l| (l as f64).sqrt()).sum())
-}
-
-/// The symmetric m x m matrix `a` (full storage) reduced to tridiagonal form Q^T A Q in place;
-/// returns its diagonal and the squares of its off-diagonal.
-fn tridiagonalize(a: &mut [f64], m: usize) -> (Vec<f64>, Vec<f64>) {
-    use faer::dyn_stack::{MemBuffer, MemStack};
-    use faer::linalg::evd::tridiag;
-    let par = faer::Par::Seq;
-    // Symmetric: the row-major buffer read column-major is the same matrix.
-    let mut mat = faer::MatMut::from_column_major_slice_mut(a, m, m);
-    let mut householder = faer::Mat::<f64>::zeros(1, m.saturating_sub(1));
-    let mut mem = MemBuffer::new(tridiag::tridiag_in_place_scratch::<f64>(m, par, Default::default()));
-    tridiag::tridiag_in_place(mat.as_mut(), householder.as_mut(), par, MemStack::new(&mut mem), Default::default());
-    let diag = (0..m).map(|i| mat[(i, i)]).collect();
-    let offdiag = (0..m.saturating_sub(1)).map(|i| mat[(i + 1, i)] * mat[(i + 1, i)]).collect();
-    (diag, offdiag)
 }
 
 /// sum_i sqrt(lambda_i) of the positive semi-definite tridiagonal T (diagonal `a`, squared
@@ -191,37 +149,60 @@ fn tridiagonalize(a: &mut [f64], m: usize) -> (Vec<f64>, Vec<f64>) {
 /// O(m). The ends: below u_lo the integrand is ~C e^u, above u_hi ~tr(T) e^-u (integrated in
 /// closed form, with their Euler-Maclaurin terms; at u_hi, s >= e^16 lambda_max makes the
 /// closed form exact to ~1e-7 of the tail). None if a pivot is not positive.
-pub fn sum_sqrt_eigenvalues(a: &[f64], b2: &[f64]) -> Option<f64> {
+pub fn sum_sqrt_eigenvalues(a: &[f64], b2: &[f64], floor: f64) -> Option<f64> {
     const STEP: f64 = 0.5;
     let m = a.len();
     let trace: f64 = a.iter().sum();
+    if !trace.is_finite() {
+        // A non-finite T (from an input scaled past f32's range): no points to place.
+        return None;
+    }
     if m == 0 || trace <= 0.0 {
         return Some(0.0);
     }
-    let (lo, hi) = (0.5 * (GRAM_FLOOR * trace).ln(), 0.5 * trace.ln() + 8.0);
+    let (lo, hi) = (0.5 * (floor * trace).ln(), 0.5 * trace.ln() + 8.0);
     let points = ((hi - lo) / STEP).ceil() as usize;
     let h = (hi - lo) / points as f64;
-    let integrand = |u: f64| -> Option<f64> {
-        let s = (2.0 * u).exp();
+    // The integrand at POINTS abscissae at once: each is a chain of dependent divisions, and
+    // independent chains side by side overlap (3-4x faster than one at a time here).
+    const POINTS: usize = 4;
+    let integrand = |u: [f64; POINTS]| -> Option<[f64; POINTS]> {
+        let s = u.map(|u| (2.0 * u).exp());
         // Pivots p_i of T + s and their derivatives in s; tr((T + s)^-1) = sum p_i' / p_i.
-        let (mut p, mut dp) = (a[0] + s, 1.0);
-        let mut inv = 1.0 / p;
-        let mut trace_inv = dp * inv;
-        let mut positive = p > 0.0;
+        let mut p = s.map(|s| a[0] + s);
+        let mut dp = [1.0; POINTS];
+        let mut inv = p.map(|p| 1.0 / p);
+        let mut trace_inv = inv;
+        let mut positive = p.iter().all(|&p| p > 0.0);
         for i in 1..m {
-            let r = b2[i - 1] * inv;
-            p = a[i] + s - r;
-            dp = 1.0 + r * inv * dp;
-            inv = 1.0 / p;
-            trace_inv += dp * inv;
-            positive &= p > 0.0;
+            for l in 0..POINTS {
+                let r = b2[i - 1] * inv[l];
+                p[l] = a[i] + s[l] - r;
+                dp[l] = 1.0 + r * inv[l] * dp[l];
+                inv[l] = 1.0 / p[l];
+                trace_inv[l] += dp[l] * inv[l];
+                positive &= p[l] > 0.0;
+            }
         }
-        positive.then(|| (m as f64 - s * trace_inv) * u.exp())
+        let mut f = [0.0; POINTS];
+        for l in 0..POINTS {
+            f[l] = (m as f64 - s[l] * trace_inv[l]) * u[l].exp();
+        }
+        positive.then_some(f)
     };
-    let (f_lo, f_hi) = (integrand(lo)?, integrand(hi)?);
+    // f(lo + k h) for k = 0..=points (the last batch padded with hi).
+    let mut values = Vec::with_capacity(points + POINTS);
+    for first in (0..=points).step_by(POINTS) {
+        let u = std::array::from_fn(|l| match first + l {
+            k if k >= points => hi,
+            k => lo + h * k as f64,
+        });
+        values.extend_from_slice(&integrand(u)?);
+    }
+    let (f_lo, f_hi) = (values[0], values[points]);
     let mut inner = 0.0;
-    for k in 1..points {
-        inner += integrand(lo + h * k as f64)?;
+    for &f in &values[1..points] {
+        inner += f;
     }
     let trapezoid = h * (inner + 0.5 * (f_lo + f_hi));
     let (tail_lo, tail_hi) = (f_lo, trace * (-hi).exp());
@@ -255,18 +236,20 @@ mod tests {
         // Diagonal: the eigenvalues are the entries, spread over 8 decades (above the floor).
         let a: Vec<f64> = (0..50).map(|i| 10f64.powf(-(i as f64) * 8.0 / 49.0)).collect();
         let want: f64 = a.iter().map(|v| v.sqrt()).sum();
-        let got = sum_sqrt_eigenvalues(&a, &[0.0; 49]).unwrap();
+        let got = sum_sqrt_eigenvalues(&a, &[0.0; 49], GRAM_FLOOR).unwrap();
         assert!(close(got, want), "diagonal: {got} vs {want}");
         // The second-difference matrix 2, -1 (b^2 = 1): lambda_k = 2 - 2 cos(k pi / (n + 1)).
         let n = 40;
         let want: f64 = (1..=n).map(|k| (2.0 - 2.0 * (k as f64 * std::f64::consts::PI / (n + 1) as f64).cos()).sqrt()).sum();
-        let got = sum_sqrt_eigenvalues(&vec![2.0; n], &vec![1.0; n - 1]).unwrap();
+        let got = sum_sqrt_eigenvalues(&vec![2.0; n], &vec![1.0; n - 1], GRAM_FLOOR).unwrap();
         assert!(close(got, want), "second difference: {got} vs {want}");
         // One eigenvalue at the trace, the rest exactly 0 (a rank-1 Gram matrix, tridiagonalized).
-        let got = sum_sqrt_eigenvalues(&[0.0, 0.0, 4.0], &[0.0, 0.0]).unwrap();
+        let got = sum_sqrt_eigenvalues(&[0.0, 0.0, 4.0], &[0.0, 0.0], GRAM_FLOOR).unwrap();
         assert!(close(got, 2.0), "rank 1: {got}");
-        assert_eq!(sum_sqrt_eigenvalues(&[], &[]), Some(0.0));
+        assert_eq!(sum_sqrt_eigenvalues(&[], &[], GRAM_FLOOR), Some(0.0));
         // Indefinite beyond round-off: refused, not a wrong number.
-        assert_eq!(sum_sqrt_eigenvalues(&[2.0, -1.0], &[0.0]), None);
+        assert_eq!(sum_sqrt_eigenvalues(&[2.0, -1.0], &[0.0], GRAM_FLOOR), None);
+        assert_eq!(sum_sqrt_eigenvalues(&[f64::NAN, 1.0], &[0.0], GRAM_FLOOR), None);
+        assert_eq!(sum_sqrt_eigenvalues(&[f64::INFINITY, 1.0], &[1.0], GRAM_FLOOR), None);
     }
 }
