@@ -5,6 +5,7 @@
 //! * the noise estimate's cost (nuclear norm of one matrix on a noise step) as a fraction of
 //!   NS5, for the CPU estimator (f64 Gram matrix, tridiagonal, quadrature) and the polar iteration
 //!   (the CUDA estimator); target <= 0.4x;
+//! * the noise estimate's tridiagonalization against faer's, one thread;
 //! * both estimators' accuracy against an f64 SVD on several spectra.
 //!
 //! Writes target/bench_newton_schulz.json. Run: cargo bench --bench newton_schulz [-- --quick]
@@ -42,18 +43,49 @@ fn svd_nuclear(v: &[f32], r: usize, c: usize) -> f64 {
     Mat::from_fn(r, c, |i, j| v[i * c + j] as f64).singular_values().unwrap().iter().sum()
 }
 
-/// Median wall time of `reps` runs of `f`, after one warm-up run.
-fn median_secs(reps: usize, f: &mut dyn FnMut()) -> f64 {
-    f();
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
+/// Seconds per call of each closure, timed in rounds: each closure once per round, as a batch
+/// of calls lasting >= 20 ms, so that the machine's drift falls on all of them alike and
+/// ratios can be taken within a round. Returns rounds[round][closure].
+fn rounds(reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+    let batches: Vec<usize> = fs
+        .iter_mut()
+        .map(|f| {
+            f();
             let t = Instant::now();
             f();
-            t.elapsed().as_secs_f64()
+            ((0.02 / t.elapsed().as_secs_f64().max(1e-7)).ceil() as usize).max(1)
         })
         .collect();
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    times[reps / 2]
+    (0..reps)
+        .map(|_| {
+            fs.iter_mut()
+                .zip(&batches)
+                .map(|(f, &batch)| {
+                    let t = Instant::now();
+                    for _ in 0..batch {
+                        f();
+                    }
+                    t.elapsed().as_secs_f64() / batch as f64
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Median per-call time of closure `i`.
+fn column(r: &[Vec<f64>], i: usize) -> f64 {
+    median(r.iter().map(|round| round[i]).collect())
+}
+
+/// Median over rounds of closure `num`'s time over the faster NS5 variant's (closures 0 and 1)
+/// in the same round.
+fn over_ns5(r: &[Vec<f64>], num: usize) -> f64 {
+    median(r.iter().map(|round| round[num] / round[0].min(round[1])).collect())
 }
 
 fn main() {
@@ -70,33 +102,38 @@ fn main() {
         let flops = NS_DEFAULT_STEPS as f64 * (4.0 * (m * m * n) as f64 + 2.0 * (m * m * m) as f64);
         let mut rng = Rng(0x2545F4914F6CDD1D);
         let v: Vec<f32> = (0..r * c).map(|_| rng.next() as f32).collect();
-        let mut out = vec![0.0f32; r * c];
-        let mut ws = NsWorkspace::default();
+        let (mut out_plain, mut out_sym) = (vec![0.0f32; r * c], vec![0.0f32; r * c]);
+        let mut ws: [NsWorkspace; 4] = Default::default();
+        let [ws_plain, ws_sym, ws_eigen, ws_polar] = &mut ws;
         let reps = if quick { 2 } else { 7 };
-        let median = |f: &mut dyn FnMut()| median_secs(reps, f);
         // On the library's pool, as the step driver calls them (a rayon join from outside the
         // pool pays a wake-up each time).
-        let (plain, sym, eigen, polar) = pool.install(|| {
-            let plain = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, false));
-            let sym = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, true));
-            let eigen = median(&mut || {
-                std::hint::black_box(nuclear_norm(&v, r, c, &mut ws));
-            });
-            let polar = median(&mut || {
-                std::hint::black_box(nuclear_norm_polar(&v, r, c, &mut ws));
-            });
-            (plain, sym, eigen, polar)
+        let r5 = pool.install(|| {
+            rounds(
+                reps,
+                &mut [
+                    &mut || newton_schulz(&v, r, c, &coeffs, &mut out_plain, ws_plain, false),
+                    &mut || newton_schulz(&v, r, c, &coeffs, &mut out_sym, ws_sym, true),
+                    &mut || {
+                        std::hint::black_box(nuclear_norm(&v, r, c, ws_eigen));
+                    },
+                    &mut || {
+                        std::hint::black_box(nuclear_norm_polar(&v, r, c, ws_polar));
+                    },
+                ],
+            )
         });
-        let ns5 = plain.min(sym); // the variant the kernels use (see newton_schulz.rs)
+        let (plain, sym, eigen, polar) = (column(&r5, 0), column(&r5, 1), column(&r5, 2), column(&r5, 3));
+        let (eigen_ratio, polar_ratio) = (over_ns5(&r5, 2), over_ns5(&r5, 3));
         let (gp, gs) = (flops / plain / 1e9, flops / sym / 1e9);
         println!(
             "{:<10} {:>7.1} {:>7.1} {:>8.1} {:>9.1} {:>10.1} {:>6.2}x {:>10.1} {:>6.2}x",
-            format!("{r}x{c}"), gp, gs, 1e3 * sym, 1e3 * plain, 1e3 * eigen, eigen / ns5, 1e3 * polar, polar / ns5
+            format!("{r}x{c}"), gp, gs, 1e3 * sym, 1e3 * plain, 1e3 * eigen, eigen_ratio, 1e3 * polar, polar_ratio
         );
         rows_json.push(serde_json::json!({
             "shape": [r, c], "plain_s": plain, "lanton_s": sym, "plain_gflops": gp, "lanton_gflops": gs,
             "steps": NS_DEFAULT_STEPS, "nuclear_eigen_s": eigen, "nuclear_polar_s": polar,
-            "eigen_over_ns5": eigen / ns5, "polar_over_ns5": polar / ns5,
+            "eigen_over_ns5": eigen_ratio, "polar_over_ns5": polar_ratio,
         }));
     }
 
@@ -113,19 +150,23 @@ fn main() {
     for &(r, c) in serial_shapes {
         let mut rng = Rng(0x51ED270B27D4A2C1 ^ (r * 7 + c) as u64);
         let v: Vec<f32> = (0..r * c).map(|_| rng.next() as f32).collect();
-        let mut out = vec![0.0f32; r * c];
-        let mut ws = NsWorkspace::default();
+        let (mut out_plain, mut out_sym) = (vec![0.0f32; r * c], vec![0.0f32; r * c]);
+        let mut ws: [NsWorkspace; 3] = Default::default();
+        let [ws_plain, ws_sym, ws_eigen] = &mut ws;
         let reps = if quick { 3 } else { 9 };
-        let median = |f: &mut dyn FnMut()| median_secs(reps, f);
-        let (plain, sym, eigen) = serial(|| {
-            let plain = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, false));
-            let sym = median(&mut || newton_schulz(&v, r, c, &coeffs, &mut out, &mut ws, true));
-            let eigen = median(&mut || {
-                std::hint::black_box(nuclear_norm(&v, r, c, &mut ws));
-            });
-            (plain, sym, eigen)
+        let r3 = serial(|| {
+            rounds(
+                reps,
+                &mut [
+                    &mut || newton_schulz(&v, r, c, &coeffs, &mut out_plain, ws_plain, false),
+                    &mut || newton_schulz(&v, r, c, &coeffs, &mut out_sym, ws_sym, true),
+                    &mut || {
+                        std::hint::black_box(nuclear_norm(&v, r, c, ws_eigen));
+                    },
+                ],
+            )
         });
-        let ns5 = plain.min(sym);
+        let (plain, sym, eigen, eigen_ratio) = (column(&r3, 0), column(&r3, 1), column(&r3, 2), over_ns5(&r3, 2));
         println!(
             "{:<10} {:>9.2} {:>9.2} {:>6.2}x {:>10.2} {:>6.2}x",
             format!("{r}x{c}"),
@@ -133,11 +174,44 @@ fn main() {
             1e3 * sym,
             sym / plain,
             1e3 * eigen,
-            eigen / ns5
+            eigen_ratio
         );
         serial_json.push(serde_json::json!({
-            "shape": [r, c], "plain_s": plain, "sym_s": sym, "nuclear_eigen_s": eigen, "eigen_over_ns5": eigen / ns5,
+            "shape": [r, c], "plain_s": plain, "sym_s": sym, "nuclear_eigen_s": eigen, "eigen_over_ns5": eigen_ratio,
         }));
+    }
+
+    // The noise estimate's reduction against faer's (the library's path before 2026-12-03),
+    // one thread, on the f64 Gram matrix of a random matrix.
+    println!("\nHouseholder tridiagonalization of an f64 Gram matrix, one thread: ms");
+    println!("{:<8} {:>10} {:>10} {:>8}", "rows", "lanton", "faer", "ratio");
+    let mut tridiag_json = Vec::new();
+    let tridiag_sizes: &[usize] = if quick { &[128, 768] } else { &[128, 256, 512, 768] };
+    for &m in tridiag_sizes {
+        let mut rng = Rng(0x9E3779B97F4A7C15 ^ m as u64);
+        let x: Vec<f64> = (0..m * m).map(|_| rng.next()).collect();
+        let mut gram = vec![0.0f64; m * m];
+        lanton::cpu::gemm::syrk(m, m, &x, &mut gram);
+        let reps = if quick { 3 } else { 9 };
+        let (mut ours_work, mut faer_work, mut diag, mut offdiag2) = (gram.clone(), gram.clone(), Vec::new(), Vec::new());
+        let mut ours = || {
+            ours_work.copy_from_slice(&gram);
+            lanton::cpu::tridiag::tridiagonalize(&mut ours_work, m, &mut diag, &mut offdiag2, 1);
+        };
+        let mut theirs = || {
+            use faer::dyn_stack::{MemBuffer, MemStack};
+            use faer::linalg::evd::tridiag;
+            faer_work.copy_from_slice(&gram);
+            let mut mat = faer::MatMut::from_column_major_slice_mut(&mut faer_work, m, m);
+            let mut householder = Mat::<f64>::zeros(1, m - 1);
+            let mut mem = MemBuffer::new(tridiag::tridiag_in_place_scratch::<f64>(m, faer::Par::Seq, Default::default()));
+            tridiag::tridiag_in_place(mat.as_mut(), householder.as_mut(), faer::Par::Seq, MemStack::new(&mut mem), Default::default());
+        };
+        let timed = rounds(reps, &mut [&mut ours, &mut theirs]);
+        let (ours, theirs) = (column(&timed, 0), column(&timed, 1));
+        let ratio = median(timed.iter().map(|round| round[0] / round[1]).collect());
+        println!("{:<8} {:>10.3} {:>10.3} {:>7.2}x", m, 1e3 * ours, 1e3 * theirs, ratio);
+        tridiag_json.push(serde_json::json!({ "rows": m, "lanton_s": ours, "faer_s": theirs }));
     }
 
     // Accuracy against an f64 SVD (relative error of ||D||_*).
@@ -170,7 +244,7 @@ fn main() {
     let threads = lanton::cpu::gemm::pool().unwrap_or_else(|e| panic!("{e}")).current_num_threads();
     println!("threads: {threads}; XLA's own f32 Newton-Schulz reference on this CPU: ~110 GFLOP/s (shared/BENCHMARKS.md)");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench_newton_schulz.json");
-    let doc = serde_json::json!({"threads": threads, "results": rows_json, "one_thread_per_matrix": serial_json, "accuracy": acc_json});
+    let doc = serde_json::json!({"threads": threads, "results": rows_json, "one_thread_per_matrix": serial_json, "tridiagonalization": tridiag_json, "accuracy": acc_json});
     if std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).is_ok() {
         println!("saved {}", path.display());
     }

@@ -219,8 +219,9 @@ pub fn syrk<T: Scalar>(m: usize, k: usize, x: &[T], c: &mut [T]) {
 }
 
 /// The upper triangle (row-major; the lower in column-major) of X X^T, X m x k: the noise
-/// estimate's Gram matrix, whose reduction reads no other entry. Below the diagonal `c` is
-/// left as it was. Without the mirror, small blocks pay: 64-row blocks at 128 rows.
+/// estimate's Gram matrix, whose reduction reads no other entry. Entries below the diagonal
+/// are unspecified (diagonal blocks are written whole). Without the mirror, small blocks
+/// pay: 64-row blocks at 128 rows (62 vs 79 us for `syrk` in a one-off timing).
 pub fn gram_upper<T: Scalar>(m: usize, k: usize, x: &[T], c: &mut [T]) {
     assert!(x.len() >= m * k && c.len() >= m * m, "gram_upper: slice too short");
     if m == 0 {

@@ -93,7 +93,7 @@ pub fn newton_schulz(v: &[f32], rows: usize, cols: usize, coeffs: &[[f32; 3]], o
     }
 }
 
-/// The quadrature in `sum_sqrt_eigenvalues` starts at s = floor * trace: eigenvalues far below
+/// The quadrature in `sum_sqrt_eigenvalues` starts at s = GRAM_FLOOR * trace: eigenvalues far below
 /// it count as about (4/pi) * lambda / sqrt(s), eigenvalues far above it in full. For the f64
 /// Gram matrix the floor sits under its round-off (singular values under ~1e-6 of ||D||_F).
 pub const GRAM_FLOOR: f64 = 1e-12;
@@ -106,17 +106,19 @@ fn load_normalized(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) ->
     if fro == 0.0 || !fro.is_finite() {
         return Err(fro as f32);
     }
-    let inv = (1.0 / fro) as f32;
-    ws.x[..m * n].iter_mut().for_each(|e| *e *= inv);
+    // In f64: 1 / ||d|| of a subnormal-scale d is past f32's range.
+    let inv = 1.0 / fro;
+    ws.x[..m * n].iter_mut().for_each(|e| *e = (*e as f64 * inv) as f32);
     Ok((m, n, fro))
 }
 
 /// ||d||_* = sum of sqrt(eigenvalues) of the Gram matrix of the smaller side, D D^T (m x m,
 /// m = min(rows, cols)): the product (its upper triangle), its Householder reduction to a
 /// tridiagonal T (`tridiag`) and `sum_sqrt_eigenvalues` on T (O(m) per quadrature point, no
-/// eigensolver), all in f64: ~1e-7 of an f64 SVD. In f32 (product and reduction) the 768-row
-/// case took half the time but read a bf16-rounded rank-1 matrix 1.4 % low: its many tiny
-/// singular values sit under f32 round-off. This is the CPU's noise estimate (its cost against a
+/// eigensolver), all in f64: <= 6e-7 of an f64 SVD in the bench. In f32 (product and
+/// reduction) the 768-row case took half the time, but a temporary f32 variant of the
+/// large-matrix test in tests/kernels.rs read a bf16-rounded rank-1 matrix 1.4 % low: its many
+/// tiny singular values sit under f32 round-off. This is the CPU's noise estimate (its cost against a
 /// Newton-Schulz-5 and its error: benches/newton_schulz.rs); the GPU keeps the polar iteration
 /// (`nuclear_norm_polar`): batched products, no per-matrix reduction.
 pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -> f32 {
@@ -132,10 +134,10 @@ pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -
     // The reduction's work: ~m^3 / 6 elements, four multiply-adds each.
     let threads = gemm::threads_for(m * m * m * 2 / 3);
     tridiagonalize(&mut ws.gram[..m * m], m, &mut ws.diag, &mut ws.offdiag2, threads);
-    match sum_sqrt_eigenvalues(&ws.diag, &ws.offdiag2, GRAM_FLOOR) {
+    match sum_sqrt_eigenvalues(&ws.diag, &ws.offdiag2) {
         Some(sum) => (fro * sum) as f32,
-        // Not positive semi-definite beyond round-off (no finite input has got here): the
-        // polar factor.
+        // Not positive semi-definite beyond round-off, or not finite (no finite input is known
+        // to get here): the polar factor.
         None => nuclear_norm_polar(d, rows, cols, ws),
     }
 }
@@ -149,7 +151,7 @@ pub fn nuclear_norm(d: &[f32], rows: usize, cols: usize, ws: &mut NsWorkspace) -
 /// O(m). The ends: below u_lo the integrand is ~C e^u, above u_hi ~tr(T) e^-u (integrated in
 /// closed form, with their Euler-Maclaurin terms; at u_hi, s >= e^16 lambda_max makes the
 /// closed form exact to ~1e-7 of the tail). None if a pivot is not positive.
-pub fn sum_sqrt_eigenvalues(a: &[f64], b2: &[f64], floor: f64) -> Option<f64> {
+pub fn sum_sqrt_eigenvalues(a: &[f64], b2: &[f64]) -> Option<f64> {
     const STEP: f64 = 0.5;
     let m = a.len();
     let trace: f64 = a.iter().sum();
@@ -157,10 +159,14 @@ pub fn sum_sqrt_eigenvalues(a: &[f64], b2: &[f64], floor: f64) -> Option<f64> {
         // A non-finite T (from an input scaled past f32's range): no points to place.
         return None;
     }
+    if trace > 0.0 && trace < f64::MIN_POSITIVE / GRAM_FLOOR {
+        // So small that GRAM_FLOOR * trace underflows: the caller normalizes to trace 1.
+        return None;
+    }
     if m == 0 || trace <= 0.0 {
         return Some(0.0);
     }
-    let (lo, hi) = (0.5 * (floor * trace).ln(), 0.5 * trace.ln() + 8.0);
+    let (lo, hi) = (0.5 * (GRAM_FLOOR * trace).ln(), 0.5 * trace.ln() + 8.0);
     let points = ((hi - lo) / STEP).ceil() as usize;
     let h = (hi - lo) / points as f64;
     // The integrand at POINTS abscissae at once: each is a chain of dependent divisions, and
@@ -236,20 +242,20 @@ mod tests {
         // Diagonal: the eigenvalues are the entries, spread over 8 decades (above the floor).
         let a: Vec<f64> = (0..50).map(|i| 10f64.powf(-(i as f64) * 8.0 / 49.0)).collect();
         let want: f64 = a.iter().map(|v| v.sqrt()).sum();
-        let got = sum_sqrt_eigenvalues(&a, &[0.0; 49], GRAM_FLOOR).unwrap();
+        let got = sum_sqrt_eigenvalues(&a, &[0.0; 49]).unwrap();
         assert!(close(got, want), "diagonal: {got} vs {want}");
         // The second-difference matrix 2, -1 (b^2 = 1): lambda_k = 2 - 2 cos(k pi / (n + 1)).
         let n = 40;
         let want: f64 = (1..=n).map(|k| (2.0 - 2.0 * (k as f64 * std::f64::consts::PI / (n + 1) as f64).cos()).sqrt()).sum();
-        let got = sum_sqrt_eigenvalues(&vec![2.0; n], &vec![1.0; n - 1], GRAM_FLOOR).unwrap();
+        let got = sum_sqrt_eigenvalues(&vec![2.0; n], &vec![1.0; n - 1]).unwrap();
         assert!(close(got, want), "second difference: {got} vs {want}");
         // One eigenvalue at the trace, the rest exactly 0 (a rank-1 Gram matrix, tridiagonalized).
-        let got = sum_sqrt_eigenvalues(&[0.0, 0.0, 4.0], &[0.0, 0.0], GRAM_FLOOR).unwrap();
+        let got = sum_sqrt_eigenvalues(&[0.0, 0.0, 4.0], &[0.0, 0.0]).unwrap();
         assert!(close(got, 2.0), "rank 1: {got}");
-        assert_eq!(sum_sqrt_eigenvalues(&[], &[], GRAM_FLOOR), Some(0.0));
+        assert_eq!(sum_sqrt_eigenvalues(&[], &[]), Some(0.0));
         // Indefinite beyond round-off: refused, not a wrong number.
-        assert_eq!(sum_sqrt_eigenvalues(&[2.0, -1.0], &[0.0], GRAM_FLOOR), None);
-        assert_eq!(sum_sqrt_eigenvalues(&[f64::NAN, 1.0], &[0.0], GRAM_FLOOR), None);
-        assert_eq!(sum_sqrt_eigenvalues(&[f64::INFINITY, 1.0], &[1.0], GRAM_FLOOR), None);
+        assert_eq!(sum_sqrt_eigenvalues(&[2.0, -1.0], &[0.0]), None);
+        assert_eq!(sum_sqrt_eigenvalues(&[f64::NAN, 1.0], &[0.0]), None);
+        assert_eq!(sum_sqrt_eigenvalues(&[f64::INFINITY, 1.0], &[1.0]), None);
     }
 }

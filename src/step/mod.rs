@@ -94,7 +94,7 @@ pub fn nuclear_schedule() -> Vec<[f32; 3]> {
 
 /// How a hidden group's noise estimate computes ||G - G_prev||_* (ALGORITHM.md: any estimate
 /// within 1 % will do). Each backend has its own default (`Auto`): the CPU's is `GramEigen`
-/// (the Gram matrix's sum of sqrt(eigenvalues): 0.20-0.36x a Newton-Schulz-5 there), the
+/// (the Gram matrix's sum of sqrt(eigenvalues): 0.21-0.34x a Newton-Schulz-5 there), the
 /// GPU's `Polar` (7 batched polar iterations, on lanton's own f32 GEMM kernel so that they can be
 /// gated on the device step count; a per-matrix eigensolver is latency-bound).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
