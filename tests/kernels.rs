@@ -70,6 +70,44 @@ fn nuclear_norm_within_one_percent_of_svd() {
     assert_eq!(nuclear_norm(&[0.0; 12], 3, 4, &mut ws), 0.0);
 }
 
+/// One matrix of the noise estimate's test spectra and its f64 SVD nuclear norm.
+struct SpectrumCase {
+    label: &'static str,
+    r: usize,
+    c: usize,
+    bf16: bool,
+    d: Vec<f32>,
+    want: f64,
+}
+
+/// Power-law and exponential (slowly converging small singular values), low rank, rank 1 and
+/// flat spectra on each shape, in f32 and rounded to bf16 (the f64 reference then sees the
+/// rounded matrix).
+fn spectrum_cases(rng: &mut Rng, shapes: &[(usize, usize)]) -> Vec<SpectrumCase> {
+    let mut cases = Vec::new();
+    for &(r, c) in shapes {
+        let k = r.min(c);
+        let spectra: [(&str, Vec<f64>); 5] = [
+            ("power-law", (0..k).map(|i| 1.0 / (1.0 + i as f64)).collect()),
+            ("exponential", (0..k).map(|i| (-(i as f64) / (k as f64 / 8.0)).exp()).collect()),
+            ("rank-4", (0..k).map(|i| if i < 4 { 4.0 - i as f64 } else { 0.0 }).collect()),
+            ("rank-1", (0..k).map(|i| if i == 0 { 3.0 } else { 0.0 }).collect()),
+            ("flat", vec![0.5; k]),
+        ];
+        for (label, s) in spectra {
+            for bf16 in [false, true] {
+                let mut d = with_spectrum(rng, r, c, &s);
+                if bf16 {
+                    d = bf16_round(&d);
+                }
+                let want = nuclear_f64(&d, r, c);
+                cases.push(SpectrumCase { label, r, c, bf16, d, want });
+            }
+        }
+    }
+    cases
+}
+
 type Estimator = fn(&[f32], usize, usize, &mut NsWorkspace) -> f32;
 /// (name, estimator, relative-error bar): the 1 % for the polar iteration; the f64 Gram
 /// quadrature measures ~1e-6 (benches/newton_schulz.rs), so its bar is 1e-4.
@@ -82,37 +120,24 @@ fn nuclear_norm_on_test_spectra_tall_wide_f32_and_bf16() {
     // sees the rounded matrix). Bars: ESTIMATORS.
     let mut rng = Rng::new(29);
     let mut ws = NsWorkspace::default();
-    for &(r, c) in &[(64, 64), (48, 120), (120, 48), (200, 96)] {
-        let k = r.min(c);
-        let spectra: [(&str, Vec<f64>); 5] = [
-            ("power-law", (0..k).map(|i| 1.0 / (1.0 + i as f64)).collect()),
-            ("exponential", (0..k).map(|i| (-(i as f64) / (k as f64 / 8.0)).exp()).collect()),
-            ("rank-4", (0..k).map(|i| if i < 4 { 4.0 - i as f64 } else { 0.0 }).collect()),
-            ("rank-1", (0..k).map(|i| if i == 0 { 3.0 } else { 0.0 }).collect()),
-            ("flat", vec![0.5; k]),
-        ];
-        for (label, s) in spectra {
-            for bf16 in [false, true] {
-                let mut d = with_spectrum(&mut rng, r, c, &s);
-                if bf16 {
-                    d = bf16_round(&d);
-                }
-                let want = nuclear_f64(&d, r, c);
-                for (name, est, bar) in ESTIMATORS {
-                    let got = est(&d, r, c, &mut ws) as f64;
-                    let rel = (got - want).abs() / want;
-                    assert!(rel < bar, "{name} {label} {r}x{c} bf16={bf16}: nuclear {got} vs {want} (rel {rel})");
-                }
-            }
+    for case in spectrum_cases(&mut rng, &[(64, 64), (48, 120), (120, 48), (200, 96)]) {
+        let SpectrumCase { label, r, c, bf16, d, want } = &case;
+        for (name, est, bar) in ESTIMATORS {
+            let got = est(d, *r, *c, &mut ws) as f64;
+            let rel = (got - want).abs() / want;
+            assert!(rel < bar, "{name} {label} {r}x{c} bf16={bf16}: nuclear {got} vs {want} (rel {rel})");
         }
     }
     for (name, est, _) in ESTIMATORS {
         assert_eq!(est(&[0.0; 12], 3, 4, &mut ws), 0.0, "{name}: zero matrix");
         assert_eq!(est(&[0.0; 12], 4, 3, &mut ws), 0.0, "{name}: zero matrix, tall");
-        // A scale far from 1 must not overflow the Gram matrix.
-        let d: Vec<f32> = rng.normals(24 * 40, 1e18);
-        let (got, want) = (est(&d, 24, 40, &mut ws) as f64, nuclear_f64(&d, 24, 40));
-        assert!((got - want).abs() / want < 1e-2, "{name}: scale 1e18: {got} vs {want}");
+        // A scale far from 1 must not overflow the Gram matrix, nor (subnormal entries) the
+        // normalization's 1 / ||d||.
+        for scale in [1e18, 1e-42] {
+            let d: Vec<f32> = rng.normals(24 * 40, scale);
+            let (got, want) = (est(&d, 24, 40, &mut ws) as f64, nuclear_f64(&d, 24, 40));
+            assert!((got - want).abs() / want < 1e-2, "{name}: scale {scale:e}: {got} vs {want}");
+        }
     }
 }
 
@@ -126,29 +151,13 @@ fn nuclear_norm_large_on_test_spectra_pooled_and_serial() {
     let pool = pool().expect("the CPU pool");
     let mut rng = Rng::new(37);
     let mut ws = NsWorkspace::default();
-    for &(r, c) in &[(300, 300), (264, 520), (520, 264)] {
-        let k = r.min(c);
-        let spectra: [(&str, Vec<f64>); 5] = [
-            ("power-law", (0..k).map(|i| 1.0 / (1.0 + i as f64)).collect()),
-            ("exponential", (0..k).map(|i| (-(i as f64) / (k as f64 / 8.0)).exp()).collect()),
-            ("rank-4", (0..k).map(|i| if i < 4 { 4.0 - i as f64 } else { 0.0 }).collect()),
-            ("rank-1", (0..k).map(|i| if i == 0 { 3.0 } else { 0.0 }).collect()),
-            ("flat", vec![0.5; k]),
-        ];
-        for (label, s) in spectra {
-            for bf16 in [false, true] {
-                let mut d = with_spectrum(&mut rng, r, c, &s);
-                if bf16 {
-                    d = bf16_round(&d);
-                }
-                let want = nuclear_f64(&d, r, c);
-                let pooled = pool.install(|| nuclear_norm(&d, r, c, &mut ws)) as f64;
-                let alone = serial(|| nuclear_norm(&d, r, c, &mut ws)) as f64;
-                for (mode, got) in [("pooled", pooled), ("serial", alone)] {
-                    let rel = (got - want).abs() / want;
-                    assert!(rel < ESTIMATORS[0].2, "{mode} {label} {r}x{c} bf16={bf16}: nuclear {got} vs {want} (rel {rel})");
-                }
-            }
+    for case in spectrum_cases(&mut rng, &[(300, 300), (264, 520), (520, 264)]) {
+        let SpectrumCase { label, r, c, bf16, d, want } = &case;
+        let pooled = pool.install(|| nuclear_norm(d, *r, *c, &mut ws)) as f64;
+        let alone = serial(|| nuclear_norm(d, *r, *c, &mut ws)) as f64;
+        for (mode, got) in [("pooled", pooled), ("serial", alone)] {
+            let rel = (got - want).abs() / want;
+            assert!(rel < ESTIMATORS[0].2, "{mode} {label} {r}x{c} bf16={bf16}: nuclear {got} vs {want} (rel {rel})");
         }
     }
 }
