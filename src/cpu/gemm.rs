@@ -208,9 +208,9 @@ pub fn syrk<T: Scalar>(m: usize, k: usize, x: &[T], c: &mut [T]) {
         // benches/newton_schulz.rs).
         return xxt_plain(m, k, x, c);
     }
-    // SAFETY: every block product below reads rows of `x` inside m*k and writes a block of `c`
-    // inside m*m that no other product of this call writes.
-    unsafe { syrk_upper(0, m, m, k, x.as_ptr(), c.as_mut_ptr(), SYRK_LEAF) };
+    // Above SYRK_LEAF rows `gram_upper` splits into SYRK_LEAF-row blocks: the upper triangle,
+    // then the mirror.
+    gram_upper(m, k, x, c);
     for i in 1..m {
         for j in 0..i {
             c[i * m + j] = c[j * m + i];
@@ -232,8 +232,8 @@ pub fn gram_upper<T: Scalar>(m: usize, k: usize, x: &[T], c: &mut [T]) {
         return;
     }
     let leaf = if m <= SYRK_LEAF { 64 } else { SYRK_LEAF };
-    // SAFETY: as in `syrk`: each block product reads rows of `x` inside m*k and writes its own
-    // block of `c` inside m*m.
+    // SAFETY: every block product below reads rows of `x` inside m*k and writes a block of `c`
+    // inside m*m that no other product of this call writes.
     unsafe { syrk_upper(0, m, m, k, x.as_ptr(), c.as_mut_ptr(), leaf) };
 }
 
