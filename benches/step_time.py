@@ -5,13 +5,16 @@ Params and state donated, as in a training loop; warm steps, outputs blocked on;
 Muon (hidden-only) from the same run.
 
 lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step) and `K=10` (the
-default cadence). `K=10` and `noise off` are timed over whole cadences of 10 consecutive steps
-(each holds one noise step and one step that stores G_prev), the two rows' cadences taken in
-turn so that the machine's drift falls on both: the median over cadences of the mean step time,
-with as many cadences as fit in ~3 s (at least one each), and K=10 over noise-off as the median
-of the per-round ratios. The others: a median of repeats.
+default cadence). `K=10`, `noise off` and the ratios' base, optax Muon (hidden only), are timed
+over whole cadences of 10 consecutive steps (each of K=10's holds one noise step and one step
+that stores G_prev), the rows' steps taken in turn so that the machine's drift falls on all: the
+median over cadences of the mean step time, with as many cadences as fit in the set's budget
+(`--cadence-budget`, default 3 s; at least one each). K=10 over noise-off and these rows' ratios
+to Muon are medians of per-round ratios (paired). The others: a median of repeats, ratio to
+Muon's cadence median.
 
-    python benches/step_time.py --sets tiny,gpt2 --repeats 3 --out benches/results/step_time_cpu
+    python benches/step_time.py --sets tiny,gpt2 --repeats 3 --cadence-budget tiny=30,gpt2=900 \
+        --out benches/results/step_time_cpu
 """
 
 from __future__ import annotations
@@ -83,9 +86,11 @@ def contenders():
     }
 
 
-# Rows timed over whole cadences of this many consecutive steps (K = 10), alternating cadence by
-# cadence so that a drift of the machine's speed falls on both alike.
-CADENCE_ROWS = {"lanton noise off": 10, "lanton K=10": 10}
+# Rows timed over whole cadences of this many consecutive steps (K = 10), step by step in turn so
+# that a drift of the machine's speed falls on all alike: K = 10 against noise-off (the first) and
+# against the ratios' base, optax Muon, whose steps all cost the same.
+CADENCE_ROWS = ("lanton noise off", "lanton K=10", "optax muon (hidden only)")
+BASE = "optax muon (hidden only)"
 CADENCE = 10
 CADENCE_BUDGET_S = 3.0
 
@@ -135,18 +140,26 @@ def time_one(kind, make, params, grad_sets, repeats):
     return statistics.median(stepper(kind, make, params, grad_sets)(repeats))
 
 
-def time_cadences(rows, params, grad_sets):
-    """{name: median over cadences of the mean step time}, the rows' cadences taken in turn
-    (at least one each, CADENCE_BUDGET_S in all), and the median over rounds of each row's
-    cadence divided by the first row's in the same round (paired: drift cancels)."""
+def time_cadences(rows, params, grad_sets, budget_s=CADENCE_BUDGET_S):
+    """{name: [mean step time of each round's cadence]}, the rows' steps taken in turn (at
+    least one cadence each, `budget_s` in all): ratios within a round are paired (drift cancels)."""
     timers = {name: stepper(kind, make, params, grad_sets) for name, (kind, make) in rows.items()}
     cadences = {name: [] for name in rows}
-    while not cadences[next(iter(rows))] or sum(map(sum, cadences.values())) * CADENCE < CADENCE_BUDGET_S:
-        for name, timed in timers.items():
-            cadences[name].append(statistics.mean(timed(CADENCE)))
-    first = cadences[next(iter(rows))]
-    paired = {name: statistics.median(c / f for c, f in zip(cs, first)) for name, cs in cadences.items()}
-    return {name: statistics.median(cs) for name, cs in cadences.items()}, paired
+    while not cadences[next(iter(rows))] or sum(map(sum, cadences.values())) * CADENCE < budget_s:
+        # Step by step in turn (each row's own state: its cadence runs on), so that a drift of
+        # the machine's speed within a cadence falls on every row alike.
+        steps = {name: [] for name in rows}
+        for _ in range(CADENCE):
+            for name, timed in timers.items():
+                steps[name] += timed(1)
+        for name in rows:
+            cadences[name].append(statistics.mean(steps[name]))
+    return cadences
+
+
+def paired_ratios(cadences, over):
+    """Each row's per-round cadence over row `over`'s in the same round."""
+    return {name: [c / o for c, o in zip(cs, cadences[over])] for name, cs in cadences.items()}
 
 
 def main():
@@ -154,8 +167,15 @@ def main():
     ap.add_argument("--sets", default="tiny,gpt2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default=None, help="contender names separated by ';'")
+    ap.add_argument("--cadence-budget", default=str(CADENCE_BUDGET_S),
+                    help="seconds for the paired cadence rows per set (at least one cadence each): "
+                         "one number, or per set as tiny=30,gpt2=600")
     ap.add_argument("--out", default=None, help="path prefix for .json and .md results")
     args = ap.parse_args()
+    budgets = {}
+    for part in args.cadence_budget.split(","):
+        name, _, sec = part.rpartition("=")
+        budgets[name or "*"] = float(sec)
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind
     meta = {"date": datetime.date.today().isoformat(), "backend": backend, "device": device,
@@ -183,19 +203,26 @@ def main():
                 continue
             rows[name] = time_one(kind, make, params, grad_sets, args.repeats)
             print(f"  {set_name:>8} {name:<30} {1000 * rows[name]:10.1f} ms", flush=True)
-        paired = {}
+        cadences, per_round, per_round_base = {}, {}, {}
+        budget = budgets.get(set_name, budgets.get("*", CADENCE_BUDGET_S)) if cadence_rows else None
         if cadence_rows:
-            medians, paired = time_cadences(cadence_rows, params, grad_sets)
-            for name, sec in medians.items():
-                print(f"  {set_name:>8} {name:<30} {1000 * sec:10.1f} ms (cadences)", flush=True)
-            rows = {**medians, **rows}
-        results[set_name] = {"params": int(n_params), "seconds": rows, "paired_over_first_cadence_row": paired}
-    base = "optax muon (hidden only)"
+            cadences = time_cadences(cadence_rows, params, grad_sets, budget)
+            for name, cs in cadences.items():
+                print(f"  {set_name:>8} {name:<30} {1000 * statistics.median(cs):10.1f} ms (cadences)", flush=True)
+            rows = {**{name: statistics.median(cs) for name, cs in cadences.items()}, **rows}
+            per_round = paired_ratios(cadences, next(iter(cadences)))
+            per_round_base = paired_ratios(cadences, BASE) if BASE in cadences else {}
+        results[set_name] = {"params": int(n_params), "seconds": rows, "cadence_budget_s": budget,
+                             "cadences_s": cadences,
+                             "paired_over_first_cadence_row": {n: statistics.median(r) for n, r in per_round.items()},
+                             "per_round_over_first_cadence_row": per_round,
+                             "paired_over_base": {n: statistics.median(r) for n, r in per_round_base.items()}}
+    base = BASE
     lines = [f"# Step time ({meta['date']}, {backend}: {device}, {meta['machine']}, jax {meta['jax']})", "",
              f"Jitted update + apply_updates (params and state donated), warm: median of {args.repeats} steps, or for "
              f"{', '.join(CADENCE_ROWS)} the median over cadences of {CADENCE} consecutive steps "
-             f"of their mean step time, the rows' cadences taken in turn (to fill {CADENCE_BUDGET_S:.0f} s, at least one each). "
-             f"Ratio: time / {base}, same run.", ""]
+             f"of their mean step time, the rows' steps taken in turn (to fill the set's budget, at least one cadence each). "
+             f"Ratio: time / {base}, same run; (paired): the median over rounds of the ratio within a round.", ""]
     for set_name, r in results.items():
         floor = LOWER_BOUND_S.get(set_name) if backend == "gpu" else None
         lines += [f"## {set_name} ({r['params'] / 1e6:.2f} M params)", ""]
@@ -204,12 +231,16 @@ def main():
         lines += ["| optimizer | ms / step | ratio | x lower bound |", "|---|---:|---:|---:|"]
         ref = r["seconds"].get(base)
         for name, sec in r["seconds"].items():
-            ratio = f"{sec / ref:.2f}" if ref else "-"
+            q = r["paired_over_base"].get(name, sec / ref if ref else None)
+            ratio = "-" if q is None else f"{q:.2f}" + (" (paired)" if name in r["paired_over_base"] and name != base else "")
             lines.append(f"| {name} | {1000 * sec:.1f} | {ratio} | {f'{sec / floor:.2f}' if floor else '-'} |")
         lines.append("")
         first = next(iter(r["paired_over_first_cadence_row"]), None)
-        for name, q in list(r["paired_over_first_cadence_row"].items())[1:]:
-            lines += [f"{name} over {first}, paired cadences (median of per-round ratios): {100 * (q - 1):+.1f} %", ""]
+        for name, q in [(n, q) for n, q in r["paired_over_first_cadence_row"].items() if n not in (first, base)]:
+            rounds = ", ".join(f"{100 * (x - 1):+.1f}" for x in r["per_round_over_first_cadence_row"][name])
+            lines += [f"{name} over {first}, paired cadences over {r['cadence_budget_s']:g} s (median of per-round ratios): "
+                      f"{100 * (q - 1):+.1f} % "
+                      f"(rounds: {rounds} %)", ""]
     emit("\n".join(lines), {"meta": meta, "results": results}, args.out)
 
 

@@ -6,6 +6,7 @@ plots), not any figure: speed and quality live in the benchmarks' own results.
 
 import importlib.util
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -69,9 +70,16 @@ def test_step_time_table_and_json(tmp_path):
     # The cadence rows are timed in turn; K=10 over noise-off is reported from paired rounds.
     paired = tiny["paired_over_first_cadence_row"]
     assert paired["lanton noise off"] == 1.0 and paired["lanton K=10"] > 0
+    rounds = tiny["per_round_over_first_cadence_row"]["lanton K=10"]
+    assert len(rounds) >= 1 and statistics.median(rounds) == paired["lanton K=10"]
+    # Muon, the ratios' base, steps in turn with them: its ratio is 1, theirs paired per round.
+    over_base = tiny["paired_over_base"]
+    assert over_base["optax muon (hidden only)"] == 1.0 and over_base["lanton K=10"] > 0
+    assert len(tiny["cadences_s"]["optax muon (hidden only)"]) == len(rounds)
     table = (tmp_path / "st.md").read_text()
     assert "| optax muon (hidden only) |" in table and "| 1.00 |" in table  # the ratio's base
-    assert "lanton K=10 over lanton noise off, paired cadences" in table
+    assert "(paired)" in table
+    assert "lanton K=10 over lanton noise off, paired cadences" in table and "(rounds: " in table
     assert table.strip() in out  # the same table is printed
 
 
