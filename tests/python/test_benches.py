@@ -6,8 +6,8 @@ plots), not any figure: speed and quality live in the benchmarks' own results.
 
 import importlib.util
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
