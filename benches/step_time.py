@@ -89,8 +89,8 @@ def contenders():
 # Rows timed over whole cadences of this many consecutive steps (K = 10), step by step in turn so
 # that a drift of the machine's speed falls on all alike: K = 10 against noise-off (the first) and
 # against the ratios' base, optax Muon, whose steps all cost the same.
-CADENCE_ROWS = ("lanton noise off", "lanton K=10", "optax muon (hidden only)")
 BASE = "optax muon (hidden only)"
+CADENCE_ROWS = ("lanton noise off", "lanton K=10", BASE)
 CADENCE = 10
 CADENCE_BUDGET_S = 3.0
 
@@ -207,9 +207,10 @@ def main():
         budget = budgets.get(set_name, budgets.get("*", CADENCE_BUDGET_S)) if cadence_rows else None
         if cadence_rows:
             cadences = time_cadences(cadence_rows, params, grad_sets, budget)
-            for name, cs in cadences.items():
-                print(f"  {set_name:>8} {name:<30} {1000 * statistics.median(cs):10.1f} ms (cadences)", flush=True)
-            rows = {**{name: statistics.median(cs) for name, cs in cadences.items()}, **rows}
+            medians = {name: statistics.median(cs) for name, cs in cadences.items()}
+            for name, sec in medians.items():
+                print(f"  {set_name:>8} {name:<30} {1000 * sec:10.1f} ms (cadences)", flush=True)
+            rows = {**medians, **rows}
             per_round = paired_ratios(cadences, next(iter(cadences)))
             per_round_base = paired_ratios(cadences, BASE) if BASE in cadences else {}
         results[set_name] = {"params": int(n_params), "seconds": rows, "cadence_budget_s": budget,
@@ -217,26 +218,25 @@ def main():
                              "paired_over_first_cadence_row": {n: statistics.median(r) for n, r in per_round.items()},
                              "per_round_over_first_cadence_row": per_round,
                              "paired_over_base": {n: statistics.median(r) for n, r in per_round_base.items()}}
-    base = BASE
     lines = [f"# Step time ({meta['date']}, {backend}: {device}, {meta['machine']}, jax {meta['jax']})", "",
              f"Jitted update + apply_updates (params and state donated), warm: median of {args.repeats} steps, or for "
              f"{', '.join(CADENCE_ROWS)} the median over cadences of {CADENCE} consecutive steps "
              f"of their mean step time, the rows' steps taken in turn (to fill the set's budget, at least one cadence each). "
-             f"Ratio: time / {base}, same run; (paired): the median over rounds of the ratio within a round.", ""]
+             f"Ratio: time / {BASE}, same run; (paired): the median over rounds of the ratio within a round.", ""]
     for set_name, r in results.items():
         floor = LOWER_BOUND_S.get(set_name) if backend == "gpu" else None
         lines += [f"## {set_name} ({r['params'] / 1e6:.2f} M params)", ""]
         if floor:
             lines += [f"Lower bound (one H100, BENCHMARKS.md): {1000 * floor:.1f} ms.", ""]
         lines += ["| optimizer | ms / step | ratio | x lower bound |", "|---|---:|---:|---:|"]
-        ref = r["seconds"].get(base)
+        ref = r["seconds"].get(BASE)
         for name, sec in r["seconds"].items():
             q = r["paired_over_base"].get(name, sec / ref if ref else None)
-            ratio = "-" if q is None else f"{q:.2f}" + (" (paired)" if name in r["paired_over_base"] and name != base else "")
+            ratio = "-" if q is None else f"{q:.2f}" + (" (paired)" if name in r["paired_over_base"] and name != BASE else "")
             lines.append(f"| {name} | {1000 * sec:.1f} | {ratio} | {f'{sec / floor:.2f}' if floor else '-'} |")
         lines.append("")
         first = next(iter(r["paired_over_first_cadence_row"]), None)
-        for name, q in [(n, q) for n, q in r["paired_over_first_cadence_row"].items() if n not in (first, base)]:
+        for name, q in [(n, q) for n, q in r["paired_over_first_cadence_row"].items() if n not in (first, BASE)]:
             rounds = ", ".join(f"{100 * (x - 1):+.1f}" for x in r["per_round_over_first_cadence_row"][name])
             lines += [f"{name} over {first}, paired cadences over {r['cadence_budget_s']:g} s (median of per-round ratios): "
                       f"{100 * (q - 1):+.1f} % "
