@@ -1,11 +1,13 @@
 """Training quality: the ablation protocol of issue 14 on the Shakespeare GPT (../shared/BENCHMARKS.md).
 
 For every variant (optax Muon, lanton and its parts, see VARIANTS):
-1. a learning-rate sweep at --sweep-steps (default: the full horizon), seed 0, the same 3-point grid
-   shape for everyone (half, once and twice the variant's default rate), extended by halving or
-   doubling (at most twice) while the best rate is at the grid's edge. "Best" is the lowest
-   training loss over the sweep run's last 100 steps: the validation split is never used to
-   tune, only to report;
+1. a learning-rate sweep at --sweep-steps (default: the full horizon), seed 0, on the same grid shape
+   for everyone (half, once and twice the variant's default rate), walked outward from the default:
+   down while each halving improves, else up while each doubling does, at most twice past the
+   grid's edge. The training loss is taken as unimodal in the rate, so a point beyond one that is
+   already worse than its neighbour nearer the default is not run (points already in the journal
+   count too). "Best" is the lowest training loss over the sweep run's last 100 steps: the
+   validation split is never used to tune, only to report;
 2. the best rate trained for --steps with --seeds seeds (seed 0 reuses the sweep run when the
    horizons are equal);
 3. a report (report.md), the runs (runs.jsonl) and plots under --out: final loss per seed, mean,
@@ -88,6 +90,32 @@ def best_rate(sweep):
     return min(sweep, key=lambda lr: train_score(sweep[lr]))
 
 
+def sweep(n, run, known):
+    """Seed-0 runs {lr: run} of variant n's walk from its default rate (see the module's step 1), and
+    what is missing when the budget stops it (else None). run(lr) trains or reuses a run (None once
+    the budget is spent); known(lr) is the journal's run or None."""
+    grid = sorted(VARIANTS[n][2])
+    mid = grid[len(grid) // 2]
+    down = [lr for lr in grid if lr < mid][::-1] + [grid[0] / 2, grid[0] / 4]
+    up = [lr for lr in grid if lr > mid] + [grid[-1] * 2, grid[-1] * 4]
+    pts = {lr: r for lr in down + up if (r := known(lr))}
+    if (r := run(mid)) is None:
+        return pts, f"sweep not started ({mid:g} not run yet)"
+    pts[mid] = r
+    for way in (down, up):
+        prev = mid
+        for lr in way:
+            if (r := run(lr)) is None:
+                return pts, f"sweep unfinished ({lr:g} not run yet)"
+            pts[lr] = r
+            if train_score(r) >= train_score(pts[prev]):
+                break
+            prev = lr
+        if prev != mid:  # the minimum lies this way; the other side is worse (unimodal)
+            break
+    return pts, None
+
+
 class Journal:
     """Finished runs keyed by (variant, lr, steps, seed, model), appended as JSON lines."""
 
@@ -165,27 +193,12 @@ def main():
         if n in fixed:
             best[n] = fixed[n]
             continue
-        sweeps[n] = {}
-        for lr in VARIANTS[n][2]:
-            r = run(n, lr, sweep_steps, 0)
-            if r:
-                sweeps[n][lr] = r
-        if len(sweeps[n]) < len(VARIANTS[n][2]):
-            missing.append(f"{n}: sweep unfinished")
+        sweeps[n], problem = sweep(n, lambda lr: run(n, lr, sweep_steps, 0),
+                                   lambda lr: journal.get(n, lr, sweep_steps, 0, model))
+        if problem:
+            missing.append(f"{n}: {problem}")
             continue
         best[n] = best_rate(sweeps[n])
-        # A best rate at the grid's edge is not bracketed: extend the grid that way (up to twice).
-        for _ in range(2):
-            lo, hi = min(sweeps[n]), max(sweeps[n])
-            if best[n] not in (lo, hi):
-                break
-            lr = lo / 2 if best[n] == lo else hi * 2
-            r = run(n, lr, sweep_steps, 0)
-            if r is None:
-                missing.append(f"{n}: best rate {best[n]:g} at the grid's edge, {lr:g} not run yet")
-                break
-            sweeps[n][lr] = r
-            best[n] = best_rate(sweeps[n])
     sweeps = {n: {lr: {"train": train_score(r), "val": r["val_loss"][-1]} for lr, r in sorted(d.items())} for n, d in sweeps.items()}
     for seed in range(args.seeds):  # seed by seed, so a partial protocol has every variant's seed 0
         for n in (n for n in names if n in best):
@@ -248,6 +261,7 @@ def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, 
     lines += ["", "Option II draws two batches per step: per sample it has seen twice the data of the others at the "
               "same step.", "", "![validation loss](val_loss.png)", ""]
     (out / "results.json").write_text(json.dumps({"meta": meta, "sweeps": {n: {str(k): v for k, v in d.items()} for n, d in sweeps.items()},
+                                                  "grids": {n: VARIANTS[n][2] for n in sweeps},
                                                   "best_lr": best, "summary": summary, "target": target}, indent=1))
     plot(finals, out, target)
     # Notes written by hand below the generated part survive a re-run.

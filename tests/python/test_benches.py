@@ -128,14 +128,20 @@ def test_quality_protocol_sweeps_journals_and_resumes(tmp_path):
     args = ["--steps", 4, "--eval-every", 2, "--out", tmp_path, "--variants", "muon,lanton_option2"]
     run_bench("quality.py", *args, "--seeds", 2)
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    # The sweep at the full horizon (seed 0: 3 rates, plus up to 2 while the best is at an edge)
-    # doubles as seed 0; then seed 1 at the best rate.
+    # The sweep at the full horizon (seed 0: walked from the default rate, down while halving
+    # improves, else up, at most twice past the 3-point grid) doubles as seed 0; then seed 1 at the
+    # best rate.
     results = json.loads((tmp_path / "results.json").read_text())
     for v in ("muon", "lanton_option2"):
         rates = sorted(r["lr"] for r in runs if r["variant"] == v and r["seed"] == 0)
         assert 3 <= len(rates) <= 5 and sorted(map(float, results["sweeps"][v])) == rates
+        grid = results["grids"][v]
+        assert grid[1] in rates and grid[0] in rates, (v, rates)  # the default and the first halving
         best = results["best_lr"][v]
-        assert len(rates) == 5 or min(rates) < best < max(rates), (v, rates, best)
+        # Bracketed, unless the walk stopped at its limit (a quarter of the grid's low or 4x its top).
+        assert min(rates) < best < max(rates) or best in (grid[0] / 4, grid[-1] * 4), (v, rates, best)
+        # The walk went one way only: down past the grid, or up from the default, not both.
+        assert not (min(rates) < grid[0] and max(rates) > grid[1]), (v, rates)
         # The rate is picked by the training loss (last 100 steps), never by the validation split.
         sweep = [r for r in runs if r["variant"] == v and r["seed"] == 0]
         assert best == min(sweep, key=lambda r: np.mean(r["train_loss"][-100:]))["lr"]
