@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lanton  # noqa: E402
-from convergence import lanton_stats, steps_to  # noqa: E402
+from convergence import steps_to  # noqa: E402
 from gpt import load_corpus, train  # noqa: E402
 from optimizers import make  # noqa: E402
 
@@ -66,8 +66,18 @@ VARIANTS = {
     "lanton_split": ("lanton", {**P1, "labels": "split"}, LANTON_GRID, False, "3. QK / VO / MLP groups instead of one hidden group"),
     "lanton_rel": ("lanton", {**P1, "noise_relative": True}, LANTON_GRID, False, "3. noise-to-signal: H on (||G - G_prev|| / ||B||)^2"),
     "lanton_rel_p05": ("lanton", {"ratio_power": 0.5, "noise_relative": True}, LANTON_GRID, False, "3. noise-to-signal with the tempered ratio (p = 0.5)"),
+    "lanton_p05_median": ("lanton", {"ratio_power": 0.5, "ratio_stat": "median"}, LANTON_GRID, False,
+                          "3. the median reference, r = min(1, (alpha/median)^0.5)"),
+    "hybrid_p05_median": ("hybrid", {"ratio_power": 0.5, "ratio_stat": "median"}, LANTON_GRID, False,
+                          "2 + 3. the hybrid with the median reference (p = 0.5)"),
     "lanton_option2": ("lanton", {**P1, "noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
 }
+
+
+def layer_stats(opt_state):
+    """Per-layer noise H and ratio r of every lanton state inside the optimizer state (hybrids too)."""
+    return {k: {"noise": np.asarray(v["noise"]).tolist(), "ratio": np.asarray(v["ratio"]).tolist()}
+            for k, v in lanton.layer_stats(opt_state).items()}
 
 
 def make_tx(variant, lr):
@@ -149,6 +159,8 @@ def main():
     ap.add_argument("--budget-minutes", type=float, default=float("inf"))
     ap.add_argument("--model", default="", help="overrides of the model, e.g. layers=8,d=256")
     ap.add_argument("--lr", default="", help="fixed rates that skip a variant's sweep (outside the protocol), e.g. hybrid=0.03")
+    ap.add_argument("--only-seeds", default="", help="train only these seeds of the final runs (e.g. 1,2, to split "
+                    "the work over workers); the others come from the journal or are reported missing")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "quality"))
     args = ap.parse_args()
     sweep_steps = args.sweep_steps or args.steps
@@ -157,6 +169,7 @@ def main():
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     model = {k: int(v) for k, v in (kv.split("=") for kv in args.model.split(",") if kv)}
+    only_seeds = {int(x) for x in args.only_seeds.split(",") if x}
     fixed = {k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(",") if kv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +192,7 @@ def main():
         t0 = time.time()
         second = VARIANTS[variant][3]
         hist = train(make_tx(variant, lr), steps, seed=seed, corpus=corpus, eval_every=args.eval_every, progress=prog,
-                     record_stats=lanton_stats if variant != "muon" and not variant.startswith("hybrid") else None,
+                     record_stats=layer_stats if variant != "muon" else None,
                      second_grad=second, model=model)
         if bar:
             bar.close()
@@ -202,6 +215,9 @@ def main():
     sweeps = {n: {lr: {"train": train_score(r), "val": r["val_loss"][-1]} for lr, r in sorted(d.items())} for n, d in sweeps.items()}
     for seed in range(args.seeds):  # seed by seed, so a partial protocol has every variant's seed 0
         for n in (n for n in names if n in best):
+            if only_seeds and seed not in only_seeds and not journal.get(n, best[n], args.steps, seed, model):
+                missing.append(f"{n}: seed {seed} left to another worker (--only-seeds)")
+                continue
             r = run(n, best[n], args.steps, seed)
             if r:
                 finals.setdefault(n, []).append(r)

@@ -37,7 +37,7 @@ pub fn decode_config(call: &CallFrame) -> FfiResult<StepConfig> {
     })?;
     let stat_s = call.attr_str("ratio_stat")?;
     let ratio_stat = RatioStat::parse(&stat_s)
-        .ok_or_else(|| FfiError::invalid(format!("attribute 'ratio_stat': expected max, mean or min, got '{stat_s}'")))?;
+        .ok_or_else(|| FfiError::invalid(format!("attribute 'ratio_stat': expected max, mean, min or median, got '{stat_s}'")))?;
     let flat = call.attr_f32_array("ns_coeffs")?;
     if flat.len() % 3 != 0 {
         return Err(FfiError::invalid(format!(

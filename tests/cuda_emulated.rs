@@ -172,6 +172,8 @@ thread_local! {
     static IN_PLACE: RefCell<bool> = const { RefCell::new(false) };
     /// `owned_layers` for the next trajectories (the work split), on both sides.
     static OWNED: RefCell<Option<Vec<i64>>> = const { RefCell::new(None) };
+    /// `ratio_stat` for the next trajectories, on both sides (None: the frame's default).
+    static STAT: RefCell<Option<&'static str>> = const { RefCell::new(None) };
 }
 
 fn run_emulated(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
@@ -220,6 +222,9 @@ fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handl
     f.set_attr("ns_dtype", Attr::Str(ns_dtype.into()));
     // The GPU's noise estimator on both sides (the CPU's own default is the Gram eigenvalues).
     f.set_attr("noise_estimator", Attr::Str("polar".into()));
+    if let Some(stat) = STAT.with(|s| *s.borrow()) {
+        f.set_attr("ratio_stat", Attr::Str(stat.into()));
+    }
     if let Some(owned) = OWNED.with(|o| o.borrow().clone()) {
         f.set_attr("owned_layers", Attr::I64Array(owned));
     }
@@ -414,6 +419,23 @@ fn shaped_ratios_match_cpu_kernels() {
     assert!(ratios.iter().any(|&r| r > 0.3 && r < 0.999), "no tempered ratio strictly between floor and 1: {ratios:?}");
     let embed = vec![LeafSpec { dims: [1, 30, 8], dtype: dtype::F32, rows_are_input: true }, LeafSpec { dims: [2, 5, 8], dtype: dtype::F32, rows_are_input: false }];
     compare_shaped("embed", &embed, 1, "bfloat16", 1e-5, false, None, Some((0.25, 0.9)));
+}
+
+#[test]
+fn median_reference_matches_cpu_kernels() {
+    // lanton_reference's median by rank (one block striding over the group), then r capped at 1:
+    // an even count (6 hidden layers, tempered) and an odd one (300 + 1 vector layers).
+    STAT.with(|s| *s.borrow_mut() = Some("median"));
+    let got = compare_shaped("hidden", &hidden_specs(dtype::F32), 1, "float32", 2e-4, false, None, Some((0.5, 0.0)));
+    let vector = vec![LeafSpec { dims: [300, 1, 8], dtype: dtype::F32, rows_are_input: true },
+                      LeafSpec { dims: [1, 1, 64], dtype: dtype::F32, rows_are_input: true }];
+    let got_vector = compare_shaped("vector", &vector, 1, "bfloat16", 1e-5, false, None, None);
+    STAT.with(|s| *s.borrow_mut() = None);
+    for (name, steps) in [("hidden", &got), ("vector", &got_vector)] {
+        let last: Vec<f32> = steps.last().unwrap().iter().skip(6).step_by(7).flatten().copied().collect();
+        let capped = last.iter().filter(|&&r| r == 1.0).count();
+        assert!(last.iter().all(|&r| r <= 1.0) && 2 * capped >= last.len() && capped < last.len(), "{name}: {last:?}");
+    }
 }
 
 #[test]

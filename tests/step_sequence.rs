@@ -216,6 +216,17 @@ fn shaped_ratios_match_reference() {
     run_shaped_against_reference(Kind::Vector, 1, false, 0.0, true, RatioStat::Mean, 4, (1.0, 0.8));
 }
 
+/// The median reference caps r at 1: against the f64 reference, tempered or not, on every kind;
+/// at least one layer above the median (r = 1) and one below (r < 1) on the last step.
+#[test]
+fn median_reference_matches_reference() {
+    for (kind, k, shaping) in [(Kind::Hidden, 1, (1.0, 0.0)), (Kind::Embed, 2, (0.5, 0.0)), (Kind::Vector, 1, (0.5, 0.3))] {
+        let leaves = run_configured_against_reference(kind, k, false, 0.0, true, RatioStat::Median, 6, shaping, false);
+        let r: Vec<f32> = leaves.iter().flat_map(|l| l.ratio.clone()).collect();
+        assert!(r.iter().all(|&x| x <= 1.0) && r.contains(&1.0) && r.iter().any(|&x| x < 1.0), "{kind}: {r:?}");
+    }
+}
+
 /// The noise-to-signal option: H tracks (||G - G_prev|| / ||B||)^2, every kind, against the
 /// f64 reference; and it differs from the absolute measure on the same inputs.
 #[test]

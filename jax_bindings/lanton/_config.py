@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 KINDS = ("hidden", "embed", "vector")
-RATIO_STATS = ("max", "mean", "min")
+RATIO_STATS = ("max", "mean", "min", "median")
 # The noise estimate's nuclear norm: each platform's kernels have a default ("auto": Gram
 # eigenvalues on CPU, polar iteration on CUDA); "polar" runs everywhere, "eigen" on CPU only.
 NOISE_ESTIMATORS = ("auto", "eigen", "polar")

@@ -534,7 +534,10 @@ def lanton(
       noise_every: K, refresh the noise estimate every K steps (default 10, as in the paper).
       noise_adaptive: False gives the noise-off baseline (r = 1: D-Muon / Scion-like).
       nesterov: use b1*B + (1-b1)*G as the direction's input.
-      ratio_stat: reference statistic of alpha in the group ("max", "mean", "min").
+      ratio_stat: reference statistic of alpha in the group ("max", "mean", "min", "median").
+        "median" caps r at 1 (the quieter half steps at the base rate): one layer whose
+        gradient fades (H -> 0) then sets no one's rate, as it does under "max"
+        (benches/results/quality: a dying MLP in block 0 throttled every hidden layer).
       ratio_eps: epsilon in alpha = (H + eps)^(-1/2) (default 1e-30).
       ratio_power, ratio_floor: ratio shaping (our option): r = max(r_min, (alpha / stat(alpha))^p).
         Defaults None mean p = 0.5, r_min = 0 (None, so that `optax.inject_hyperparams` leaves

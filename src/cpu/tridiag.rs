@@ -62,7 +62,7 @@ impl WithSimd for Reduce<'_> {
             let col = &mut a[k * n + k..(k + 1) * n];
             let (vk, wk) = (v[k], w[k]);
             for ((c, &vi), &wi) in col.iter_mut().zip(&v[k..]).zip(&w[k..]) {
-                *c = *c - (vi * wk + wi * vk);
+                *c -= vi * wk + wi * vk;
             }
             diag.push(col[0]);
             if k + 1 == n {

@@ -8,7 +8,7 @@
 //   [Newton-Schulz on the noise inputs with lanton_noise_gemm, then lanton_dot: <D0, polar(D0)>
 //    per layer; every launch returns at once unless the device step count is a noise step]
 //   lanton_track    per leaf: H, valid and prev_step per layer; H/valid copied to group scratch
-//   lanton_reference  one block: the group's reference alpha (max/mean/min over valid layers)
+//   lanton_reference  one block: the group's reference alpha (max/mean/min/median over valid layers)
 //   [cuBLAS Newton-Schulz on the direction inputs]
 //   lanton_apply    per leaf: r per layer, direction, weight decay, write-out
 // The rules (cadence, usable G_prev, skipped layers) mirror src/step/mod.rs line for line.
@@ -27,6 +27,7 @@ typedef unsigned int u32;
 #define STAT_MAX 0
 #define STAT_MEAN 1
 #define STAT_MIN 2
+#define STAT_MEDIAN 3
 
 // Per-layer accumulators (double) in group scratch, ACC_N per layer.
 #define ACC_NONFINITE 0
@@ -286,8 +287,34 @@ extern "C" __global__ void lanton_reference(GroupArgs g, int group_layers) {
     }
     count = block_sum(count, shared);
     sum = block_sum(sum, shared);
+    // The median by rank: the valid layer whose rank interval [less, less + equal) holds the middle
+    // rank(s) (n - 1) / 2 and n / 2. O(n^2 / BLOCK) work: groups have tens to thousands of layers.
+    __shared__ double total, mid[2];
     if (threadIdx.x == 0) {
-        double ref = g.ratio_stat == STAT_MAX ? smax[0] : g.ratio_stat == STAT_MIN ? smin[0] : sum / fmax(count, 1.0);
+        total = count;
+        mid[0] = mid[1] = 0.0;
+    }
+    __syncthreads();
+    if (g.ratio_stat == STAT_MEDIAN) {
+        const long long n = (long long)total, k[2] = {(n - 1) / 2, n / 2};
+        for (int j = threadIdx.x; j < group_layers; j += blockDim.x) {
+            if (!(g.group_valid[j] > 0.5f)) continue;
+            const double aj = alpha_of(g.group_h[j], g.ratio_eps);
+            long long less = 0, equal = 0;
+            for (int i = 0; i < group_layers; ++i) {
+                if (!(g.group_valid[i] > 0.5f)) continue;
+                const double ai = alpha_of(g.group_h[i], g.ratio_eps);
+                less += ai < aj;
+                equal += ai == aj;
+            }
+            for (int m = 0; m < 2; ++m)
+                if (less <= k[m] && k[m] < less + equal) mid[m] = aj;  // ties write the same value
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        double ref = g.ratio_stat == STAT_MAX ? smax[0] : g.ratio_stat == STAT_MIN ? smin[0]
+                   : g.ratio_stat == STAT_MEDIAN ? 0.5 * (mid[0] + mid[1]) : sum / fmax(count, 1.0);
         g.reference[0] = ref;
         g.reference[1] = count;
     }
@@ -388,7 +415,8 @@ extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
     if (g.noise_adaptive && a.valid[l] > 0.5f && count > 0 && isfinite(ref) && ref > 0)
     {
         const double q = alpha_of(a.noise[l], g.ratio_eps) / ref;
-        r = (float)fmax(g.ratio_power == 1.f ? q : pow(q, (double)g.ratio_power), (double)g.ratio_floor);
+        const double shaped = fmax(g.ratio_power == 1.f ? q : pow(q, (double)g.ratio_power), (double)g.ratio_floor);
+        r = (float)(g.ratio_stat == STAT_MEDIAN ? fmin(shaped, 1.0) : shaped);
     }
     if (chunk == 0 && threadIdx.x == 0) a.ratio[l] = r;
     const long long base = (long long)l * a.layer_len;

@@ -519,7 +519,7 @@ impl Plan {
             noise_every: cfg.noise_every as i32,
             noise_adaptive: cfg.noise_adaptive as i32,
             nesterov: cfg.nesterov as i32,
-            ratio_stat: match cfg.ratio_stat { RatioStat::Max => 0, RatioStat::Mean => 1, RatioStat::Min => 2 },
+            ratio_stat: match cfg.ratio_stat { RatioStat::Max => 0, RatioStat::Mean => 1, RatioStat::Min => 2, RatioStat::Median => 3 },
             // Only the hidden kind's noise work is expensive enough to be skipped.
             noise_work: (opts.noise_work || !hidden) as i32,
             ratio_eps: cfg.ratio_eps,

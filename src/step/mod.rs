@@ -13,6 +13,7 @@
 //! alpha_l = (H_l + eps)^(-1/2) for valid l;  r_l = alpha_l / stat_{valid j}(alpha_j), else 1
 //! shaped (options):  r_l = max(r_min, r_l^p)     kernels' default p = 1, r_min = 0: the paper's rule;
 //!                                                 lanton()'s default p = 0.5 (benches/results/quality)
+//! stat = median (option): r_l = min(1, shaped r_l), so no single quiet layer sets everyone's rate
 //! for every layer l:
 //!   V = nesterov ? b1*B + (1-b1)*G : B
 //!   delta = -lr * (wd*X + s(kind, shape) * r_l * D_kind(V))
@@ -60,6 +61,11 @@ pub enum RatioStat {
     Max,
     Mean,
     Min,
+    /// The median (the mean of the two middle values for an even count), with r capped at 1:
+    /// the quieter half of the group steps at the base rate. Robust to one layer whose gradient
+    /// fades (H -> 0, alpha -> inf), which under `Max` throttles every other layer of its group
+    /// (benches/results/quality, issue 14).
+    Median,
 }
 
 impl RatioStat {
@@ -68,6 +74,7 @@ impl RatioStat {
             "max" => Some(RatioStat::Max),
             "mean" => Some(RatioStat::Mean),
             "min" => Some(RatioStat::Min),
+            "median" => Some(RatioStat::Median),
             _ => None,
         }
     }
@@ -293,10 +300,12 @@ impl RatioRule {
         RatioRule { stat, eps, power: 1.0, floor: 0.0 }
     }
 
-    /// r = max(floor, (alpha / reference)^power), in f64 (the CUDA kernel's formula too).
+    /// r = max(floor, (alpha / reference)^power), capped at 1 for `Median`, in f64 (the CUDA
+    /// kernel's formula too).
     pub fn shape(&self, alpha_over_reference: f64) -> f64 {
         let r = if self.power == 1.0 { alpha_over_reference } else { alpha_over_reference.powf(self.power as f64) };
-        r.max(self.floor as f64)
+        let r = r.max(self.floor as f64);
+        if self.stat == RatioStat::Median { r.min(1.0) } else { r }
     }
 }
 
@@ -306,23 +315,18 @@ impl StepConfig {
     }
 }
 
-/// r_l = max(floor, (alpha_l / stat_{valid j} alpha_j)^power) with alpha = (H + eps)^(-1/2);
-/// 1 where not valid.
+/// r_l = max(floor, (alpha_l / stat_{valid j} alpha_j)^power) with alpha = (H + eps)^(-1/2)
+/// (capped at 1 for `Median`); 1 where not valid.
 pub fn group_ratios(noise: &[f32], valid: &[bool], rule: RatioRule, out: &mut [f32]) {
     let (stat, eps) = (rule.stat, rule.eps);
     let alpha = |h: f32| 1.0 / ((h as f64 + eps as f64).sqrt());
-    let valid_alphas = noise.iter().zip(valid).filter(|(_, &v)| v).map(|(&h, _)| alpha(h));
-    let (mut count, mut sum, mut max, mut min) = (0usize, 0.0f64, f64::MIN, f64::MAX);
-    for a in valid_alphas {
-        count += 1;
-        sum += a;
-        max = max.max(a);
-        min = min.min(a);
-    }
+    let mut alphas: Vec<f64> = noise.iter().zip(valid).filter(|(_, &v)| v).map(|(&h, _)| alpha(h)).collect();
+    let count = alphas.len();
     let reference = match stat {
-        RatioStat::Max => max,
-        RatioStat::Mean => sum / count.max(1) as f64,
-        RatioStat::Min => min,
+        RatioStat::Max => alphas.iter().copied().fold(f64::MIN, f64::max),
+        RatioStat::Mean => alphas.iter().sum::<f64>() / count.max(1) as f64,
+        RatioStat::Min => alphas.iter().copied().fold(f64::MAX, f64::min),
+        RatioStat::Median => median(&mut alphas),
     };
     for ((o, &h), &v) in out.iter_mut().zip(noise).zip(valid) {
         *o = if v && count > 0 && reference.is_finite() && reference > 0.0 {
@@ -331,6 +335,17 @@ pub fn group_ratios(noise: &[f32], valid: &[bool], rule: RatioRule, out: &mut [f
             1.0
         };
     }
+}
+
+/// The median of `xs` (the mean of the two middle values for an even count; NaN when empty).
+/// Sorts `xs`. NaN cannot occur here: alpha of a finite, non-negative H is a number.
+pub fn median(xs: &mut [f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    0.5 * (xs[(n - 1) / 2] + xs[n / 2])
 }
 
 #[cfg(test)]
@@ -389,6 +404,22 @@ mod tests {
         // p = 0: every valid layer at the base rate.
         group_ratios(&noise, &valid, RatioRule { power: 0.0, ..shaped }, &mut r);
         assert_eq!(r, [1.0; 4]);
+        // Median of alpha (1/2, 1, 1/4) is 1/2: r = min(1, alpha / (1/2)) = 1, 1, 0.5.
+        group_ratios(&noise, &valid, RatioRule::plain(RatioStat::Median, 0.0), &mut r);
+        assert_eq!(r, [1.0, 1.0, 0.5, 1.0]);
+        // Even count: the mean of the middle two; one quiet layer (H = 1e-12) sets nobody's rate.
+        let quiet = [4.0f32, 1.0, 16.0, 1e-12];
+        group_ratios(&quiet, &[true; 4], RatioRule::plain(RatioStat::Median, 0.0), &mut r);
+        assert_eq!(r, [2.0 / 3.0, 1.0, 1.0 / 3.0, 1.0]);
+        group_ratios(&quiet, &[true; 4], RatioRule::plain(RatioStat::Max, 0.0), &mut r);
+        assert!(r[1] < 1e-5, "under max the quiet layer throttles the rest: {r:?}");
+        // Tempered and floored, then capped.
+        let shaped = RatioRule { power: 0.5, floor: 0.7, ..RatioRule::plain(RatioStat::Median, 0.0) };
+        group_ratios(&quiet, &[true; 4], shaped, &mut r);
+        assert_eq!(r, [(2.0f64 / 3.0).sqrt() as f32, 1.0, 0.7, 1.0]);
+        let mut xs = [3.0, 1.0, 2.0];
+        assert_eq!(median(&mut xs), 2.0);
+        assert!(median(&mut []).is_nan());
     }
 
     #[test]

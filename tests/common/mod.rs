@@ -600,6 +600,12 @@ pub fn ref_group_step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [RefLeaf
         RatioStat::Max => alphas.iter().cloned().fold(f64::MIN, f64::max),
         RatioStat::Min => alphas.iter().cloned().fold(f64::MAX, f64::min),
         RatioStat::Mean => alphas.iter().sum::<f64>() / alphas.len().max(1) as f64,
+        RatioStat::Median => {
+            let mut sorted = alphas.clone();
+            sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let n = sorted.len();
+            if n == 0 { f64::NAN } else { 0.5 * (sorted[(n - 1) / 2] + sorted[n / 2]) }
+        }
     };
     let mut updates = Vec::new();
     let mut idx = 0;
@@ -611,7 +617,8 @@ pub fn ref_group_step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [RefLeaf
             let r = l * n..(l + 1) * n;
             let ratio = if cfg.noise_adaptive && leaf.valid[l] && !alphas.is_empty() {
                 let q = 1.0 / (leaf.noise[l] + eps).sqrt() / reference;
-                q.powf(cfg.ratio_power as f64).max(cfg.ratio_floor as f64)
+                let r = q.powf(cfg.ratio_power as f64).max(cfg.ratio_floor as f64);
+                if cfg.ratio_stat == RatioStat::Median { r.min(1.0) } else { r }
             } else {
                 1.0
             };

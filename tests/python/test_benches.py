@@ -153,4 +153,8 @@ def test_quality_protocol_sweeps_journals_and_resumes(tmp_path):
     out = run_bench("quality.py", *args, "--seeds", 3, "--budget-minutes", 0)
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(runs)
     assert "**Partial:** the budget ran out" in out and "muon, lanton_option2" in out
+    # Splitting the seeds over workers: a seed outside --only-seeds is neither trained nor dropped silently.
+    out = run_bench("quality.py", *args, "--seeds", 3, "--only-seeds", "0,1")
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(runs)
+    assert "muon: seed 2 left to another worker" in out and "lanton_option2: seed 2 left to another worker" in out
     assert (tmp_path / "val_loss.png").stat().st_size > 1000

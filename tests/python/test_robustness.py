@@ -137,7 +137,7 @@ BAD_OPTIONS = [
     (dict(groups={"hidden": lanton.Group("hidden", scale=-1.0)}), "scale", r"\(0, inf\)"),
     (dict(groups={"hidden": lanton.Group("hidden", weight_decay=float("nan"))}), "weight_decay", "finite"),
     (dict(groups=[lanton.Group("hidden")]), "groups", "dict"),
-    (dict(ratio_stat="median"), "ratio_stat", "median"),
+    (dict(ratio_stat="p90"), "ratio_stat", "p90"),
 ]
 
 

@@ -221,3 +221,55 @@ def test_bad_second_gradient_and_shaping_options_are_refused_by_name():
     for name, value in (("ratio_power", -1.0), ("ratio_floor", float("nan"))):
         with pytest.raises(ValueError, match=f"'{name}' must be finite and in \\[0, inf\\)"):
             lanton.lanton(**{name: value})
+
+
+def quiet_proj(t, params):
+    """grads_at with the first MLP's down-projection faded 1e-4x: a layer whose gradient dies."""
+    g = grads_at(t, params)
+    g["blocks"][0]["mlp"]["proj"] = 1e-4 * g["blocks"][0]["mlp"]["proj"]
+    return g
+
+
+def run_grads(params, steps, backend, grads, **kw):
+    tx = lanton.lanton(learning_rate=0.05, backend=backend, noise_every=1, **kw)
+    state, upd = tx.init(params), jax.jit(tx.update)
+    for t in range(steps):
+        u, state = upd(grads(t, params), state, params)
+        params = optax.apply_updates(params, u)
+    return params, state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_median_reference_caps_ratios_at_one_and_a_quiet_layer_sets_no_ones_rate(backend):
+    params = transformer_params(jax.random.key(11))
+    _, st = run_grads(params, 6, backend, quiet_proj, ratio_stat="median", ratio_power=0.5)
+    # By hand, per group: r = min(1, (alpha / median alpha)^0.5), alpha = (H + eps)^(-1/2).
+    groups = {}
+    for kind, h, v, r in zip(jax.tree.leaves(lanton.default_labels(params)), jax.tree.leaves(st.noise),
+                             jax.tree.leaves(st.valid), jax.tree.leaves(st.ratio)):
+        groups.setdefault(kind, []).append((np.ravel(h), np.ravel(v) > 0.5, np.ravel(r)))
+    hidden_r = None
+    for kind, items in groups.items():
+        h, v, r = (np.concatenate(x) for x in zip(*items))
+        assert v.all(), kind
+        alpha = 1 / np.sqrt(h.astype(np.float64) + 1e-30)
+        np.testing.assert_allclose(r, np.minimum(1.0, np.sqrt(alpha / np.median(alpha))), rtol=1e-5, err_msg=kind)
+        if kind == "hidden":
+            hidden_r = r
+    assert (hidden_r == 1).sum() >= hidden_r.size // 2 and (hidden_r < 0.99).any(), hidden_r
+    # Under "max" the faded layer is the reference and throttles the rest of its group.
+    _, st_max = run_grads(params, 6, backend, quiet_proj, ratio_power=0.5)
+    r_max = np.asarray(st_max.ratio["blocks"][1]["mlp"]["proj"]).ravel()[0]
+    r_med = np.asarray(st.ratio["blocks"][1]["mlp"]["proj"]).ravel()[0]
+    assert r_max < 0.1 < r_med, (r_max, r_med)
+
+
+@pytest.mark.skipif("ffi" not in BACKENDS, reason="liblanton not built")
+def test_median_reference_kernels_match_reference():
+    params = transformer_params(jax.random.key(12))
+    kw = dict(ratio_stat="median", ratio_power=0.7, weight_decay=0.05)
+    pf, sf = run_grads(params, 8, "ffi", quiet_proj, **kw)
+    pr, sr = run_grads(params, 8, "reference", quiet_proj, **kw)
+    for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(ratios(sf), ratios(sr), rtol=2e-3)
