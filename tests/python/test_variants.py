@@ -273,3 +273,45 @@ def test_median_reference_kernels_match_reference():
     for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(ratios(sf), ratios(sr), rtol=2e-3)
+
+
+def readme_hybrid(backend):
+    """The README's recipe: lanton (median reference) on hidden matrices, AdamW on the rest."""
+    kinds = lanton.default_labels
+    part = lambda p: jax.tree.map(lambda k: "lanton" if k == "hidden" else "adamw", kinds(p))
+    hidden_only = lambda p: jax.tree.map(lambda k: k if k == "hidden" else None, kinds(p))
+    return optax.multi_transform(
+        {"lanton": lanton.lanton(0.0075, ratio_stat="median", labels=hidden_only, noise_every=1, backend=backend),
+         "adamw": optax.adamw(3e-3, b1=0.9, b2=0.999, weight_decay=0.0, nesterov=True)},
+        part)
+
+
+@pytest.mark.skipif("ffi" not in BACKENDS, reason="liblanton not built")
+def test_readme_hybrid_recipe_kernels_match_reference_and_adam_owns_the_rest():
+    params = transformer_params(jax.random.key(13))
+    out = {}
+    for backend in ("ffi", "reference"):
+        tx, p = readme_hybrid(backend), params
+        state, upd = tx.init(p), jax.jit(tx.update)
+        for t in range(6):
+            u, state = upd(quiet_proj(t, p), state, p)
+            p = optax.apply_updates(p, u)
+        out[backend] = (p, state)
+    for a, b in zip(jax.tree.leaves(out["ffi"][0]), jax.tree.leaves(out["reference"][0])):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    # The non-hidden leaves moved exactly as AdamW alone moves them.
+    adam, p = optax.adamw(3e-3, b1=0.9, b2=0.999, weight_decay=0.0, nesterov=True), params
+    st = adam.init(p)
+    for t in range(6):
+        u, st = adam.update(quiet_proj(t, p), st, p)
+        p = optax.apply_updates(p, u)
+    kinds = jax.tree.leaves(lanton.default_labels(params))
+    moved = 0
+    for k, a, b, x0 in zip(kinds, jax.tree.leaves(out["ffi"][0]), jax.tree.leaves(p), jax.tree.leaves(params)):
+        if k != "hidden":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+            moved += int(not np.allclose(a, x0))
+    assert moved == sum(k != "hidden" for k in kinds)
+    lanton_state = next(s for s in jax.tree.leaves(out["ffi"][1], is_leaf=lambda s: hasattr(s, "ratio")) if hasattr(s, "ratio"))
+    r = np.concatenate([np.ravel(x) for x in jax.tree.leaves(lanton_state.ratio)])
+    assert r.max() <= 1.0 and (r == 1.0).sum() >= r.size // 2 and (r < 0.99).any(), r
