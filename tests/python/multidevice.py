@@ -267,7 +267,8 @@ def memory(options):
 
 def variants(params, grads):
     """Other options, FSDP-sharded with the work split, against one device: Nesterov, noise
-    relative to the signal, the mean statistic, the paper's power with a floor; Option II."""
+    relative to the signal, the mean statistic, the paper's power with a floor; the median
+    statistic; Option II."""
     import lanton
     mesh = make_mesh("fsdp_in")
     ps = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec_for("fsdp_in", path, x)), params)
@@ -280,6 +281,15 @@ def variants(params, grads):
     got = to_host(run(lanton.lanton(**opts), params, grads, shard=shard))
     out["options"] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
                          for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+    # The median reference (r capped at 1), tempered.
+    med = dict(learning_rate=0.02, noise_every=2, ratio_stat="median", ratio_power=0.5)
+    with jax.default_device(jax.local_devices()[0]):
+        want_m = jax.device_get(run(lanton.lanton(**med), params, grads))
+    got_m = to_host(run(lanton.lanton(**med), params, grads, shard=shard))
+    out["median"] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+                        for a, b in zip(jax.tree.leaves(want_m), jax.tree.leaves(got_m)))
+    r_m = np.concatenate([np.ravel(v["ratio"]) for v in lanton.layer_stats(got_m[1]).values()])
+    out["median_ratios_capped_and_vary"] = bool(r_m.max() <= 1.0 and np.ptp(r_m) > 1e-3)
     # Option II: a second gradient per step (the next step's, as a stand-in).
     tx = lanton.lanton(learning_rate=0.02, noise_every=2)
 

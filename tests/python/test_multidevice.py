@@ -65,9 +65,11 @@ def test_fused_divides_the_work_and_two_meshes_are_refused():
 
 def test_other_options_split_as_on_one_device():
     # Nesterov, noise relative to the signal, the mean statistic, power 1 with a floor; and
-    # Option II (a second gradient per step): FSDP with the work split equals one device.
+    # the median statistic; Option II (a second gradient per step): FSDP with the work split
+    # equals one device.
     (r,) = results(launch(["variants"], 8))
     assert r["options"] <= TOL["params"] and r["option2"] <= TOL["params"] and r["ratios_vary"], r
+    assert r["median"] <= TOL["params"] and r["median_ratios_capped_and_vary"], r
 
 
 def test_bf16_parameters_and_momentum_split_as_on_one_device():
