@@ -145,6 +145,12 @@ def to_host(tree):
                         if not x.is_fully_addressable else np.asarray(x), tree)
 
 
+def max_abs_diff(a, b):
+    """The largest |a - b| over two trees of the same structure, in float64."""
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def main():
     cases = sys.argv[1].split(",")
     if len(sys.argv) > 2:
@@ -276,18 +282,16 @@ def variants(params, grads):
     opts = dict(learning_rate=0.02, noise_every=2, nesterov=True, noise_relative=True, ratio_stat="mean",
                 ratio_power=1.0, ratio_floor=0.1)
     out = {"case": "variants"}
-    with jax.default_device(jax.local_devices()[0]):
-        want = jax.device_get(run(lanton.lanton(**opts), params, grads))
-    got = to_host(run(lanton.lanton(**opts), params, grads, shard=shard))
-    out["options"] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
-                         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+
+    def one_device_and_split(options):
+        with jax.default_device(jax.local_devices()[0]):
+            want = jax.device_get(run(lanton.lanton(**options), params, grads))
+        got = to_host(run(lanton.lanton(**options), params, grads, shard=shard))
+        return max_abs_diff(want, got), got
+
+    out["options"], got = one_device_and_split(opts)
     # The median reference (r capped at 1), tempered.
-    med = dict(learning_rate=0.02, noise_every=2, ratio_stat="median", ratio_power=0.5)
-    with jax.default_device(jax.local_devices()[0]):
-        want_m = jax.device_get(run(lanton.lanton(**med), params, grads))
-    got_m = to_host(run(lanton.lanton(**med), params, grads, shard=shard))
-    out["median"] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
-                        for a, b in zip(jax.tree.leaves(want_m), jax.tree.leaves(got_m)))
+    out["median"], got_m = one_device_and_split(dict(learning_rate=0.02, noise_every=2, ratio_stat="median", ratio_power=0.5))
     r_m = np.concatenate([np.ravel(v["ratio"]) for v in lanton.layer_stats(got_m[1]).values()])
     out["median_ratios_capped_and_vary"] = bool(r_m.max() <= 1.0 and np.ptp(r_m) > 1e-3)
     # Option II: a second gradient per step (the next step's, as a stand-in).
@@ -308,8 +312,7 @@ def variants(params, grads):
     with jax.default_device(jax.local_devices()[0]):
         want2 = jax.device_get(option2(params))
     got2 = to_host(option2(params, shard))
-    out["option2"] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
-                         for a, b in zip(jax.tree.leaves(want2), jax.tree.leaves(got2)))
+    out["option2"] = max_abs_diff(want2, got2)
     out["ratios_vary"] = bool(np.ptp(np.concatenate([np.ravel(v["ratio"]) for v in lanton.layer_stats(got[1]).values()])) > 1e-3)
     print(json.dumps(out), flush=True)
 
@@ -371,9 +374,7 @@ def user_shard_map(options, params, grads, want_p, want_s):
         own = "ran"
     except Exception as e:  # noqa: BLE001 (reported, the test says what it expected)
         own = f"{type(e).__name__}: {e}"
-    diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0))
-                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    print(json.dumps({"case": "user_shard_map", "params": diff(want_p, got_p), "state": diff(want_s, got_s),
+    print(json.dumps({"case": "user_shard_map", "params": max_abs_diff(want_p, got_p), "state": max_abs_diff(want_s, got_s),
                       "sharded": sharded, "mesh_false": own}), flush=True)
 
 
@@ -385,14 +386,12 @@ def report(case, mode, got, want_p, want_s, single_runs, runs):
     momentum_specs = {jax.tree_util.keystr(path): str(x.sharding.spec) for path, x in mom}
     got_p, got_s = to_host(got_p), to_host(got_s)
 
-    diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0))
-                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     stats_w, stats_g = lanton.layer_stats(want_s), lanton.layer_stats(got_s)
     print(json.dumps({
         "case": case, "mode": mode, "devices": jax.device_count(), "processes": jax.process_count(),
         # Newton-Schulz directions computed by this process's devices, and by one device alone.
         "ns_runs": runs, "ns_runs_one_device": single_runs,
-        "params": diff(want_p, got_p), "state": diff(want_s, got_s), "layer_stats": diff(stats_w, stats_g),
+        "params": max_abs_diff(want_p, got_p), "state": max_abs_diff(want_s, got_s), "layer_stats": max_abs_diff(stats_w, stats_g),
         "ratios_vary": bool(np.ptp(np.concatenate([np.ravel(v["ratio"]) for v in stats_g.values()])) > 1e-3),
         "param_specs": seen, "momentum_specs": momentum_specs,
     }), flush=True)
