@@ -162,6 +162,34 @@ def paired_ratios(cadences, over):
     return {name: [c / o for c, o in zip(cs, cadences[over])] for name, cs in cadences.items()}
 
 
+def render(meta, results, backend, repeats):
+    """The markdown table of every set timed so far."""
+    lines = [f"# Step time ({meta['date']}, {backend}: {meta['device']}, {meta['machine']}, jax {meta['jax']})", "",
+             f"Jitted update + apply_updates (params and state donated), warm: median of {repeats} steps, or for "
+             f"{', '.join(CADENCE_ROWS)} the median over cadences of {CADENCE} consecutive steps "
+             f"of their mean step time, the rows' steps taken in turn (to fill the set's budget, at least one cadence each). "
+             f"Ratio: time / {BASE}, same run; (paired): the median over rounds of the ratio within a round.", ""]
+    for set_name, r in results.items():
+        floor = LOWER_BOUND_S.get(set_name) if backend == "gpu" else None
+        lines += [f"## {set_name} ({r['params'] / 1e6:.2f} M params)", ""]
+        if floor:
+            lines += [f"Lower bound (one H100, BENCHMARKS.md): {1000 * floor:.1f} ms.", ""]
+        lines += ["| optimizer | ms / step | ratio | x lower bound |", "|---|---:|---:|---:|"]
+        ref = r["seconds"].get(BASE)
+        for name, sec in r["seconds"].items():
+            q = r["paired_over_base"].get(name, sec / ref if ref else None)
+            ratio = "-" if q is None else f"{q:.2f}" + (" (paired)" if name in r["paired_over_base"] and name != BASE else "")
+            lines.append(f"| {name} | {1000 * sec:.1f} | {ratio} | {f'{sec / floor:.2f}' if floor else '-'} |")
+        lines.append("")
+        first = next(iter(r["paired_over_first_cadence_row"]), None)
+        for name, q in [(n, q) for n, q in r["paired_over_first_cadence_row"].items() if n not in (first, BASE)]:
+            rounds = ", ".join(f"{100 * (x - 1):+.1f}" for x in r["per_round_over_first_cadence_row"][name])
+            lines += [f"{name} over {first}, paired cadences over {r['cadence_budget_s']:g} s (median of per-round ratios): "
+                      f"{100 * (q - 1):+.1f} % "
+                      f"(rounds: {rounds} %)", ""]
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="tiny,gpt2")
@@ -218,30 +246,8 @@ def main():
                              "paired_over_first_cadence_row": {n: statistics.median(r) for n, r in per_round.items()},
                              "per_round_over_first_cadence_row": per_round,
                              "paired_over_base": {n: statistics.median(r) for n, r in per_round_base.items()}}
-    lines = [f"# Step time ({meta['date']}, {backend}: {device}, {meta['machine']}, jax {meta['jax']})", "",
-             f"Jitted update + apply_updates (params and state donated), warm: median of {args.repeats} steps, or for "
-             f"{', '.join(CADENCE_ROWS)} the median over cadences of {CADENCE} consecutive steps "
-             f"of their mean step time, the rows' steps taken in turn (to fill the set's budget, at least one cadence each). "
-             f"Ratio: time / {BASE}, same run; (paired): the median over rounds of the ratio within a round.", ""]
-    for set_name, r in results.items():
-        floor = LOWER_BOUND_S.get(set_name) if backend == "gpu" else None
-        lines += [f"## {set_name} ({r['params'] / 1e6:.2f} M params)", ""]
-        if floor:
-            lines += [f"Lower bound (one H100, BENCHMARKS.md): {1000 * floor:.1f} ms.", ""]
-        lines += ["| optimizer | ms / step | ratio | x lower bound |", "|---|---:|---:|---:|"]
-        ref = r["seconds"].get(BASE)
-        for name, sec in r["seconds"].items():
-            q = r["paired_over_base"].get(name, sec / ref if ref else None)
-            ratio = "-" if q is None else f"{q:.2f}" + (" (paired)" if name in r["paired_over_base"] and name != BASE else "")
-            lines.append(f"| {name} | {1000 * sec:.1f} | {ratio} | {f'{sec / floor:.2f}' if floor else '-'} |")
-        lines.append("")
-        first = next(iter(r["paired_over_first_cadence_row"]), None)
-        for name, q in [(n, q) for n, q in r["paired_over_first_cadence_row"].items() if n not in (first, BASE)]:
-            rounds = ", ".join(f"{100 * (x - 1):+.1f}" for x in r["per_round_over_first_cadence_row"][name])
-            lines += [f"{name} over {first}, paired cadences over {r['cadence_budget_s']:g} s (median of per-round ratios): "
-                      f"{100 * (q - 1):+.1f} % "
-                      f"(rounds: {rounds} %)", ""]
-    emit("\n".join(lines), {"meta": meta, "results": results}, args.out)
+        # Saved after each set: a run cut short (a device lease's limit) keeps the sets it finished.
+        emit(render(meta, results, backend, args.repeats), {"meta": meta, "results": results}, args.out)
 
 
 if __name__ == "__main__":

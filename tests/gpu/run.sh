@@ -3,12 +3,20 @@
 # needed): build, GPU test suite, CUDA graphs on vs off (bitwise), the no-host-sync check,
 # compute-sanitizer (memcheck, racecheck, synccheck) on a short case, step-time benchmark against
 # optax.contrib.muon (GPT-2 small, TinyLlama-1.1B). The table comes last; failures are listed at
-# the end (exit 1). graph_check.py and these steps were written without a GPU: unverified.
+# the end (exit 1). Each step runs under a time limit and a failing step does not stop the
+# ones after it (a GPU lease is short: one call should report everything). The step-time table
+# is saved after each parameter set.
 #
 #   bash tests/gpu/run.sh                # builds with cargo if present
 #   LANTON_LIBRARY=/path/liblanton.so bash tests/gpu/run.sh   # a prebuilt library (no cargo there)
 #
-# Results land in ${OUT:-benches/results}/step_time_gpu.{json,md}.
+# Results land in ${OUT:-benches/results}/step_time_gpu.{json,md}. Knobs: STEP_TIME_SETS
+# (default tiny,gpt2,tinyllama), STEP_TIME_ARGS (default --repeats 5), STEP_TIME_ONLY (contender
+# names separated by ';', default all), LIMIT_S (seconds per
+# step, default 300), SANITIZER_LIMIT_S (per tool, default 120). The whole default run does not
+# fit a 15-minute device lease; the first run (2026-12-04, H200, benches/results/gpu_2026-12-04.md)
+# took 362 s with LIMIT_S=150 SANITIZER_LIMIT_S=60 STEP_TIME_SETS=gpt2,tinyllama
+# STEP_TIME_ARGS="--repeats 5 --cadence-budget 8" and six STEP_TIME_ONLY rows (TinyLlama cut short).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
@@ -24,33 +32,41 @@ fi
 export PYTHONPATH="$PWD/jax_bindings:$PWD/benches:$PWD/tests/python${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import jax, lanton; print(jax.devices(), lanton.library_info()); assert jax.default_backend() == 'gpu'"
 
-echo "== NVRTC kernels for this device and the GPU test suite"
-"$PY" -m pytest -q tests/gpu/test_cuda.py
-
+LIMIT=${LIMIT_S:-300}
 FAILED=()
+echo "== NVRTC kernels for this device and the GPU test suite"
+timeout "$LIMIT" "$PY" -m pytest -q tests/gpu/test_cuda.py || FAILED+=("test_cuda")
+
+echo "== no host sync: no conditional or host transfer in a steady-state step"
+timeout "$LIMIT" "$PY" tests/gpu/graph_check.py no-sync || FAILED+=("no-sync")
+
 echo "== CUDA graphs: command buffers forced on for every custom call vs off, bitwise (f32/bf16/f16, 50 donated fused steps)"
 TMP=$(mktemp -d)
 if XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=+CUSTOM_CALL" \
-     "$PY" tests/gpu/graph_check.py dump "$TMP/graphs_on.npz" \
+     timeout "$LIMIT" "$PY" tests/gpu/graph_check.py dump "$TMP/graphs_on.npz" \
    && XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
-     "$PY" tests/gpu/graph_check.py dump "$TMP/graphs_off.npz" \
+     timeout "$LIMIT" "$PY" tests/gpu/graph_check.py dump "$TMP/graphs_off.npz" \
    && "$PY" tests/gpu/graph_check.py compare "$TMP/graphs_on.npz" "$TMP/graphs_off.npz"; then :; else FAILED+=("graphs"); fi
 
-echo "== no host sync: no conditional or host transfer in a steady-state step"
-"$PY" tests/gpu/graph_check.py no-sync || FAILED+=("no-sync")
+echo "== step time against optax.contrib.muon"
+timeout "$LIMIT" "$PY" benches/step_time.py --sets "${STEP_TIME_SETS:-tiny,gpt2,tinyllama}" ${STEP_TIME_ARGS:---repeats 5} \
+  ${STEP_TIME_ONLY:+--only "$STEP_TIME_ONLY"} --out "$RESULTS/step_time_gpu" || FAILED+=("step time")
 
+# memcheck over every kernel (cuBLAS's too: a wrong leading dimension shows there); racecheck and
+# synccheck over ours (lanton_*), which are the ones with shared memory and barriers.
 echo "== compute-sanitizer (memcheck, racecheck, synccheck) on a short case"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py || FAILED+=("sanitizer $tool")
+    only=(); [ "$tool" = memcheck ] || only=(--kernel-name kns=lanton_)
+    timeout "${SANITIZER_LIMIT_S:-120}" compute-sanitizer --tool "$tool" "${only[@]}" --error-exitcode 1 \
+      "$PY" tests/gpu/sanitize_case.py || FAILED+=("sanitizer $tool")
   done
 else
   echo "compute-sanitizer not found: SKIPPED"
 fi
 
-echo "== step time against optax.contrib.muon"
-"$PY" benches/step_time.py --sets tiny,gpt2,tinyllama --repeats 5 --out "$RESULTS/step_time_gpu"
 if [ ${#FAILED[@]} -gt 0 ]; then
   printf 'FAILED: %s\n' "${FAILED[@]}" >&2
   exit 1
 fi
+echo "all GPU checks passed"

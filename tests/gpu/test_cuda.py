@@ -84,12 +84,20 @@ def _at(tree, path):
 
 
 def test_many_leaves_one_call_per_group():
-    params = model(jnp.float32, many=20)  # 120 hidden leaves, 4 shape classes
-    gpu = jax.devices("gpu")[0]
-    got, _ = run(params, 3, gpu, backend="ffi", ns_dtype="float32")
-    ref, _ = run(params, 3, gpu, backend="reference")
-    for g, r in zip(jax.tree.leaves(got[-1]), jax.tree.leaves(ref[-1])):
-        close(g, r, 1e-2, "many leaves")
+    # 100 hidden matrices in 4 shape classes: several launches of MAX_LEAVES (24) per kernel.
+    # The oracle is the CPU kernels (themselves checked against the reference above and in the
+    # CPU suite): the pure-JAX reference unrolls every leaf, and at this size its compile alone
+    # outlasted the 150 s this test had on the H200 (2026-12-04).
+    params = model(jnp.float32, many=10)
+    gpu, cpu = jax.devices("gpu")[0], jax.devices("cpu")[0]
+    got, st = run(params, 3, gpu, backend="ffi", ns_dtype="float32")
+    on_cpu, st_cpu = run(params, 3, cpu, backend="ffi", noise_estimator="polar")
+    assert len(jax.tree.leaves(params)) > 2 * 24
+    for t, (g, c) in enumerate(zip(got, on_cpu)):
+        for path, gl in jax.tree_util.tree_leaves_with_path(g):
+            close(gl, _at(c, path), 2e-3, f"many leaves, step {t + 1} {jax.tree_util.keystr(path)}")
+    for k, v in lanton.layer_stats(st).items():
+        close(v["noise"], lanton.layer_stats(st_cpu)[k]["noise"], 2e-2, f"many leaves {k} noise H")
 
 
 def test_in_place_path_matches_updates():
