@@ -4,8 +4,9 @@ on the tiny, GPT-2-small and (GPU only) TinyLlama-1.1B parameter sets (../shared
 Params and state donated, as in a training loop; warm steps, outputs blocked on; ratios to optax
 Muon (hidden-only) from the same run.
 
-lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step) and `K=10` (the
-default cadence). `K=10`, `noise off` and the ratios' base, optax Muon (hidden only), are timed
+lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step), `K=10` (the
+default cadence) and, on GPU, `K=1, TF32 noise products` (LANTON_NOISE_GEMM=tf32: the opt-in
+tensor-core kernel for the noise estimate's products). `K=10`, `noise off` and the ratios' base, optax Muon (hidden only), are timed
 over whole cadences of 10 consecutive steps (each of K=10's holds one noise step and one step
 that stores G_prev), the rows' steps taken in turn so that the machine's drift falls on all: the
 median over cadences of the mean step time, with as many cadences as fit in the set's budget
@@ -23,6 +24,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -76,6 +78,7 @@ def contenders():
         "lanton noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False)),
         "lanton K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton K=10": ("tx", lambda: lanton.lanton(0.02, noise_every=10)),
+        "lanton K=1, TF32 noise products": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton in-place noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
         "lanton noise off, f32 NS": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, ns_dtype="float32")),
         "lanton.reference noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, backend="reference")),
@@ -135,9 +138,23 @@ def stepper(kind, make, params, grad_sets):
     return timed
 
 
-def time_one(kind, make, params, grad_sets, repeats):
-    """Median of `repeats` warm steps."""
-    return statistics.median(stepper(kind, make, params, grad_sets)(repeats))
+# Rows timed with environment variables set (the library reads them at each call on the host,
+# so these rows run alone, never in turn with others): the opt-in tensor-core noise products.
+ROW_ENV = {"lanton K=1, TF32 noise products": {"LANTON_NOISE_GEMM": "tf32"}}
+
+
+def time_one(kind, make, params, grad_sets, repeats, env=None):
+    """Median of `repeats` warm steps (with `env` set for the row's steps, restored after)."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        return statistics.median(stepper(kind, make, params, grad_sets)(repeats))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def time_cadences(rows, params, grad_sets, budget_s=CADENCE_BUDGET_S):
@@ -224,12 +241,12 @@ def main():
         for name, (kind, make) in contenders().items():
             if args.only and name not in args.only.split(";"):
                 continue
-            if "f32 NS" in name and backend == "cpu":
-                continue  # the CPU kernels always use f32
+            if ("f32 NS" in name or name in ROW_ENV) and backend == "cpu":
+                continue  # the CPU kernels always use f32, and have no tensor-core products
             if name in CADENCE_ROWS:
                 cadence_rows[name] = (kind, make)
                 continue
-            rows[name] = time_one(kind, make, params, grad_sets, args.repeats)
+            rows[name] = time_one(kind, make, params, grad_sets, args.repeats, ROW_ENV.get(name))
             print(f"  {set_name:>8} {name:<30} {1000 * rows[name]:10.1f} ms", flush=True)
         cadences, per_round, per_round_base = {}, {}, {}
         budget = budgets.get(set_name, budgets.get("*", CADENCE_BUDGET_S)) if cadence_rows else None

@@ -59,6 +59,10 @@ fn kernels_compile_for_ampere_and_hopper() {
     for name in lanton::cuda::KERNEL_NAMES {
         assert!(ptx.contains(&format!(".entry {name}")), "PTX lacks .entry {name}");
     }
+    // The tensor-core noise products are compiled in for Hopper (their body is guarded by
+    // __CUDA_ARCH__ >= 800), TF32 operands rounded by cvt.rna.
+    assert!(ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"), "PTX lacks the TF32 mma");
+    assert!(ptx.contains("cvt.rna.tf32.f32"), "PTX lacks the TF32 rounding");
 }
 
 #[test]

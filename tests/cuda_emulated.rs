@@ -7,7 +7,9 @@
 //! group kind, f32 and bf16 data, f32 and bf16 Newton-Schulz operands, zero-size leaves, and
 //! layers spread over several blocks (the launches are recorded to prove it). The noise
 //! estimate's products run through the emulated `lanton_noise_gemm` (gated on the device step
-//! count), so every step's launches are the same and the noise steps' results still match.
+//! count), so every step's launches are the same and the noise steps' results still match; its
+//! tensor-core twin `lanton_noise_gemm_tc` runs with mma.sync emulated from the PTX ISA's
+//! fragment layout (which only a GPU run can confirm).
 //!
 //! What this cannot check: the CUDA driver and cuBLAS calls themselves, real concurrency
 //! between blocks, and anything about speed (tests/gpu/run.sh does, on a GPU).
@@ -16,7 +18,7 @@ mod common;
 use common::*;
 use half::bf16;
 use lanton::cuda::device::{Gemm, Grid, CUDA_R_16BF, CUDA_R_32F};
-use lanton::cuda::{enqueue_on, plan_in_scratch, GemmArgs, GroupArgs, LeafBatch, Queue, KERNEL_NAMES};
+use lanton::cuda::{enqueue_on, noise_gemm_kernel, plan_in_scratch, GemmArgs, GroupArgs, LeafBatch, Queue, KERNEL_NAMES};
 use lanton::ffi::api::*;
 use lanton::handlers::{decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_update_cpu};
 use std::cell::RefCell;
@@ -104,7 +106,8 @@ unsafe fn st(p: *mut c_void, dt: i32, i: usize, v: f64) {
 impl Queue for HostQueue {
     unsafe fn launch(&self, k: usize, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
         let name = CString::new(KERNEL_NAMES[k]).unwrap();
-        let chunks = if matches!(KERNEL_NAMES[k], "lanton_reference" | "lanton_affine_diag" | "lanton_noise_gemm") {
+        let name_k = KERNEL_NAMES[k];
+        let chunks = if matches!(name_k, "lanton_reference" | "lanton_affine_diag") || name_k.starts_with("lanton_noise_gemm") {
             0
         } else {
             // SAFETY: the per-leaf kernels take a LeafBatch first (what enqueue_on passes).
@@ -174,6 +177,8 @@ thread_local! {
     static OWNED: RefCell<Option<Vec<i64>>> = const { RefCell::new(None) };
     /// `ratio_stat` for the next trajectories, on both sides (None: the frame's default).
     static STAT: RefCell<Option<&'static str>> = const { RefCell::new(None) };
+    /// LANTON_NOISE_GEMM for the next emulated steps (a device with tensor cores).
+    static NOISE_GEMM: RefCell<Option<&'static str>> = const { RefCell::new(None) };
 }
 
 fn run_emulated(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
@@ -186,6 +191,7 @@ fn run_emulated(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
             // What the CUDA handler does before it takes the stream: the plan laid out in the
             // call's scratch result (sized by lanton_cuda_scratch_bytes, poisoned by the caller).
             let mut plan = plan_in_scratch(&layout, opts)?;
+            plan.noise_gemm = noise_gemm_kernel(NOISE_GEMM.with(|n| *n.borrow()), true).map_err(lanton::ffi::FfiError::invalid)?;
             enqueue_on(&HostQueue, &layout, &mut plan).map_err(lanton::ffi::FfiError::internal)
         })
     }
@@ -457,6 +463,36 @@ fn every_step_enqueues_the_same_work_and_noise_products_skip_cublas() {
     assert_eq!(launches_of(&seen, "lanton_dot"), steps);
 }
 
+#[test]
+fn tf32_noise_products_run_on_the_tensor_core_kernel_and_match_the_cpu() {
+    // LANTON_NOISE_GEMM=tf32 on a device with tensor cores: the same launches, with
+    // lanton_noise_gemm_tc in place of lanton_noise_gemm; TF32 operands (10-bit mantissas) move
+    // the noise estimate by ~1e-3 relative, the ratios and updates by less.
+    let (steps, classes, noise_iters) = (4, 2, 7);
+    take_launches();
+    NOISE_GEMM.with(|n| *n.borrow_mut() = Some("tf32"));
+    compare("hidden", &hidden_specs(dtype::F32), 2, "float32", 2e-3, false, None);
+    NOISE_GEMM.with(|n| *n.borrow_mut() = None);
+    let seen = take_launches();
+    assert_eq!(launches_of(&seen, "lanton_noise_gemm"), 0);
+    assert_eq!(launches_of(&seen, "lanton_noise_gemm_tc"), steps * classes * noise_iters * 3);
+}
+
+#[test]
+fn the_noise_gemm_choice_is_simt_unless_tf32_is_asked_for_on_tensor_cores() {
+    let (simt, tc) = (kernel("lanton_noise_gemm"), kernel("lanton_noise_gemm_tc"));
+    assert_eq!(noise_gemm_kernel(None, true), Ok(simt));
+    assert_eq!(noise_gemm_kernel(Some("simt"), true), Ok(simt));
+    assert_eq!(noise_gemm_kernel(Some("tf32"), true), Ok(tc));
+    assert_eq!(noise_gemm_kernel(Some("tf32"), false), Ok(simt), "no TF32 mma before compute capability 8.0");
+    let err = noise_gemm_kernel(Some("TF32x3"), true).unwrap_err();
+    assert!(err.contains("LANTON_NOISE_GEMM") && err.contains("TF32x3") && err.contains("tf32"), "{err}");
+}
+
+fn kernel(name: &str) -> usize {
+    KERNEL_NAMES.iter().position(|&n| n == name).unwrap()
+}
+
 /// A column-major f64 product of `(rows, cols)` operands, op() by the flags: the test's oracle.
 fn product(g: &GemmArgs, a: &[f32], b: &[f32], c0: &[f32], batch: usize) -> Vec<f32> {
     let mut c = c0.to_vec();
@@ -481,9 +517,21 @@ fn product(g: &GemmArgs, a: &[f32], b: &[f32], c0: &[f32], batch: usize) -> Vec<
 
 #[test]
 fn noise_gemm_multiplies_on_noise_steps_and_leaves_other_steps_alone() {
-    // Several 64 x 64 tiles with ragged edges, both transposes, beta = 0 (C never read: it
-    // starts as NaN) and beta != 0, a batch of 2; then the gate: off-cadence steps and a group
-    // without noise adaptation must leave C bitwise as it was.
+    noise_gemm_case("lanton_noise_gemm");
+}
+
+#[test]
+fn tensor_core_noise_gemm_multiplies_within_tf32_rounding() {
+    noise_gemm_case("lanton_noise_gemm_tc");
+}
+
+/// Several 64 x 64 tiles with ragged edges, both transposes, beta = 0 (C never read: it starts
+/// as NaN) and beta != 0, a batch of 2; then the gate: off-cadence steps and a group without
+/// noise adaptation must leave C bitwise as it was. The TF32 kernel rounds each operand to 11
+/// significant bits: within 2^-10 |alpha| sum |a||b| of the f64 product (a wrong fragment
+/// layout is off by the size of the entries themselves).
+fn noise_gemm_case(name: &str) {
+    let tf32 = name.ends_with("_tc");
     let mut rng = Rng::new(5);
     let (m, n, k, batch) = (70usize, 130usize, 40usize, 2usize);
     let hyper = [0.1f32, 0.9, 0.99, 0.0, 1.0];
@@ -512,19 +560,22 @@ fn noise_gemm_multiplies_on_noise_steps_and_leaves_other_steps_alone() {
             let grid = Grid { x: (m.div_ceil(64) * n.div_ceil(64)) as u32, y: batch as u32, block: 256 };
             // SAFETY: the arguments lanton_noise_gemm takes; every operand holds the batch.
             unsafe {
-                HostQueue.launch(KERNEL_NAMES.iter().position(|&n| n == "lanton_noise_gemm").unwrap(), grid, &mut [
+                HostQueue.launch(kernel(name), grid, &mut [
                     &mut args as *mut GemmArgs as *mut c_void, &mut group as *mut GroupArgs as *mut c_void,
                 ])
             }
             .unwrap();
-            let what = format!("trans ({trans_a}, {trans_b}) beta {beta} t {t} adaptive {adaptive}");
+            let what = format!("{name}: trans ({trans_a}, {trans_b}) beta {beta} t {t} adaptive {adaptive}");
             if runs {
                 let want = product(&args, &a, &b, &c0, batch);
+                let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+                let size = product(&GemmArgs { alpha: args.alpha.abs(), beta: 0.0, ..args }, &abs(&a), &abs(&b), &c0, batch);
                 for z in 0..batch {
                     for j in 0..n {
                         for i in 0..m {
                             let at = z * sc + i + j * ldc;
-                            assert!((c[at] - want[at]).abs() <= 1e-4 * (1.0 + want[at].abs()), "{what}: C[{z}][{i},{j}] {} vs {}", c[at], want[at]);
+                            let tol = 1e-4 * (1.0 + want[at].abs()) + if tf32 { size[at] / 1024.0 } else { 0.0 };
+                            assert!((c[at] - want[at]).abs() <= tol, "{what}: C[{z}][{i},{j}] {} vs {}", c[at], want[at]);
                         }
                     }
                 }

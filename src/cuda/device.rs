@@ -9,9 +9,9 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// The kernel sources, compiled by NVRTC at first use on each device.
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
-pub const KERNEL_NAMES: [&str; 8] = [
+pub const KERNEL_NAMES: [&str; 9] = [
     "lanton_stats", "lanton_prepare", "lanton_dot", "lanton_track", "lanton_reference", "lanton_affine_diag", "lanton_apply",
-    "lanton_noise_gemm",
+    "lanton_noise_gemm", "lanton_noise_gemm_tc",
 ];
 
 /// Compiled code for one architecture ("sm_90": CUBIN; "compute_90": PTX).
@@ -106,6 +106,8 @@ fn version_hint() -> String {
 pub struct Device {
     pub functions: [cu::CUfunction; KERNEL_NAMES.len()],
     pub sm_count: u32,
+    /// Compute capability 8.0 or newer: TF32 mma.sync (lanton_noise_gemm_tc) runs here.
+    pub tensor_cores: bool,
     blas: Mutex<CublasHandle>,
 }
 
@@ -263,7 +265,7 @@ fn build_device() -> Result<Device, String> {
     let mut handle = std::ptr::null_mut();
     // SAFETY: creates a handle in the current context.
     check_cublas(blas, unsafe { (blas.cublasCreate_v2)(&mut handle) }, "cublasCreate")?;
-    Ok(Device { functions, sm_count, blas: Mutex::new(handle) })
+    Ok(Device { functions, sm_count, tensor_cores: major >= 8, blas: Mutex::new(handle) })
 }
 
 /// A kernel launch configuration.

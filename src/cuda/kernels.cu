@@ -5,8 +5,9 @@
 //   lanton_stats    per leaf: per-layer non-finite count, ||V||^2 and the noise difference's norm
 //   lanton_prepare  per leaf: momentum write, Newton-Schulz input V/||V||, noise input D/||D||,
 //                   G_prev store
-//   [Newton-Schulz on the noise inputs with lanton_noise_gemm, then lanton_dot: <D0, polar(D0)>
-//    per layer; every launch returns at once unless the device step count is a noise step]
+//   [Newton-Schulz on the noise inputs with lanton_noise_gemm (or lanton_noise_gemm_tc, TF32
+//    tensor cores, opt-in), then lanton_dot: <D0, polar(D0)> per layer; every launch returns at
+//    once unless the device step count is a noise step]
 //   lanton_track    per leaf: H, valid and prev_step per layer; H/valid copied to group scratch
 //   lanton_reference  one block: the group's reference alpha (max/mean/min/median over valid layers)
 //   [cuBLAS Newton-Schulz on the direction inputs]
@@ -400,6 +401,93 @@ extern "C" __global__ void lanton_noise_gemm(GemmArgs p, GroupArgs g) {
                 *out = p.alpha * acc[u][v] + (p.beta != 0.f ? p.beta * *out : 0.f);
             }
         }
+}
+
+// lanton_noise_gemm on tensor cores: the same product, tiles, gate and launch shape, with each
+// warp's 32 x 16 share of the 64 x 64 C tile computed by mma.sync m16n8k8 with TF32 operands
+// (10-bit mantissa, rounded to nearest) and f32 accumulation. Ampere and newer; selected by the
+// host only there (src/cuda/step.rs noise_gemm_kernel), the body is empty for older targets.
+#define TC_DEPTH 32
+#define TC_PAD (GEMM_TILE + 4)  // row stride 68 words: a warp's fragment reads hit 32 different banks
+__device__ __forceinline__ u32 to_tf32(float x) {
+#ifdef LANTON_EMULATE
+    return emu_to_tf32(x);
+#else
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+#endif
+}
+// d += a b for one warp's 16 x 8 tile, k = 8 (PTX ISA, mma.m16n8k8 .tf32). With lane = 4 g + q:
+// a0 (g, q), a1 (g + 8, q), a2 (g, q + 4), a3 (g + 8, q + 4) of A (16 x 8); b0 (q, g), b1 (q + 4, g)
+// of B (8 x 8); d0 (g, 2q), d1 (g, 2q + 1), d2 (g + 8, 2q), d3 (g + 8, 2q + 1) of D.
+__device__ __forceinline__ void mma_tf32(float d[4], const u32 a[4], const u32 b[2]) {
+#ifdef LANTON_EMULATE
+    emu_mma_m16n8k8_tf32(d, a, b);
+#else
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+extern "C" __global__ void lanton_noise_gemm_tc(GemmArgs p, GroupArgs g) {
+#if defined(LANTON_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+    if (!is_noise_step(g, *g.step)) return;  // uniform across the launch: no thread waits at a barrier
+    __shared__ float sa[TC_DEPTH][TC_PAD], sb[TC_DEPTH][TC_PAD];
+    const int tiles_m = (p.m + GEMM_TILE - 1) / GEMM_TILE;
+    const int i0 = (int)(blockIdx.x % tiles_m) * GEMM_TILE, j0 = (int)(blockIdx.x / tiles_m) * GEMM_TILE;
+    const float* A = p.a + blockIdx.y * p.stride_a;
+    const float* B = p.b + blockIdx.y * p.stride_b;
+    float* C = p.c + blockIdx.y * p.stride_c;
+    // 8 warps as 2 (rows) x 4 (columns) of 32 x 16 outputs: 2 x 2 mma tiles of 16 x 8 each.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gr = lane >> 2, q = lane & 3;
+    const int wm = (warp & 1) * 32, wn = (warp >> 1) * 16;
+    float acc[2][2][4] = {};
+    for (int k0 = 0; k0 < p.k; k0 += TC_DEPTH) {
+        // As lanton_noise_gemm: sa[kk][r] = op(A)[i0 + r][k0 + kk], sb[kk][r] = op(B)[k0 + kk][j0 + r],
+        // zero outside the matrices, the contiguous index fastest across threads.
+        for (int e = threadIdx.x; e < TC_DEPTH * GEMM_TILE; e += blockDim.x) {
+            int kk = p.trans_a ? e % TC_DEPTH : e / GEMM_TILE, r = p.trans_a ? e / TC_DEPTH : e % GEMM_TILE;
+            int kp = k0 + kk, i = i0 + r;
+            sa[kk][r] = (i < p.m && kp < p.k) ? (p.trans_a ? A[kp + (long long)i * p.lda] : A[i + (long long)kp * p.lda]) : 0.f;
+            kk = p.trans_b ? e / GEMM_TILE : e % TC_DEPTH;
+            r = p.trans_b ? e % GEMM_TILE : e / TC_DEPTH;
+            kp = k0 + kk;
+            const int j = j0 + r;
+            sb[kk][r] = (j < p.n && kp < p.k) ? (p.trans_b ? B[j + (long long)kp * p.ldb] : B[kp + (long long)j * p.ldb]) : 0.f;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < TC_DEPTH; kk += 8) {
+            u32 a[2][4], b[2][2];
+            for (int mi = 0; mi < 2; ++mi) {
+                const int r = wm + 16 * mi + gr;
+                a[mi][0] = to_tf32(sa[kk + q][r]);
+                a[mi][1] = to_tf32(sa[kk + q][r + 8]);
+                a[mi][2] = to_tf32(sa[kk + q + 4][r]);
+                a[mi][3] = to_tf32(sa[kk + q + 4][r + 8]);
+            }
+            for (int ni = 0; ni < 2; ++ni) {
+                const int c = wn + 8 * ni + gr;
+                b[ni][0] = to_tf32(sb[kk + q][c]);
+                b[ni][1] = to_tf32(sb[kk + q + 4][c]);
+            }
+            for (int mi = 0; mi < 2; ++mi)
+                for (int ni = 0; ni < 2; ++ni) mma_tf32(acc[mi][ni], a[mi], b[ni]);
+        }
+        __syncthreads();
+    }
+    for (int mi = 0; mi < 2; ++mi)
+        for (int ni = 0; ni < 2; ++ni)
+            for (int e = 0; e < 4; ++e) {
+                const int i = i0 + wm + 16 * mi + gr + (e >= 2 ? 8 : 0), j = j0 + wn + 8 * ni + 2 * q + (e & 1);
+                if (i < p.m && j < p.n) {
+                    float* out = C + i + (long long)j * p.ldc;
+                    *out = p.alpha * acc[mi][ni][e] + (p.beta != 0.f ? p.beta * *out : 0.f);
+                }
+            }
+#endif
 }
 
 // grid: the batch's blocks (layers x chunks per leaf), block BLOCK.

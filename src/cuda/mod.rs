@@ -10,6 +10,6 @@ pub mod sys;
 
 pub use device::{compile, KERNEL_NAMES, KERNEL_SOURCE};
 pub use step::{
-    batches, enqueue_on, group_step, plan_in_scratch, prepare_device, scratch_layout, CudaOptions, GemmArgs, GroupArgs, LeafBatch,
+    batches, enqueue_on, group_step, noise_gemm_kernel, plan_in_scratch, prepare_device, scratch_layout, CudaOptions, GemmArgs, GroupArgs, LeafBatch,
     Plan, Queue, ScratchLayout, MAX_LEAVES, SCRATCH_ALIGN,
 };

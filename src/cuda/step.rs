@@ -26,6 +26,19 @@ const K_REFERENCE: usize = 4;
 const K_AFFINE_DIAG: usize = 5;
 const K_APPLY: usize = 6;
 const K_NOISE_GEMM: usize = 7;
+const K_NOISE_GEMM_TC: usize = 8;
+
+/// Chooses the noise estimate's product kernel: `LANTON_NOISE_GEMM=tf32` asks for the tensor-core
+/// kernel (lanton_noise_gemm_tc), used where the device has TF32 mma (compute capability >= 8.0);
+/// unset or `simt`, the CUDA-core kernel. Opt-in until it has run on a GPU: the first GPU run
+/// (H200, 2026-12-04) measured the SIMT kernel at ~18 TFLOP/s, the whole of the noise step's cost.
+pub fn noise_gemm_kernel(choice: Option<&str>, tensor_cores: bool) -> Result<usize, String> {
+    match choice {
+        None | Some("") | Some("simt") => Ok(K_NOISE_GEMM),
+        Some("tf32") => Ok(if tensor_cores { K_NOISE_GEMM_TC } else { K_NOISE_GEMM }),
+        Some(other) => Err(format!("LANTON_NOISE_GEMM={other:?}: expected \"simt\" (the default) or \"tf32\"")),
+    }
+}
 
 /// Grid rows of one launch (CUDA's limit on gridDim.y): lanton_noise_gemm's batch.
 const MAX_GRID_Y: usize = 65_535;
@@ -180,21 +193,22 @@ impl GemmArgs {
 enum Products {
     /// cuBLAS: the direction, needed on every step.
     Cublas,
-    /// lanton_noise_gemm (and a gated lanton_affine_diag) under the group's cadence: the noise
-    /// estimate, whose launches do nothing unless the device step count refreshes the tracker.
-    Gated(GroupArgs),
+    /// lanton_noise_gemm or lanton_noise_gemm_tc (the kernel index), and a gated
+    /// lanton_affine_diag, under the group's cadence: the noise estimate, whose launches do
+    /// nothing unless the device step count refreshes the tracker.
+    Gated(GroupArgs, usize),
 }
 
 impl Products {
     fn multiply<Q: Queue>(self, s: &Q, g: &Gemm) -> Result<(), String> {
         match self {
             Products::Cublas => s.gemm(g),
-            Products::Gated(mut group) => {
+            Products::Gated(mut group, kernel) => {
                 for (mut args, grid) in GemmArgs::launches(g)? {
                     // SAFETY: GemmArgs/GroupArgs mirror the kernel's structs (sizes asserted on
                     // both sides); the operands are the plan's scratch ranges, sized for the batch.
                     unsafe {
-                        s.launch(K_NOISE_GEMM, grid, &mut [
+                        s.launch(kernel, grid, &mut [
                             &mut args as *mut GemmArgs as *mut c_void, &mut group as *mut GroupArgs as *mut c_void,
                         ])?
                     };
@@ -208,7 +222,7 @@ impl Products {
     fn gate(self) -> (*const i32, i32) {
         match self {
             Products::Cublas => (std::ptr::null(), 0),
-            Products::Gated(group) => (group.step, group.noise_every),
+            Products::Gated(group, _) => (group.step, group.noise_every),
         }
     }
 }
@@ -399,6 +413,8 @@ pub struct Plan {
     pub noise_polar: bool,
     pub hidden: bool,
     pub ns_f32: bool,
+    /// The noise products' kernel (K_NOISE_GEMM unless `noise_gemm_kernel` picks the TF32 one).
+    pub noise_gemm: usize,
     /// The scratch base address the pointers above were computed for.
     pub scratch: usize,
 }
@@ -585,7 +601,7 @@ impl Plan {
         }
         Ok(Plan {
             classes, direction_classes, offsets: o, len, leaves, group, group_layers, noise_polar, hidden,
-            ns_f32: opts.ns_f32, scratch,
+            ns_f32: opts.ns_f32, noise_gemm: K_NOISE_GEMM, scratch,
         })
     }
 }
@@ -701,6 +717,7 @@ fn enqueue(dev: &device::Device, stream: cu::CUstream, layout: &StepLayout, plan
     // SAFETY: the caller made the stream's context current; the workspace is carved from this
     // call's scratch result, which XLA keeps for the whole execution.
     let s = unsafe { Session::new(dev, stream, at(o.workspace), o.workspace_len) }?;
+    plan.noise_gemm = noise_gemm_kernel(std::env::var("LANTON_NOISE_GEMM").ok().as_deref(), dev.tensor_cores)?;
     enqueue_on(&s, layout, plan)
 }
 
@@ -735,7 +752,7 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
         // The polar factor of D0 (kept in n0 for the inner product): one step n0 -> n1, then
         // n1 and n2 alternate. Gated on the device step count: a no-op unless it is a noise step.
         let schedule = step::nuclear_schedule();
-        let gated = Products::Gated(*g);
+        let gated = Products::Gated(*g, plan.noise_gemm);
         newton_schulz(s, &plan.classes, at(o.n0), at(o.n1), at(o.na), at(o.nb), true, &schedule[..1], gated)?;
         let polar = newton_schulz(s, &plan.classes, at(o.n1), at(o.n2), at(o.na), at(o.nb), true, &schedule[1..], gated)?;
         for a in plan.leaves.iter_mut() {

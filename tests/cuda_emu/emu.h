@@ -50,6 +50,39 @@ using std::isfinite;
 inline float f16_to_f32(unsigned short h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }
 inline unsigned short f32_to_f16(float f) { _Float16 x = (_Float16)f; unsigned short h; std::memcpy(&h, &x, 2); return h; }
 
+// cvt.rna.tf32.f32: round the magnitude to 10 mantissa bits, ties away from zero (the 13 low bits
+// then zero); NaN stays NaN.
+inline uint32_t emu_to_tf32(float x) {
+    uint32_t u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc00000u;
+    if ((u & 0x7f800000u) != 0x7f800000u) u += 0x1000u;
+    return u & 0xffffe000u;
+}
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += a b, with the PTX ISA's fragment layout
+// (lane = 4 g + q): A(row, k) in register (row >= 8) + 2 (k >= 4) of lane 4 (row % 8) + k % 4,
+// B(k, col) in register (k >= 4) of lane 4 col + k % 4, D(g + 8 (e >= 2), 2 q + (e & 1)) in d[e].
+// Products of TF32 values are exact in f32; the sum runs in k order (the hardware's order and
+// rounding of the sum are its own: tests allow for that).
+inline uint32_t emu_mma_a[1024][4], emu_mma_b[1024][2];
+inline void emu_mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    auto& bar = *emu_warp_barriers[threadIdx.x / 32];
+    const unsigned base = threadIdx.x & ~31u, lane = threadIdx.x & 31u, g = lane >> 2, q = lane & 3u;
+    for (int i = 0; i < 4; ++i) emu_mma_a[threadIdx.x][i] = a[i];
+    for (int i = 0; i < 2; ++i) emu_mma_b[threadIdx.x][i] = b[i];
+    bar.arrive_and_wait();
+    auto A = [&](unsigned row, unsigned k) { return __uint_as_float(emu_mma_a[base + 4 * (row % 8) + k % 4][(row >= 8) + 2 * (k >= 4)]); };
+    auto B = [&](unsigned k, unsigned col) { return __uint_as_float(emu_mma_b[base + 4 * col + k % 4][k >= 4]); };
+    float out[4];
+    for (unsigned e = 0; e < 4; ++e) {
+        const unsigned row = g + (e >= 2 ? 8 : 0), col = 2 * q + (e & 1);
+        float s = d[e];
+        for (unsigned k = 0; k < 8; ++k) s += A(row, k) * B(k, col);
+        out[e] = s;
+    }
+    bar.arrive_and_wait();  // every lane has read the warp's fragments before any lane stores new ones
+    for (unsigned e = 0; e < 4; ++e) d[e] = out[e];
+}
+
 // Runs `body` for every block of the grid with `block` threads each. The block's threads are
 // started once per launch and walk the blocks together (a barrier between blocks keeps them one
 // at a time, as the __shared__ statics require).

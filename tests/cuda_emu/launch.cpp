@@ -21,6 +21,8 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
         });
     else if (k == "lanton_noise_gemm")
         emu_run(gx, gy, block, [&] { lanton_noise_gemm(*(GemmArgs*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_noise_gemm_tc")
+        emu_run(gx, gy, block, [&] { lanton_noise_gemm_tc(*(GemmArgs*)p[0], *(GroupArgs*)p[1]); });
     else return 1;
     return 0;
 }

@@ -17,6 +17,9 @@
 # fit a 15-minute device lease; the first run (2026-12-04, H200, benches/results/gpu_2026-12-04.md)
 # took 362 s with LIMIT_S=150 SANITIZER_LIMIT_S=60 STEP_TIME_SETS=gpt2,tinyllama
 # STEP_TIME_ARGS="--repeats 5 --cadence-budget 8" and six STEP_TIME_ONLY rows (TinyLlama cut short).
+# For the next one: LIMIT_S=240, STEP_TIME_ARGS="--repeats 3 --cadence-budget 4" and STEP_TIME_ONLY
+# "lanton noise off;lanton K=10;optax muon (hidden only);lanton K=1;lanton K=1, TF32 noise
+# products;lanton in-place noise off;optax muon (default)" (the opt-in TF32 row is the question).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}

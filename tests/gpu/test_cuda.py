@@ -129,3 +129,26 @@ def test_non_finite_gradient_skips_the_layer_on_gpu():
     assert np.all(np.asarray(u["block0"]["q"]) == 0)
     assert np.all(np.isfinite(np.asarray(st2.momentum["block0"]["q"])))
     assert np.any(np.asarray(u["block0"]["o"]) != 0)
+
+
+def test_tf32_noise_products_match_the_reference(monkeypatch):
+    # LANTON_NOISE_GEMM=tf32 (opt-in): the noise estimate's products on lanton_noise_gemm_tc
+    # (mma.sync, TF32 operands). Its fragment layout is only emulated on the CPU (from the PTX
+    # ISA); here it meets the hardware. TF32 moves H by ~1e-3 relative.
+    params = model(jnp.float32)
+    gpu = jax.devices("gpu")[0]
+    monkeypatch.setenv("LANTON_NOISE_GEMM", "tf32")
+    got, st = run(params, 5, gpu, backend="ffi", ns_dtype="float32")
+    monkeypatch.delenv("LANTON_NOISE_GEMM")
+    simt, st_simt = run(params, 5, gpu, backend="ffi", ns_dtype="float32")
+    ref, st_ref = run(params, 5, gpu, backend="reference")
+    ran_tf32 = False
+    for k, v in lanton.layer_stats(st).items():
+        w, s = lanton.layer_stats(st_ref)[k], lanton.layer_stats(st_simt)[k]
+        close(v["noise"], w["noise"], 2e-2, f"{k} noise H (TF32) vs reference")
+        close(v["noise"], s["noise"], 1e-2, f"{k} noise H (TF32) vs SIMT")
+        close(v["ratio"], w["ratio"], 2e-2, f"{k} ratio r (TF32) vs reference")
+        ran_tf32 |= k.startswith("block") and not np.array_equal(np.asarray(v["noise"]), np.asarray(s["noise"]))
+    assert ran_tf32, "TF32 and SIMT noise estimates are bitwise equal: the tensor-core kernel did not run"
+    for g, s in zip(jax.tree.leaves(got[-1]), jax.tree.leaves(simt[-1])):
+        close(g, s, 2e-3, "updates with TF32 noise products vs SIMT")
