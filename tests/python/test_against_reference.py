@@ -146,3 +146,43 @@ def test_noise_estimators_match_the_reference(estimator):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-30)
     with pytest.raises(ValueError, match="noise_estimator"):
         lanton.lanton(noise_estimator="svd")
+
+
+def test_reference_merges_same_shape_leaves_without_changing_a_step(monkeypatch):
+    # The reference traces leaves of one (R, C), orientation and dtypes as one batch of layers
+    # (its compile time grows faster than the leaf count). Merged, capped, or one leaf at a time,
+    # a noise step's results are the same: every layer's math is its own, and the group's ratio
+    # reference (max / median) does not depend on the order of the layers.
+    from lanton import reference
+    from lanton._config import StepConfig
+
+    shapes = [(2, 8, 12, True, jnp.float32), (1, 8, 12, True, jnp.float32), (3, 12, 8, True, jnp.float32),
+              (1, 8, 12, False, jnp.float32), (2, 8, 12, True, jnp.bfloat16), (1, 8, 12, True, jnp.float32),
+              (1, 5, 7, True, jnp.float32)]
+    ks = iter(jax.random.split(jax.random.key(3), 8 * len(shapes)))
+    leaves = []
+    for i, (n, r, c, rows_in, dt) in enumerate(shapes):
+        x = lambda s=1.0: (s * jax.random.normal(next(ks), (n, r, c))).astype(dt)
+        noise = jax.random.uniform(next(ks), (n,), minval=0.5, maxval=50.0)
+        leaves.append((x(), x(), x(0.3), x(), noise, jnp.ones(n), jnp.full(n, 9, jnp.int32), rows_in, (n, r, c)))
+    runs = reference._merged([reference._canonical(lf) for lf in leaves])
+    assert sorted(map(sorted, runs)) == [[0, 1, 5], [2], [3], [4], [6]]
+    hyper = jnp.array([0.05, 0.8, 0.9, 0.1, 0.2], jnp.float32)
+    for stat in ("max", "median"):
+        config = StepConfig(kind="hidden", noise_every=10, ratio_stat=stat, noise_estimator="eigen")
+        merged = reference.group_step(config, hyper, jnp.int32(10), leaves)
+        monkeypatch.setattr(reference, "MERGE_CAP", 2 * 8 * 12 + 1)  # splits run [0, 1, 5] after leaf 0
+        assert sorted(map(sorted, reference._merged([reference._canonical(lf) for lf in leaves])))[0] == [0]
+        capped = reference.group_step(config, hyper, jnp.int32(10), leaves)
+        monkeypatch.setattr(reference, "MERGE_CAP", 0)  # one leaf per run
+        alone = reference.group_step(config, hyper, jnp.int32(10), leaves)
+        monkeypatch.undo()
+        for i, outs in enumerate(zip(merged, capped, alone)):
+            for k, (x, y, z) in enumerate(zip(*outs)):
+                assert x.shape == z.shape and x.dtype == z.dtype, (i, k)
+                np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(z, np.float64), rtol=1e-6, atol=1e-7,
+                                           err_msg=f"{stat}: leaf {i} output {k}, merged vs alone")
+                np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(z, np.float64), rtol=1e-6, atol=1e-7,
+                                           err_msg=f"{stat}: leaf {i} output {k}, capped vs alone")
+        ratios = np.concatenate([np.asarray(a[6]) for a in alone])
+        assert ratios.min() < 0.95 and np.any(ratios == 1.0), ratios  # the step did adapt the rates
