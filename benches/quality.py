@@ -7,7 +7,9 @@ For every variant (optax Muon, lanton and its parts, see VARIANTS):
    grid's edge. The training loss is taken as unimodal in the rate, so a point beyond one that is
    already worse than its neighbour nearer the default is not run (points already in the journal
    count too). "Best" is the lowest training loss over the sweep run's last 100 steps: the
-   validation split is never used to tune, only to report;
+   validation split is never used to tune, only to report. --refine V adds, for variant V, the two
+   factor-sqrt(2) neighbours of the walk's best rate (a finer grid, for the rows a claim rests on;
+   give it to the baseline too);
 2. the best rate trained for --steps with --seeds seeds (seed 0 reuses the sweep run when the
    horizons are equal);
 3. a report (report.md), the runs (runs.jsonl) and plots under --out: final loss per seed, mean,
@@ -61,6 +63,7 @@ VARIANTS = {
     "hybrid_noise_off": ("hybrid", {"noise_adaptive": False}, LANTON_GRID, False, "2. the same with r = 1"),
     "lanton_p05": ("lanton", {"ratio_power": 0.5}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.5"),
     "lanton_p025": ("lanton", {"ratio_power": 0.25}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.25"),
+    "lanton_p075": ("lanton", {"ratio_power": 0.75}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.75"),
     "hybrid_p05": ("hybrid", {"ratio_power": 0.5}, LANTON_GRID, False, "2 + 3. the hybrid with the tempered ratio (p = 0.5)"),
     "lanton_floor": ("lanton", {**P1, "ratio_floor": 0.1}, LANTON_GRID, False, "3. ratio floor r >= 0.1"),
     "lanton_split": ("lanton", {**P1, "labels": "split"}, LANTON_GRID, False, "3. QK / VO / MLP groups instead of one hidden group"),
@@ -70,6 +73,8 @@ VARIANTS = {
                           "3. the median reference, r = min(1, (alpha/median)^0.5)"),
     "hybrid_p05_median": ("hybrid", {"ratio_power": 0.5, "ratio_stat": "median"}, LANTON_GRID, False,
                           "2 + 3. the hybrid with the median reference (p = 0.5)"),
+    "lanton_p05_nesterov": ("lanton", {"ratio_power": 0.5, "beta1": 0.95, "nesterov": True}, LANTON_GRID, False,
+                            "3. p = 0.5 with Muon's momentum (beta1 0.95, Nesterov) instead of 0.8, plain"),
     "lanton_option2": ("lanton", {**P1, "noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
 }
 
@@ -126,6 +131,11 @@ def sweep(n, run, known):
     return pts, None
 
 
+def refine_points(lr):
+    """The factor-sqrt(2) neighbours of a walk's best rate (--refine), rounded to 3 digits."""
+    return [float(f"{lr / 2 ** 0.5:.3g}"), float(f"{lr * 2 ** 0.5:.3g}")]
+
+
 class Journal:
     """Finished runs keyed by (variant, lr, steps, seed, model), appended as JSON lines."""
 
@@ -161,6 +171,8 @@ def main():
     ap.add_argument("--lr", default="", help="fixed rates that skip a variant's sweep (outside the protocol), e.g. hybrid=0.03")
     ap.add_argument("--only-seeds", default="", help="train only these seeds of the final runs (e.g. 1,2, to split "
                     "the work over workers); the others come from the journal or are reported missing")
+    ap.add_argument("--refine", default="", help="variants whose sweep also runs the factor-sqrt(2) neighbours of the "
+                    "walk's best rate, and picks the best of all (e.g. muon,lanton_p05)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "quality"))
     args = ap.parse_args()
     sweep_steps = args.sweep_steps or args.steps
@@ -171,6 +183,9 @@ def main():
     model = {k: int(v) for k, v in (kv.split("=") for kv in args.model.split(",") if kv)}
     only_seeds = {int(x) for x in args.only_seeds.split(",") if x}
     fixed = {k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(",") if kv)}
+    refine = {n for n in args.refine.split(",") if n}
+    if refine - set(names):
+        ap.error(f"--refine names variants not in --variants: {sorted(refine - set(names))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / "runs.jsonl")
@@ -208,6 +223,11 @@ def main():
             continue
         sweeps[n], problem = sweep(n, lambda lr: run(n, lr, sweep_steps, 0),
                                    lambda lr: journal.get(n, lr, sweep_steps, 0, model))
+        for lr in refine_points(best_rate(sweeps[n])) if n in refine and not problem else []:
+            if (r := run(n, lr, sweep_steps, 0)) is None:
+                problem = f"refinement unfinished ({lr:g} not run yet)"
+                break
+            sweeps[n][lr] = r
         if problem:
             missing.append(f"{n}: {problem}")
             continue
@@ -272,6 +292,8 @@ def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, 
                      f"{'-' if reach is None or not ref_reach else f'{reach / ref_reach:.2f}x'} | {summary[n]['ms_per_step']:.0f} |")
     lines += ["", f"Sweep (seed 0, {sweep_steps} steps; the rate is picked by the training loss of the last 100 steps, "
               "the validation loss is shown, not used):", ""]
+    if args.refine:
+        lines += [f"Refined (the factor-sqrt(2) neighbours of the walk's best also run): {args.refine}.", ""]
     lines += [f"- {n}: " + ", ".join(f"lr {k:g}: train {v['train']:.4f}, val {v['val']:.4f}" for k, v in d.items())
               for n, d in sweeps.items()]
     lines += ["", "Option II draws two batches per step: per sample it has seen twice the data of the others at the "

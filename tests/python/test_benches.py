@@ -157,4 +157,14 @@ def test_quality_protocol_sweeps_journals_and_resumes(tmp_path):
     out = run_bench("quality.py", *args, "--seeds", 3, "--only-seeds", "0,1")
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(runs)
     assert "muon: seed 2 left to another worker" in out and "lanton_option2: seed 2 left to another worker" in out
+    # --refine adds the factor-sqrt(2) neighbours of the walk's best to its sweep and picks the best of all.
+    walk_best = results["best_lr"]["muon"]
+    out = run_bench("quality.py", *args, "--seeds", 2, "--refine", "muon")
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    sweep = [r for r in runs if r["variant"] == "muon" and r["seed"] == 0]
+    assert {float(f"{walk_best / 2 ** 0.5:.3g}"), float(f"{walk_best * 2 ** 0.5:.3g}")} < {r["lr"] for r in sweep}
+    best = json.loads((tmp_path / "results.json").read_text())["best_lr"]["muon"]
+    assert best == min(sweep, key=lambda r: np.mean(r["train_loss"][-100:]))["lr"]
+    assert {r["lr"] for r in runs if r["variant"] == "muon" and r["seed"] == 1} >= {best}
+    assert "Refined (the factor-sqrt(2) neighbours of the walk's best also run): muon." in out
     assert (tmp_path / "val_loss.png").stat().st_size > 1000
