@@ -352,6 +352,24 @@ static_assert(sizeof(GemmArgs) == 88, "GemmArgs layout must match src/cuda/step.
 #define GEMM_TILE 64
 #define GEMM_DEPTH 16
 static_assert(BLOCK == 256 && GEMM_TILE == 4 * 16, "lanton_noise_gemm: 16 x 16 threads of 4 x 4 outputs");
+// Stages one DEPTH-deep slice of both operands' tiles in shared memory for the noise products:
+// sa[kk][r] = op(A)[i0 + r][k0 + kk], sb[kk][r] = op(B)[k0 + kk][j0 + r], zero outside the
+// matrices. e -> (kk, r) with whichever index is contiguous in memory varying fastest across
+// threads (coalesced loads). The caller syncs the block before and after reading the tiles.
+template <int DEPTH, int PAD>
+__device__ __forceinline__ void stage_tiles(const GemmArgs& p, const float* A, const float* B, int i0, int j0, int k0,
+                                            float (*sa)[PAD], float (*sb)[PAD]) {
+    for (int e = threadIdx.x; e < DEPTH * GEMM_TILE; e += blockDim.x) {
+        int kk = p.trans_a ? e % DEPTH : e / GEMM_TILE, r = p.trans_a ? e / DEPTH : e % GEMM_TILE;
+        int kp = k0 + kk, i = i0 + r;
+        sa[kk][r] = (i < p.m && kp < p.k) ? (p.trans_a ? A[kp + (long long)i * p.lda] : A[i + (long long)kp * p.lda]) : 0.f;
+        kk = p.trans_b ? e / GEMM_TILE : e % DEPTH;
+        r = p.trans_b ? e % GEMM_TILE : e / DEPTH;
+        kp = k0 + kk;
+        const int j = j0 + r;
+        sb[kk][r] = (j < p.n && kp < p.k) ? (p.trans_b ? B[j + (long long)kp * p.ldb] : B[kp + (long long)j * p.ldb]) : 0.f;
+    }
+}
 // The noise estimate's products. cuBLAS cannot skip work on a value that lives on the device,
 // so these run on our kernel, which reads the step count and returns at once unless the step
 // refreshes the noise tracker: every step enqueues the same launches (no conditional, no host
@@ -369,18 +387,7 @@ extern "C" __global__ void lanton_noise_gemm(GemmArgs p, GroupArgs g) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 16 x 16 threads: blockDim.x == BLOCK == 256
     float acc[4][4] = {};
     for (int k0 = 0; k0 < p.k; k0 += GEMM_DEPTH) {
-        // e -> (depth kk, row r of op(A)'s tile / column r of op(B)'s), with whichever of the two
-        // is contiguous in memory varying fastest across threads (coalesced loads).
-        for (int e = threadIdx.x; e < GEMM_DEPTH * GEMM_TILE; e += blockDim.x) {
-            int kk = p.trans_a ? e % GEMM_DEPTH : e / GEMM_TILE, r = p.trans_a ? e / GEMM_DEPTH : e % GEMM_TILE;
-            int kp = k0 + kk, i = i0 + r;
-            sa[kk][r] = (i < p.m && kp < p.k) ? (p.trans_a ? A[kp + (long long)i * p.lda] : A[i + (long long)kp * p.lda]) : 0.f;
-            kk = p.trans_b ? e / GEMM_TILE : e % GEMM_DEPTH;
-            r = p.trans_b ? e % GEMM_TILE : e / GEMM_DEPTH;
-            kp = k0 + kk;
-            const int j = j0 + r;
-            sb[kk][r] = (j < p.n && kp < p.k) ? (p.trans_b ? B[j + (long long)kp * p.ldb] : B[kp + (long long)j * p.ldb]) : 0.f;
-        }
+        stage_tiles<GEMM_DEPTH, GEMM_TILE + 1>(p, A, B, i0, j0, k0, sa, sb);
         __syncthreads();
         for (int kk = 0; kk < GEMM_DEPTH; ++kk) {
             float av[4], bv[4];
@@ -446,18 +453,7 @@ extern "C" __global__ void lanton_noise_gemm_tc(GemmArgs p, GroupArgs g) {
     const int wm = (warp & 1) * 32, wn = (warp >> 1) * 16;
     float acc[2][2][4] = {};
     for (int k0 = 0; k0 < p.k; k0 += TC_DEPTH) {
-        // As lanton_noise_gemm: sa[kk][r] = op(A)[i0 + r][k0 + kk], sb[kk][r] = op(B)[k0 + kk][j0 + r],
-        // zero outside the matrices, the contiguous index fastest across threads.
-        for (int e = threadIdx.x; e < TC_DEPTH * GEMM_TILE; e += blockDim.x) {
-            int kk = p.trans_a ? e % TC_DEPTH : e / GEMM_TILE, r = p.trans_a ? e / TC_DEPTH : e % GEMM_TILE;
-            int kp = k0 + kk, i = i0 + r;
-            sa[kk][r] = (i < p.m && kp < p.k) ? (p.trans_a ? A[kp + (long long)i * p.lda] : A[i + (long long)kp * p.lda]) : 0.f;
-            kk = p.trans_b ? e / GEMM_TILE : e % TC_DEPTH;
-            r = p.trans_b ? e % GEMM_TILE : e / TC_DEPTH;
-            kp = k0 + kk;
-            const int j = j0 + r;
-            sb[kk][r] = (j < p.n && kp < p.k) ? (p.trans_b ? B[j + (long long)kp * p.ldb] : B[kp + (long long)j * p.ldb]) : 0.f;
-        }
+        stage_tiles<TC_DEPTH, TC_PAD>(p, A, B, i0, j0, k0, sa, sb);
         __syncthreads();
         for (int kk = 0; kk < TC_DEPTH; kk += 8) {
             u32 a[2][4], b[2][2];
