@@ -75,6 +75,12 @@ VARIANTS = {
                           "2 + 3. the hybrid with the median reference (p = 0.5)"),
     "lanton_p05_nesterov": ("lanton", {"ratio_power": 0.5, "beta1": 0.95, "nesterov": True}, LANTON_GRID, False,
                             "3. p = 0.5 with Muon's momentum (beta1 0.95, Nesterov) instead of 0.8, plain"),
+    # The embed/vector groups' step relative to the hidden group's is the one factor the rate sweep
+    # does not move; its default (half the hidden scale) was tuned with the paper's p = 1.
+    "lanton_p05_ev1x": ("lanton", {"ratio_power": 0.5, "groups": "ev:1.0"}, LANTON_GRID, False,
+                        "3. p = 0.5 with embeddings, head and vectors at the hidden scale (default: half)"),
+    "lanton_p05_ev025x": ("lanton", {"ratio_power": 0.5, "groups": "ev:0.25"}, LANTON_GRID, False,
+                          "3. p = 0.5 with embeddings, head and vectors at a quarter of the hidden scale"),
     "lanton_option2": ("lanton", {**P1, "noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
 }
 
@@ -92,6 +98,11 @@ def make_tx(variant, lr):
         kw["labels"] = lambda params: lanton.default_labels(params, split=True)
         kw["groups"] = {g: lanton.Group("hidden") for g in ("qk", "vo", "mlp")} | {
             "hidden": lanton.Group("hidden"), "embed": lanton.Group("embed"), "vector": lanton.Group("vector")}
+    if isinstance(kw.get("groups"), str):  # "ev:F": embed and vector groups at F x the hidden scale
+        factor = float(kw["groups"].split(":")[1])
+        scale = kw.get("scale", 0.2)
+        kw["groups"] = {**lanton.DEFAULT_GROUPS, "embed": lanton.Group("embed", scale=factor * scale),
+                        "vector": lanton.Group("vector", scale=factor * scale)}
     return make(base, lr, **kw)
 
 
