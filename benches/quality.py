@@ -81,6 +81,12 @@ VARIANTS = {
                         "3. p = 0.5 with embeddings, head and vectors at the hidden scale (default: half)"),
     "lanton_p05_ev025x": ("lanton", {"ratio_power": 0.5, "groups": "ev:0.25"}, LANTON_GRID, False,
                           "3. p = 0.5 with embeddings, head and vectors at a quarter of the hidden scale"),
+    # The noise tracker's time constant (K = 10 steps between estimates, beta2 0.9: a window of about
+    # 100 steps) was tuned with p = 1; these bracket it at p = 0.5: fresher (K = 5) and smoother.
+    "lanton_p05_k5": ("lanton", {"ratio_power": 0.5, "noise_every": 5}, LANTON_GRID, False,
+                      "3. p = 0.5 with the noise estimated every 5 steps instead of 10"),
+    "lanton_p05_b2_095": ("lanton", {"ratio_power": 0.5, "beta2": 0.95}, LANTON_GRID, False,
+                          "3. p = 0.5 with the noise EMA at beta2 0.95 instead of 0.9"),
     "lanton_option2": ("lanton", {**P1, "noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
 }
 
