@@ -67,6 +67,8 @@ VARIANTS = {
     "hybrid_p05": ("hybrid", {"ratio_power": 0.5}, LANTON_GRID, False, "2 + 3. the hybrid with the tempered ratio (p = 0.5)"),
     "lanton_floor": ("lanton", {**P1, "ratio_floor": 0.1}, LANTON_GRID, False, "3. ratio floor r >= 0.1"),
     "lanton_split": ("lanton", {**P1, "labels": "split"}, LANTON_GRID, False, "3. QK / VO / MLP groups instead of one hidden group"),
+    "lanton_split_p05": ("lanton", {"ratio_power": 0.5, "labels": "split"}, LANTON_GRID, False,
+                         "3. QK / VO / MLP groups with the tempered ratio (p = 0.5)"),
     "lanton_rel": ("lanton", {**P1, "noise_relative": True}, LANTON_GRID, False, "3. noise-to-signal: H on (||G - G_prev|| / ||B||)^2"),
     "lanton_rel_p05": ("lanton", {"ratio_power": 0.5, "noise_relative": True}, LANTON_GRID, False, "3. noise-to-signal with the tempered ratio (p = 0.5)"),
     "lanton_p05_median": ("lanton", {"ratio_power": 0.5, "ratio_stat": "median"}, LANTON_GRID, False,
