@@ -54,6 +54,7 @@ except ImportError:
 LANTON_GRID = [0.015, 0.03, 0.06]
 # Every variant names its ratio power, so a journal entry keeps its meaning when lanton's default changes.
 P1 = {"ratio_power": 1.0}
+P05 = {"ratio_power": 0.5}
 # name -> (contender of optimizers.make, lanton options, learning-rate grid, Option II?, what it isolates)
 VARIANTS = {
     "muon": ("muon", {}, [0.01, 0.02, 0.04], False, "optax.contrib.muon, hidden only, tuned Adam part (the baseline)"),
@@ -61,33 +62,33 @@ VARIANTS = {
     "lanton_noise_off": ("lanton_noise_off", {}, LANTON_GRID, False, "1. lanton with r = 1 (D-Muon / Scion-like)"),
     "hybrid": ("hybrid", P1, LANTON_GRID, False, "2. lanton on hidden matrices + Muon's Adam part on the rest"),
     "hybrid_noise_off": ("hybrid", {"noise_adaptive": False}, LANTON_GRID, False, "2. the same with r = 1"),
-    "lanton_p05": ("lanton", {"ratio_power": 0.5}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.5"),
+    "lanton_p05": ("lanton", P05, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.5"),
     "lanton_p025": ("lanton", {"ratio_power": 0.25}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.25"),
     "lanton_p075": ("lanton", {"ratio_power": 0.75}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.75"),
-    "hybrid_p05": ("hybrid", {"ratio_power": 0.5}, LANTON_GRID, False, "2 + 3. the hybrid with the tempered ratio (p = 0.5)"),
+    "hybrid_p05": ("hybrid", P05, LANTON_GRID, False, "2 + 3. the hybrid with the tempered ratio (p = 0.5)"),
     "lanton_floor": ("lanton", {**P1, "ratio_floor": 0.1}, LANTON_GRID, False, "3. ratio floor r >= 0.1"),
     "lanton_split": ("lanton", {**P1, "labels": "split"}, LANTON_GRID, False, "3. QK / VO / MLP groups instead of one hidden group"),
-    "lanton_split_p05": ("lanton", {"ratio_power": 0.5, "labels": "split"}, LANTON_GRID, False,
+    "lanton_split_p05": ("lanton", {**P05, "labels": "split"}, LANTON_GRID, False,
                          "3. QK / VO / MLP groups with the tempered ratio (p = 0.5)"),
     "lanton_rel": ("lanton", {**P1, "noise_relative": True}, LANTON_GRID, False, "3. noise-to-signal: H on (||G - G_prev|| / ||B||)^2"),
-    "lanton_rel_p05": ("lanton", {"ratio_power": 0.5, "noise_relative": True}, LANTON_GRID, False, "3. noise-to-signal with the tempered ratio (p = 0.5)"),
-    "lanton_p05_median": ("lanton", {"ratio_power": 0.5, "ratio_stat": "median"}, LANTON_GRID, False,
+    "lanton_rel_p05": ("lanton", {**P05, "noise_relative": True}, LANTON_GRID, False, "3. noise-to-signal with the tempered ratio (p = 0.5)"),
+    "lanton_p05_median": ("lanton", {**P05, "ratio_stat": "median"}, LANTON_GRID, False,
                           "3. the median reference, r = min(1, (alpha/median)^0.5)"),
-    "hybrid_p05_median": ("hybrid", {"ratio_power": 0.5, "ratio_stat": "median"}, LANTON_GRID, False,
+    "hybrid_p05_median": ("hybrid", {**P05, "ratio_stat": "median"}, LANTON_GRID, False,
                           "2 + 3. the hybrid with the median reference (p = 0.5)"),
-    "lanton_p05_nesterov": ("lanton", {"ratio_power": 0.5, "beta1": 0.95, "nesterov": True}, LANTON_GRID, False,
+    "lanton_p05_nesterov": ("lanton", {**P05, "beta1": 0.95, "nesterov": True}, LANTON_GRID, False,
                             "3. p = 0.5 with Muon's momentum (beta1 0.95, Nesterov) instead of 0.8, plain"),
     # The embed/vector groups' step relative to the hidden group's is the one factor the rate sweep
     # does not move; its default (half the hidden scale) was tuned with the paper's p = 1.
-    "lanton_p05_ev1x": ("lanton", {"ratio_power": 0.5, "groups": "ev:1.0"}, LANTON_GRID, False,
+    "lanton_p05_ev1x": ("lanton", {**P05, "groups": "ev:1.0"}, LANTON_GRID, False,
                         "3. p = 0.5 with embeddings, head and vectors at the hidden scale (default: half)"),
-    "lanton_p05_ev025x": ("lanton", {"ratio_power": 0.5, "groups": "ev:0.25"}, LANTON_GRID, False,
+    "lanton_p05_ev025x": ("lanton", {**P05, "groups": "ev:0.25"}, LANTON_GRID, False,
                           "3. p = 0.5 with embeddings, head and vectors at a quarter of the hidden scale"),
     # The noise tracker's time constant (K = 10 steps between estimates, beta2 0.9: a window of about
     # 100 steps) was tuned with p = 1; these bracket it at p = 0.5: fresher (K = 5) and smoother.
-    "lanton_p05_k5": ("lanton", {"ratio_power": 0.5, "noise_every": 5}, LANTON_GRID, False,
+    "lanton_p05_k5": ("lanton", {**P05, "noise_every": 5}, LANTON_GRID, False,
                       "3. p = 0.5 with the noise estimated every 5 steps instead of 10"),
-    "lanton_p05_b2_095": ("lanton", {"ratio_power": 0.5, "beta2": 0.95}, LANTON_GRID, False,
+    "lanton_p05_b2_095": ("lanton", {**P05, "beta2": 0.95}, LANTON_GRID, False,
                           "3. p = 0.5 with the noise EMA at beta2 0.95 instead of 0.9"),
     "lanton_option2": ("lanton", {**P1, "noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
 }
