@@ -91,6 +91,8 @@ VARIANTS = {
     "lanton_p05_b2_095": ("lanton", {**P05, "beta2": 0.95}, LANTON_GRID, False,
                           "3. p = 0.5 with the noise EMA at beta2 0.95 instead of 0.9"),
     "lanton_option2": ("lanton", {**P1, "noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
+    "lanton_p05_option2": ("lanton", {**P05, "noise_every": 1}, LANTON_GRID, True,
+                           "Option II at p = 0.5: noise from a second gradient every step (2x samples)"),
 }
 
 
