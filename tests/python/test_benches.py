@@ -196,6 +196,51 @@ def test_corpus_from_a_copied_texts_folder(tmp_path, monkeypatch):
         load_corpus()
 
 
+def test_corpus_from_another_text_by_pattern(tmp_path, monkeypatch):
+    """The held-out-text check trains on other files (LANTON_CORPUS_GLOB): they are read in sorted
+    order, concatenated and split 90/10 like the plays; files outside the pattern are left out."""
+    sys.path.insert(0, str(BENCHES))
+    try:
+        from gpt import load_corpus
+    finally:
+        sys.path.remove(str(BENCHES))
+    (tmp_path / "b.txt").write_bytes(bytes(range(40, 90)))
+    (tmp_path / "a.txt").write_bytes(bytes(range(100, 150)))
+    (tmp_path / "c.rst").write_bytes(b"left out")
+    monkeypatch.setenv("LANTON_CORPUS_TEXTS", str(tmp_path))
+    monkeypatch.setenv("LANTON_CORPUS_GLOB", "*.txt")
+    train, val = load_corpus()
+    whole = bytes(range(100, 150)) + bytes(range(40, 90))
+    assert train.tobytes() == whole[:90] and val.tobytes() == whole[90:]
+    monkeypatch.setenv("LANTON_CORPUS_GLOB", "*.md")
+    with pytest.raises(RuntimeError, match="no \\*.md in"):
+        load_corpus()
+
+
+def test_quality_on_another_text_with_fixed_rates_keeps_its_own_journal(tmp_path):
+    """The held-out-text check (quality_other_text): fixed rates, another corpus named in the report
+    and in every run; a journal of one corpus refuses runs on another instead of mixing them."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("one.txt", "two.txt"):
+        (texts / name).write_bytes(rng.integers(32, 127, 40_000, dtype=np.uint8).tobytes())
+    out = tmp_path / "out"
+    args = [sys.executable, str(BENCHES / "quality.py"), "--steps", "4", "--eval-every", "2", "--seeds", "1",
+            "--variants", "muon,lanton_p05", "--lr", "muon=0.01,lanton_p05=0.02", "--out", str(out)]
+    other = bench_env(LANTON_CORPUS_TEXTS=str(texts), LANTON_CORPUS_GLOB="*.txt")
+    proc = subprocess.run(args, cwd=BENCHES, env=other, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert f"Text of `{texts}/*.txt`, byte-level GPT" in report and "Learning rates fixed (no sweep)" in report
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["corpus"]) for r in runs] == [("muon", f"{texts}/*.txt"), ("lanton_p05", f"{texts}/*.txt")]
+    plays = bench_env()
+    plays.pop("LANTON_CORPUS_TEXTS", None), plays.pop("LANTON_CORPUS_GLOB", None)
+    proc = subprocess.run(args, cwd=BENCHES, env=plays, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "these train on Shakespeare: give them another --out" in proc.stderr
+
+
 @needs_corpus
 def test_gpt2_point_script_and_a_second_report_from_one_journal(tmp_path):
     """benches/gpt2_point.sh end to end on a tiny model (its knobs), then --journal: a report in
