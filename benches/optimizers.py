@@ -57,6 +57,6 @@ def make(name, lr, adam_lr=3e-3, **lanton_kw):
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-# Rates for runs without a sweep: lanton's default; noise-off lanton's best at 500 steps (0.015; at
+# Rates for runs without a sweep: lanton's default (median reference); noise-off lanton's best at 500 steps (0.015; at
 # 1500 steps 0.0075, benches/results/quality*), r = 1 wants a smaller step than lanton's least noisy layer.
-DEFAULT_LR = {"lanton": 0.03, "lanton_noise_off": 0.015, "muon": 0.02, "muon_default": 0.02, "adamw": 3e-3}
+DEFAULT_LR = {"lanton": 0.0075, "lanton_noise_off": 0.015, "muon": 0.02, "muon_default": 0.02, "adamw": 3e-3}

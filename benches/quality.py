@@ -53,9 +53,10 @@ except ImportError:
     tqdm = None
 
 LANTON_GRID = [0.015, 0.03, 0.06]
-# Every variant names its ratio power, so a journal entry keeps its meaning when lanton's default changes.
-P1 = {"ratio_power": 1.0}
-P05 = {"ratio_power": 0.5}
+# Every variant names its ratio power and reference statistic, so a journal entry keeps its
+# meaning when lanton's defaults change (they did: ratio_power 1 -> 0.5, ratio_stat max -> median).
+P1 = {"ratio_power": 1.0, "ratio_stat": "max"}
+P05 = {"ratio_power": 0.5, "ratio_stat": "max"}
 # name -> (contender of optimizers.make, lanton options, learning-rate grid, Option II?, what it isolates)
 VARIANTS = {
     "muon": ("muon", {}, [0.01, 0.02, 0.04], False, "optax.contrib.muon, hidden only, tuned Adam part (the baseline)"),
@@ -64,8 +65,8 @@ VARIANTS = {
     "hybrid": ("hybrid", P1, LANTON_GRID, False, "2. lanton on hidden matrices + Muon's Adam part on the rest"),
     "hybrid_noise_off": ("hybrid", {"noise_adaptive": False}, LANTON_GRID, False, "2. the same with r = 1"),
     "lanton_p05": ("lanton", P05, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.5"),
-    "lanton_p025": ("lanton", {"ratio_power": 0.25}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.25"),
-    "lanton_p075": ("lanton", {"ratio_power": 0.75}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.75"),
+    "lanton_p025": ("lanton", {**P05, "ratio_power": 0.25}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.25"),
+    "lanton_p075": ("lanton", {**P05, "ratio_power": 0.75}, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.75"),
     "hybrid_p05": ("hybrid", P05, LANTON_GRID, False, "2 + 3. the hybrid with the tempered ratio (p = 0.5)"),
     "lanton_floor": ("lanton", {**P1, "ratio_floor": 0.1}, LANTON_GRID, False, "3. ratio floor r >= 0.1"),
     "lanton_split": ("lanton", {**P1, "labels": "split"}, LANTON_GRID, False, "3. QK / VO / MLP groups instead of one hidden group"),
@@ -329,8 +330,9 @@ def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, 
         lines.append(f"| {n} | {VARIANTS[n][4]} | {best[n]:g} | {len(runs)} | {np.mean(fin):.4f} | {f'{max(fin) - min(fin):.4f}' if len(fin) > 1 else '-'} | "
                      f"{', '.join(f'{v:.4f}' for v in fin)} | {', '.join(fmt(s) for s in per_seed)} | {fmt(reach)} | "
                      f"{'-' if reach is None or not ref_reach else f'{reach / ref_reach:.2f}x'} | {summary[n]['ms_per_step']:.0f} |")
-    lines += ["", f"Sweep (seed 0, {sweep_steps} steps; the rate is picked by the training loss of the last 100 steps, "
-              "the validation loss is shown, not used):", ""]
+    if sweeps:
+        lines += ["", f"Sweep (seed 0, {sweep_steps} steps; the rate is picked by the training loss of the last 100 steps, "
+                  "the validation loss is shown, not used):", ""]
     if args.refine:
         lines += [f"Refined (the factor-sqrt(2) neighbours of the walk's best also run): {args.refine}.", ""]
     lines += [f"- {n}: " + ", ".join(f"lr {k:g}: train {v['train']:.4f}, val {v['val']:.4f}" for k, v in d.items())

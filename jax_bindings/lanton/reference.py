@@ -6,8 +6,9 @@ One step for the layers l of a group (Hao et al., arXiv 2510.14009; ../shared/AL
     B   = b1*B + (1-b1)*G
     H   = b2*H + (1-b2)*dual_norm(G - G_prev)^2       on noise steps (t % K == 0, t >= 2)
           (option noise_relative: dual_norm(G - G_prev) / dual_norm(B) in its place)
-    r_l = alpha_l / max_j alpha_j,  alpha = (H + eps)^(-1/2)   (valid layers; else 1)
-    r_l = max(r_min, r_l^p)                                      (options; default p = 1, r_min = 0)
+    r_l = alpha_l / stat_j alpha_j,  alpha = (H + eps)^(-1/2)  (valid layers; else 1)
+    r_l = max(r_min, r_l^p), capped at 1 for stat = median       (StepConfig's defaults: median,
+                                                                  p = 0.5, r_min = 0; the paper's: max, p = 1)
     X  <- X - lr*(wd*X + s(shape)*r_l*D(B))
 """
 

@@ -43,12 +43,12 @@ def test_convergence_writes_report_json_and_plots(tmp_path):
     assert "Verdict:" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["runs"]) == {"lanton", "muon"}
-    assert results["best_lr"] == {"lanton": 0.03, "muon": 0.02}  # the default rates: no sweep ran
+    assert results["best_lr"] == {"lanton": 0.0075, "muon": 0.02}  # the default rates: no sweep ran
     lanton_run = results["runs"]["lanton"][0]
     assert lanton_run["val_step"] == [2, 4] and len(lanton_run["val_loss"]) == 2
     assert lanton_run["stats"], "lanton's per-layer noise and ratio were not recorded"
     report = (tmp_path / "report.md").read_text()
-    assert "| lanton | 0.03 |" in report and "| muon | 0.02 |" in report
+    assert "| lanton | 0.0075 |" in report and "| muon | 0.02 |" in report
     for png in ("val_loss.png", "lanton_noise.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
@@ -91,6 +91,8 @@ def test_step_time_table_and_json(tmp_path):
 def test_demo_trains_both_in_lockstep_and_prints_the_ratio(tmp_path):
     out = run_bench("demo.py", "--steps", 4, "--out", tmp_path / "demo.json")
     assert "lanton / muon time per training step" in out
+    rows = [line.split()[:2] for line in out.splitlines()]
+    assert ["lanton", "0.015"] in rows and ["muon", "0.02"] in rows  # each one's short-horizon rate
     results = json.loads((tmp_path / "demo.json").read_text())
     assert set(results) == {"lanton", "muon"}
     for h in results.values():
@@ -250,13 +252,13 @@ def test_gpt2_point_script_and_a_second_report_from_one_journal(tmp_path):
     proc = subprocess.run(["bash", str(BENCHES / "gpt2_point.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = [json.loads(line) for line in (tmp_path / "point" / "runs.jsonl").read_text().splitlines()]
-    assert {(r["variant"], r["lr"], r["seed"]) for r in runs} == {("muon", 0.005, 0), ("lanton_p05", 0.015, 0)}
+    assert {(r["variant"], r["lr"], r["seed"]) for r in runs} == {("muon", 0.005, 0), ("lanton_p05_median", 0.005, 0)}
     assert all(r["model"] == {"layers": 1, "d": 32, "heads": 2, "ctx": 16} and r["steps"] == 4 for r in runs)
     report = (tmp_path / "point" / "report.md").read_text()
     assert f"cpu ({__import__('jax').devices()[0].device_kind})" in report
-    out = run_bench("quality.py", "--variants", "lanton_p05", "--model", "layers=1,d=32,heads=2,ctx=16", "--steps", 4,
-                    "--seeds", 1, "--lr", "lanton_p05=0.015", "--budget-minutes", 0, "--out", tmp_path / "second",
+    out = run_bench("quality.py", "--variants", "lanton_p05_median", "--model", "layers=1,d=32,heads=2,ctx=16", "--steps", 4,
+                    "--seeds", 1, "--lr", "lanton_p05_median=0.005", "--budget-minutes", 0, "--out", tmp_path / "second",
                     "--journal", tmp_path / "point" / "runs.jsonl")
     assert "**Partial:**" not in out and not (tmp_path / "second" / "runs.jsonl").exists()
-    assert json.loads((tmp_path / "second" / "results.json").read_text())["summary"]["lanton_p05"]["finals"] == \
-        [next(r for r in runs if r["variant"] == "lanton_p05")["val_loss"][-1]]
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["summary"]["lanton_p05_median"]["finals"] == \
+        [next(r for r in runs if r["variant"] == "lanton_p05_median")["val_loss"][-1]]
