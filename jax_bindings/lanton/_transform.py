@@ -541,8 +541,8 @@ def lanton(
         "median" (the default, ours) caps r at 1 (the quieter half steps at the base rate): one
         layer whose gradient fades (H -> 0) then sets no one's rate, as it does under the
         paper's "max" (a dying MLP in block 0 became the reference and throttled every hidden
-        layer to r ~ 0.05-0.2: one hybrid seed on the plays, both seeds of plain lanton on
-        another text, benches/results/quality and quality_other_text).
+        layer to r ~ 0.05-0.2: one hybrid seed on the plays, all three seeds of plain lanton
+        on another text, benches/results/quality and quality_other_text).
       ratio_eps: epsilon in alpha = (H + eps)^(-1/2) (default 1e-30).
       ratio_power, ratio_floor: ratio shaping (our option): r = max(r_min, (alpha / stat(alpha))^p).
         Defaults None mean p = 0.5, r_min = 0 (None, so that `optax.inject_hyperparams` leaves
