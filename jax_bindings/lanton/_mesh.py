@@ -12,8 +12,9 @@ The divided step (`split_group_step`), inside `jax.shard_map` over the mesh axes
     the kernel's per-layer trackers are all-gathered (a few floats per layer); every device
         forms the group's ratios r from them as one device would (to f32 round-off: the
         reference's f32 formula, where the kernels use f64)
-    the directions go back to the shards by the reverse all_to_all, and each device applies
-        delta = -lr * (wd * X + r * D) to its own shards
+    the directions s * D go back to the shards by the reverse all_to_all, and each device
+        applies delta = -lr * (wd * X + r * (s * D)) to its own shards, in the kernels' order of
+        f32 operations (step::Write: the bf16 parameters stored are one device's)
 
 No parameter is gathered whole: per device the temporaries are about 1/N of the group plus
 the padding of each class to a multiple of N layers. Pad layers carry a non-finite gradient,
@@ -173,6 +174,8 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place)
             r_here = jax.lax.dynamic_slice_in_dim(r, me * (L // devices), L // devices) if how == LAYERS else r
             x = p.reshape(g.shape).astype(jnp.float32)
             ok = (bad == 0)[:, None, None]
+            # d = s * D from the owner; then the kernels' order (step::Write), so the f32
+            # rounding, and the bf16 parameters stored, are one device's.
             delta = jnp.where(ok, -lr * (wd * x + r_here[:, None, None] * d), 0.0)
             out = jnp.where(ok, x + delta, x) if in_place else delta
             results.append((out.astype(p.dtype).reshape(p.shape), mom.reshape(big[1].shape), prev.reshape(big[2].shape),

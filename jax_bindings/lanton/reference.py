@@ -9,7 +9,7 @@ One step for the layers l of a group (Hao et al., arXiv 2510.14009; ../shared/AL
     r_l = alpha_l / stat_j alpha_j,  alpha = (H + eps)^(-1/2)  (valid layers; else 1)
     r_l = max(r_min, r_l^p), capped at 1 for stat = median       (StepConfig's defaults: median,
                                                                   p = 0.5, r_min = 0; the paper's: max, p = 1)
-    X  <- X - lr*(wd*X + s(shape)*r_l*D(B))
+    X  <- X - lr*(wd*X + r_l*(s(shape)*D(B)))
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
         d = direction(config, v)
         x = param.astype(f32)
         s = update_scale(config.kind, scale, param.shape)
-        delta = -lr * (wd * x + s * r[:, None, None] * d)
+        delta = -lr * (wd * x + r[:, None, None] * (s * d))  # the kernels' order (step::Write)
         delta = jnp.where(finite[:, None, None], delta, 0.0)
         out = (x + delta) if in_place else delta
         if in_place:

@@ -30,23 +30,25 @@ impl ParamIo<'_> {
         }
     }
 
-    /// Writes delta = step_d * D + step_x * X (D in `d`; X is read into `x`) as the update, or
-    /// X + delta into the parameters. A skipped piece gets a zero update and keeps X.
-    fn write_step(&mut self, skipped: bool, d: &mut [f32], x: &mut [f32], step_d: f32, step_x: f32) {
-        match self {
-            ParamIo::Update { update, .. } if skipped => {
+    /// Writes delta = `w.delta(D, X)` (D in `d`; X is read into `x`) as the update, or X + delta
+    /// into the parameters. A skipped piece (`w` None) gets a zero update and keeps X.
+    fn write_step(&mut self, w: Option<&step::Write>, d: &mut [f32], x: &mut [f32]) {
+        let Some(w) = w else {
+            if let ParamIo::Update { update, .. } = self {
                 d.fill(0.0);
                 update.write(0, d);
             }
-            ParamIo::InPlace { .. } if skipped => {}
+            return;
+        };
+        match self {
             ParamIo::Update { param, update } => {
                 param.read(0, x);
-                d.iter_mut().zip(x.iter()).for_each(|(d, &x)| *d = step_d * *d + step_x * x);
+                d.iter_mut().zip(x.iter()).for_each(|(d, &x)| *d = w.delta(*d, x));
                 update.write(0, d);
             }
             ParamIo::InPlace { param } => {
                 param.read(0, x);
-                d.iter_mut().zip(x.iter()).for_each(|(d, &x)| *d = x + step_d * *d + step_x * x);
+                d.iter_mut().zip(x.iter()).for_each(|(d, &x)| *d = x + w.delta(*d, x));
                 param.write(0, d);
             }
         }
@@ -268,7 +270,7 @@ fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch
     }
 }
 
-/// Phase 3 for one layer: delta = -lr * (wd * X + s * r * D(B)), written as the update or
+/// Phase 3 for one layer: delta = -lr * (wd * X + r * (s * D(B))), written as the update or
 /// into the parameters.
 fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
     if cfg.kind == Kind::Embed {
@@ -277,7 +279,7 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
     let shape = layer.shape;
     s.fit(shape.layer_len());
     if layer.skipped {
-        return layer.params.write_step(true, &mut s.d, &mut s.g, 0.0, 0.0);
+        return layer.params.write_step(None, &mut s.d, &mut s.g);
     }
     layer.momentum.read(0, &mut s.b);
     if cfg.nesterov {
@@ -287,9 +289,8 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
         s.v.copy_from_slice(&s.b);
     }
     direction(cfg, &s.v, &shape, &mut s.d, &mut s.ns);
-    let scale = step::update_scale(cfg.kind, h.scale, &shape);
-    let (step_d, step_x) = (-h.lr * scale * *layer.ratio, -h.lr * h.weight_decay);
-    layer.params.write_step(false, &mut s.d, &mut s.g, step_d, step_x);
+    let write = step::Write::new(cfg.kind, h, &shape, *layer.ratio);
+    layer.params.write_step(Some(&write), &mut s.d, &mut s.g);
 }
 
 /// Embedding layers (sign direction, l1 noise: elementwise work and sums) go through in pieces
@@ -356,11 +357,10 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
     }
 }
 
-/// `apply` for an embed layer, piece by piece: delta = -lr * (wd * X + s * r * sign(B)).
+/// `apply` for an embed layer, piece by piece: delta = -lr * (wd * X + r * (s * sign(B))).
 fn apply_elementwise(cfg: &StepConfig, h: &Hyper, layer: &mut Layer) {
     use rayon::prelude::*;
-    let scale = step::update_scale(cfg.kind, h.scale, &layer.shape);
-    let (step_d, step_x) = (-h.lr * scale * *layer.ratio, -h.lr * h.weight_decay);
+    let write = step::Write::new(cfg.kind, h, &layer.shape, *layer.ratio);
     let (skipped, nesterov, beta1) = (layer.skipped, cfg.nesterov, h.beta1);
     let moms = layer.momentum.as_ref().chunks(CHUNK);
     let grads = layer.grad.chunks(CHUNK);
@@ -378,6 +378,6 @@ fn apply_elementwise(cfg: &StepConfig, h: &Hyper, layer: &mut Layer) {
             }
             kernels::sign(b, d);
         }
-        piece.write_step(skipped, d, g, step_d, step_x);
+        piece.write_step((!skipped).then_some(&write), d, g);
     });
 }

@@ -510,7 +510,7 @@ extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
                 store(a.out, a.dt_param, base + i, 0.f);
         return;
     }
-    const float step_d = -lr * g.hyper[4] * a.shape_scale * r, step_x = -lr * wd;
+    const float s = g.hyper[4] * a.shape_scale;  // update_scale
     float inv_rms = 0.f;
     if (g.kind == KIND_VECTOR) {
         float rms = (float)sqrt(acc[ACC_V2]) / sqrtf((float)a.layer_len);
@@ -526,7 +526,7 @@ extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
             d = g.kind == KIND_EMBED ? (v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f)) : v * inv_rms;
         }
         float x = load(a.param, a.dt_param, base + i);
-        float delta = step_d * d + step_x * x;
+        float delta = -lr * (wd * x + r * (s * d));  // step::Write's order
         store(a.out, a.dt_param, base + i, a.in_place ? x + delta : delta);
     }
 }

@@ -16,7 +16,7 @@
 //! stat = median (option): r_l = min(1, shaped r_l), so no single quiet layer sets everyone's rate
 //! for every layer l:
 //!   V = nesterov ? b1*B + (1-b1)*G : B
-//!   delta = -lr * (wd*X + s(kind, shape) * r_l * D_kind(V))
+//!   delta = -lr * (wd*X + r_l * (s(kind, shape) * D_kind(V)))    (this order on every path: `Write`)
 //! ```
 
 use std::fmt;
@@ -238,6 +238,31 @@ impl Hyper {
             return Err(format!("hyper must hold {HYPER_LEN} values (lr, beta1, beta2, weight_decay, scale), got {}", h.len()));
         }
         Ok(Hyper { lr: h[0], beta1: h[1], beta2: h[2], weight_decay: h[3], scale: h[4] })
+    }
+}
+
+/// The write-out of one layer: delta = -lr * (wd * X + r * (s * D)), evaluated in this order,
+/// element by element, by every backend, the pure-JAX reference and the work split of
+/// `lanton._mesh` (which forms s * D on the layer's owner, then the rest once the group's ratios
+/// are known): the same order gives the same f32 rounding, so a split run stores the same bf16
+/// parameters as one device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Write {
+    pub lr: f32,
+    pub weight_decay: f32,
+    /// s(kind, shape): `update_scale`.
+    pub scale: f32,
+    pub ratio: f32,
+}
+
+impl Write {
+    pub fn new(kind: Kind, h: &Hyper, shape: &LayerShape, ratio: f32) -> Write {
+        Write { lr: h.lr, weight_decay: h.weight_decay, scale: update_scale(kind, h.scale, shape), ratio }
+    }
+
+    #[inline]
+    pub fn delta(&self, d: f32, x: f32) -> f32 {
+        -self.lr * (self.weight_decay * x + self.ratio * (self.scale * d))
     }
 }
 
