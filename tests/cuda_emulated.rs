@@ -1,5 +1,5 @@
 //! The CUDA step without a GPU: kernels.cu is compiled for the host with an emulation header
-//! (tests/cuda_emu: one OS thread per CUDA thread, barriers for __syncthreads and warp shuffles)
+//! (tests/cuda_emu: one fiber per CUDA thread, barriers for __syncthreads and warp shuffles)
 //! and driven by the real launch plan and `enqueue_on` (src/cuda/step.rs), the plan laid out in
 //! the call's scratch result (sized by `lanton_cuda_scratch_bytes`, as the Python shim does),
 //! with a naive column-major strided-batched GEMM standing in for cuBLAS. Results must match the CPU

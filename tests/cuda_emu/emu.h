@@ -1,16 +1,19 @@
 // Host emulation of the CUDA features src/cuda/kernels.cu uses, so its kernels can run on a
-// CPU in tests (tests/cuda_emulated.rs): each block runs with one OS thread per CUDA thread,
-// __syncthreads is a block barrier, warp shuffles go through a per-warp barrier, atomics take a
-// lock. Blocks run one after another (the kernels never rely on inter-block order).
+// CPU in tests (tests/cuda_emulated.rs): each block runs with one fiber (ucontext) per CUDA
+// thread, all on the calling OS thread; __syncthreads is a block barrier, warp shuffles go
+// through a per-warp barrier, and a fiber that waits at a barrier yields to the next one.
+// Blocks run one after another (the kernels never rely on inter-block order). Fibers, not OS
+// threads: a barrier then costs two context switches per thread instead of waking hundreds of
+// threads on a 2-core machine (the suite took minutes with threads).
 #pragma once
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <ucontext.h>
 #include <vector>
 
 #define LANTON_EMULATE 1
@@ -20,16 +23,40 @@
 #define __shared__ static
 
 struct emu_dim3 { unsigned x = 1, y = 1, z = 1; };
-inline thread_local emu_dim3 threadIdx, blockIdx;
-inline emu_dim3 blockDim, gridDim;
-inline std::unique_ptr<std::barrier<>> emu_block_barrier;
-inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
-inline double emu_shfl[1024];
-inline std::mutex emu_atomic_lock;
+// The launch in progress (one at a time: launch.cpp holds a lock), and the running fiber's
+// coordinates; the scheduler sets threadIdx before it switches to a fiber.
+inline emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+// Cooperative fibers: the scheduler (emu_run) resumes each unfinished fiber in turn; a fiber
+// runs until it waits at a barrier (emu_yield) or ends.
+struct emu_fiber { ucontext_t ctx; bool done; };
+inline ucontext_t emu_scheduler;
+inline std::vector<emu_fiber> emu_fibers;
+inline unsigned emu_current;
+inline void emu_yield() { swapcontext(&emu_fibers[emu_current].ctx, &emu_scheduler); }
+
+// A barrier of n fibers: the last to arrive opens it (a new generation) and goes on; the
+// others yield until they see the generation change.
+struct emu_barrier {
+    unsigned n, arrived = 0;
+    unsigned long generation = 0;
+    void arrive_and_wait() {
+        const unsigned long mine = generation;
+        if (++arrived == n) {
+            arrived = 0;
+            ++generation;
+            return;
+        }
+        while (generation == mine) emu_yield();
+    }
+};
+inline emu_barrier emu_block_barrier;
+inline std::vector<emu_barrier> emu_warp_barriers;
+inline double emu_shfl[1024];
+
+inline void __syncthreads() { emu_block_barrier.arrive_and_wait(); }
 template <class T> T __shfl_down_sync(unsigned, T v, int o) {
-    auto& bar = *emu_warp_barriers[threadIdx.x / 32];
+    auto& bar = emu_warp_barriers[threadIdx.x / 32];
     emu_shfl[threadIdx.x] = (double)v;
     bar.arrive_and_wait();
     unsigned lane = threadIdx.x & 31, src = threadIdx.x + o;
@@ -37,8 +64,8 @@ template <class T> T __shfl_down_sync(unsigned, T v, int o) {
     bar.arrive_and_wait();
     return r;
 }
+// Fibers switch only at barriers, so a read-modify-write is atomic as it stands.
 inline double atomicAdd(double* p, double v) {
-    std::lock_guard<std::mutex> g(emu_atomic_lock);
     double old = *p;
     *p = old + v;
     return old;
@@ -65,7 +92,7 @@ inline uint32_t emu_to_tf32(float x) {
 // rounding of the sum are its own: tests allow for that).
 inline uint32_t emu_mma_a[1024][4], emu_mma_b[1024][2];
 inline void emu_mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    auto& bar = *emu_warp_barriers[threadIdx.x / 32];
+    auto& bar = emu_warp_barriers[threadIdx.x / 32];
     const unsigned base = threadIdx.x & ~31u, lane = threadIdx.x & 31u, g = lane >> 2, q = lane & 3u;
     for (int i = 0; i < 4; ++i) emu_mma_a[threadIdx.x][i] = a[i];
     for (int i = 0; i < 2; ++i) emu_mma_b[threadIdx.x][i] = b[i];
@@ -83,27 +110,52 @@ inline void emu_mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t
     for (unsigned e = 0; e < 4; ++e) d[e] = out[e];
 }
 
-// Runs `body` for every block of the grid with `block` threads each. The block's threads are
+// Runs `body` for every block of the grid with `block` threads each. The block's fibers are
 // started once per launch and walk the blocks together (a barrier between blocks keeps them one
 // at a time, as the __shared__ statics require).
+inline void (*emu_entry)(void*);
+inline void* emu_entry_arg;
+inline void emu_fiber_main() {
+    emu_entry(emu_entry_arg);
+    emu_fibers[emu_current].done = true;  // uc_link returns to the scheduler
+}
+
 template <class F> void emu_run(unsigned gx, unsigned gy, unsigned block, F body) {
+    constexpr size_t stack_bytes = 256 * 1024;  // the kernels' locals are a few hundred bytes
+    static std::vector<std::unique_ptr<char[]>> stacks;  // kept across launches
+    while (stacks.size() < block) stacks.push_back(std::make_unique<char[]>(stack_bytes));
     blockDim = {block, 1, 1};
     gridDim = {gx, gy, 1};
-    emu_block_barrier = std::make_unique<std::barrier<>>(block);
+    emu_block_barrier = emu_barrier{block};
     emu_warp_barriers.clear();
-    for (unsigned w = 0; w < (block + 31) / 32; ++w)
-        emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - 32 * w)));
-    std::barrier<> between_blocks(block);
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < block; ++t)
-        threads.emplace_back([&, t] {
+    for (unsigned w = 0; w < (block + 31) / 32; ++w) emu_warp_barriers.push_back(emu_barrier{std::min(32u, block - 32 * w)});
+    emu_barrier between_blocks{block};
+    auto walk = [&] {
+        for (unsigned by = 0; by < gy; ++by)
+            for (unsigned bx = 0; bx < gx; ++bx) {
+                blockIdx = {bx, by, 1};
+                body();
+                between_blocks.arrive_and_wait();
+            }
+    };
+    emu_entry = [](void* w) { (*static_cast<decltype(walk)*>(w))(); };
+    emu_entry_arg = &walk;
+    emu_fibers.assign(block, emu_fiber{});
+    for (unsigned t = 0; t < block; ++t) {
+        auto& f = emu_fibers[t];
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = stacks[t].get();
+        f.ctx.uc_stack.ss_size = stack_bytes;
+        f.ctx.uc_link = &emu_scheduler;
+        makecontext(&f.ctx, emu_fiber_main, 0);
+    }
+    for (unsigned left = block; left > 0;)
+        for (unsigned t = 0; t < block; ++t) {
+            if (emu_fibers[t].done) continue;
+            emu_current = t;
+            // blockIdx is the same for every fiber at a time (they walk the blocks together).
             threadIdx = {t, 0, 0};
-            for (unsigned by = 0; by < gy; ++by)
-                for (unsigned bx = 0; bx < gx; ++bx) {
-                    blockIdx = {bx, by, 1};
-                    body();
-                    between_blocks.arrive_and_wait();
-                }
-        });
-    for (auto& t : threads) t.join();
+            swapcontext(&emu_scheduler, &emu_fibers[t].ctx);
+            if (emu_fibers[t].done) --left;
+        }
 }
