@@ -22,10 +22,10 @@ LIB_NAME = "liblanton.dylib" if sys.platform == "darwin" else "liblanton.so"
 
 
 def built_library() -> Path:
-    for p in (ROOT / "target" / "release" / LIB_NAME, BINDINGS / "lanton" / "_lib" / LIB_NAME):
-        if p.is_file():
-            return p
-    pytest.skip("liblanton not built")
+    """The library this interpreter's lanton loads: the one setup.py bundled from cargo's report."""
+    if not lanton.kernels_available():
+        pytest.skip("liblanton not built")
+    return Path(lanton.library_info()["path"])
 
 
 def test_versions_agree():
@@ -38,7 +38,9 @@ def test_versions_agree():
 
 
 def test_declared_jax_range_is_the_tested_range():
-    """pyproject's lower bounds are the versions scripts/test_oldest.sh tests; the main pins are in range."""
+    """pyproject's lower bounds are the versions `scripts/test_versions.sh oldest` tests; the main
+    pins are in range, and the newest pass's pins (`scripts/test_versions.sh newest`) are no older;
+    pyproject's comment names both ends."""
     deps = tomllib.loads((BINDINGS / "pyproject.toml").read_text())["project"]["dependencies"]
     lower = dict(re.fullmatch(r"([\w-]+)>=([\d.]+)", d).groups() for d in deps if ">=" in d)
 
@@ -47,10 +49,14 @@ def test_declared_jax_range_is_the_tested_range():
         return dict(re.fullmatch(r"([\w-]+)==([\d.]+)", ln.split("#")[0].strip()).groups()
                     for ln in lines if "==" in ln.split("#")[0])
 
-    oldest, newest = pins("requirements-oldest.txt"), pins("requirements.txt")
+    version = lambda v: tuple(map(int, v.split(".")))
+    oldest, main, newest = pins("requirements-oldest.txt"), pins("requirements.txt"), pins("requirements-newest.txt")
+    comment = (BINDINGS / "pyproject.toml").read_text()
     for pkg in ("jax", "jaxlib", "optax"):
         assert oldest[pkg] == lower[pkg], (pkg, oldest[pkg], lower[pkg])
-        assert tuple(map(int, newest[pkg].split("."))) >= tuple(map(int, lower[pkg].split(".")))
+        assert version(main[pkg]) >= version(lower[pkg])
+        assert version(newest[pkg]) >= version(main[pkg])
+    assert newest["jax"] in comment and oldest["jax"] in comment and main["jax"] in comment
 
 
 def staged_sources(tmp_path) -> Path:
@@ -112,3 +118,64 @@ def test_wheel_is_platform_tagged_clean_and_runs_without_cargo(tmp_path):
     lib_path = Path(re.search(r"^LIB (.*)$", run.stdout, re.M).group(1))
     assert lib_path.is_relative_to(target), run.stdout
     assert Path(re.search(r"^FILE (.*)$", run.stdout, re.M).group(1)).is_relative_to(target), run.stdout
+
+
+def load_setup_py():
+    """jax_bindings/setup.py as a module (its setup() runs only as __main__)."""
+    import runpy
+    return runpy.run_path(str(BINDINGS / "setup.py"), run_name="lanton_setup")
+
+
+def test_cargo_build_returns_the_library_where_cargo_put_it(tmp_path, monkeypatch):
+    """With CARGO_TARGET_DIR set, the package bundles the library cargo built there, not a file
+    in the crate's own target/ (real cargo; the target folder is a hard-linked copy of this
+    checkout's release build, so cargo finds it fresh and builds nothing)."""
+    if shutil.which("cargo") is None or not (ROOT / "target" / "release" / LIB_NAME).is_file():
+        pytest.skip("needs cargo and a release build in target/")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copied = subprocess.run(["cp", "-al", str(ROOT / "target" / "release"), str(elsewhere / "release")])
+    assert copied.returncode == 0
+    monkeypatch.setenv("CARGO_TARGET_DIR", str(elsewhere))
+    built = load_setup_py()["cargo_build_library"]()
+    assert built == elsewhere / "release" / LIB_NAME and built.is_file()
+
+
+def test_build_bundles_what_cargo_reports_and_never_a_stale_target_copy(tmp_path):
+    """setup.py's build step copies the file named by cargo's own report into lanton/_lib/, with
+    a stale library waiting in the crate's target/release/ (a stand-in cargo on PATH prints the
+    report of a build into CARGO_TARGET_DIR); a report without the library is an error, by name."""
+    setuptools = pytest.importorskip("setuptools")
+    src = staged_sources(tmp_path)  # tmp_path/src: the crate folder is tmp_path
+    (src / "lanton" / "_lib" / LIB_NAME).unlink()
+    (tmp_path / "target" / "release").mkdir(parents=True)
+    (tmp_path / "target" / "release" / LIB_NAME).write_bytes(b"stale")
+    fake = tmp_path / "bin" / "cargo"
+    fake.parent.mkdir()
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, pathlib, sys
+        assert sys.argv[1:] == ["build", "--release", "--lib", "--message-format=json-render-diagnostics"], sys.argv
+        out = pathlib.Path(os.environ["CARGO_TARGET_DIR"]) / "release"
+        out.mkdir(parents=True, exist_ok=True)
+        files = []
+        if os.environ.get("FAKE_CARGO_LIB", "1") == "1":
+            (out / "{LIB_NAME}").write_bytes(b"fresh from cargo")
+            files = [str(out / "{LIB_NAME}"), str(out / "liblanton.rlib")]
+        print(json.dumps({{"reason": "compiler-artifact", "target": {{"kind": ["cdylib", "rlib"]}}, "filenames": files}}))
+        print(json.dumps({{"reason": "build-finished", "success": True}}))
+    """))
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+           "CARGO_TARGET_DIR": str(tmp_path / "elsewhere")}
+    env.pop("LANTON_SKIP_CARGO", None)
+    build = lambda: subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "build")],
+                                   cwd=src, env=env, capture_output=True, text=True, timeout=300)
+    proc = build()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (src / "lanton" / "_lib" / LIB_NAME).read_bytes() == b"fresh from cargo"
+    assert (tmp_path / "build" / "lanton" / "_lib" / LIB_NAME).read_bytes() == b"fresh from cargo"
+    env["FAKE_CARGO_LIB"] = "0"
+    proc = build()
+    assert proc.returncode != 0 and f"cargo build reported 0 {LIB_NAME} artifacts" in proc.stderr, proc.stderr[-2000:]
+    del setuptools
