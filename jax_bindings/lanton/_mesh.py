@@ -193,6 +193,12 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place)
     # as the shard_map takes them, and the results given their inputs' layout back (an automatic
     # mesh does both itself).
     explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+    if explicit and not any(_typed_on_a_mesh(a[0]) or _typed_on_a_mesh(a[1]) for a in args):
+        # Inputs laid out on no mesh (lanton(mesh=) given for arrays that are not on it): divide
+        # the work over the mesh's devices as an automatic mesh, so that no explicit layout
+        # leaks into the caller's arrays (a Flax conv refuses explicitly sharded operands).
+        mesh = mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+        explicit = False
     put = (lambda x, s: jax.sharding.reshard(x, NamedSharding(mesh, s))) if explicit else (lambda x, s: x)
     inputs = (put(hyper, P()), put(count, P()), [put(p, s) for p, s in zip(params, param_specs)],
               [[put(x, s) for x, s in zip(b, bs)] for b, bs in zip(bigs, big_specs)],
@@ -208,6 +214,11 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place)
     like = lambda a: (a[0] if in_place else a[1], a[2], a[3], a[4], a[5], a[6], a[4])
     back = lambda y, s: jax.sharding.reshard(y, s) if s.mesh.axis_names else y
     return [tuple(back(y, jax.typeof(x).sharding) for y, x in zip(o, like(a))) for o, a in zip(outs, args)]
+
+
+def _typed_on_a_mesh(x) -> bool:
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    return bool(mesh is not None and not mesh.empty and mesh.axis_names)
 
 
 def _shard_dims(dims, how, devices):

@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 import math
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +146,11 @@ def _flag(name):
 
 
 def _resolve(tree_or_fn, params):
-    return tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
+    """A labels / dim_numbers option: a function of the params, or a tree. A callable pytree with
+    children (an Equinox module holding labels) is a tree, not a function."""
+    is_function = callable(tree_or_fn) and (isinstance(tree_or_fn, jax.tree_util.Partial)
+                                            or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree_or_fn)))
+    return tree_or_fn(params) if is_function else tree_or_fn
 
 
 def _is_masked(x):
@@ -262,10 +266,20 @@ class _Lanton:
     @staticmethod
     def _match(tree, treedef, what, leaves_with_path, names):
         """One entry of a labels / dim_numbers tree per parameter leaf (None: the leaf is left
-        alone). The tree may match the parameters exactly, or by name: wrappers (NNX Variables)
-        and masked positions (optax.multi_transform) need not be mirrored."""
+        alone). The tree may mirror the parameters; be a prefix of them, an entry at a subtree's
+        root standing for every leaf under it (as optax's masks and optax.contrib.muon's
+        dimension numbers); or match them by name, a name also standing for the leaves under it:
+        wrappers (NNX Variables) and masked positions (optax.multi_transform) need not be
+        mirrored."""
         try:
             return treedef.flatten_up_to(tree)
+        except (ValueError, TypeError):
+            pass
+        params = treedef.unflatten([leaf for _, leaf in leaves_with_path])
+        try:
+            spread = jax.tree.map(lambda entry, sub: jax.tree.map(lambda _: entry, sub, is_leaf=_is_masked),
+                                  tree, params, is_leaf=_is_entry)
+            return treedef.flatten_up_to(spread)
         except (ValueError, TypeError):
             pass
         entries = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_entry)[0]}
@@ -273,13 +287,18 @@ class _Lanton:
         for (_, leaf), name in zip(leaves_with_path, names):
             if _is_masked(leaf):
                 out.append(None)
-            elif name in entries:
-                out.append(entries[name])
-            else:
+                continue
+            parts = name.split("/")
+            # The leaf's own name first, then the subtrees holding it, innermost first.
+            owner = next((k for k in ("/".join(parts[:n]) for n in range(len(parts), 0, -1)) if k in entries), None)
+            if owner is None and "<root>" in entries:
+                owner = "<root>"
+            if owner is None:
                 raise ValueError(
-                    f"{what} must have one entry per parameter leaf (None to leave a leaf to another "
-                    f"transformation): leaf '{name}' has no entry"
+                    f"{what} must have an entry for every parameter leaf, or for a subtree holding it (None to "
+                    f"leave a leaf to another transformation): leaf '{name}' has none"
                 )
+            out.append(entries[owner])
         return out
 
     # -- state ------------------------------------------------------------------------------
@@ -474,7 +493,7 @@ def _check_array(name, what, x):
         raise TypeError(f"leaf '{name}': unsupported dtype {x.dtype} of the {what}; lanton handles float32, bfloat16 and float16")
 
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+ScalarOrSchedule = optax.ScalarOrSchedule  # optax's own annotation: its generic checks read it
 
 
 def _make(learning_rate, beta1, beta2, weight_decay, scale, kw) -> _Lanton:

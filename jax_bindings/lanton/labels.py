@@ -166,10 +166,30 @@ def label_for(path, leaf, split: bool = False) -> str:
     return "hidden"
 
 
+def _one_level(x):
+    """The children of the node `x` with their keys (no deeper)."""
+    return jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)[0]
+
+
+def unwrapped(x):
+    """The array a wrapper holds (a node whose one child is a wrapper attribute, such as an NNX
+    Variable's `.value`), else None."""
+    kids = _one_level(x)
+    if len(kids) == 1 and len(kids[0][0]) == 1 and _is_wrapper(kids[0][0][0]):
+        return kids[0][1]
+    return None
+
+
 def default_labels(params, split: bool = False):
-    """A pytree of group labels matching `params`: "hidden", "embed", "vector", and with
-    `split=True` "qk" / "vo" / "mlp" for recognizable hidden matrices (see the module doc)."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: label_for(p, x, split), params)
+    """A pytree of group labels for `params`: "hidden", "embed", "vector", and with
+    `split=True` "qk" / "vo" / "mlp" for recognizable hidden matrices (see the module doc).
+
+    A label stands where the array's wrapper stood (an NNX `Param`'s label is a plain string):
+    the tree then fits both the bare arrays `nnx.Optimizer` passes to `update` and, as a prefix,
+    the wrapped state it passes to `init`, which optax's masks (`optax.multi_transform`) accept."""
+    is_wrapper = lambda x: unwrapped(x) is not None
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: label_for(p, unwrapped(x) if is_wrapper(x) else x, split), params, is_leaf=is_wrapper)
 
 
 def default_dim_spec(ctx: LeafContext, kind: str) -> Optional[DimSpec]:

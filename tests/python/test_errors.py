@@ -33,7 +33,7 @@ def test_unknown_group_kind():
 def test_labels_with_wrong_structure(params):
     labels = lanton.default_labels(params)
     del labels["wpe"]
-    with pytest.raises(ValueError, match=r"labels must have one entry per parameter leaf .*: leaf 'wpe' has no entry"):
+    with pytest.raises(ValueError, match=r"labels must have an entry for every parameter leaf, or for a subtree holding it .*: leaf 'wpe' has none"):
         lanton.lanton(labels=labels).init(params)
 
 

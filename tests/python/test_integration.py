@@ -224,6 +224,64 @@ def test_flax_nnx_optimizer_and_labels():
     assert losses[-1] < losses[0]
 
 
+def test_default_labels_put_plain_labels_where_nnx_params_stood():
+    """The labels of an NNX state hold no Param wrappers: the same tree fits the bare arrays
+    nnx.Optimizer passes to update, and is a prefix of the wrapped state it passes to init."""
+    model = NnxGPT(nnx.Rngs(0))
+    wrapped = nnx.state(model, nnx.Param)
+    labels = lanton.default_labels(wrapped)
+    assert all(isinstance(x, str) for x in jax.tree.leaves(labels))
+    assert jax.tree.structure(labels) == jax.tree.structure(nnx.as_pure(wrapped))
+    assert not any(isinstance(x, nnx.Variable) for x in jax.tree.leaves(labels, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    jax.tree.map(lambda label, sub: None, labels, wrapped)  # a prefix of the wrapped tree: no structure error
+
+
+def test_partial_labels_and_dim_numbers_trees_mean_what_optax_muon_means():
+    """A labels or dim_numbers tree may stop at a subtree, its entry standing for every leaf
+    under it (optax.contrib.muon's dimension numbers and optax's masks work so): the same updates
+    as the full trees; None for a subtree leaves all of it alone. Also when the tree matches by
+    name (the parameters wrapped as NNX Params)."""
+    k = iter(jax.random.split(jax.random.key(3), 8))
+    n = lambda *s: jax.random.normal(next(k), s)
+    params = {"w1": {"a": n(2, 6, 4), "b": n(2, 4, 6)}, "w2": {"c": n(5, 3), "d": n(3)}, "ln": n(4)}
+    grads = jax.tree.map(lambda x: jnp.sin(3 * x) + 0.1, params)
+    full = {"w1": {"a": "hidden", "b": "hidden"}, "w2": {"c": None, "d": None}, "ln": "vector"}
+    partial = {"w1": "hidden", "w2": None, "ln": "vector"}
+    whole = lanton.DimSpec((0, 1), 2)  # one matrix per leaf, where the default sees two stacked layers
+    dims_full = {"w1": {"a": whole, "b": whole}, "w2": {"c": None, "d": None}, "ln": None}
+    dims_partial = {"w1": whole, "w2": None, "ln": None}
+
+    def step(labels, dims, p=params, g=grads):
+        tx = lanton.lanton(0.05, labels=labels, dim_numbers=dims)
+        return jax.jit(tx.update)(g, tx.init(p), p)[0]
+
+    want = step(full, dims_full)
+    for labels, dims in ((partial, dims_full), (full, dims_partial), (partial, dims_partial),
+                         (lambda p: partial, lambda p: dims_partial)):
+        jax.tree.map(np.testing.assert_array_equal, step(labels, dims), want)
+    jax.tree.map(np.testing.assert_array_equal, want["w2"], grads["w2"])  # left alone: passed through
+    # The spec took effect (one matrix differs from the default's two stacked layers).
+    assert not np.allclose(want["w1"]["a"], step(full, None)["w1"]["a"])
+    # By name: an entry for the subtree 'w1' holds for the leaves under it in a wrapped tree.
+    wrapped = jax.tree.map(nnx.Param, params)
+    got = step(partial, dims_partial, p=wrapped, g=jax.tree.map(nnx.Param, grads))
+    jax.tree.map(np.testing.assert_array_equal, nnx.as_pure(got), want)
+
+
+def test_labels_held_in_an_equinox_module_are_a_tree_not_a_function():
+    """An Equinox module is callable; a module whose fields are labels is still a labels tree."""
+    model = EqxGPT(jax.random.key(0))
+    params = eqx.filter(model, eqx.is_array)
+    labels = jax.tree.map(lambda k: k if k == "hidden" else None, lanton.default_labels(params))
+    tx = lanton.lanton(0.02, labels=labels)
+    state = tx.init(params)
+    handled = set(lanton.layer_stats(state))
+    assert handled and all(k == "hidden" for k in jax.tree.leaves(labels))
+    assert handled == {name for name, kind in zip(
+        [lanton.labels.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]],
+        jax.tree.leaves(lanton.default_labels(params))) if kind == "hidden"}
+
+
 def test_state_checkpoint_round_trip_bit_for_bit():
     params = transformer_params(jax.random.key(0))
     tx = lanton.lanton(0.02, noise_every=2)
