@@ -18,6 +18,13 @@ import optax
 CONFIG = dict(layers=4, d=128, heads=4, ctx=128, vocab=256, batch=32)
 
 
+def model_overrides(spec: str = "") -> dict:
+    """Overrides of CONFIG: LANTON_MODEL's (the tests give every benchmark script a tiny model
+    with it), then `spec`'s (a script's --model), each like "layers=1,d=32,heads=2,ctx=16"."""
+    parse = lambda text: {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    return {**parse(os.environ.get("LANTON_MODEL", "")), **parse(spec)}
+
+
 PLAYS_GLOB = "*_gut.txt"
 
 
@@ -115,7 +122,7 @@ def train_lockstep(makers, steps, seed=0, eval_every=150, eval_batches=8, corpus
     `second_grad`: the names that get an independent second gradient (see `train`); `model`:
     overrides of CONFIG (e.g. layers, d)."""
     train_data, val_data = corpus if corpus is not None else load_corpus()
-    cfg = {**CONFIG, **(model or {})}
+    cfg = {**CONFIG, **model_overrides(), **(model or {})}
     heads = cfg["heads"]
     eval_loss = jax.jit(functools.partial(loss_fn, heads=heads))
     vrng = np.random.default_rng(1234)

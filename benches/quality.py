@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 import lanton  # noqa: E402
 from convergence import steps_to  # noqa: E402
-from gpt import corpus_name, load_corpus, train  # noqa: E402
+from gpt import corpus_name, load_corpus, model_overrides, train  # noqa: E402
 from optimizers import make  # noqa: E402
 
 try:
@@ -209,7 +209,7 @@ def main():
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    model = {k: int(v) for k, v in (kv.split("=") for kv in args.model.split(",") if kv)}
+    model = model_overrides(args.model)
     only_seeds = {int(x) for x in args.only_seeds.split(",") if x}
     fixed = {k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(",") if kv)}
     refine = {n for n in args.refine.split(",") if n}

@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import lanton  # noqa: E402
-from gpt import CONFIG, init_params  # noqa: E402
+from gpt import CONFIG, init_params, model_overrides  # noqa: E402
 from optimizers import hidden_only_dims  # noqa: E402
 from report import emit  # noqa: E402
 
@@ -61,7 +61,7 @@ def tinyllama():
 
 def param_set(name):
     if name == "tiny":
-        return init_params(jax.random.key(0), **CONFIG)
+        return init_params(jax.random.key(0), **{**CONFIG, **model_overrides()})
     p = gpt2_small() if name == "gpt2" else tinyllama()
     leaves, tdef = jax.tree.flatten(p)
     ks = jax.random.split(jax.random.key(0), len(leaves))

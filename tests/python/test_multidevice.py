@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("multidevice.py")
-CASES = ["data", "fsdp_in", "fsdp_out", "fsdp_explicit", "layers", "2d"]
+# LANTON_MULTIDEVICE_CASES narrows the layouts (scripts/test_versions.sh newest runs two of them).
+ONLY = os.environ.get("LANTON_MULTIDEVICE_CASES")
+CASES = [c for c in ["data", "fsdp_in", "fsdp_out", "fsdp_explicit", "layers", "2d"] if not ONLY or c in ONLY.split(",")]
 MODES = ("repeated", "split", "auto")
 # f32 round-off: the sharded program may order reductions differently.
 TOL = {"params": 1e-5, "state": 1e-4, "layer_stats": 1e-4}
@@ -40,6 +42,7 @@ def check(r, devices, processes):
     assert r["ratios_vary"], r
 
 
+@pytest.mark.heavy(83)
 def test_eight_virtual_devices_match_one_device():
     rs = results(launch(CASES, 8))
     assert [(r["case"], r["mode"]) for r in rs] == [(c, m) for c in CASES for m in MODES]
@@ -51,6 +54,7 @@ def test_eight_virtual_devices_match_one_device():
         assert r["ns_runs"] == want, r
 
 
+@pytest.mark.heavy(16)
 def test_fused_divides_the_work_and_two_meshes_are_refused():
     (r,) = results(launch(["fused"], 8))
     # lanton.fused on FSDP-sharded inputs: the work divided (no warning), the same result, the
@@ -63,6 +67,7 @@ def test_fused_divides_the_work_and_two_meshes_are_refused():
                      r"on \{'x': 8\}", r["mixed_meshes"]), r
 
 
+@pytest.mark.heavy(30)
 def test_other_options_split_as_on_one_device():
     # Nesterov, noise relative to the signal, the mean statistic, power 1 with a floor; and
     # the median statistic; Option II (a second gradient per step): FSDP with the work split
@@ -72,6 +77,7 @@ def test_other_options_split_as_on_one_device():
     assert r["median"] <= TOL["params"] and r["median_ratios_capped_and_vary"], r
 
 
+@pytest.mark.heavy(27)
 def test_bf16_parameters_and_momentum_split_as_on_one_device():
     # The direction leaves the kernel in f32 whatever the momentum's dtype, and the split writes
     # delta in the kernels' order of operations, so it adds no rounding: within one bf16 spacing
@@ -80,6 +86,7 @@ def test_bf16_parameters_and_momentum_split_as_on_one_device():
     assert r["momentum_float32_ulps"] <= 1 and r["momentum_bfloat16_ulps"] <= 1, r
 
 
+@pytest.mark.heavy(11)
 def test_inside_the_users_shard_map():
     (r,) = results(launch(["user_shard_map"], 8))
     # Replicated parameters: every device steps the whole tree, as one device does.
@@ -91,6 +98,7 @@ def test_inside_the_users_shard_map():
     assert r["mesh_false"] == "ran", r
 
 
+@pytest.mark.heavy(18)
 def test_per_device_temporaries_shrink_with_the_devices():
     # XLA's memory analysis of the compiled FSDP step: with the work split, each device's
     # temporaries are a few times its 1/N share of the parameters (shards, their exchange and
@@ -109,9 +117,10 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.heavy(92)
 def test_two_processes_with_jax_distributed_match_one_device():
     port = free_port()
-    cases = ["fsdp_in", "2d"]
+    cases = [c for c in ("fsdp_in", "2d") if c in CASES]
     procs = [launch(cases, 4, (pid, 2, port)) for pid in range(2)]
     try:
         outs = [results(p) for p in procs]
