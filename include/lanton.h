@@ -13,9 +13,10 @@
  * `lanton_cuda_scratch_bytes`; 4: the `owned_layers` attribute splits a group's work across
  * devices, which an older library would ignore and so compute every update on every device;
  * 5: the `ratio_power` and `ratio_floor` attributes shape the ratio, which an older library would
- * ignore; 6: the `noise_relative` attribute, likewise).
+ * ignore; 6: the `noise_relative` attribute, likewise; 7: `owned_layers` removed, and refused
+ * by name, since the shim's exchange divides the work).
  */
-#define LANTON_ABI_VERSION 6
+#define LANTON_ABI_VERSION 7
 
 #define LANTON_OK 0
 
@@ -70,10 +71,18 @@ uint32_t lanton_abi_version(void);
 
 /**
  * Newton-Schulz directions (one per matrix) the CPU kernels have computed in this process. A
- * group whose work is divided among devices (`owned_layers`) adds each matrix once per step
- * in total, not once per device: the tests read it to prove the split.
+ * group whose work is divided among devices (the Python shim's exchange) adds each matrix once
+ * per step in total, not once per device: the tests read it to prove the split.
  */
 uint64_t lanton_newton_schulz_runs(void);
+
+/**
+ * lanton's defaults for a group's step options, as a JSON object of every key
+ * `lanton_step_host_f32` reads (kind "hidden"): the one set the Python package, the XLA
+ * attributes and this ABI share (the Python tests compare them). Static, NUL-terminated; null
+ * only after an internal error.
+ */
+const char *lanton_default_config_json(void);
 
 /**
  * The size in bytes of the scratch result a CUDA call of `lanton_step_update`/`_inplace`

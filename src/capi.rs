@@ -4,8 +4,9 @@
 
 use crate::cpu::{self, LeafIo, ParamIo, PoolError};
 use crate::cuda::{self, CudaOptions};
-use crate::ffi::{Tensor, TensorMut};
-use crate::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig, HYPER_LEN};
+use crate::tensor::{Tensor, TensorMut};
+use crate::step::options::{self, Options, CONFIG_KEYS};
+use crate::step::{self, Hyper, Kind, LayerShape, NuclearEstimator, RatioStat, StepConfig, HYPER_LEN};
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -15,8 +16,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// `lanton_cuda_scratch_bytes`; 4: the `owned_layers` attribute splits a group's work across
 /// devices, which an older library would ignore and so compute every update on every device;
 /// 5: the `ratio_power` and `ratio_floor` attributes shape the ratio, which an older library would
-/// ignore; 6: the `noise_relative` attribute, likewise).
-pub const LANTON_ABI_VERSION: u32 = 6;
+/// ignore; 6: the `noise_relative` attribute, likewise; 7: `owned_layers` removed, and refused
+/// by name, since the shim's exchange divides the work).
+pub const LANTON_ABI_VERSION: u32 = 7;
 
 pub const LANTON_OK: i32 = 0;
 pub const LANTON_ERR_INVALID: i32 = 1;
@@ -58,72 +60,91 @@ pub extern "C" fn lanton_abi_version() -> u32 {
 }
 
 /// Newton-Schulz directions (one per matrix) the CPU kernels have computed in this process. A
-/// group whose work is divided among devices (`owned_layers`) adds each matrix once per step
-/// in total, not once per device: the tests read it to prove the split.
+/// group whose work is divided among devices (the Python shim's exchange) adds each matrix once
+/// per step in total, not once per device: the tests read it to prove the split.
 #[no_mangle]
 pub extern "C" fn lanton_newton_schulz_runs() -> u64 {
     crate::cpu::newton_schulz::DIRECTIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Parses the JSON group configuration; absent keys take the library defaults.
+/// A JSON object as the step's options (`step::options`, one decoder with the XLA front end).
+struct JsonOptions<'j>(&'j serde_json::Map<String, serde_json::Value>);
+
+impl Options for JsonOptions<'_> {
+    fn text(&self, n: &str) -> Result<Option<String>, String> {
+        self.0.get(n).map(|x| x.as_str().map(str::to_owned).ok_or(format!("'{n}' must be a string"))).transpose()
+    }
+    fn number(&self, n: &str) -> Result<Option<f64>, String> {
+        self.0.get(n).map(|x| x.as_f64().ok_or(format!("'{n}' must be a number"))).transpose()
+    }
+    fn integer(&self, n: &str) -> Result<Option<i64>, String> {
+        let whole = |x: &serde_json::Value| {
+            x.as_i64().or_else(|| x.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e18).map(|f| f as i64))
+        };
+        self.0.get(n).map(|x| whole(x).ok_or(format!("'{n}' must be an integer, got {x}"))).transpose()
+    }
+    fn flag(&self, n: &str) -> Result<Option<bool>, String> {
+        self.0.get(n).map(|x| x.as_bool().ok_or(format!("'{n}' must be true or false"))).transpose()
+    }
+    fn numbers(&self, n: &str) -> Result<Option<Vec<f64>>, String> {
+        let Some(c) = self.0.get(n) else { return Ok(None) };
+        let triples = c.as_array().ok_or(format!("'{n}' must be a list of [a, b, c]"))?;
+        let mut flat = Vec::with_capacity(3 * triples.len());
+        for t in triples {
+            match t.as_array().map(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>()) {
+                Some(Some(a)) if a.len() == 3 => flat.extend(a),
+                _ => return Err(format!("every '{n}' entry must be [a, b, c] (three numbers)")),
+            }
+        }
+        Ok(Some(flat))
+    }
+}
+
+/// A configuration as the JSON object `config_from_json` reads back to the same configuration.
+pub fn config_to_json(cfg: &StepConfig) -> String {
+    let stat = match cfg.ratio_stat {
+        RatioStat::Max => "max",
+        RatioStat::Mean => "mean",
+        RatioStat::Min => "min",
+        RatioStat::Median => "median",
+    };
+    let estimator = match cfg.nuclear {
+        NuclearEstimator::Auto => "auto",
+        NuclearEstimator::GramEigen => "eigen",
+        NuclearEstimator::Polar => "polar",
+    };
+    serde_json::json!({
+        "kind": cfg.kind.to_string(), "ns_coeffs": cfg.ns_coeffs, "noise_every": cfg.noise_every,
+        "noise_adaptive": cfg.noise_adaptive, "ratio_stat": stat, "ratio_eps": cfg.ratio_eps,
+        "ratio_power": cfg.ratio_power, "ratio_floor": cfg.ratio_floor, "noise_relative": cfg.noise_relative,
+        "nesterov": cfg.nesterov, "vector_eps": cfg.vector_eps, "noise_estimator": estimator,
+    })
+    .to_string()
+}
+
+/// lanton's defaults for a group's step options, as a JSON object of every key
+/// `lanton_step_host_f32` reads (kind "hidden"): the one set the Python package, the XLA
+/// attributes and this ABI share (the Python tests compare them). Static, NUL-terminated; null
+/// only after an internal error.
+#[no_mangle]
+pub extern "C" fn lanton_default_config_json() -> *const c_char {
+    static TEXT: std::sync::OnceLock<Option<std::ffi::CString>> = std::sync::OnceLock::new();
+    let text = TEXT.get_or_init(|| {
+        catch_unwind(|| std::ffi::CString::new(config_to_json(&StepConfig::new(Kind::Hidden))).ok()).ok().flatten()
+    });
+    text.as_ref().map_or(std::ptr::null(), |t| t.as_ptr())
+}
+
+/// Parses the JSON group configuration (keys: `step::options::CONFIG_KEYS`, "kind" required);
+/// absent keys take the library's defaults, the same as the Python package's and the XLA
+/// attributes'.
 pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("config is not valid JSON: {e}"))?;
     let obj = v.as_object().ok_or("config must be a JSON object")?;
-    let known = ["kind", "ns_coeffs", "noise_every", "noise_adaptive", "ratio_stat", "ratio_eps", "ratio_power", "ratio_floor", "noise_relative", "nesterov", "vector_eps"];
-    if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(format!("config: unknown key '{k}' (known: {known:?})"));
+    if let Some(k) = obj.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
+        return Err(format!("config: unknown key '{k}' (known: {CONFIG_KEYS:?})"));
     }
-    let kind_s = obj.get("kind").and_then(|k| k.as_str()).ok_or("config: 'kind' (hidden, embed or vector) is required")?;
-    let mut cfg = StepConfig::new(Kind::parse(kind_s).ok_or_else(|| format!("config: unknown kind '{kind_s}'"))?);
-    let num = |k: &str| -> Result<Option<f64>, String> {
-        obj.get(k).map(|x| x.as_f64().ok_or(format!("config: '{k}' must be a number"))).transpose()
-    };
-    let flag = |k: &str| -> Result<Option<bool>, String> {
-        obj.get(k).map(|x| x.as_bool().ok_or(format!("config: '{k}' must be true or false"))).transpose()
-    };
-    if let Some(c) = obj.get("ns_coeffs") {
-        let triples = c.as_array().ok_or("config: 'ns_coeffs' must be a list of [a, b, c]")?;
-        cfg.ns_coeffs = triples
-            .iter()
-            .map(|t| match t.as_array().map(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>()) {
-                Some(Some(a)) if a.len() == 3 => Ok([a[0] as f32, a[1] as f32, a[2] as f32]),
-                _ => Err("config: every 'ns_coeffs' entry must be [a, b, c] (three numbers)".to_string()),
-            })
-            .collect::<Result<_, _>>()?;
-    }
-    if let Some(k) = num("noise_every")? {
-        if k < 1.0 || k.fract() != 0.0 || k > u32::MAX as f64 {
-            return Err(format!("config: 'noise_every' must be a positive integer, got {k}"));
-        }
-        cfg.noise_every = k as u32;
-    }
-    if let Some(b) = flag("noise_adaptive")? {
-        cfg.noise_adaptive = b;
-    }
-    if let Some(b) = flag("noise_relative")? {
-        cfg.noise_relative = b;
-    }
-    if let Some(b) = flag("nesterov")? {
-        cfg.nesterov = b;
-    }
-    if let Some(s) = obj.get("ratio_stat") {
-        let s = s.as_str().ok_or("config: 'ratio_stat' must be a string")?;
-        cfg.ratio_stat = RatioStat::parse(s).ok_or_else(|| format!("config: unknown ratio_stat '{s}'"))?;
-    }
-    if let Some(e) = num("ratio_eps")? {
-        cfg.ratio_eps = e as f32;
-    }
-    if let Some(e) = num("vector_eps")? {
-        cfg.vector_eps = e as f32;
-    }
-    if let Some(p) = num("ratio_power")? {
-        cfg.ratio_power = p as f32;
-    }
-    if let Some(f) = num("ratio_floor")? {
-        cfg.ratio_floor = f as f32;
-    }
-    cfg.validate()?;
-    Ok(cfg)
+    options::decode(&JsonOptions(obj)).map_err(|m| format!("config: {m}"))
 }
 
 /// The scratch bytes of one CUDA group call, from its JSON description: an object with
@@ -162,8 +183,7 @@ pub fn cuda_scratch_bytes_from_json(text: &str) -> Result<u64, String> {
             Some(Some(d)) if d.len() == 3 => [d[0], d[1], d[2]],
             _ => return Err(format!("plan: leaf {i} must be [layers, rows, cols] (three non-negative integers), got {leaf}")),
         };
-        let layer = r.checked_mul(c).filter(|&n| n <= isize::MAX as usize / 8);
-        let total = layer.and_then(|n| n.checked_mul(l));
+        let total = step::checked_elements(l, r, c).map(|(_, total)| total);
         elems = total.and_then(|n| n.checked_add(elems)).filter(|&n| n <= isize::MAX as usize / 64).ok_or_else(|| {
             format!("plan: leaf {i} ({l} x {r} x {c}) makes the group too large")
         })?;
@@ -278,8 +298,7 @@ pub unsafe extern "C" fn lanton_step_host_f32(
             let shape = LayerShape { layers: lf.layers, rows: lf.rows, cols: lf.cols, rows_are_input: lf.rows_are_input != 0 };
             // Per layer and in all, in elements and in bytes: the kernels size scratch per layer
             // even where the leaf has no layers.
-            let layer = lf.rows.checked_mul(lf.cols).filter(|&n| n <= isize::MAX as usize / 8);
-            let n = layer.and_then(|x| x.checked_mul(lf.layers)).filter(|&n| n <= isize::MAX as usize / 8);
+            let n = step::checked_elements(lf.layers, lf.rows, lf.cols).map(|(_, total)| total);
             let n = n.ok_or_else(|| invalid(format!("leaf {i}: size {} x {} x {} overflows", lf.layers, lf.rows, lf.cols)))?;
             let l = lf.layers;
             // SAFETY: sizes come from the leaf description the caller vouches for.

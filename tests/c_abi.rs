@@ -33,12 +33,13 @@ fn host_step_matches_reference() {
     let shape = lanton::step::LayerShape { layers: 2, rows: 6, cols: 10, rows_are_input: true };
     let mut leaf = OwnedLeaf::new(shape, p0.clone());
     let hyper = [0.05, 0.9, 0.9, 0.0, 0.2];
-    let cfg = lanton::capi::config_from_json(r#"{"kind": "hidden"}"#).unwrap();
+    let config = r#"{"kind": "hidden", "noise_every": 1}"#;
+    let cfg = lanton::capi::config_from_json(config).unwrap();
     let h = lanton::step::Hyper::from_slice(&hyper).unwrap();
     let mut refs = vec![RefLeaf::new(shape, &p0)];
     for t in 1..=3 {
         let grad = rng.normals(n, 1.0);
-        call(r#"{"kind": "hidden", "noise_every": 1}"#, &hyper, t, &mut leaf, &grad).unwrap();
+        call(config, &hyper, t, &mut leaf, &grad).unwrap();
         ref_group_step(&cfg, &h, t, &mut refs, &[grad]);
         assert!(max_abs_diff(&leaf.param, &refs[0].param) < 1e-4, "t={t}");
     }
@@ -80,7 +81,7 @@ fn host_step_errors_are_reported() {
     let e = call("{not json", &h, 1, &mut leaf, &g).unwrap_err();
     assert!(e.contains("not valid JSON"), "{e}");
     let e = call(r#"{"kind": "conv"}"#, &h, 1, &mut leaf, &g).unwrap_err();
-    assert!(e.contains("unknown kind 'conv'"), "{e}");
+    assert!(e.contains("config: 'kind': expected one of hidden, embed, vector, got 'conv'"), "{e}");
     let e = call(r#"{"kind": "embed", "noise_evry": 3}"#, &h, 1, &mut leaf, &g).unwrap_err();
     assert!(e.contains("unknown key 'noise_evry'"), "{e}");
     let e = call(r#"{"kind": "embed", "noise_every": 0}"#, &h, 1, &mut leaf, &g).unwrap_err();
@@ -89,4 +90,17 @@ fn host_step_errors_are_reported() {
     assert!(e.contains("step must be >= 1"), "{e}");
     let rc = unsafe { lanton_step_host_f32(std::ptr::null(), h.as_ptr(), 1, std::ptr::null(), 0, std::ptr::null_mut(), 0) };
     assert_eq!(rc, LANTON_ERR_INVALID);
+}
+
+#[test]
+fn absent_config_keys_take_the_one_set_of_defaults_and_the_defaults_read_back() {
+    use lanton::capi::{config_from_json, config_to_json, lanton_default_config_json};
+    use lanton::step::{Kind, RatioStat, StepConfig};
+    let cfg = config_from_json(r#"{"kind": "hidden"}"#).unwrap();
+    assert_eq!(cfg, StepConfig::new(Kind::Hidden));
+    assert_eq!((cfg.noise_every, cfg.ratio_stat, cfg.ratio_power, cfg.ratio_floor), (10, RatioStat::Median, 0.5, 0.0));
+    let text = unsafe { CStr::from_ptr(lanton_default_config_json()) }.to_str().unwrap().to_owned();
+    assert_eq!(config_from_json(&text).unwrap(), cfg);
+    let paper = StepConfig { noise_every: 3, nesterov: true, ..StepConfig::paper(Kind::Embed) };
+    assert_eq!(config_from_json(&config_to_json(&paper)).unwrap(), paper);
 }

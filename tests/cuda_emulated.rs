@@ -173,8 +173,6 @@ impl Queue for HostQueue {
 
 thread_local! {
     static IN_PLACE: RefCell<bool> = const { RefCell::new(false) };
-    /// `owned_layers` for the next trajectories (the work split), on both sides.
-    static OWNED: RefCell<Option<Vec<i64>>> = const { RefCell::new(None) };
     /// `ratio_stat` for the next trajectories, on both sides (None: the frame's default).
     static STAT: RefCell<Option<&'static str>> = const { RefCell::new(None) };
     /// LANTON_NOISE_GEMM for the next emulated steps (a device with tensor cores).
@@ -230,9 +228,6 @@ fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handl
     f.set_attr("noise_estimator", Attr::Str("polar".into()));
     if let Some(stat) = STAT.with(|s| *s.borrow()) {
         f.set_attr("ratio_stat", Attr::Str(stat.into()));
-    }
-    if let Some(owned) = OWNED.with(|o| o.borrow().clone()) {
-        f.set_attr("owned_layers", Attr::I64Array(owned));
     }
     if cuda {
         add_scratch(&mut f, cuda_scratch_bytes(&scratch_plan_json(kind, specs, true, true, ns_dtype)).unwrap());
@@ -555,7 +550,7 @@ fn noise_gemm_case(name: &str) {
                 hyper: hyper.as_ptr(), step: step.as_ptr(), acc: std::ptr::null_mut(), group_h: std::ptr::null_mut(),
                 group_valid: std::ptr::null_mut(), reference: std::ptr::null_mut(), kind: 0, noise_every: 2,
                 noise_adaptive: adaptive, nesterov: 0, ratio_stat: 0, noise_work: 1, ratio_eps: 1e-8,
-                vector_eps: 1e-8, ratio_power: 1.0, ratio_floor: 0.0, own_lo: 0, own_hi: 0,
+                vector_eps: 1e-8, ratio_power: 1.0, ratio_floor: 0.0,
             };
             let grid = Grid { x: (m.div_ceil(64) * n.div_ceil(64)) as u32, y: batch as u32, block: 256 };
             // SAFETY: the arguments lanton_noise_gemm takes; every operand holds the batch.
@@ -587,41 +582,3 @@ fn noise_gemm_case(name: &str) {
     take_launches();
 }
 
-#[test]
-fn a_devices_share_of_the_layers_matches_the_cpu_kernels() {
-    // The work split: this "device" owns a contiguous run of the group's 6 layers (leaf 0's 2,
-    // leaf 1's 1, leaf 2's 3). It tracks every layer like the CPU, computes the direction of its
-    // own only (a run of each shape class's slots) and gives the others a zero update.
-    let owners: [&[i64]; 4] = [&[0, 1, 1, 1, 0, 0], &[0, 0, 0, 0, 1, 1], &[0; 6], &[1; 6]];
-    for owned in owners {
-        OWNED.with(|o| *o.borrow_mut() = Some(owned.to_vec()));
-        let got = compare_shaped("hidden", &hidden_specs(dtype::F32), 2, "float32", 2e-4, false, None, None);
-        let layer_len = [16 * 8, 12 * 20, 16 * 8];
-        for step in &got {
-            let mut group_layer = 0;
-            for (leaf, len) in layer_len.iter().enumerate() {
-                for (l, chunk) in step[7 * leaf].chunks(*len).enumerate() {
-                    let mine = owned[group_layer + l] == 1;
-                    assert_eq!(chunk.iter().all(|&x| x == 0.0), !mine, "owned {owned:?}: leaf {leaf} layer {l}");
-                }
-                group_layer += step[7 * leaf].len() / len;
-            }
-        }
-    }
-    let embed = vec![LeafSpec { dims: [2, 30, 8], dtype: dtype::F32, rows_are_input: true }];
-    OWNED.with(|o| *o.borrow_mut() = Some(vec![0, 1]));
-    compare("embed", &embed, 1, "bfloat16", 1e-5, false, None);
-    OWNED.with(|o| *o.borrow_mut() = None);
-}
-
-#[test]
-fn owned_layers_that_are_not_one_run_are_refused_by_name() {
-    let specs = hidden_specs(dtype::F32);
-    let mut f = step_frame("hidden", &specs, 1, &mut Rng::new(3));
-    f.set_attr("owned_layers", Attr::I64Array(vec![1, 0, 1, 0, 0, 0]));
-    add_scratch(&mut f, cuda_scratch_bytes(&scratch_plan_json("hidden", &specs, true, true, "bfloat16")).unwrap());
-    let err = f.call(emulated_update).expect_err("a split ownership was accepted");
-    for needle in ["'owned_layers'", "one contiguous range", "6 layers", "owning 2 layers between 0 and 3"] {
-        assert!(err.contains(needle), "error {err:?} should mention {needle:?}");
-    }
-}

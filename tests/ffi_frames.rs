@@ -10,7 +10,7 @@ use lanton::step::{Hyper, Kind, LayerShape, StepConfig};
 
 /// Runs the same first steps through the f64 reference and compares the frame's results.
 fn check_against_reference(f: &Frame, specs: &[LeafSpec], in_place: bool, tol: f64) {
-    let cfg = StepConfig::new(Kind::Hidden);
+    let cfg = StepConfig { noise_every: 1, ..StepConfig::paper(Kind::Hidden) };
     let h = Hyper { lr: 0.02, beta1: 0.9, beta2: 0.8, weight_decay: 0.01, scale: 0.2 };
     let mut refs: Vec<RefLeaf> = Vec::new();
     let mut grads = Vec::new();
@@ -117,8 +117,8 @@ fn rejects_wrong_counts_and_shapes() {
 #[test]
 fn rejects_bad_attributes() {
     let mut f = base();
-    f.remove_attr("noise_every");
-    expect_error(&mut f, lanton_step_update_cpu, &["missing attribute 'noise_every'"]);
+    f.remove_attr("kind");
+    expect_error(&mut f, lanton_step_update_cpu, &["'kind' (hidden, embed or vector) is required"]);
     let mut f = base();
     f.set_attr("kind", Attr::Str("conv".into()));
     expect_error(&mut f, lanton_step_update_cpu, &["'kind'", "got 'conv'"]);
@@ -134,6 +134,13 @@ fn rejects_bad_attributes() {
     let mut f = base();
     f.set_attr("ratio_stat", Attr::Dict);
     expect_error(&mut f, lanton_step_update_cpu, &["'ratio_stat'", "expected a string, got a dictionary"]);
+    // The work-split attribute of C ABI 4-6, gone in 7: refused, whatever its type, since a
+    // caller relying on it would otherwise get every update on every device.
+    for attr in [Attr::I64Array(vec![1, 0]), Attr::Str("all".into())] {
+        let mut f = base();
+        f.set_attr("owned_layers", attr);
+        expect_error(&mut f, lanton_step_update_cpu, &["attribute 'owned_layers' is no longer supported (C ABI 7)"]);
+    }
 }
 
 #[test]

@@ -223,7 +223,7 @@ fn sign_and_rms_directions_match_f64() {
         let mut v = rng.normals(r * c, 2.0);
         v[0] = 0.0; // sign(0) = 0
         for kind in [Kind::Embed, Kind::Vector] {
-            let cfg = StepConfig::new(kind);
+            let cfg = StepConfig { noise_every: 1, ..StepConfig::paper(kind) };
             let want = ref_direction(&cfg, &v.iter().map(|&x| x as f64).collect::<Vec<_>>(), &shape);
             let mut got = vec![0.0f32; r * c];
             direction(&cfg, &v, &shape, &mut got, &mut ws);

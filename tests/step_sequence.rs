@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use lanton::cpu::{group_step, LeafIo, ParamIo};
-use lanton::ffi::{Tensor, TensorMut};
+use lanton::tensor::{Tensor, TensorMut};
 use lanton::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig};
 
 type Leaf = OwnedLeaf;
@@ -46,7 +46,7 @@ fn hyper() -> Hyper {
 #[test]
 fn hand_computed_embed_sequence() {
     // Two 1x2 layers (one leaf with a batch axis) in an embed group, K = 1, b1 = b2 = 0.5.
-    let mut cfg = StepConfig::new(Kind::Embed);
+    let mut cfg = StepConfig { noise_every: 1, ..StepConfig::paper(Kind::Embed) };
     cfg.ratio_eps = 0.0;
     let shape = LayerShape { layers: 2, rows: 1, cols: 2, rows_are_input: true };
     let mut leaves = vec![Leaf::new(shape, vec![0.0; 4])];
@@ -74,7 +74,7 @@ fn hand_computed_embed_sequence() {
 
 #[test]
 fn cadence_k3_zero_gradient_layer_and_singleton() {
-    let mut cfg = StepConfig::new(Kind::Vector);
+    let mut cfg = StepConfig { noise_every: 1, ..StepConfig::paper(Kind::Vector) };
     cfg.noise_every = 3;
     cfg.ratio_eps = 0.0;
     let h = hyper();
@@ -98,7 +98,7 @@ fn cadence_k3_zero_gradient_layer_and_singleton() {
 
 #[test]
 fn non_finite_gradient_leaves_state_untouched() {
-    let cfg = StepConfig::new(Kind::Hidden);
+    let cfg = StepConfig { noise_every: 1, ..StepConfig::paper(Kind::Hidden) };
     let h = Hyper { weight_decay: 0.1, ..hyper() };
     let shape = LayerShape { layers: 2, rows: 4, cols: 6, rows_are_input: true };
     let mut rng = Rng::new(9);
@@ -142,7 +142,7 @@ fn run_shaped_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noi
 #[allow(clippy::too_many_arguments)]
 fn run_configured_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat,
                                     steps: i32, (power, floor): (f32, f32), relative: bool) -> Vec<Leaf> {
-    let mut cfg = StepConfig::new(kind);
+    let mut cfg = StepConfig { noise_every: 1, ..StepConfig::paper(kind) };
     cfg.noise_relative = relative;
     cfg.ratio_power = power;
     cfg.ratio_floor = floor;
@@ -256,7 +256,7 @@ fn embed_and_vector_match_reference() {
 /// gradient is not finite.
 #[test]
 fn many_layers_in_one_call_equal_each_leaf_alone() {
-    let mut cfg = StepConfig::new(Kind::Hidden);
+    let mut cfg = StepConfig { noise_every: 1, ..StepConfig::paper(Kind::Hidden) };
     cfg.noise_every = 1;
     cfg.noise_adaptive = false;
     let h = Hyper { weight_decay: 0.1, ..hyper() };
@@ -298,7 +298,7 @@ fn many_layers_in_one_call_equal_each_leaf_alone() {
 /// CPU's elementwise pieces in parallel.
 #[test]
 fn large_embed_in_place_equals_update_applied() {
-    let mut cfg = StepConfig::new(Kind::Embed);
+    let mut cfg = StepConfig { noise_every: 1, ..StepConfig::paper(Kind::Embed) };
     cfg.noise_every = 1;
     cfg.nesterov = true;
     let h = Hyper { weight_decay: 0.05, ..hyper() };
@@ -320,63 +320,3 @@ fn large_embed_in_place_equals_update_applied() {
     assert!(upd.noise.iter().all(|&x| x > 0.0));
 }
 
-/// The work split across devices (`owned_layers`): three "devices" each own a share of the
-/// layers; every device's state equals the unsplit run's, a layer's update comes only from its
-/// owner (zero elsewhere, bitwise), and the sum over devices is the unsplit update, for the
-/// hidden (noise tracker active) and embed kinds.
-#[test]
-fn owned_layers_split_sums_to_the_whole_step() {
-    for kind in [Kind::Hidden, Kind::Embed, Kind::Vector] {
-        let mut cfg = StepConfig::new(kind);
-        cfg.noise_every = 2;
-        let h = Hyper { weight_decay: 0.1, ..hyper() };
-        let shapes = [(3, 24, 40, true), (2, 40, 24, false), (1, 16, 16, true)];
-        let layers: usize = shapes.iter().map(|s| s.0).sum();
-        let owner: Vec<usize> = (0..layers).map(|l| (l * 7) % 3).collect();
-        let make = || -> Vec<Leaf> {
-            let mut rng = Rng::new(5);
-            shapes.iter().map(|&(l, r, c, rin)| Leaf::new(LayerShape { layers: l, rows: r, cols: c, rows_are_input: rin }, rng.normals(l * r * c, 0.5))).collect()
-        };
-        let mut whole = make();
-        let mut devices: Vec<Vec<Leaf>> = (0..3).map(|_| make()).collect();
-        let mut rng = Rng::new(9);
-        for t in 1..=5 {
-            let grads: Vec<Vec<f32>> = shapes.iter().map(|&(l, r, c, _)| rng.normals(l * r * c, 1.0)).collect();
-            step(&cfg, &h, t, &mut whole, &grads);
-            let mut sum: Vec<Vec<f32>> = whole.iter().map(|lf| vec![0.0; lf.update.len()]).collect();
-            for (d, leaves) in devices.iter_mut().enumerate() {
-                let mut split = cfg.clone();
-                split.owned_layers = Some(owner.iter().map(|&o| o == d).collect());
-                let mut io: Vec<LeafIo> = leaves.iter_mut().zip(&grads).map(|(lf, g)| leaf_io(lf, g, false)).collect();
-                group_step(&split, &h, t, &mut io).unwrap();
-                let mut layer = 0;
-                for (i, lf) in leaves.iter().enumerate() {
-                    let n = lf.update.len() / lf.shape.layers;
-                    for (l, u) in lf.update.chunks(n).enumerate() {
-                        let ctx = format!("{kind} t={t} device {d} leaf {i} layer {l}");
-                        if owner[layer + l] == d {
-                            assert_eq!(u, &whole[i].update[l * n..(l + 1) * n], "{ctx}: owner's update");
-                        } else {
-                            assert!(u.iter().all(|&x| x == 0.0), "{ctx}: not owned, yet updated");
-                        }
-                    }
-                    layer += lf.shape.layers;
-                    sum[i].iter_mut().zip(&lf.update).for_each(|(s, u)| *s += u);
-                    assert_eq!(lf.momentum, whole[i].momentum, "{kind} t={t} device {d} leaf {i}: momentum");
-                    assert_eq!(lf.noise, whole[i].noise, "{kind} t={t} device {d} leaf {i}: noise");
-                    assert_eq!(lf.ratio, whole[i].ratio, "{kind} t={t} device {d} leaf {i}: ratio");
-                }
-            }
-            for (i, s) in sum.iter().enumerate() {
-                assert_eq!(s, &whole[i].update, "{kind} t={t} leaf {i}: summed update");
-            }
-            // Every device applies the summed update, as the psum does.
-            for leaves in devices.iter_mut() {
-                for (lf, s) in leaves.iter_mut().zip(&sum) {
-                    lf.param.iter_mut().zip(s).for_each(|(p, u)| *p += u);
-                }
-            }
-        }
-        assert!(whole[0].noise.iter().any(|&x| x > 0.0), "{kind}: the noise tracker ran");
-    }
-}

@@ -3,7 +3,7 @@
 use super::gemm::PoolError;
 use super::kernels;
 use super::newton_schulz::{newton_schulz, nuclear_norm, nuclear_norm_polar, NsWorkspace};
-use crate::ffi::{Tensor, TensorMut};
+use crate::tensor::{Tensor, TensorMut};
 use crate::step::{self, Hyper, Kind, LayerShape, NuclearEstimator, StepConfig};
 
 /// How the step's result leaves the kernel.
@@ -119,8 +119,7 @@ struct Layer<'a> {
     prev_step: &'a mut i32,
     ratio: &'a mut f32,
     /// It gets a zero update and keeps X this step: its gradient was not finite (phase 1 sets
-    /// this, and then leaves its state as it was), or another device computes its update
-    /// (`StepConfig::owned_layers`, set after phase 1, which tracks it as usual).
+    /// this, and then leaves its state as it was).
     skipped: bool,
 }
 
@@ -222,10 +221,6 @@ fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]
     let mut layers = split_layers(leaves);
     // Phase 1: momentum and the noise tracker, per layer.
     for_each_layer(&mut layers, |layer, s| track(cfg, h, t, layer, s));
-    // A layer another device owns has been tracked; its update is that device's.
-    if let Some(owned) = &cfg.owned_layers {
-        layers.iter_mut().zip(owned).for_each(|(layer, &o)| layer.skipped |= !o);
-    }
     // Phase 2: the within-group ratio r from every layer's tracker.
     let noise: Vec<f32> = layers.iter().map(|l| *l.noise).collect();
     let valid: Vec<bool> = layers.iter().map(|l| *l.valid > 0.5).collect();

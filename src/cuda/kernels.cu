@@ -105,11 +105,8 @@ struct GroupArgs {
     int kind, noise_every, noise_adaptive, nesterov, ratio_stat, noise_work;
     float ratio_eps, vector_eps;
     float ratio_power, ratio_floor;  // r = max(floor, (alpha/ref)^power) (src/step RatioRule::shape)
-    // The work split across devices: this device computes the direction and update of the
-    // group's layers [own_lo, own_hi) only; the others are tracked and get a zero update.
-    int own_lo, own_hi;
 };
-static_assert(sizeof(GroupArgs) == 96, "GroupArgs layout must match src/cuda/step.rs");
+static_assert(sizeof(GroupArgs) == 88, "GroupArgs layout must match src/cuda/step.rs");
 
 // Up to MAX_LEAVES leaves per launch (the batch stays under the 4 KB kernel-parameter limit).
 #define MAX_LEAVES 24
@@ -135,7 +132,6 @@ __device__ __forceinline__ bool is_noise_step(const GroupArgs& g, long long t) {
     return g.noise_adaptive && cadence_due(t, g.noise_every);
 }
 __device__ __forceinline__ bool prev_usable(int prev_step, int t) { return prev_step >= 1 && prev_step == t - 1; }
-__device__ __forceinline__ bool owned(const GroupArgs& g, int group_layer) { return group_layer >= g.own_lo && group_layer < g.own_hi; }
 
 // Block-wide sum, result valid in thread 0.
 __device__ double block_sum(double v, double* shared) {
@@ -195,7 +191,6 @@ extern "C" __global__ void lanton_prepare(LeafBatch batch, GroupArgs g) {
     const bool noise = finite && g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t);
     const bool keep = finite && is_noise_step(g, (long long)t + 1);
     const bool noise_inputs = g.kind == KIND_HIDDEN && g.noise_work && is_noise_step(g, t);
-    const bool mine = owned(g, a.group_layer + l);  // only owned layers get a direction
     const float inv_v = (float)(1.0 / (sqrt(acc[ACC_V2]) + 1e-7));
     const double dnorm = sqrt(acc[ACC_D]);
     const float inv_d = (noise && dnorm > 0.0 && isfinite(dnorm)) ? (float)(1.0 / dnorm) : 0.f;
@@ -209,7 +204,7 @@ extern "C" __global__ void lanton_prepare(LeafBatch batch, GroupArgs g) {
             v = g.nesterov ? b1 * b + (1.f - b1) * gr : b;
         }
         if (g.kind == KIND_HIDDEN) {
-            if (mine) store(a.ns_in, a.dt_ns, base + i, finite ? v * inv_v : 0.f);  // a skipped layer's NaN stays out
+            store(a.ns_in, a.dt_ns, base + i, finite ? v * inv_v : 0.f);  // a skipped layer's NaN stays out
             if (noise_inputs)  // every layer's: a layer without a usable G_prev goes in as zeros
                 a.noise_in[base + i] = inv_d != 0.f ? (gr - load(a.prev_grad, a.dt_prev, base + i)) * inv_d : 0.f;
         }
@@ -504,7 +499,7 @@ extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
     }
     if (chunk == 0 && threadIdx.x == 0) a.ratio[l] = r;
     const long long base = (long long)l * a.layer_len;
-    if (!finite || !owned(g, a.group_layer + l)) {  // skipped, or another device's: zero update, X kept
+    if (!finite) {  // skipped: zero update, X kept
         if (!a.in_place)
             for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x)
                 store(a.out, a.dt_param, base + i, 0.f);

@@ -123,11 +123,8 @@ pub struct GroupArgs {
     pub vector_eps: f32,
     pub ratio_power: f32,
     pub ratio_floor: f32,
-    /// The group layers [own_lo, own_hi) this device computes (`owned_range`); all by default.
-    pub own_lo: i32,
-    pub own_hi: i32,
 }
-const _: () = assert!(std::mem::size_of::<GroupArgs>() == 96);
+const _: () = assert!(std::mem::size_of::<GroupArgs>() == 88);
 
 /// Mirrors `struct GemmArgs` in kernels.cu: one f32 product of lanton_noise_gemm.
 #[repr(C)]
@@ -399,11 +396,8 @@ pub struct Offsets {
 /// Everything one call enqueues, computed on the host from the decoded layout and the
 /// scratch base address (pure: tests build it from fake frames without a GPU).
 pub struct Plan {
-    /// Every hidden layer by shape (the noise estimate's products).
+    /// Every hidden layer by shape (the direction's and the noise estimate's products).
     pub classes: Vec<ShapeClass>,
-    /// The layers this device owns by shape (the direction's products): all of `classes`
-    /// without a work split.
-    pub direction_classes: Vec<ShapeClass>,
     pub offsets: Offsets,
     /// Scratch bytes the step needs (`scratch_layout`'s size).
     pub len: usize,
@@ -493,32 +487,12 @@ pub fn scratch_layout(kind: Kind, noise_adaptive: bool, opts: CudaOptions, shape
     ScratchLayout { classes, class_of, offsets: o, len: carve.len, noise_polar }
 }
 
-/// The group layers [lo, hi) this device owns under the work split (`owned_layers`: one flag
-/// per layer, in leaf order; None: all). The CUDA kernels take one contiguous range, which the
-/// Python shim's partition gives (a contiguous range of the group is a contiguous range of
-/// every shape class too, so the direction stays one strided-batched product per class).
-pub fn owned_range(owned: Option<&[bool]>, group_layers: usize) -> Result<(usize, usize), String> {
-    let Some(flags) = owned else { return Ok((0, group_layers)) };
-    let lo = flags.iter().position(|&o| o).unwrap_or(0);
-    let hi = flags.iter().rposition(|&o| o).map_or(0, |i| i + 1);
-    if flags.len() != group_layers || flags[lo..hi.max(lo)].iter().any(|&o| !o) {
-        return Err(format!(
-            "attribute 'owned_layers': the CUDA kernels take one contiguous range of the group's {group_layers} layers, \
-             got {} flags owning {} layers between {lo} and {hi}",
-            flags.len(),
-            flags.iter().filter(|&&o| o).count()
-        ));
-    }
-    Ok((lo, hi))
-}
-
 impl Plan {
     pub fn new(layout: &StepLayout, opts: CudaOptions, scratch: usize) -> Result<Plan, String> {
         let cfg = &layout.config;
         let hidden = cfg.kind == Kind::Hidden;
         let shapes: Vec<LayerShape> = layout.leaves.iter().map(|l| l.shape).collect();
         let group_layers: usize = shapes.iter().map(|sh| sh.layers).sum();
-        let (own_lo, own_hi) = owned_range(cfg.owned_layers.as_deref(), group_layers)?;
         let ScratchLayout { classes, class_of, offsets: o, len, noise_polar } =
             scratch_layout(cfg.kind, cfg.noise_adaptive, opts, &shapes, scratch);
         let (dt_ns, _, ns_size) = ns_dtype_size(opts.ns_f32);
@@ -542,23 +516,11 @@ impl Plan {
             vector_eps: cfg.vector_eps,
             ratio_power: cfg.ratio_power,
             ratio_floor: cfg.ratio_floor,
-            own_lo: own_lo as i32,
-            own_hi: own_hi as i32,
         };
-        // The direction's classes: each class's owned layers, a contiguous run of its slots.
-        let mut owned_slots: Vec<Option<(usize, usize)>> = vec![None; classes.len()];
-        let mut owned_count = vec![0usize; classes.len()];
         let mut leaves = Vec::with_capacity(layout.leaves.len());
         let mut group_layer = 0usize;
         for (leaf, &(ci, within)) in layout.leaves.iter().zip(&class_of) {
             let sh = leaf.shape;
-            let (first, last) = (group_layer.max(own_lo), (group_layer + sh.layers).min(own_hi));
-            if hidden && first < last {
-                let (a, b) = (within + first - group_layer, within + last - group_layer);
-                let run = owned_slots[ci].get_or_insert((a, b));
-                *run = (run.0.min(a), run.1.max(b));
-                owned_count[ci] += b - a;
-            }
             let ns_elem = if hidden { classes[ci].base + within * sh.layer_len() } else { 0 };
             // In place, the kernel reads and writes the result buffer (the input is copied into
             // it first unless donated).
@@ -591,16 +553,8 @@ impl Plan {
             });
             group_layer += sh.layers;
         }
-        let mut direction_classes = Vec::with_capacity(classes.len());
-        for ((c, run), count) in classes.iter().zip(owned_slots).zip(owned_count) {
-            let (a, b) = run.unwrap_or((0, 0));
-            if b - a != count {
-                return Err(format!("the owned layers of the {} x {} class are not one run of its slots", c.rows, c.cols));
-            }
-            direction_classes.push(ShapeClass { rows: c.rows, cols: c.cols, base: c.base + a * c.rows * c.cols, batch: count });
-        }
         Ok(Plan {
-            classes, direction_classes, offsets: o, len, leaves, group, group_layers, noise_polar, hidden,
+            classes, offsets: o, len, leaves, group, group_layers, noise_polar, hidden,
             ns_f32: opts.ns_f32, noise_gemm: K_NOISE_GEMM, scratch,
         })
     }
@@ -769,7 +723,7 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
     }
     if plan.hidden {
         let coeffs = &layout.config.ns_coeffs;
-        let dir = newton_schulz(s, &plan.direction_classes, at(o.x), at(o.y), at(o.a), at(o.b), plan.ns_f32, coeffs,
+        let dir = newton_schulz(s, &plan.classes, at(o.x), at(o.y), at(o.a), at(o.b), plan.ns_f32, coeffs,
                                 Products::Cublas)?;
         for a in plan.leaves.iter_mut() {
             a.ns_out = (dir as usize + (a.ns_in as usize - at(o.x) as usize)) as *const c_void;
@@ -781,16 +735,6 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_device_owns_one_contiguous_run_of_the_group() {
-        assert_eq!(owned_range(None, 5), Ok((0, 5)));
-        assert_eq!(owned_range(Some(&[false, true, true, false]), 4), Ok((1, 3)));
-        assert_eq!(owned_range(Some(&[false, false]), 2).map(|(lo, hi)| hi - lo), Ok(0));
-        assert_eq!(owned_range(Some(&[true; 3]), 3), Ok((0, 3)));
-        assert!(owned_range(Some(&[true, false, true]), 3).unwrap_err().contains("one contiguous range"));
-        assert!(owned_range(Some(&[true, true]), 3).is_err());
-    }
 
     #[test]
     fn noise_products_of_many_matrices_take_several_launches() {

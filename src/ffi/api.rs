@@ -32,6 +32,15 @@ pub mod dtype {
         }
     }
 
+    /// Bytes per element of a buffer whose dtype may be one lanton does not know: the widest
+    /// (8) then, so a buffer's extent is never under-estimated (the aliasing proof, test buffers).
+    pub fn span_size(d: i32) -> usize {
+        match size(d) {
+            0 => 8,
+            n => n,
+        }
+    }
+
     /// Human-readable name used in error messages.
     pub fn name(d: i32) -> &'static str {
         match d {

@@ -6,5 +6,5 @@ pub mod buffers;
 pub mod frame;
 pub mod handler;
 
-pub use buffers::{BufferSet, Tensor, TensorMut};
+pub use buffers::BufferSet;
 pub use frame::{BufferRef, CallFrame, FfiError, FfiResult};

@@ -11,9 +11,9 @@
 //!       H = b2*H + (1-b2)*n^2;  valid |= n > 0      (dropped, H and valid kept, unless finite)
 //!   if step t+1 is a noise step: G_prev = G
 //! alpha_l = (H_l + eps)^(-1/2) for valid l;  r_l = alpha_l / stat_{valid j}(alpha_j), else 1
-//! shaped (options):  r_l = max(r_min, r_l^p)     kernels' default p = 1, r_min = 0: the paper's rule;
-//!                                                 lanton()'s default p = 0.5 (benches/results/quality)
-//! stat = median (option): r_l = min(1, shaped r_l), so no single quiet layer sets everyone's rate
+//! shaped (options):  r_l = max(r_min, r_l^p)     default p = 0.5, r_min = 0 (docs/decisions.md);
+//!                                                 the paper's rule: p = 1, stat = max (`paper`)
+//! stat = median (the default): r_l = min(1, shaped r_l), so no single quiet layer sets everyone's rate
 //! for every layer l:
 //!   V = nesterov ? b1*B + (1-b1)*G : B
 //!   delta = -lr * (wd*X + r_l * (s(kind, shape) * D_kind(V)))    (this order on every path: `Write`)
@@ -22,6 +22,7 @@
 use std::fmt;
 
 pub mod layout;
+pub mod options;
 
 /// The LMO geometry of a group (ALGORITHM.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +56,8 @@ impl fmt::Display for Kind {
     }
 }
 
-/// Reference statistic over the group's alpha = (H + eps)^(-1/2) (reconstructed; `Max` default).
+/// Reference statistic over the group's alpha = (H + eps)^(-1/2) (`Median` by default; the
+/// paper's, reconstructed, is `Max`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RatioStat {
     Max,
@@ -137,8 +139,7 @@ pub struct StepConfig {
     pub ratio_eps: f32,
     /// Ratio shaping (our option, not the paper's): r = max(ratio_floor, (alpha/ref)^ratio_power)
     /// for valid layers. p < 1 tempers the spread of the rates, r_min bounds how far a noisy
-    /// layer's rate may fall. Defaults 1 and 0: the paper's r = alpha/ref (the Python optimizer
-    /// always passes its own, p = 0.5 by default).
+    /// layer's rate may fall. Defaults 0.5 and 0; the paper's r = alpha/ref is p = 1.
     pub ratio_power: f32,
     pub ratio_floor: f32,
     /// Noise measured relative to the layer's signal (our option, issue 14): H tracks
@@ -151,30 +152,32 @@ pub struct StepConfig {
     pub vector_eps: f32,
     /// The noise estimate's nuclear norm (hidden groups).
     pub nuclear: NuclearEstimator,
-    /// Work split across devices (`owned_layers`): one flag per layer of the group, in leaf
-    /// order. A layer not owned is tracked as usual (the state stays identical on every device)
-    /// but gets no direction and a zero update; its owner's update is summed in afterwards.
-    /// None: every layer is owned.
-    pub owned_layers: Option<Vec<bool>>,
 }
 
 impl StepConfig {
+    /// lanton's defaults: the one set every front end uses for an option it is not given (the
+    /// Python package's `StepConfig`, the XLA attributes, the C ABI's JSON keys; the reasons
+    /// are in docs/decisions.md).
     pub fn new(kind: Kind) -> Self {
         StepConfig {
             kind,
             ns_coeffs: vec![NS_DEFAULT; NS_DEFAULT_STEPS],
-            noise_every: 1,
+            noise_every: 10,
             noise_adaptive: true,
-            ratio_stat: RatioStat::Max,
+            ratio_stat: RatioStat::Median,
             ratio_eps: 1e-30,
-            ratio_power: 1.0,
+            ratio_power: 0.5,
             ratio_floor: 0.0,
             noise_relative: false,
             nesterov: false,
             vector_eps: 1e-8,
             nuclear: NuclearEstimator::Auto,
-            owned_layers: None,
         }
+    }
+
+    /// The paper's rule (as reconstructed): r = alpha / max alpha, K = 10.
+    pub fn paper(kind: Kind) -> Self {
+        StepConfig { ratio_stat: RatioStat::Max, ratio_power: 1.0, ratio_floor: 0.0, ..StepConfig::new(kind) }
     }
 
     #[allow(clippy::neg_cmp_op_on_partial_ord)] // !(x >= 0) also rejects NaN
@@ -286,6 +289,18 @@ impl LayerShape {
     pub fn d_out(&self) -> usize {
         if self.rows_are_input { self.cols } else { self.rows }
     }
+}
+
+/// The most elements a layer, or a leaf, may have: isize::MAX / 8, so that its bytes at any
+/// dtype (<= 8 bytes) and the kernels' per-layer f64 scratch stay addressable.
+pub const MAX_ELEMENTS: usize = isize::MAX as usize / 8;
+
+/// (elements of one layer, elements of the leaf) for `layers` matrices of `rows x cols`, or None
+/// where either would exceed `MAX_ELEMENTS` (or overflow): the one size guard of every front end.
+pub fn checked_elements(layers: usize, rows: usize, cols: usize) -> Option<(usize, usize)> {
+    let layer = rows.checked_mul(cols).filter(|&n| n <= MAX_ELEMENTS)?;
+    let total = layer.checked_mul(layers).filter(|&n| n <= MAX_ELEMENTS)?;
+    Some((layer, total))
 }
 
 /// s_g(shape): D-Muon's RMS matching for hidden, constants for the other kinds.

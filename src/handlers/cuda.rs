@@ -1,0 +1,48 @@
+//! The CUDA targets' policy: what the CUDA kernels refuse (options they do not have, groups
+//! they cannot index), their own attributes, then the CUDA backend's group step.
+
+use super::decode::decode_layout;
+use crate::cuda::{self, CudaOptions};
+use crate::ffi::{CallFrame, FfiError, FfiResult};
+use crate::step::layout::StepLayout;
+use crate::step::NuclearEstimator;
+
+/// The CUDA kernels index layers with 32-bit integers: refuse a group they cannot address.
+pub fn check_cuda_limits(layout: &StepLayout) -> FfiResult<()> {
+    let layers = layout.leaves.iter().try_fold(0usize, |n, l| n.checked_add(l.shape.layers));
+    match layers {
+        Some(n) if n <= i32::MAX as usize => Ok(()),
+        _ => Err(FfiError::invalid(format!("the group has more than {} layers (the CUDA kernels' limit)", i32::MAX))),
+    }
+}
+
+/// Reads the CUDA-only attributes (optional; defaults: noise work on, bf16 Newton-Schulz).
+pub fn decode_cuda_options(call: &CallFrame) -> FfiResult<CudaOptions> {
+    let noise_work = call.attr_opt("noise_work", CallFrame::attr_bool)?.unwrap_or(true);
+    let ns_f32 = match call.attr_opt("ns_dtype", CallFrame::attr_str)?.as_deref() {
+        None | Some("bfloat16") => false,
+        Some("float32") => true,
+        Some(other) => {
+            return Err(FfiError::invalid(format!("attribute 'ns_dtype': expected bfloat16 or float32, got '{other}'")))
+        }
+    };
+    Ok(CudaOptions { noise_work, ns_f32 })
+}
+
+pub(super) fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
+    let layout = decode_layout(call, in_place)?;
+    if layout.config.nuclear == NuclearEstimator::GramEigen {
+        return Err(FfiError::invalid(
+            "attribute 'noise_estimator': 'eigen' runs on CPU only; the CUDA kernels estimate the noise by polar iteration ('polar' or 'auto')",
+        ));
+    }
+    if layout.config.noise_relative {
+        return Err(FfiError::invalid(
+            "attribute 'noise_relative': the noise-to-signal measure runs on CPU only (an ablation option); \
+             the CUDA kernels measure the paper's absolute noise",
+        ));
+    }
+    let opts = decode_cuda_options(call)?;
+    check_cuda_limits(&layout)?;
+    cuda::group_step(call, &layout, opts)
+}
