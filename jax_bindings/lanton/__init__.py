@@ -7,13 +7,16 @@
 from . import labels, reference
 from ._config import StepConfig
 from ._ffi import LibraryError, available as kernels_available, library_info, load_library
-from ._transform import DEFAULT_GROUPS, FusedLanton, Group, LantonState, fused, lanton, layer_stats
+from ._fused import FusedLanton, fused
+from ._options import DEFAULT_GROUPS, Group
+from ._state import LantonState, layer_stats
+from ._transform import lanton, paper
 from .labels import DimSpec, default_labels
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "lanton", "fused", "layer_stats", "Group", "DimSpec", "LantonState", "FusedLanton", "StepConfig",
+    "lanton", "paper", "fused", "layer_stats", "Group", "DimSpec", "LantonState", "FusedLanton", "StepConfig",
     "default_labels", "labels", "reference", "kernels_available", "library_info", "load_library",
     "LibraryError", "DEFAULT_GROUPS",
 ]

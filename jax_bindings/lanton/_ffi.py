@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-ABI_VERSION = 6  # must equal LANTON_ABI_VERSION in src/capi.rs
+ABI_VERSION = 7  # must equal LANTON_ABI_VERSION in src/capi.rs
 # The handlers report XLA FFI API 0.3 (src/ffi/api.rs); jaxlib accepts it from 0.10.0 on. Older
 # jaxlib refuses the registration when its CPU backend starts, which breaks every computation of
 # the process, so the loader refuses first.
@@ -264,7 +264,7 @@ def newton_schulz_runs() -> int:
     return int(lib.lanton_newton_schulz_runs())
 
 
-def group_step(config, hyper, t, leaves, names, *, in_place: bool, owned=None):
+def group_step(config, hyper, t, leaves, names, *, in_place: bool):
     """One fused FFI call for a whole group. `leaves` holds per leaf the tuple
     (param, grad, momentum, prev_grad, noise, valid, prev_step, rows_are_input, (L, R, C)):
     param, grad, momentum and prev_grad of one shape whose row-major order is (layers, rows,
@@ -316,8 +316,6 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, owned=None):
         ns_dtype=config.ns_dtype,
         noise_estimator=config.noise_estimator,
     )
-    if owned is not None:  # the work split across devices: one flag per layer of the group
-        attrs["owned_layers"] = np.asarray(owned, np.uint8)
     dims = tuple(tuple(int(x) for x in lf[8]) for lf in leaves)
 
     def cuda(*a):

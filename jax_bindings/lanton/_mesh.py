@@ -11,7 +11,7 @@ The divided step (`split_group_step`), inside `jax.shard_map` over the mesh axes
         direction D of each matrix once per step in total, never once per device
     the kernel's per-layer trackers are all-gathered (a few floats per layer); every device
         forms the group's ratios r from them as one device would (to f32 round-off: the
-        reference's f32 formula, where the kernels use f64)
+        f32 formula of _rules, where the kernels use f64)
     the directions s * D go back to the shards by the reverse all_to_all, and each device
         applies delta = -lr * (wd * X + r * (s * D)) to its own shards, in the kernels' order of
         f32 operations (step::Write: the bf16 parameters stored are one device's)
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import _ffi, reference
+from . import _ffi
+from ._rules import group_ratios
 
 
 def input_mesh(arrays):
@@ -158,7 +159,7 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place)
         # The group's ratios from every layer's tracker, as one device forms them (in f32).
         noise = jnp.concatenate([o[3] for o in per_leaf])
         valid = jnp.concatenate([o[4] for o in per_leaf])
-        ratios = (reference.group_ratios(noise, valid > 0.5, config.ratio_stat, config.ratio_eps, config.ratio_power,
+        ratios = (group_ratios(noise, valid > 0.5, config.ratio_stat, config.ratio_eps, config.ratio_power,
                                          config.ratio_floor) if config.noise_adaptive else jnp.ones_like(noise))
         lr, wd = hyper[0], hyper[3]
         results, start = [], 0

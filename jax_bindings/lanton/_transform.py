@@ -1,177 +1,25 @@
-"""`lanton(...)`: the optax GradientTransformation, its state, and the fused in-place path."""
+"""`lanton(...)`: the optax GradientTransformation. Its options are checked once (`_options`),
+the leaves planned (`_plan`), the state made and read (`_state`), and each group's step is one
+fused call (`_ffi`), split over the devices where the inputs are laid out on a mesh (`_mesh`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _checks, _ffi, _mesh, reference
-from ._config import KINDS, StepConfig
-from .labels import SPLIT_GROUPS, DimSpec, default_dim_spec, default_labels, path_str, tree_context
-
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-class Group(NamedTuple):
-    """A layer group: one LMO kind; optional per-group scale, weight decay and noise cadence.
-
-    weight_decay=None takes the transformation's weight_decay for `hidden` and `embed` groups
-    and 0 for `vector` groups (norm gains and biases are not decayed)."""
-
-    kind: str
-    scale: Optional[float] = None
-    weight_decay: Optional[float] = None
-    noise_every: Optional[int] = None
-
-
-DEFAULT_GROUPS = {k: Group(k) for k in KINDS}
-# A group without its own scale uses `scale` times its kind's factor: embeddings/heads (sign) and
-# gains/biases (RMS) step at half the hidden matrices' RMS by default. Tuned on the Shakespeare
-# GPT (benches/results/tuning/tune.md: 0.1 beat 0.2 and 0.4 at scale 0.2).
-KIND_SCALE = {"hidden": 1.0, "embed": 0.5, "vector": 0.5}
-# Labels that work as groups without being declared: the kinds, and the split hidden groups.
-IMPLICIT_GROUPS = {**DEFAULT_GROUPS, **{g: Group("hidden") for g in SPLIT_GROUPS}}
-
-
-class LantonState(NamedTuple):
-    """Per leaf (a MaskedNode for leaves no group handles): momentum and previous gradient in
-    the leaf's shape; noise H, validity, step of the stored gradient, last ratio r and the number
-    of steps skipped for a non-finite gradient, over the leaf's batch axes (one per layer)."""
-
-    count: jax.Array
-    momentum: Any
-    prev_grad: Any
-    noise: Any
-    valid: Any
-    prev_step: Any
-    ratio: Any
-    skipped: Any
-
-
-# Per-leaf state fields, and the shape each has: the leaf's ("param") or one per layer ("layers").
-STATE_FIELDS = {"momentum": "param", "prev_grad": "param", "noise": "layers", "valid": "layers",
-                "prev_step": "layers", "ratio": "layers", "skipped": "layers"}
-
-
-class _Leaf(NamedTuple):
-    index: int
-    name: str
-    group: str
-    perm: Optional[tuple]  # transpose to (batch..., rows..., cols...) or None
-    permuted_shape: tuple
-    canonical: tuple  # (L, R, C)
-    batch_shape: tuple
-    rows_are_input: bool
-    row_axes: int = 0  # how many axes of the permuted shape, after the batch axes, are rows
-
-
-def _axes(spec, ndim, name, what):
-    axes = (spec,) if isinstance(spec, (int, np.integer)) else tuple(spec)
-    out = []
-    for a in axes:
-        if not -ndim <= int(a) < ndim:
-            raise ValueError(f"leaf '{name}': {what} axis {a} is out of range for a rank-{ndim} leaf")
-        out.append(int(a) % ndim)
-    return tuple(out)
-
-
-def _plan_leaf(index, name, group_name, kind, shape, spec: Optional[DimSpec]) -> _Leaf:
-    """Maps a leaf onto the kernel's (layers, rows, cols) view; batch axes become layers.
-    `spec` None: a vector's last axis (the only kind without a spec from `default_dim_spec`)."""
-    ndim = len(shape)
-    if kind == "vector":
-        # The vector is the last axis (or the axes a DimSpec names); leading axes are layers.
-        if ndim == 0:
-            return _Leaf(index, name, group_name, None, shape, (1, 1, 1), (), True)
-        vec = (ndim - 1,) if spec is None else tuple(sorted(
-            _axes(spec.reduction_axes, ndim, name, "reduction") + _axes(spec.output_axes, ndim, name, "output")))
-        red, out = (), vec
-    else:
-        if ndim < 2:
-            raise ValueError(f"leaf '{name}' of kind '{kind}' needs at least 2 axes (d_in, d_out), got shape {shape}")
-        red = _axes(spec.reduction_axes, ndim, name, "reduction")
-        out = _axes(spec.output_axes, ndim, name, "output")
-        if not red or not out:
-            raise ValueError(f"leaf '{name}': a '{kind}' leaf needs reduction and output axes, got {spec}")
-    if len(set(red) | set(out)) != len(red) + len(out):
-        raise ValueError(f"leaf '{name}': reduction axes {red} and output axes {out} overlap or repeat")
-    batch = tuple(a for a in range(ndim) if a not in red and a not in out)
-    size = lambda axes: int(math.prod(shape[a] for a in axes))
-    rows_in, perm = True, batch + red + out
-    if perm == tuple(range(ndim)):
-        perm = None  # already (batch..., d_in..., d_out...): a free reshape
-    elif batch + out + red == tuple(range(ndim)):
-        perm, rows_in, red, out = None, False, out, red  # (batch..., d_out..., d_in...): also free
-    permuted = tuple(shape[a] for a in perm) if perm else tuple(shape)
-    return _Leaf(index, name, group_name, perm, permuted, (size(batch), size(red), size(out)),
-                 tuple(shape[a] for a in batch), rows_in, len(red))
-
-
-def _to_permuted(x, lf: _Leaf):
-    """The leaf with its axes in (batch..., rows..., cols...) order: (L, R, C) in row-major
-    order. No reshape: the kernels take the shape as it is (see _ffi.group_step)."""
-    return x if lf.perm is None else jnp.transpose(x, lf.perm)
-
-
-def _from_permuted(x, lf: _Leaf):
-    return x if lf.perm is None else jnp.transpose(x, np.argsort(lf.perm))
-
-
-def _static(name, value, default, cast):
-    """A structural option: a compile-time attribute of the custom call, never traced."""
-    if value is None:
-        return default
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(
-            f"lanton option '{name}' is structural (compiled into the kernel) and cannot be traced; with "
-            f"optax.inject_hyperparams pass static_args=('{name}',)"
-        )
-    return cast(value)
-
-
-def _flag(name):
-    def cast(value):
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"lanton option '{name}' must be True or False, got {value!r}")
-        return bool(value)
-    return cast
-
-
-def _resolve(tree_or_fn, params):
-    """A labels / dim_numbers option: a function of the params, or a tree. A callable pytree with
-    children (an Equinox module holding labels) is a tree, not a function."""
-    is_function = callable(tree_or_fn) and (isinstance(tree_or_fn, jax.tree_util.Partial)
-                                            or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree_or_fn)))
-    return tree_or_fn(params) if is_function else tree_or_fn
-
-
-def _is_masked(x):
-    return isinstance(x, optax.MaskedNode)
-
-
-def _is_entry(x):
-    """A leaf of a labels / dim_numbers tree."""
-    return x is None or _is_masked(x) or isinstance(x, (DimSpec, str))
-
-
-def _check_group(name, g):
-    if not isinstance(g, Group):
-        raise TypeError(f"group '{name}': expected lanton.Group(kind, ...), got {g!r}")
-    what = f"Group '{name}' option"
-    if g.scale is not None:
-        _checks.real("scale", g.scale, lo=0.0, lo_open=True, what=what)
-    if g.weight_decay is not None:
-        _checks.real("weight_decay", g.weight_decay, lo=0.0, what=what)
-    if g.noise_every is not None:
-        _checks.positive_int("noise_every", g.noise_every, what=what)
+from . import _checks, _ffi, _mesh, _plan, _state, reference
+from ._config import StepConfig
+from ._options import (DEFAULT_GROUPS, KIND_SCALE, SUPPORTED_DTYPES, Group, ScalarOrSchedule, check_array, check_group,
+                       flag, static)
+from ._plan import _from_permuted, _to_permuted
+from ._state import LantonState
 
 
 class _Lanton:
@@ -179,7 +27,7 @@ class _Lanton:
 
     def __init__(self, learning_rate, beta1, beta2, weight_decay, scale, *, noise_every, noise_adaptive, nesterov,
                  ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend,
-                 ns_dtype="bfloat16", noise_estimator="auto", mesh=None, mesh_axes=None, ratio_power=None,
+                 ns_dtype=None, noise_estimator=None, mesh=None, mesh_axes=None, ratio_power=None,
                  ratio_floor=None, noise_relative=None):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
@@ -201,153 +49,40 @@ class _Lanton:
             raise TypeError(f"lanton option 'groups' must be a dict of name -> lanton.Group, got {groups!r}")
         self.groups = dict(DEFAULT_GROUPS if groups is None else groups)
         for name, g in self.groups.items():
-            _check_group(name, g)
-        self.momentum_dtype = jnp.dtype(_static("momentum_dtype", momentum_dtype, "float32", lambda x: x))
+            check_group(name, g)
+        self.momentum_dtype = jnp.dtype(static("momentum_dtype", momentum_dtype, "float32", lambda x: x))
         if self.momentum_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"momentum_dtype must be float32, bfloat16 or float16, got {self.momentum_dtype}")
         # The global options; each group's config is this with its kind (and cadence) set.
         self.base_config = StepConfig(
             kind="hidden",
             ns_coeffs=StepConfig.ns_coeffs if ns_coeffs is None else _checks.ns_coeffs(ns_coeffs),
-            noise_every=_static("noise_every", noise_every, StepConfig.noise_every, lambda v: _checks.positive_int("noise_every", v)),
-            noise_adaptive=_static("noise_adaptive", noise_adaptive, StepConfig.noise_adaptive, _flag("noise_adaptive")),
-            ratio_stat=ratio_stat,
-            ratio_eps=_static("ratio_eps", ratio_eps, StepConfig.ratio_eps, lambda v: float(_checks.real("ratio_eps", v, lo=0.0))),
-            ratio_power=_static("ratio_power", ratio_power, StepConfig.ratio_power, lambda v: float(_checks.real("ratio_power", v, lo=0.0))),
-            ratio_floor=_static("ratio_floor", ratio_floor, StepConfig.ratio_floor, lambda v: float(_checks.real("ratio_floor", v, lo=0.0))),
-            noise_relative=_static("noise_relative", noise_relative, StepConfig.noise_relative, _flag("noise_relative")),
-            nesterov=_static("nesterov", nesterov, StepConfig.nesterov, _flag("nesterov")),
-            ns_dtype=ns_dtype,
-            noise_estimator=noise_estimator,
+            noise_every=static("noise_every", noise_every, StepConfig.noise_every, lambda v: _checks.positive_int("noise_every", v)),
+            noise_adaptive=static("noise_adaptive", noise_adaptive, StepConfig.noise_adaptive, flag("noise_adaptive")),
+            ratio_stat=static("ratio_stat", ratio_stat, StepConfig.ratio_stat, str),
+            ratio_eps=static("ratio_eps", ratio_eps, StepConfig.ratio_eps, lambda v: float(_checks.real("ratio_eps", v, lo=0.0))),
+            ratio_power=static("ratio_power", ratio_power, StepConfig.ratio_power, lambda v: float(_checks.real("ratio_power", v, lo=0.0))),
+            ratio_floor=static("ratio_floor", ratio_floor, StepConfig.ratio_floor, lambda v: float(_checks.real("ratio_floor", v, lo=0.0))),
+            noise_relative=static("noise_relative", noise_relative, StepConfig.noise_relative, flag("noise_relative")),
+            nesterov=static("nesterov", nesterov, StepConfig.nesterov, flag("nesterov")),
+            ns_dtype=static("ns_dtype", ns_dtype, StepConfig.ns_dtype, str),
+            noise_estimator=static("noise_estimator", noise_estimator, StepConfig.noise_estimator, str),
         )
-        self.configs = {name: self._group_config(g) for name, g in self.groups.items()}
+        for g in self.groups.values():
+            self._group_config(g)  # every declared group's config is valid (its kind above all), now
         self.mesh, self.mesh_axes = _mesh.check_mesh(mesh, mesh_axes)
 
     def _group_config(self, g: Group) -> StepConfig:
         k = self.base_config.noise_every if g.noise_every is None else int(np.asarray(g.noise_every))
         return dataclasses.replace(self.base_config, kind=g.kind, noise_every=k)
 
-    # -- layout -----------------------------------------------------------------------------
     def plan(self, params):
-        """Groups of planned leaves. Everything is decided from the names a user sees (labels.py:
-        wrapper attributes such as NNX's `.value` dropped), so init and update agree whatever
-        wrapper the tree has. Masked leaves (optax.multi_transform) belong to no group."""
-        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
-        names = [path_str(p) for p, _ in leaves_with_path]
-        labels = default_labels(params) if self.labels is None else _resolve(self.labels, params)
-        label_leaves = self._match(labels, treedef, "labels", leaves_with_path, names)
-        dims = None if self.dim_numbers is None else _resolve(self.dim_numbers, params)
-        dim_leaves = [None] * len(names) if dims is None else self._match(dims, treedef, "dim_numbers", leaves_with_path, names)
-        context = tree_context(params)
-        plan = {}
-        for i, ((path, leaf), name, label, spec) in enumerate(zip(leaves_with_path, names, label_leaves, dim_leaves)):
-            if label is None or _is_masked(label) or _is_masked(leaf):
-                continue
-            if not isinstance(label, str):
-                raise TypeError(f"leaf '{name}': a label must be a group name (str) or None, got {label!r}")
-            if label not in self.groups:
-                if label in IMPLICIT_GROUPS:  # a kind or split name works as a group even if `groups` omits it
-                    self.groups[label] = IMPLICIT_GROUPS[label]
-                    self.configs[label] = self._group_config(self.groups[label])
-                else:
-                    raise ValueError(
-                        f"leaf '{name}' has label {label!r}, which is no group; known groups: {sorted(self.groups)}. "
-                        f"Define it, e.g. groups={{{label!r}: lanton.Group('hidden')}}"
-                    )
-            _check_array(name, "parameter", leaf)
-            if spec is not None and not isinstance(spec, DimSpec):
-                spec = DimSpec(*spec)
-            kind = self.groups[label].kind
-            if spec is None:
-                spec = default_dim_spec(context[name], kind)
-            plan.setdefault(label, []).append(_plan_leaf(i, name, label, kind, tuple(leaf.shape), spec))
-        return plan, treedef, [leaf for _, leaf in leaves_with_path]
+        """(plan, treedef, leaves) for these parameters (`_plan.plan`; nothing is kept)."""
+        return _plan.plan(params, self.labels, self.dim_numbers, self.groups)[:3]
 
-    @staticmethod
-    def _match(tree, treedef, what, leaves_with_path, names):
-        """One entry of a labels / dim_numbers tree per parameter leaf (None: the leaf is left
-        alone). The tree may mirror the parameters; be a prefix of them, an entry at a subtree's
-        root standing for every leaf under it (as optax's masks and optax.contrib.muon's
-        dimension numbers); or match them by name, a name also standing for the leaves under it:
-        wrappers (NNX Variables) and masked positions (optax.multi_transform) need not be
-        mirrored."""
-        try:
-            return treedef.flatten_up_to(tree)
-        except (ValueError, TypeError):
-            pass
-        params = treedef.unflatten([leaf for _, leaf in leaves_with_path])
-        try:
-            spread = jax.tree.map(lambda entry, sub: jax.tree.map(lambda _: entry, sub, is_leaf=_is_masked),
-                                  tree, params, is_leaf=_is_entry)
-            return treedef.flatten_up_to(spread)
-        except (ValueError, TypeError):
-            pass
-        entries = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_entry)[0]}
-        out = []
-        for (_, leaf), name in zip(leaves_with_path, names):
-            if _is_masked(leaf):
-                out.append(None)
-                continue
-            parts = name.split("/")
-            # The leaf's own name first, then the subtrees holding it, innermost first.
-            owner = next((k for k in ("/".join(parts[:n]) for n in range(len(parts), 0, -1)) if k in entries), None)
-            if owner is None and "<root>" in entries:
-                owner = "<root>"
-            if owner is None:
-                raise ValueError(
-                    f"{what} must have an entry for every parameter leaf, or for a subtree holding it (None to "
-                    f"leave a leaf to another transformation): leaf '{name}' has none"
-                )
-            out.append(entries[owner])
-        return out
-
-    # -- state ------------------------------------------------------------------------------
     def init(self, params):
         plan, treedef, leaves = self.plan(params)
-        n = len(leaves)
-        fields = {k: [optax.MaskedNode()] * n for k in STATE_FIELDS}
-        for group in plan.values():
-            for lf in group:
-                p = leaves[lf.index]
-                fields["momentum"][lf.index] = jnp.zeros(p.shape, self.momentum_dtype)
-                fields["prev_grad"][lf.index] = jnp.zeros(p.shape, p.dtype)
-                fields["noise"][lf.index] = jnp.zeros(lf.batch_shape, jnp.float32)
-                fields["valid"][lf.index] = jnp.zeros(lf.batch_shape, jnp.float32)
-                fields["prev_step"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
-                fields["ratio"][lf.index] = jnp.ones(lf.batch_shape, jnp.float32)
-                fields["skipped"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
-        return LantonState(count=jnp.zeros([], jnp.int32), **{k: treedef.unflatten(v) for k, v in fields.items()})
-
-    def _state_leaves(self, state, plan, treedef, p_leaves):
-        """The state's per-leaf fields, checked against the plan: a state made for other
-        parameters, labels or shapes is refused naming the leaf, not mis-read."""
-        if not isinstance(state, LantonState):
-            raise TypeError(f"lanton expected its own LantonState, got {type(state).__name__}")
-        st = {}
-        for k in STATE_FIELDS:
-            try:
-                st[k] = treedef.flatten_up_to(getattr(state, k))
-            except (ValueError, TypeError):
-                raise ValueError(
-                    f"optimizer state field '{k}' does not match the parameters' structure: the state was made by "
-                    "init() for other parameters; call init() again for this model"
-                ) from None
-        for group in plan.values():
-            for lf in group:
-                want = {"param": tuple(p_leaves[lf.index].shape), "layers": lf.batch_shape}
-                for k, which in STATE_FIELDS.items():
-                    x = st[k][lf.index]
-                    if _is_masked(x) or not hasattr(x, "shape"):
-                        raise ValueError(
-                            f"leaf '{lf.name}' (group '{lf.group}') has no optimizer state ('{k}' is {x!r}): the labels "
-                            "changed since init(); call init() again"
-                        )
-                    if tuple(x.shape) != want[which]:
-                        raise ValueError(
-                            f"leaf '{lf.name}': optimizer state '{k}' has shape {tuple(x.shape)}, expected "
-                            f"{want[which]}: the state was made for another model or layout; call init() again"
-                        )
-        return st
+        return _state.init_state(plan, treedef, leaves, self.momentum_dtype)
 
     # -- step -------------------------------------------------------------------------------
     def _backend(self):
@@ -382,9 +117,9 @@ class _Lanton:
     def apply(self, grads, state: LantonState, params, *, in_place: bool, second_grad=None):
         if params is None:
             raise ValueError("lanton needs the parameters: call update(grads, state, params)")
-        plan, treedef, p_leaves = self.plan(params)
-        g_leaves = _flatten_like(treedef, grads, "gradients")
-        g2_leaves = None if second_grad is None else _flatten_like(treedef, second_grad, "second_grad")
+        plan, treedef, p_leaves, groups = _plan.plan(params, self.labels, self.dim_numbers, self.groups)
+        g_leaves = _state.flatten_like(treedef, grads, "gradients")
+        g2_leaves = None if second_grad is None else _state.flatten_like(treedef, second_grad, "second_grad")
         for group in plan.values():
             for lf in group:
                 p = p_leaves[lf.index]
@@ -392,10 +127,10 @@ class _Lanton:
                     if leaves is None:
                         continue
                     g = leaves[lf.index]
-                    _check_array(lf.name, what, g)
+                    check_array(lf.name, what, g)
                     if g.shape != p.shape:
                         raise ValueError(f"leaf '{lf.name}': {what} shape {g.shape} != parameter shape {p.shape}")
-        st = self._state_leaves(state, plan, treedef, p_leaves)
+        st = _state.state_leaves(state, plan, treedef, p_leaves)
         count = optax.safe_int32_increment(state.count)
         lr = self.learning_rate(state.count) if callable(self.learning_rate) else self.learning_rate
         step_fn = self._backend()
@@ -403,7 +138,8 @@ class _Lanton:
         out_leaves = list(p_leaves) if in_place else list(g_leaves)
         new = {k: list(v) for k, v in st.items()}
         for gname, group in plan.items():
-            g = self.groups[gname]
+            g = groups[gname]
+            config = self._group_config(g)
             wd = g.weight_decay if g.weight_decay is not None else (0.0 if g.kind == "vector" else self.weight_decay)
             scale = g.scale if g.scale is not None else self.scale * KIND_SCALE[g.kind]
             hyper = jnp.stack([jnp.asarray(v, jnp.float32) for v in (lr, self.beta1, self.beta2, wd, scale)])
@@ -435,12 +171,12 @@ class _Lanton:
                 ))
             names = [lf.name for lf in group]
             if mesh is not None and all(math.prod(lf.canonical) > 0 for lf in group):
-                results = _mesh.split_group_step(mesh, axes, self.configs[gname], hyper, count,
+                results = _mesh.split_group_step(mesh, axes, config, hyper, count,
                                                  [a + (len(lf.batch_shape), lf.row_axes) for a, lf in zip(args, group)],
                                                  names,
                                                  in_place=in_place)
             else:
-                results = step_fn(self.configs[gname], hyper, count, args, names, in_place=in_place)
+                results = step_fn(config, hyper, count, args, names, in_place=in_place)
             for lf, fin, (out, mom, prev, noise, valid, pstep, ratio) in zip(group, finite, results):
                 i = lf.index
                 out_leaves[i] = _from_permuted(out, lf)
@@ -454,13 +190,6 @@ class _Lanton:
                     new[k][i] = v
         new_state = LantonState(count=count, **{k: treedef.unflatten(v) for k, v in new.items()})
         return treedef.unflatten(out_leaves), new_state
-
-
-def _flatten_like(treedef, tree, what):
-    try:
-        return treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{what} do not match the parameters' structure: {e}") from None
 
 
 def _check_local_params(plan, p_leaves):
@@ -482,20 +211,6 @@ def _check_local_params(plan, p_leaves):
                 "lanton(..., mesh=False) if every device holds whole matrices of its own")
 
 
-def _check_array(name, what, x):
-    """A handled leaf must be a float array lanton supports (not a Python number or None)."""
-    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-        raise TypeError(
-            f"leaf '{name}': the {what} must be a JAX array of float32, bfloat16 or float16, got "
-            f"{type(x).__name__} {x!r}; wrap it in jnp.asarray(...) or label it None"
-        )
-    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"leaf '{name}': unsupported dtype {x.dtype} of the {what}; lanton handles float32, bfloat16 and float16")
-
-
-ScalarOrSchedule = optax.ScalarOrSchedule  # optax's own annotation: its generic checks read it
-
-
 def _make(learning_rate, beta1, beta2, weight_decay, scale, kw) -> _Lanton:
     return _Lanton(learning_rate, beta1, beta2, weight_decay, scale, **kw)
 
@@ -510,7 +225,7 @@ def lanton(
     noise_every: Optional[int] = None,
     noise_adaptive: bool = True,
     nesterov: bool = False,
-    ratio_stat: str = "median",
+    ratio_stat: Optional[str] = None,
     ratio_eps: Optional[float] = None,
     ns_coeffs=None,
     labels=None,
@@ -518,8 +233,8 @@ def lanton(
     dim_numbers=None,
     momentum_dtype: str = "float32",
     backend: str = "auto",
-    ns_dtype: str = "bfloat16",
-    noise_estimator: str = "auto",
+    ns_dtype: Optional[str] = None,
+    noise_estimator: Optional[str] = None,
     mesh=None,
     mesh_axes=None,
     ratio_power: Optional[float] = None,
@@ -624,78 +339,13 @@ def lanton(
     return optax.GradientTransformationExtraArgs(impl.init, update_fn)
 
 
-class FusedLanton(NamedTuple):
-    """init(params) -> state; step(grads, state, params) -> (new_params, new_state), jitted with
-    params and state donated so the kernels update them in place."""
-
-    init: Callable
-    step: Callable
-
-
-def fused(learning_rate: ScalarOrSchedule = 0.0075, beta1: float = 0.8, beta2: float = 0.9, weight_decay: float = 0.0,
-          scale: float = 0.2, **kwargs) -> FusedLanton:
-    """The in-place fused path: same options as `lanton`, parameters written by the kernel.
-
-    `step(grads, state, params) -> (params, state)` donates state and params; `step.lower(grads,
-    state, params)` lowers the jitted step for inspection (its outputs in (state, params) order)."""
-    # lanton()'s keyword-only options and their defaults: one source of truth for both entry points.
-    kw = {k: p.default for k, p in inspect.signature(lanton).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    unknown = set(kwargs) - set(kw)
-    if unknown:
-        raise TypeError(f"fused() got unknown options {sorted(unknown)}")
-    kw.update(kwargs)
-    impl = _make(learning_rate, beta1, beta2, weight_decay, scale, kw)
-    # jit pairs donated inputs with outputs of the same shape in argument order, not by name:
-    # returning (state, params) in the order they are passed lets each buffer be updated where
-    # it lies. Returning (params, state) would pair the new params with the old momentum (the
-    # first donated input of that shape), and XLA would copy every parameter and state buffer.
-    body = lambda g, s, p: impl.apply(g, s, p, in_place=True)[::-1]
-    inner = jax.jit(body, donate_argnums=(1, 2))
-    # Laid-out inputs come back in their own layouts (the work split leaves its own otherwise,
-    # and a changed layout would make the next call compile again): one jit per layout.
-    by_layout = {}
-
-    def step(grads, state, params):
-        leaves, tree = jax.tree.flatten((state, params))
-        layouts = [getattr(x, "sharding", None) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-                   else None for x in leaves]
-        f = inner
-        if any(isinstance(s, jax.sharding.NamedSharding) for s in layouts):
-            # (None: XLA's choice, for an input not laid out on a mesh.)
-            layouts = [s if isinstance(s, jax.sharding.NamedSharding) else None for s in layouts]
-            key = (tree, tuple(layouts))
-            if key not in by_layout:
-                by_layout[key] = jax.jit(body, donate_argnums=(1, 2), out_shardings=tree.unflatten(layouts))
-            f = by_layout[key]
-        new_state, new_params = f(grads, state, params)
-        return new_params, new_state
-
-    step.lower = inner.lower  # for inspecting the compiled step (outputs in (state, params) order)
-    return FusedLanton(impl.init, step)
-
-
-def find_states(opt_state) -> list:
-    """Every LantonState inside an optimizer state (a chain, inject_hyperparams,
-    multi_transform, an nnx.Optimizer's opt_state ...), in tree order."""
-    found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, LantonState))
-    return [x for x in found if isinstance(x, LantonState)]
-
-
-def layer_stats(opt_state) -> dict:
-    """Per-layer noise H, ratio r, validity and skipped-step count, keyed by leaf path, for
-    logging (the paper's noise plots) and alerting (`skipped`: steps on which the layer's
-    gradient was not finite, so it did not move). `opt_state` is a LantonState or any optimizer
-    state that contains one (several: their leaves are merged). Values are arrays over each
-    leaf's batch axes (one per layer)."""
-    states = find_states(opt_state)
-    if not states:
-        raise ValueError(f"layer_stats: no LantonState found in the given {type(opt_state).__name__}")
-    out = {}
-    for state in states:
-        flat = jax.tree_util.tree_flatten_with_path(state.noise, is_leaf=_is_masked)[0]
-        rest = [jax.tree_util.tree_leaves(getattr(state, k), is_leaf=_is_masked) for k in ("ratio", "valid", "skipped")]
-        for (path, noise), ratio, valid, skipped in zip(flat, *rest):
-            if _is_masked(noise):
-                continue
-            out[path_str(path)] = {"noise": noise, "ratio": ratio, "valid": valid, "skipped": skipped}
-    return out
+def paper(learning_rate: ScalarOrSchedule = 0.03, **kwargs) -> optax.GradientTransformationExtraArgs:
+    """The paper's rule as reconstructed (docs/algorithm.md): r = alpha / max alpha over the group
+    (`ratio_stat="max"`, `ratio_power=1.0`, no floor), K = 10; any other option as `lanton()`
+    takes it. The rate 0.03 is the one the 1500-step protocol picked for this rule on the
+    Shakespeare GPT (benches/results/quality), where it trained worse than lanton's defaults."""
+    rule = dict(ratio_stat="max", ratio_power=1.0, ratio_floor=0.0)
+    clash = sorted(set(rule) & set(kwargs))
+    if clash:
+        raise TypeError(f"lanton.paper() fixes {clash}: use lanton.lanton(...) to choose them")
+    return lanton(learning_rate, **rule, **kwargs)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ._config import NUCLEAR_SCHEDULE, StepConfig
+from ._rules import group_ratios
 
 f32 = jnp.float32
 
@@ -112,29 +113,6 @@ def update_scale(kind, scale, shape):
     if kind == "hidden":
         return scale * jnp.sqrt(f32(max(shape[-2], shape[-1])))
     return scale
-
-
-def group_ratios(noise, valid, stat, eps, power=1.0, floor=0.0):
-    """r = max(floor, (alpha / stat_{valid}(alpha))^power), alpha = (H + eps)^(-1/2), capped at 1
-    for stat "median"; 1 where not valid."""
-    alpha = jax.lax.rsqrt(noise + f32(eps))
-    any_valid = jnp.any(valid)
-    if stat == "max":
-        ref = jnp.max(jnp.where(valid, alpha, -jnp.inf))
-    elif stat == "min":
-        ref = jnp.min(jnp.where(valid, alpha, jnp.inf))
-    elif stat == "median":
-        ref = jnp.nanmedian(jnp.where(valid, alpha, jnp.nan))
-    else:
-        ref = jnp.sum(jnp.where(valid, alpha, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-    ok = valid & any_valid & jnp.isfinite(ref) & (ref > 0)
-    r = alpha / jnp.where(ok, ref, 1.0)
-    if power != 1.0:
-        r = r ** f32(power)
-    r = jnp.maximum(r, f32(floor))
-    if stat == "median":
-        r = jnp.minimum(r, 1.0)
-    return jnp.where(ok, r, 1.0)
 
 
 def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bool = False):

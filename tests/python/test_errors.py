@@ -138,15 +138,3 @@ def test_mesh_options_are_checked(params):
         lanton.lanton(mesh=mesh, mesh_axes="y")
     with pytest.raises(ValueError, match=r"option 'mesh_axes' needs a 'mesh'"):
         lanton.lanton(mesh_axes="x")
-
-
-def test_owned_layers_of_the_wrong_length_are_refused_by_the_kernel():
-    from lanton import _ffi
-    x = jnp.ones((2, 4, 4), jnp.float32)
-    per_layer = jnp.zeros((2,), jnp.float32)
-    leaf = (x, x, x, x, per_layer, per_layer, jnp.zeros((2,), jnp.int32), True, (2, 4, 4))
-    hyper = jnp.asarray([0.1, 0.9, 0.9, 0.0, 0.2], jnp.float32)
-    call = jax.jit(lambda: _ffi.group_step(lanton.StepConfig(kind="hidden"), hyper, jnp.int32(1), [leaf], ["w"],
-                                           in_place=False, owned=[True, False, True]))
-    with pytest.raises(Exception, match=r"attribute 'owned_layers': expected one flag per layer of the group \(2\), got 3"):
-        jax.block_until_ready(call())

@@ -352,3 +352,46 @@ def test_embed_and_vector_groups_step_at_half_the_scale_by_default():
     tx = lanton.lanton(0.01, scale=0.2, groups={**lanton.DEFAULT_GROUPS, "embed": lanton.Group("embed", scale=0.3)})
     u, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(np.abs(np.asarray(u["wte"])), 0.01 * 0.3, rtol=1e-6)
+
+
+@pytest.mark.skipif(not lanton.kernels_available(), reason="liblanton not built")
+def test_python_and_library_defaults_are_one_set():
+    """One table of options per language, one set of defaults in all: the Python package's
+    StepConfig equals the library's (what the XLA attributes and the C ABI's JSON keys default to)."""
+    import ctypes
+    import dataclasses
+    import json
+
+    lib = lanton.load_library()
+    lib.lanton_default_config_json.restype = ctypes.c_char_p
+    library = json.loads(lib.lanton_default_config_json())
+    python = dataclasses.asdict(lanton.StepConfig(kind="hidden"))
+    f32 = lambda x: float(np.float32(x))
+    assert library.pop("kind") == python.pop("kind") == "hidden"
+    assert [[f32(c) for c in t] for t in python.pop("ns_coeffs")] == library.pop("ns_coeffs")
+    for k in ("ratio_eps", "ratio_power", "ratio_floor", "vector_eps"):
+        assert f32(python.pop(k)) == f32(library.pop(k)), k
+    python.pop("ns_dtype")  # CUDA-only, an attribute of its own beside the step's options
+    assert python == library
+
+
+def test_the_paper_preset_is_the_papers_rule_over_lantons_other_defaults():
+    params = transformer_params(jax.random.key(4))
+    grads = [random_grads(jax.random.key(10 + t), params) for t in range(12)]
+
+    def run(tx):
+        state, p = tx.init(params), params
+        upd = jax.jit(tx.update)
+        for g in grads:
+            u, state = upd(g, state, p)
+            p = optax.apply_updates(p, u)
+        return p, state
+
+    got, _ = run(lanton.paper(noise_every=2))
+    want, _ = run(lanton.lanton(0.03, ratio_stat="max", ratio_power=1.0, ratio_floor=0.0, noise_every=2))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    # ... and not lanton's own rule at the same rate and cadence.
+    ours, _ = run(lanton.lanton(0.03, noise_every=2))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ours)))
+    with pytest.raises(TypeError, match=r"lanton.paper\(\) fixes \['ratio_power'\]"):
+        lanton.paper(ratio_power=0.5)

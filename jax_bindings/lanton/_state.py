@@ -1,0 +1,116 @@
+"""lanton's optimizer state: its fields, how `init` makes it, how `update` reads it back (refusing,
+by leaf, a state made for other parameters), and `layer_stats` for logging."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._plan import _is_masked
+from .labels import path_str
+
+
+class LantonState(NamedTuple):
+    """Per leaf (a MaskedNode for leaves no group handles): momentum and previous gradient in
+    the leaf's shape; noise H, validity, step of the stored gradient, last ratio r and the number
+    of steps skipped for a non-finite gradient, over the leaf's batch axes (one per layer)."""
+
+    count: jax.Array
+    momentum: Any
+    prev_grad: Any
+    noise: Any
+    valid: Any
+    prev_step: Any
+    ratio: Any
+    skipped: Any
+
+
+# Per-leaf state fields, and the shape each has: the leaf's ("param") or one per layer ("layers").
+STATE_FIELDS = {"momentum": "param", "prev_grad": "param", "noise": "layers", "valid": "layers",
+                "prev_step": "layers", "ratio": "layers", "skipped": "layers"}
+
+
+def init_state(plan, treedef, leaves, momentum_dtype):
+    """The state `init` returns for planned leaves: zeros, ratio 1 (a MaskedNode for every leaf no
+    group handles)."""
+    n = len(leaves)
+    fields = {k: [optax.MaskedNode()] * n for k in STATE_FIELDS}
+    for group in plan.values():
+        for lf in group:
+            p = leaves[lf.index]
+            fields["momentum"][lf.index] = jnp.zeros(p.shape, momentum_dtype)
+            fields["prev_grad"][lf.index] = jnp.zeros(p.shape, p.dtype)
+            fields["noise"][lf.index] = jnp.zeros(lf.batch_shape, jnp.float32)
+            fields["valid"][lf.index] = jnp.zeros(lf.batch_shape, jnp.float32)
+            fields["prev_step"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
+            fields["ratio"][lf.index] = jnp.ones(lf.batch_shape, jnp.float32)
+            fields["skipped"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
+    return LantonState(count=jnp.zeros([], jnp.int32), **{k: treedef.unflatten(v) for k, v in fields.items()})
+
+def state_leaves(state, plan, treedef, p_leaves):
+    """The state's per-leaf fields, checked against the plan: a state made for other
+    parameters, labels or shapes is refused naming the leaf, not mis-read."""
+    if not isinstance(state, LantonState):
+        raise TypeError(f"lanton expected its own LantonState, got {type(state).__name__}")
+    st = {}
+    for k in STATE_FIELDS:
+        try:
+            st[k] = treedef.flatten_up_to(getattr(state, k))
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"optimizer state field '{k}' does not match the parameters' structure: the state was made by "
+                "init() for other parameters; call init() again for this model"
+            ) from None
+    for group in plan.values():
+        for lf in group:
+            want = {"param": tuple(p_leaves[lf.index].shape), "layers": lf.batch_shape}
+            for k, which in STATE_FIELDS.items():
+                x = st[k][lf.index]
+                if _is_masked(x) or not hasattr(x, "shape"):
+                    raise ValueError(
+                        f"leaf '{lf.name}' (group '{lf.group}') has no optimizer state ('{k}' is {x!r}): the labels "
+                        "changed since init(); call init() again"
+                    )
+                if tuple(x.shape) != want[which]:
+                    raise ValueError(
+                        f"leaf '{lf.name}': optimizer state '{k}' has shape {tuple(x.shape)}, expected "
+                        f"{want[which]}: the state was made for another model or layout; call init() again"
+                    )
+    return st
+
+
+def flatten_like(treedef, tree, what):
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what} do not match the parameters' structure: {e}") from None
+
+
+def find_states(opt_state) -> list:
+    """Every LantonState inside an optimizer state (a chain, inject_hyperparams,
+    multi_transform, an nnx.Optimizer's opt_state ...), in tree order."""
+    found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, LantonState))
+    return [x for x in found if isinstance(x, LantonState)]
+
+
+def layer_stats(opt_state) -> dict:
+    """Per-layer noise H, ratio r, validity and skipped-step count, keyed by leaf path, for
+    logging (the paper's noise plots) and alerting (`skipped`: steps on which the layer's
+    gradient was not finite, so it did not move). `opt_state` is a LantonState or any optimizer
+    state that contains one (several: their leaves are merged). Values are arrays over each
+    leaf's batch axes (one per layer)."""
+    states = find_states(opt_state)
+    if not states:
+        raise ValueError(f"layer_stats: no LantonState found in the given {type(opt_state).__name__}")
+    out = {}
+    for state in states:
+        flat = jax.tree_util.tree_flatten_with_path(state.noise, is_leaf=_is_masked)[0]
+        rest = [jax.tree_util.tree_leaves(getattr(state, k), is_leaf=_is_masked) for k in ("ratio", "valid", "skipped")]
+        for (path, noise), ratio, valid, skipped in zip(flat, *rest):
+            if _is_masked(noise):
+                continue
+            out[path_str(path)] = {"noise": noise, "ratio": ratio, "valid": valid, "skipped": skipped}
+    return out
