@@ -1,9 +1,58 @@
 //! Host tensors: a leaf's elements in memory the CPU can read, in one of the dtypes lanton takes
 //! (f32, bf16, f16), as read-only and writable views. Below every front end: the XLA handlers
 //! make them from checked call-frame buffers (`ffi::buffers`), the C ABI from the caller's
-//! pointers; the CPU backend reads and writes through them.
+//! pointers; the CPU backend reads and writes through them. A `RawTensor` is a buffer known by
+//! address only (no view yet): what the step layout holds, so that the CUDA backend, which never
+//! reads it on the host, gets device addresses without any front end's types.
 
 use half::{bf16, f16};
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+/// The element types of a step's buffers. The discriminants are the codes the CUDA kernels read
+/// (`DT_*` in src/cuda/kernels.cu), chosen equal to XLA's so a front end's code maps one to one.
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    S32 = 4,
+    U8 = 6,
+    F16 = 10,
+    F32 = 11,
+    BF16 = 16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            Dtype::U8 => 1,
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::S32 | Dtype::F32 => 4,
+        }
+    }
+    /// The kernels' code for this dtype.
+    pub const fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+/// A buffer by address: `len` elements of `dtype` at `data`, valid for `'a` (the call that
+/// handed it out). No slice is made from it here: the CPU path asks its front end for a checked
+/// view, the CUDA path passes the address to the device.
+#[derive(Clone, Copy, Debug)]
+pub struct RawTensor<'a> {
+    pub data: *mut c_void,
+    pub len: usize,
+    pub dtype: Dtype,
+    pub _call: PhantomData<&'a ()>,
+}
+
+impl RawTensor<'_> {
+    /// Bytes the buffer spans.
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+}
 
 /// A read-only floating-point tensor of one of the supported dtypes.
 pub enum Tensor<'a> {

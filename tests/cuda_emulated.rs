@@ -1,6 +1,6 @@
 //! The CUDA step without a GPU: kernels.cu is compiled for the host with an emulation header
 //! (tests/cuda_emu: one fiber per CUDA thread, barriers for __syncthreads and warp shuffles)
-//! and driven by the real launch plan and `enqueue_on` (src/cuda/step.rs), the plan laid out in
+//! and driven by the real launch plan and `enqueue_on` (src/cuda/launch.rs), the plan (src/cuda/plan.rs) laid out in
 //! the call's scratch result (sized by `lanton_cuda_scratch_bytes`, as the Python shim does),
 //! with a naive column-major strided-batched GEMM standing in for cuBLAS. Results must match the CPU
 //! handler's over several steps (noise refreshes, G_prev stores, skipped layers), for every
@@ -18,7 +18,7 @@ mod common;
 use common::*;
 use half::bf16;
 use lanton::cuda::device::{Gemm, Grid, CUDA_R_16BF, CUDA_R_32F};
-use lanton::cuda::{enqueue_on, noise_gemm_kernel, plan_in_scratch, GemmArgs, GroupArgs, LeafBatch, Queue, KERNEL_NAMES};
+use lanton::cuda::{enqueue_on, noise_gemm_kernel, plan_in_scratch, GemmArgs, GroupArgs, Kernel, LeafBatch, Queue, KERNEL_NAMES};
 use lanton::ffi::api::*;
 use lanton::handlers::{decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_update_cpu};
 use std::cell::RefCell;
@@ -80,7 +80,7 @@ fn take_gemms() -> (usize, usize) {
 }
 
 fn launches_of(seen: &[Seen], name: &str) -> usize {
-    seen[KERNEL_NAMES.iter().position(|&n| n == name).unwrap()].launches
+    seen[kernel(name) as usize].launches
 }
 
 /// cuBLAS's own argument checks (CUBLAS_STATUS_INVALID_VALUE), which a naive GEMM would not make.
@@ -104,9 +104,9 @@ unsafe fn st(p: *mut c_void, dt: i32, i: usize, v: f64) {
 }
 
 impl Queue for HostQueue {
-    unsafe fn launch(&self, k: usize, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
-        let name = CString::new(KERNEL_NAMES[k]).unwrap();
-        let name_k = KERNEL_NAMES[k];
+    unsafe fn launch(&self, k: Kernel, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
+        let name = CString::new(k.name()).unwrap();
+        let name_k = k.name();
         let chunks = if matches!(name_k, "lanton_reference" | "lanton_affine_diag") || name_k.starts_with("lanton_noise_gemm") {
             0
         } else {
@@ -115,14 +115,14 @@ impl Queue for HostQueue {
             b.chunks[..b.count as usize].iter().copied().max().unwrap_or(0)
         };
         LAUNCHES.with(|l| {
-            let seen = &mut l.borrow_mut()[k];
+            let seen = &mut l.borrow_mut()[k as usize];
             seen.launches += 1;
             seen.max_grid = seen.max_grid.max(grid.x);
             seen.max_chunks = seen.max_chunks.max(chunks);
         });
         match emu_launch()(name.as_ptr(), grid.x, grid.y, grid.block, params.as_mut_ptr()) {
             0 => Ok(()),
-            rc => Err(format!("emulated launch of {} failed: {rc}", KERNEL_NAMES[k])),
+            rc => Err(format!("emulated launch of {name_k} failed: {rc}")),
         }
     }
     fn gemm(&self, g: &Gemm) -> Result<(), String> {
@@ -374,7 +374,7 @@ fn zero_size_leaves_write_their_ratio_and_skip_cublas() {
 
 #[test]
 fn layers_larger_than_one_block_reduce_across_blocks() {
-    // A per-layer pass gives a layer ceil(len / 1024) blocks (src/cuda/step.rs), whose partial
+    // A per-layer pass gives a layer ceil(len / 1024) blocks (src/cuda/args.rs), whose partial
     // sums meet in atomics: layers of 2,560, 2,560 and 1,296 elements need 3, 3 and 2 blocks.
     let hidden = vec![
         LeafSpec { dims: [2, 40, 64], dtype: dtype::F32, rows_are_input: false },
@@ -406,8 +406,7 @@ fn layers_larger_than_one_block_reduce_across_blocks() {
     take_launches();
     compare("vector", &vector, 1, "bfloat16", 1e-5, false, None);
     let seen = take_launches();
-    let track = KERNEL_NAMES.iter().position(|&n| n == "lanton_track").unwrap();
-    let stats = KERNEL_NAMES.iter().position(|&n| n == "lanton_stats").unwrap();
+    let (track, stats) = (Kernel::Track as usize, Kernel::Stats as usize);
     assert!(seen[track].max_chunks == 2, "track: {:?}", seen[track]);
     assert!(seen[stats].max_chunks == 3 && seen[stats].max_grid == 303, "stats: {:?}", seen[stats]);
 }
@@ -484,8 +483,8 @@ fn the_noise_gemm_choice_is_simt_unless_tf32_is_asked_for_on_tensor_cores() {
     assert!(err.contains("LANTON_NOISE_GEMM") && err.contains("TF32x3") && err.contains("tf32"), "{err}");
 }
 
-fn kernel(name: &str) -> usize {
-    KERNEL_NAMES.iter().position(|&n| n == name).unwrap()
+fn kernel(name: &str) -> Kernel {
+    Kernel::named(name).unwrap()
 }
 
 /// A column-major f64 product of `(rows, cols)` operands, op() by the flags: the test's oracle.

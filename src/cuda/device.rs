@@ -1,18 +1,13 @@
 //! The safe layer of the CUDA backend: per-context compiled kernels and cuBLAS handle (created
 //! once, cached for the process), kernel launches and GEMMs on a borrowed stream.
 
+use super::kernels::{Kernel, KERNEL_NAMES, KERNEL_SOURCE};
 use super::sys::{self, check, check_cublas, CublasHandle};
 use cudarc::driver::sys as cu;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CString};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-/// The kernel sources, compiled by NVRTC at first use on each device.
-pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
-pub const KERNEL_NAMES: [&str; 9] = [
-    "lanton_stats", "lanton_prepare", "lanton_dot", "lanton_track", "lanton_reference", "lanton_affine_diag", "lanton_apply",
-    "lanton_noise_gemm", "lanton_noise_gemm_tc",
-];
 
 /// Compiled code for one architecture ("sm_90": CUBIN; "compute_90": PTX).
 pub fn compile(arch: &str) -> Result<Vec<u8>, String> {
@@ -298,20 +293,20 @@ impl<'d> Session<'d> {
         Ok(Session { device, stream, blas })
     }
 
-    /// Launches kernel `k` (index into KERNEL_NAMES) with `params` (pointers to each argument).
+    /// Launches kernel `k` with `params` (pointers to each argument).
     ///
     /// # Safety
     /// `params` must match the kernel's signature and every device pointer in them must be valid
     /// for the accesses the kernel makes until the stream reaches it.
-    pub unsafe fn launch(&self, k: usize, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
+    pub unsafe fn launch(&self, k: Kernel, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
         if grid.x == 0 || grid.y == 0 {
             return Ok(());
         }
         let rc = cu::cuLaunchKernel(
-            self.device.functions[k], grid.x, grid.y, 1, grid.block, 1, 1, 0, self.stream,
+            self.device.functions[k as usize], grid.x, grid.y, 1, grid.block, 1, 1, 0, self.stream,
             params.as_mut_ptr(), std::ptr::null_mut(),
         );
-        check(rc, KERNEL_NAMES[k])
+        check(rc, k.name())
     }
 
     /// dst <- src (device to device, on the stream).

@@ -41,6 +41,25 @@ pub mod dtype {
         }
     }
 
+    /// The lanton element type of an XLA dtype (None for those lanton's buffers never hold).
+    pub fn to_tensor(d: i32) -> Option<crate::tensor::Dtype> {
+        use crate::tensor::Dtype;
+        match d {
+            S32 => Some(Dtype::S32),
+            U8 => Some(Dtype::U8),
+            F16 => Some(Dtype::F16),
+            F32 => Some(Dtype::F32),
+            BF16 => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+    // The kernels' codes are XLA's (tensor::Dtype's promise).
+    const _: () = {
+        use crate::tensor::Dtype;
+        assert!(Dtype::S32.code() == S32 && Dtype::U8.code() == U8 && Dtype::F16.code() == F16);
+        assert!(Dtype::F32.code() == F32 && Dtype::BF16.code() == BF16);
+    };
+
     /// Human-readable name used in error messages.
     pub fn name(d: i32) -> &'static str {
         match d {

@@ -4,7 +4,7 @@
 
 use super::api::dtype;
 use super::frame::{BufferRef, FfiError, FfiResult};
-use crate::tensor::{Tensor, TensorMut};
+use crate::tensor::{Dtype, RawTensor, Tensor, TensorMut};
 use half::{bf16, f16};
 
 pub fn float_dtype_ok(d: i32) -> bool {
@@ -74,60 +74,61 @@ impl BufferSet {
     }
 
     /// A read-only float view of a claimed buffer.
-    pub fn input<'a>(&self, b: &BufferRef<'a>, name: &str) -> FfiResult<Tensor<'a>> {
+    pub fn input<'a>(&self, b: &RawTensor<'a>, name: &str) -> FfiResult<Tensor<'a>> {
         self.check_sealed()?;
-        let n = b.len();
-        // SAFETY: the buffer holds `n` elements of `b.dtype` (XLA's contract); it is claimed
-        // read-only and `seal` proved no writable claim overlaps it. n == 0 builds no slice.
+        let n = b.len;
+        // SAFETY: the buffer holds `n` elements of `b.dtype` (XLA's contract, carried by
+        // `BufferRef::raw`); it is claimed read-only and `seal` proved no writable claim
+        // overlaps it. n == 0 builds no slice.
         unsafe {
             Ok(match b.dtype {
-                dtype::F32 => Tensor::F32(raw_slice(b.data as *const f32, n)),
-                dtype::BF16 => Tensor::BF16(raw_slice(b.data as *const bf16, n)),
-                dtype::F16 => Tensor::F16(raw_slice(b.data as *const f16, n)),
+                Dtype::F32 => Tensor::F32(raw_slice(b.data as *const f32, n)),
+                Dtype::BF16 => Tensor::BF16(raw_slice(b.data as *const bf16, n)),
+                Dtype::F16 => Tensor::F16(raw_slice(b.data as *const f16, n)),
                 d => return Err(unsupported(name, d)),
             })
         }
     }
 
     /// A writable float view of a claimed buffer. Each buffer must be taken mutably once.
-    pub fn output<'a>(&self, b: &BufferRef<'a>, name: &str) -> FfiResult<TensorMut<'a>> {
+    pub fn output<'a>(&self, b: &RawTensor<'a>, name: &str) -> FfiResult<TensorMut<'a>> {
         self.check_sealed()?;
-        let n = b.len();
+        let n = b.len;
         // SAFETY: claimed writable and proved disjoint from every other claim by `seal`; the
         // caller takes each result buffer once, so this is the only reference to it.
         unsafe {
             Ok(match b.dtype {
-                dtype::F32 => TensorMut::F32(raw_slice_mut(b.data as *mut f32, n)),
-                dtype::BF16 => TensorMut::BF16(raw_slice_mut(b.data as *mut bf16, n)),
-                dtype::F16 => TensorMut::F16(raw_slice_mut(b.data as *mut f16, n)),
+                Dtype::F32 => TensorMut::F32(raw_slice_mut(b.data as *mut f32, n)),
+                Dtype::BF16 => TensorMut::BF16(raw_slice_mut(b.data as *mut bf16, n)),
+                Dtype::F16 => TensorMut::F16(raw_slice_mut(b.data as *mut f16, n)),
                 d => return Err(unsupported(name, d)),
             })
         }
     }
 
     /// Read-only i32 view (step counters).
-    pub fn input_i32<'a>(&self, b: &BufferRef<'a>, name: &str) -> FfiResult<&'a [i32]> {
+    pub fn input_i32<'a>(&self, b: &RawTensor<'a>, name: &str) -> FfiResult<&'a [i32]> {
         self.check_sealed()?;
-        if b.dtype != dtype::S32 {
-            return Err(FfiError::invalid(format!("{name}: expected int32, got {}", dtype::name(b.dtype))));
+        if b.dtype != Dtype::S32 {
+            return Err(FfiError::invalid(format!("{name}: expected int32, got {}", dtype::name(b.dtype.code()))));
         }
         // SAFETY: as for `input`.
-        Ok(unsafe { raw_slice(b.data as *const i32, b.len()) })
+        Ok(unsafe { raw_slice(b.data as *const i32, b.len) })
     }
 
     /// Writable i32 view.
-    pub fn output_i32<'a>(&self, b: &BufferRef<'a>, name: &str) -> FfiResult<&'a mut [i32]> {
+    pub fn output_i32<'a>(&self, b: &RawTensor<'a>, name: &str) -> FfiResult<&'a mut [i32]> {
         self.check_sealed()?;
-        if b.dtype != dtype::S32 {
-            return Err(FfiError::invalid(format!("{name}: expected int32, got {}", dtype::name(b.dtype))));
+        if b.dtype != Dtype::S32 {
+            return Err(FfiError::invalid(format!("{name}: expected int32, got {}", dtype::name(b.dtype.code()))));
         }
         // SAFETY: as for `output`.
-        Ok(unsafe { raw_slice_mut(b.data as *mut i32, b.len()) })
+        Ok(unsafe { raw_slice_mut(b.data as *mut i32, b.len) })
     }
 }
 
-fn unsupported(name: &str, d: i32) -> FfiError {
-    FfiError::invalid(format!("{name}: unsupported dtype {} (expected float32, bfloat16 or float16)", dtype::name(d)))
+fn unsupported(name: &str, d: Dtype) -> FfiError {
+    FfiError::invalid(format!("{name}: unsupported dtype {} (expected float32, bfloat16 or float16)", dtype::name(d.code())))
 }
 
 unsafe fn raw_slice<'a, T>(p: *const T, n: usize) -> &'a [T] {

@@ -3,6 +3,7 @@
 //! thread count). Everything `unsafe` about reading XLA's memory lives in this file.
 
 use super::api::*;
+use crate::tensor::RawTensor;
 use std::ffi::c_void;
 use std::fmt;
 
@@ -61,6 +62,14 @@ impl<'a> BufferRef<'a> {
     }
     pub fn shape_string(&self) -> String {
         format!("{:?}", self.dims)
+    }
+    /// The buffer by address for the floors below (`what` names it if XLA's dtype is one
+    /// lanton's buffers never hold).
+    pub fn raw(&self, what: &str) -> FfiResult<RawTensor<'a>> {
+        let dtype = super::api::dtype::to_tensor(self.dtype).ok_or_else(|| {
+            FfiError::invalid(format!("{what}: unsupported dtype {}", super::api::dtype::name(self.dtype)))
+        })?;
+        Ok(RawTensor { data: self.data, len: self.elems, dtype, _call: std::marker::PhantomData })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The CPU targets' view of a decoded call: host tensors over the checked buffers (state
 //! inputs copied into their results unless donated), then the CPU backend's group step.
 
-use super::decode::{decode_layout, RETS_PER_LEAF};
+use super::decode::{decode_call, RETS_PER_LEAF};
 use crate::cpu::{self, LeafIo, ParamIo};
 use crate::ffi::{CallFrame, FfiError, FfiResult};
 use crate::step::layout::{LeafBuffers, Pair, StepLayout};
@@ -18,7 +18,7 @@ pub struct DecodedStep<'a> {
 
 /// The CPU view of a decoded call: host slices, state inputs copied into their results.
 pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<DecodedStep<'a>> {
-    let StepLayout { config, hyper: hyper_b, step: step_b, leaves: bufs, scratch, set, .. } = decode_layout(call, in_place)?;
+    let (StepLayout { config, hyper: hyper_b, step: step_b, leaves: bufs, scratch, .. }, set) = decode_call(call, in_place)?;
     if scratch.is_some() {
         return Err(FfiError::invalid(format!(
             "the CPU targets take no scratch result: expected {RETS_PER_LEAF} x {} results, got one more",

@@ -1,8 +1,9 @@
 //! The CUDA targets' policy: what the CUDA kernels refuse (options they do not have, groups
-//! they cannot index), their own attributes, then the CUDA backend's group step.
+//! they cannot index), their own attributes, then the CUDA backend's group step on XLA's stream
+//! (the backend sees a stream and a layout, never the call frame).
 
 use super::decode::decode_layout;
-use crate::cuda::{self, CudaOptions};
+use crate::cuda::{self, CudaError, CudaOptions};
 use crate::ffi::{CallFrame, FfiError, FfiResult};
 use crate::step::layout::StepLayout;
 use crate::step::NuclearEstimator;
@@ -44,5 +45,28 @@ pub(super) fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
     }
     let opts = decode_cuda_options(call)?;
     check_cuda_limits(&layout)?;
-    cuda::group_step(call, &layout, opts)
+    let plan = cuda::plan_in_scratch(&layout, opts)?;
+    let stream = call.stream()?;
+    // SAFETY: XLA's stream lives for the whole call, and the layout's buffers are XLA's device
+    // buffers of its context, kept until the enqueued work has run.
+    unsafe { cuda::group_step(stream, &layout, plan) }?;
+    Ok(())
+}
+
+/// XLA's initialize stage: the kernels and cuBLAS handle for the stream's context.
+pub(super) fn prepare_cuda(call: &CallFrame) -> FfiResult<()> {
+    let stream = call.stream()?;
+    // SAFETY: XLA's stream lives for the whole call.
+    unsafe { cuda::prepare_device(stream) }?;
+    Ok(())
+}
+
+impl From<CudaError> for FfiError {
+    fn from(e: CudaError) -> FfiError {
+        match e {
+            CudaError::Invalid(m) => FfiError::invalid(m),
+            CudaError::Precondition(m) => FfiError::precondition(m),
+            CudaError::Internal(m) => FfiError::internal(m),
+        }
+    }
 }

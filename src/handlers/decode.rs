@@ -109,8 +109,15 @@ fn expect_per_layer(b: &BufferRef, layers: i64, any_shape: bool, what: &str) -> 
 }
 
 /// Decodes and validates a step call; `in_place` selects the fused variant's output meaning.
-#[allow(clippy::needless_range_loop)] // i indexes args, rets and attributes alike
+/// The CUDA targets need the layout only; the CPU targets take host views through `set`.
 pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<StepLayout<'a>> {
+    decode_call(call, in_place).map(|(layout, _)| layout)
+}
+
+/// `decode_layout` with the sealed aliasing proof over its buffers (`BufferSet`), from which
+/// the host views are made.
+#[allow(clippy::needless_range_loop)] // i indexes args, rets and attributes alike
+pub fn decode_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<(StepLayout<'a>, BufferSet)> {
     let config = decode_config(call)?;
     let nargs = call.num_args();
     if nargs < GROUP_ARGS || (nargs - GROUP_ARGS) % ARGS_PER_LEAF != 0 {
@@ -233,7 +240,7 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
                 set.claim(&arg, false, what(ak, false));
             }
             set.claim(&ret, true, what(rk, true));
-            Ok(Pair { arg, ret, aliased })
+            Ok(Pair { arg: arg.raw(&what(ak, false))?, ret: ret.raw(&what(rk, true))?, aliased })
         };
         let state = [
             link(2, 1, &mut set)?,
@@ -248,7 +255,7 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
             set.claim(&param, false, what(0, false));
             let out = r(0)?;
             set.claim(&out, true, what(0, true));
-            Pair { arg: param, ret: out, aliased: false }
+            Pair { arg: param.raw(&what(0, false))?, ret: out.raw(&what(0, true))?, aliased: false }
         };
         set.claim(&ratio, true, what(6, true));
         let shape = LayerShape {
@@ -257,8 +264,11 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
             cols: dims3[2] as usize,
             rows_are_input: rows_are_input[i] != 0,
         };
+        let (grad, ratio) = (grad.raw(&what(1, false))?, ratio.raw(&what(6, true))?);
         leaves.push(LeafBuffers { name, shape, grad, state, param: param_io, ratio });
     }
     set.seal()?;
-    Ok(StepLayout { config, in_place, hyper: hyper_b, step: step_b, leaves, scratch, set })
+    let (hyper, step) = (hyper_b.raw("argument 'hyper'")?, step_b.raw("argument 'step'")?);
+    let scratch = scratch.map(|b| b.raw("result 'scratch'")).transpose()?;
+    Ok((StepLayout { config, in_place, hyper, step, leaves, scratch }, set))
 }
