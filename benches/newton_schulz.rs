@@ -16,24 +16,25 @@ use lanton::cpu::newton_schulz::{newton_schulz, nuclear_norm, nuclear_norm_polar
 use lanton::step::{NS_DEFAULT, NS_DEFAULT_STEPS};
 use std::time::Instant;
 
-struct Rng(u64);
+// The tests' one seeded generator (splitmix64).
+#[path = "../tests/common/data.rs"]
+#[allow(dead_code)]
+mod data;
+use data::Rng;
 
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-    }
-    fn matrix(&mut self, r: usize, c: usize) -> Mat<f64> {
-        Mat::from_fn(r, c, |_, _| self.next())
-    }
+/// Uniform in [-0.5, 0.5).
+fn centred(rng: &mut Rng) -> f64 {
+    rng.uniform() - 0.5
+}
+
+fn random_matrix(rng: &mut Rng, r: usize, c: usize) -> Mat<f64> {
+    Mat::from_fn(r, c, |_, _| centred(rng))
 }
 
 /// An r x c matrix U diag(s) V^T with random orthogonal U, V: its nuclear norm is sum(s).
 fn with_spectrum(rng: &mut Rng, r: usize, c: usize, s: &[f64]) -> Vec<f32> {
-    let u = rng.matrix(r, r).qr().compute_Q();
-    let v = rng.matrix(c, c).qr().compute_Q();
+    let u = random_matrix(rng, r, r).qr().compute_Q();
+    let v = random_matrix(rng, c, c).qr().compute_Q();
     let d = Mat::from_fn(r, c, |i, j| if i == j { s[i] } else { 0.0 });
     let m = &u * &d * v.transpose();
     (0..r * c).map(|k| m[(k / c, k % c)] as f32).collect()
@@ -100,8 +101,8 @@ fn main() {
     for &(r, c) in &[(768usize, 768usize), (768, 3072), (3072, 768)] {
         let (m, n) = (r.min(c), r.max(c));
         let flops = NS_DEFAULT_STEPS as f64 * (4.0 * (m * m * n) as f64 + 2.0 * (m * m * m) as f64);
-        let mut rng = Rng(0x2545F4914F6CDD1D);
-        let v: Vec<f32> = (0..r * c).map(|_| rng.next() as f32).collect();
+        let mut rng = Rng::new(0x2545F4914F6CDD1D);
+        let v: Vec<f32> = (0..r * c).map(|_| centred(&mut rng) as f32).collect();
         let (mut out_plain, mut out_sym) = (vec![0.0f32; r * c], vec![0.0f32; r * c]);
         let mut ws: [NsWorkspace; 4] = Default::default();
         let [ws_plain, ws_sym, ws_eigen, ws_polar] = &mut ws;
@@ -148,8 +149,8 @@ fn main() {
         &[(128, 128), (128, 512), (512, 128), (256, 1024), (768, 768), (768, 3072)]
     };
     for &(r, c) in serial_shapes {
-        let mut rng = Rng(0x51ED270B27D4A2C1 ^ (r * 7 + c) as u64);
-        let v: Vec<f32> = (0..r * c).map(|_| rng.next() as f32).collect();
+        let mut rng = Rng::new(0x51ED270B27D4A2C1 ^ (r * 7 + c) as u64);
+        let v: Vec<f32> = (0..r * c).map(|_| centred(&mut rng) as f32).collect();
         let (mut out_plain, mut out_sym) = (vec![0.0f32; r * c], vec![0.0f32; r * c]);
         let mut ws: [NsWorkspace; 3] = Default::default();
         let [ws_plain, ws_sym, ws_eigen] = &mut ws;
@@ -188,8 +189,8 @@ fn main() {
     let mut tridiag_json = Vec::new();
     let tridiag_sizes: &[usize] = if quick { &[128, 768] } else { &[128, 256, 512, 768] };
     for &m in tridiag_sizes {
-        let mut rng = Rng(0x9E3779B97F4A7C15 ^ m as u64);
-        let x: Vec<f64> = (0..m * m).map(|_| rng.next()).collect();
+        let mut rng = Rng::new(0x9E3779B97F4A7C15 ^ m as u64);
+        let x: Vec<f64> = (0..m * m).map(|_| centred(&mut rng)).collect();
         let mut gram = vec![0.0f64; m * m];
         lanton::cpu::gemm::syrk(m, m, &x, &mut gram);
         let reps = if quick { 3 } else { 9 };
@@ -230,10 +231,10 @@ fn main() {
             ("rank-1", (0..k).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect()),
             ("gaussian", Vec::new()),
         ];
-        let mut rng = Rng(0x9E3779B97F4A7C15 ^ (r * 31 + c) as u64);
+        let mut rng = Rng::new(0x9E3779B97F4A7C15 ^ (r * 31 + c) as u64);
         let mut ws = NsWorkspace::default();
         for (label, s) in spectra {
-            let d = if s.is_empty() { (0..r * c).map(|_| rng.next() as f32).collect() } else { with_spectrum(&mut rng, r, c, &s) };
+            let d = if s.is_empty() { (0..r * c).map(|_| centred(&mut rng) as f32).collect() } else { with_spectrum(&mut rng, r, c, &s) };
             let want = svd_nuclear(&d, r, c);
             let e = (nuclear_norm(&d, r, c, &mut ws) as f64 - want).abs() / want;
             let p = (nuclear_norm_polar(&d, r, c, &mut ws) as f64 - want).abs() / want;

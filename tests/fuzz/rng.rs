@@ -1,19 +1,9 @@
-//! Seeded PRNG (splitmix64) and per-case seeds.
+//! The fuzzer's draws on the tests' one generator (`common::data::Rng`, splitmix64: the
+//! seeds of runs and regressions depend on its sequence) and per-case seeds.
 
-/// splitmix64: tiny, seedable, good enough to drive a fuzzer.
-pub struct Rng(u64);
+pub use crate::common::Rng;
 
 impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
     /// Uniform in 0..n (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
@@ -27,15 +17,12 @@ impl Rng {
     pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
         xs[self.below(xs.len() as u64) as usize]
     }
-    pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
     /// A float: mostly ordinary values, sometimes an edge case.
     pub fn float(&mut self) -> f32 {
         if self.one_in(12) {
             self.pick(&[0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, 1e-40, -1.0, 1e30])
         } else {
-            ((self.unit() - 0.5) * 4.0) as f32
+            ((self.uniform() - 0.5) * 4.0) as f32
         }
     }
     pub fn interesting_i64(&mut self) -> i64 {
