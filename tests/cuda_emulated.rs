@@ -581,3 +581,96 @@ fn noise_gemm_case(name: &str) {
     take_launches();
 }
 
+
+/// H of every layer after two steps with noise_every = 1 and beta2 = 0: G_prev = `g1` is stored
+/// at step 1, so step 2 sets H = (dual_factor * ||g2 - g1||_*)^2 exactly as the estimator measures.
+fn noise_after_two_steps(specs: &[LeafSpec], g1: &[f32], g2: &[f32], handler: Handler, cuda: bool, estimator: &str) -> Vec<f32> {
+    let mut f = step_frame("hidden", specs, 1, &mut Rng::new(1));
+    f.args[0] = OwnedBuffer::f32(&[5], &[0.02, 0.9, 0.0, 0.01, 0.2]); // beta2 = 0: H = n^2
+    f.set_attr("noise_estimator", Attr::Str(estimator.into()));
+    f.set_attr("ns_dtype", Attr::Str("float32".into()));
+    if cuda {
+        add_scratch(&mut f, cuda_scratch_bytes(&scratch_plan_json("hidden", specs, true, true, "float32")).unwrap());
+    }
+    for (t, g) in [(1, g1), (2, g2)] {
+        f.args[1] = OwnedBuffer::i32(&[], &[t]);
+        f.args[3] = buffer_like(&f.args[3], g);
+        f.call(handler).unwrap();
+        for (ak, rk) in [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5)] {
+            f.args[2 + ak].data = f.rets[rk].data.clone();
+        }
+    }
+    f.rets[3].to_f32()
+}
+
+#[test]
+fn noise_estimate_within_one_percent_of_svd_with_tf32_products() {
+    // The accuracy table of the noise estimate (||G - G_prev||_* by polar iteration) by product
+    // precision, against an f64 SVD, on the spectra of tests/kernels.rs (power-law, exponential,
+    // rank 4, rank 1, flat; square, wide and tall; f32 and bf16 gradients, the reference seeing
+    // the difference the kernels see). Rows: the CPU's Gram-eigenvalue estimator (its default),
+    // the CPU's f32 polar iteration, and the emulated CUDA step with the polar iteration's
+    // products on lanton_noise_gemm (f32, CUDA cores) and on lanton_noise_gemm_tc (TF32 tensor
+    // cores, mma emulated with cvt.rna rounding). Bar: ALGORITHM.md's 1 % for every row. The
+    // table goes to $CARGO_TARGET_TMPDIR/noise_accuracy.md (benches/results/noise_accuracy.md).
+    let cpu = lanton_step_update_cpu as Handler;
+    let precisions: [(&str, Handler, bool, Option<&'static str>, &str); 4] = [
+        ("cpu gram-eigen (f64)", cpu, false, None, "eigen"),
+        ("cpu polar (f32)", cpu, false, None, "polar"),
+        ("emulated polar, f32 products", emulated_update, true, None, "polar"),
+        ("emulated polar, TF32 products", emulated_update, true, Some("tf32"), "polar"),
+    ];
+    let mut rng = Rng::new(41);
+    let mut table = format!(
+        "| shape | grad | spectrum | {} |\n|---|---|---|{}\n",
+        precisions.map(|p| p.0).join(" | "),
+        "---|".repeat(precisions.len())
+    );
+    let mut worst = [0.0f64; 4];
+    for (r, c) in [(64usize, 64usize), (48, 120), (120, 48), (200, 96)] {
+        for dt in [dtype::F32, dtype::BF16] {
+            let spectra = test_spectra(r.min(c));
+            let (layers, len) = (spectra.len(), r * c);
+            let specs = vec![LeafSpec { dims: [layers as i64, r as i64, c as i64], dtype: dt, rows_are_input: true }];
+            let g1 = rng.normals(layers * len, 1.0);
+            let mut g2 = g1.clone();
+            for (l, (_, s)) in spectra.iter().enumerate() {
+                let d = with_spectrum(&mut rng, r, c, s);
+                g2[l * len..(l + 1) * len].iter_mut().zip(&d).for_each(|(g, x)| *g += x);
+            }
+            let seen = |g: &[f32]| if dt == dtype::BF16 { g.iter().map(|&x| bf16::from_f32(x).to_f32()).collect() } else { g.to_vec() };
+            let (s1, s2) = (seen(&g1), seen(&g2));
+            let shape = lanton::step::LayerShape { layers, rows: r, cols: c, rows_are_input: true };
+            let factor = lanton::step::dual_norm_factor(lanton::step::Kind::Hidden, &shape) as f64;
+            let want: Vec<f64> = (0..layers)
+                .map(|l| {
+                    let diff: Vec<f32> = (l * len..(l + 1) * len).map(|i| s2[i] - s1[i]).collect();
+                    factor * nuclear_f64(&diff, r, c)
+                })
+                .collect();
+            let mut rel = vec![[0.0f64; 4]; layers];
+            for (p, &(name, handler, cuda, gemm, estimator)) in precisions.iter().enumerate() {
+                NOISE_GEMM.with(|n| *n.borrow_mut() = gemm);
+                take_launches();
+                let h = noise_after_two_steps(&specs, &g1, &g2, handler, cuda, estimator);
+                NOISE_GEMM.with(|n| *n.borrow_mut() = None);
+                let seen = take_launches();
+                let kernel = if gemm.is_some() { "lanton_noise_gemm_tc" } else { "lanton_noise_gemm" };
+                assert_eq!(launches_of(&seen, kernel) > 0, cuda, "{name}: {kernel} launches {seen:?}");
+                for l in 0..layers {
+                    rel[l][p] = ((h[l] as f64).sqrt() - want[l]).abs() / want[l];
+                    assert!(rel[l][p] < 1e-2, "{name} {} {r}x{c} {}: n {} vs {} (rel {:.2e})",
+                            spectra[l].0, dtype::name(dt), (h[l] as f64).sqrt(), want[l], rel[l][p]);
+                    worst[p] = worst[p].max(rel[l][p]);
+                }
+            }
+            for (l, (label, _)) in spectra.iter().enumerate() {
+                let cells: Vec<String> = rel[l].iter().map(|e| format!("{e:.1e}")).collect();
+                table += &format!("| {r}x{c} | {} | {label} | {} |\n", dtype::name(dt), cells.join(" | "));
+            }
+        }
+    }
+    let cells: Vec<String> = worst.iter().map(|e| format!("**{e:.1e}**")).collect();
+    table += &format!("| worst | | | {} |\n", cells.join(" | "));
+    std::fs::write(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("noise_accuracy.md"), &table).unwrap();
+}

@@ -86,15 +86,7 @@ struct SpectrumCase {
 fn spectrum_cases(rng: &mut Rng, shapes: &[(usize, usize)]) -> Vec<SpectrumCase> {
     let mut cases = Vec::new();
     for &(r, c) in shapes {
-        let k = r.min(c);
-        let spectra: [(&str, Vec<f64>); 5] = [
-            ("power-law", (0..k).map(|i| 1.0 / (1.0 + i as f64)).collect()),
-            ("exponential", (0..k).map(|i| (-(i as f64) / (k as f64 / 8.0)).exp()).collect()),
-            ("rank-4", (0..k).map(|i| if i < 4 { 4.0 - i as f64 } else { 0.0 }).collect()),
-            ("rank-1", (0..k).map(|i| if i == 0 { 3.0 } else { 0.0 }).collect()),
-            ("flat", vec![0.5; k]),
-        ];
-        for (label, s) in spectra {
+        for (label, s) in test_spectra(r.min(c)) {
             for bf16 in [false, true] {
                 let mut d = with_spectrum(rng, r, c, &s);
                 if bf16 {

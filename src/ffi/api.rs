@@ -23,11 +23,10 @@ pub mod dtype {
 
     /// Bytes per element (0 for dtypes lanton never receives).
     pub fn size(d: i32) -> usize {
-        match d {
-            PRED | S8 | U8 => 1,
-            F16 | BF16 => 2,
-            S32 | F32 => 4,
-            S64 | F64 => 8,
+        match (to_tensor(d), d) {
+            (Some(t), _) => t.size(), // lanton's own element types: their one home
+            (None, PRED | S8) => 1,
+            (None, S64 | F64) => 8,
             _ => 0,
         }
     }

@@ -44,6 +44,18 @@ impl Rng {
     }
 }
 
+/// The noise estimate's test spectra of k singular values: power-law and exponential (slowly
+/// converging small singular values), low rank, rank 1 and flat.
+pub fn test_spectra(k: usize) -> [(&'static str, Vec<f64>); 5] {
+    [
+        ("power-law", (0..k).map(|i| 1.0 / (1.0 + i as f64)).collect()),
+        ("exponential", (0..k).map(|i| (-(i as f64) / (k as f64 / 8.0)).exp()).collect()),
+        ("rank-4", (0..k).map(|i| if i < 4 { 4.0 - i as f64 } else { 0.0 }).collect()),
+        ("rank-1", (0..k).map(|i| if i == 0 { 3.0 } else { 0.0 }).collect()),
+        ("flat", vec![0.5; k]),
+    ]
+}
+
 /// U diag(s) V^T with random orthonormal U (rows x k), V (cols x k), k = min(rows, cols), and
 /// the given singular values: exact spectra for the nuclear-norm tests.
 pub fn with_spectrum(rng: &mut Rng, rows: usize, cols: usize, s: &[f64]) -> Vec<f32> {
