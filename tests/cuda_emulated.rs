@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, *mut *mut c_void) -> i32;
+type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, *mut *mut c_void, i32) -> i32;
 
 /// g++ builds the emulated kernels once per test binary.
 fn emu_launch() -> LaunchFn {
@@ -107,12 +107,12 @@ impl Queue for HostQueue {
     unsafe fn launch(&self, k: Kernel, grid: Grid, params: &mut [*mut c_void]) -> Result<(), String> {
         let name = CString::new(k.name()).unwrap();
         let name_k = k.name();
-        let chunks = if matches!(name_k, "lanton_reference" | "lanton_affine_diag") || name_k.starts_with("lanton_noise_gemm") {
-            0
-        } else {
+        let chunks = if k.per_leaf() {
             // SAFETY: the per-leaf kernels take a LeafBatch first (what enqueue_on passes).
             let b = unsafe { &*(params[0] as *const LeafBatch) };
             b.chunks[..b.count as usize].iter().copied().max().unwrap_or(0)
+        } else {
+            0
         };
         LAUNCHES.with(|l| {
             let seen = &mut l.borrow_mut()[k as usize];
@@ -120,7 +120,8 @@ impl Queue for HostQueue {
             seen.max_grid = seen.max_grid.max(grid.x);
             seen.max_chunks = seen.max_chunks.max(chunks);
         });
-        match emu_launch()(name.as_ptr(), grid.x, grid.y, grid.block, params.as_mut_ptr()) {
+        let reverse = REVERSE_BLOCKS.with(|r| *r.borrow()) as i32;
+        match emu_launch()(name.as_ptr(), grid.x, grid.y, grid.block, params.as_mut_ptr(), reverse) {
             0 => Ok(()),
             rc => Err(format!("emulated launch of {name_k} failed: {rc}")),
         }
@@ -172,6 +173,8 @@ impl Queue for HostQueue {
 }
 
 thread_local! {
+    /// Run every block of the next launches in reverse order (a GPU promises no order).
+    static REVERSE_BLOCKS: RefCell<bool> = const { RefCell::new(false) };
     static IN_PLACE: RefCell<bool> = const { RefCell::new(false) };
     /// `ratio_stat` for the next trajectories, on both sides (None: the frame's default).
     static STAT: RefCell<Option<&'static str>> = const { RefCell::new(None) };
@@ -216,6 +219,14 @@ type Shaping = Option<(f64, f64)>;
 #[allow(clippy::too_many_arguments)]
 fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handler, in_place: bool,
               ns_dtype: &str, nan_at: Option<(usize, i32)>, cuda: bool, shaping: Shaping) -> Vec<Vec<Vec<f32>>> {
+    let raw = raw_trajectory(kind, specs, k, steps, handler, in_place, ns_dtype, nan_at, cuda, shaping);
+    raw.iter().map(|rets| rets[..7 * specs.len()].iter().map(|r| r.to_f32()).collect()).collect()
+}
+
+/// `trajectory`'s every result buffer after each step, as stored (the CUDA scratch included).
+#[allow(clippy::too_many_arguments)]
+fn raw_trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handler, in_place: bool,
+                  ns_dtype: &str, nan_at: Option<(usize, i32)>, cuda: bool, shaping: Shaping) -> Vec<Vec<OwnedBuffer>> {
     let mut rng = Rng::new(77);
     let mut f = step_frame(kind, specs, 1, &mut rng);
     f.set_attr("noise_every", Attr::I64(k));
@@ -250,7 +261,7 @@ fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handl
             f.args[2 + 7 * i + 1] = buffer_like(gb, &g);
         }
         f.call(handler).unwrap();
-        out.push(f.rets[..leaf_rets].iter().map(|r| r.to_f32()).collect::<Vec<_>>());
+        out.push(f.rets.iter().map(|r| OwnedBuffer { dtype: r.dtype, dims: r.dims.clone(), data: r.data.clone(), alias_of_arg: r.alias_of_arg }).collect::<Vec<_>>());
         for i in 0..specs.len() {
             let (a, r) = (2 + 7 * i, 7 * i);
             let p = f.args[a].to_f32();
@@ -547,9 +558,9 @@ fn noise_gemm_case(name: &str) {
             };
             let mut group = GroupArgs {
                 hyper: hyper.as_ptr(), step: step.as_ptr(), acc: std::ptr::null_mut(), group_h: std::ptr::null_mut(),
-                group_valid: std::ptr::null_mut(), reference: std::ptr::null_mut(), kind: 0, noise_every: 2,
-                noise_adaptive: adaptive, nesterov: 0, ratio_stat: 0, noise_work: 1, ratio_eps: 1e-8,
-                vector_eps: 1e-8, ratio_power: 1.0, ratio_floor: 0.0,
+                group_valid: std::ptr::null_mut(), reference: std::ptr::null_mut(), partials: std::ptr::null_mut(),
+                kind: 0, noise_every: 2, noise_adaptive: adaptive, nesterov: 0, ratio_stat: 0, noise_work: 1,
+                ratio_eps: 1e-8, vector_eps: 1e-8, ratio_power: 1.0, ratio_floor: 0.0, chunk_stride: 0,
             };
             let grid = Grid { x: (m.div_ceil(64) * n.div_ceil(64)) as u32, y: batch as u32, block: 256 };
             // SAFETY: the arguments lanton_noise_gemm takes; every operand holds the batch.
@@ -673,4 +684,37 @@ fn noise_estimate_within_one_percent_of_svd_with_tf32_products() {
     let cells: Vec<String> = worst.iter().map(|e| format!("**{e:.1e}**")).collect();
     table += &format!("| worst | | | {} |\n", cells.join(" | "));
     std::fs::write(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("noise_accuracy.md"), &table).unwrap();
+}
+
+#[test]
+fn results_are_bitwise_the_same_in_any_block_order() {
+    // A GPU runs a launch's blocks in any order. With fixed-order reductions (each block writes
+    // its partial sums to its own slot, lanton_sum_chunks adds them in chunk order; no
+    // floating-point atomics) every result, and the whole scratch with its f64 accumulators, is
+    // bitwise the same when the blocks run last to first. Layers over several blocks: hidden
+    // 40 x 64 (3 chunks), embed 50 x 64 (4), vector 3,000 (3); K = 2 over 4 steps (noise steps
+    // and skips), f32 and bf16.
+    for dt in [dtype::F32, dtype::BF16] {
+        let cases = [
+            ("hidden", vec![LeafSpec { dims: [2, 40, 64], dtype: dt, rows_are_input: false }, LeafSpec { dims: [1, 64, 40], dtype: dt, rows_are_input: true }]),
+            ("embed", vec![LeafSpec { dims: [1, 50, 64], dtype: dt, rows_are_input: true }]),
+            ("vector", vec![LeafSpec { dims: [3, 1, 8], dtype: dt, rows_are_input: true }, LeafSpec { dims: [1, 1, 3000], dtype: dt, rows_are_input: true }]),
+        ];
+        for (kind, specs) in cases {
+            let run = |reverse: bool| {
+                REVERSE_BLOCKS.with(|r| *r.borrow_mut() = reverse);
+                let out = raw_trajectory(kind, &specs, 2, 4, emulated_update, false, "float32", None, true, None);
+                REVERSE_BLOCKS.with(|r| *r.borrow_mut() = false);
+                out
+            };
+            let (forward, reversed) = (run(false), run(true));
+            for (t, (a, b)) in forward.iter().zip(&reversed).enumerate() {
+                for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                    let what = if j == a.len() - 1 { "the scratch".to_string() } else { format!("leaf {} result {}", j / 7, j % 7) };
+                    let diff = x.data.iter().zip(&y.data).position(|(p, q)| p != q);
+                    assert!(diff.is_none(), "{kind} {}: step {} {what} differs at word {diff:?} when the blocks run in reverse", dtype::name(dt), t + 1);
+                }
+            }
+        }
+    }
 }

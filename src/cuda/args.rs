@@ -5,6 +5,12 @@
 use super::device::{Gemm, Grid, CUDA_R_32F};
 use std::ffi::c_void;
 
+/// f64 accumulators per layer and their slots (ACC_* in kernels.cu): the non-finite count,
+/// ||V||^2, the noise difference's norm, <D0, polar(D0)>.
+pub const ACC_N: usize = 4;
+pub const ACC_NONFINITE: i32 = 0;
+pub const ACC_DOT: i32 = 3;
+
 /// Threads per block of every launch (BLOCK in kernels.cu).
 pub const BLOCK: u32 = 256;
 /// Grid rows of one launch (CUDA's limit on gridDim.y): lanton_noise_gemm's batch.
@@ -67,6 +73,7 @@ pub struct GroupArgs {
     pub group_h: *mut f32,
     pub group_valid: *mut f32,
     pub reference: *mut f64,
+    pub partials: *mut f64,
     pub kind: i32,
     pub noise_every: i32,
     pub noise_adaptive: i32,
@@ -77,8 +84,9 @@ pub struct GroupArgs {
     pub vector_eps: f32,
     pub ratio_power: f32,
     pub ratio_floor: f32,
+    pub chunk_stride: i32,
 }
-const _: () = assert!(std::mem::size_of::<GroupArgs>() == 88);
+const _: () = assert!(std::mem::size_of::<GroupArgs>() == 104);
 
 /// Mirrors `struct GemmArgs` in kernels.cu: one f32 product of lanton_noise_gemm.
 #[repr(C)]
@@ -138,8 +146,8 @@ impl GemmArgs {
             .collect())
     }
 }
-/// Blocks per layer of a per-layer pass over `layer_len` elements.
-fn chunks_per_layer(layer_len: usize) -> usize {
+/// Blocks per layer of a per-layer pass over `layer_len` elements (one, idle, for an empty layer).
+pub fn chunks_per_layer(layer_len: usize) -> usize {
     layer_len.div_ceil(BLOCK as usize * 4).clamp(1, 1024)
 }
 
@@ -156,11 +164,9 @@ pub fn batches(leaves: &[LeafArgs], track: bool) -> Result<Vec<(LeafBatch, u32)>
             let (chunks, blocks) = if track {
                 let c = layers.div_ceil(BLOCK as usize);
                 (c, c)
-            } else if len == 0 {
-                // One (idle) block per layer of a zero-size leaf: lanton_apply still writes
-                // each layer's ratio, and the reductions add nothing.
-                (1, layers)
             } else {
+                // A zero-size leaf gets one (idle) block per layer: lanton_apply still writes
+                // each layer's ratio, and the reductions add nothing.
                 let c = chunks_per_layer(len);
                 (c, c * layers)
             };

@@ -3,11 +3,13 @@
 // MAX_LEAVES leaves (a LeafBatch passed by value), each block finds its leaf, layer and chunk.
 // One group step = these launches on XLA's stream, in this order:
 //   lanton_stats    per leaf: per-layer non-finite count, ||V||^2 and the noise difference's norm
+//                   (each block's partial sums in its own slot)
+//   lanton_sum_chunks  one thread per layer: the slots added in chunk order (deterministic)
 //   lanton_prepare  per leaf: momentum write, Newton-Schulz input V/||V||, noise input D/||D||,
 //                   G_prev store
 //   [Newton-Schulz on the noise inputs with lanton_noise_gemm (or lanton_noise_gemm_tc, TF32
-//    tensor cores, opt-in), then lanton_dot: <D0, polar(D0)> per layer; every launch returns at
-//    once unless the device step count is a noise step]
+//    tensor cores, opt-in), then lanton_dot: <D0, polar(D0)> per layer, and lanton_sum_chunks;
+//    every launch but the last returns at once unless the device step count is a noise step]
 //   lanton_track    per leaf: H, valid and prev_step per layer; H/valid copied to group scratch
 //   lanton_reference  one block: the group's reference alpha (max/mean/min/median over valid layers)
 //   [cuBLAS Newton-Schulz on the direction inputs]
@@ -92,7 +94,7 @@ struct LeafArgs {
     float shape_scale;   // s(kind, shape) / scale: sqrt(max(rows, cols)) for hidden, else 1
     float dual_factor;   // dual-norm factor of the kind and shape
 };
-static_assert(sizeof(LeafArgs) == 152, "LeafArgs layout must match src/cuda/step.rs");
+static_assert(sizeof(LeafArgs) == 152, "LeafArgs layout must match src/cuda/args.rs");
 
 // Structural options and the group's scratch, identical for every leaf of a call.
 struct GroupArgs {
@@ -102,11 +104,13 @@ struct GroupArgs {
     float* group_h;      // H per group layer (after tracking)
     float* group_valid;
     double* reference;   // [0] reference alpha, [1] count of valid layers
+    double* partials;    // ACC_N per (group layer, chunk): each block's sums, added in chunk order
     int kind, noise_every, noise_adaptive, nesterov, ratio_stat, noise_work;
     float ratio_eps, vector_eps;
     float ratio_power, ratio_floor;  // r = max(floor, (alpha/ref)^power) (src/step RatioRule::shape)
+    int chunk_stride;    // partial slots per layer: the most chunks any layer of the group has
 };
-static_assert(sizeof(GroupArgs) == 88, "GroupArgs layout must match src/cuda/step.rs");
+static_assert(sizeof(GroupArgs) == 104, "GroupArgs layout must match src/cuda/args.rs");
 
 // Up to MAX_LEAVES leaves per launch (the batch stays under the 4 KB kernel-parameter limit).
 #define MAX_LEAVES 24
@@ -116,7 +120,7 @@ struct LeafBatch {
     int chunks[MAX_LEAVES];           // blocks per layer (per-layer passes) or per leaf (track)
     int count;
 };
-static_assert(sizeof(LeafBatch) == 3848, "LeafBatch layout must match src/cuda/step.rs");
+static_assert(sizeof(LeafBatch) == 3848, "LeafBatch layout must match src/cuda/args.rs");
 
 // This block's leaf j, its block index within the leaf, and the leaf's blocks per layer.
 struct Where { int j, local, chunks; };
@@ -146,6 +150,11 @@ __device__ double block_sum(double v, double* shared) {
     return v;
 }
 
+// The partial sums of one (group layer, chunk): ACC_N doubles.
+__device__ __forceinline__ double* partial_slot(const GroupArgs& g, long long group_layer, int chunk) {
+    return g.partials + (group_layer * g.chunk_stride + chunk) * ACC_N;
+}
+
 // grid: the batch's blocks (layers x chunks per leaf), block BLOCK.
 extern "C" __global__ void lanton_stats(LeafBatch batch, GroupArgs g) {
     const Where w = locate(batch);
@@ -168,14 +177,14 @@ extern "C" __global__ void lanton_stats(LeafBatch batch, GroupArgs g) {
             dn += g.kind == KIND_EMBED ? fabs((double)d) : (double)d * d;
         }
     }
-    double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
     nonfinite = block_sum(nonfinite, shared);
     v2 = block_sum(v2, shared);
     dn = block_sum(dn, shared);
-    if (threadIdx.x == 0) {
-        if (nonfinite > 0) atomicAdd(acc + ACC_NONFINITE, nonfinite);
-        atomicAdd(acc + ACC_V2, v2);
-        atomicAdd(acc + ACC_D, dn);
+    if (threadIdx.x == 0) {  // this block's slot; lanton_sum_chunks adds the chunks in order
+        double* slot = partial_slot(g, a.group_layer + l, chunk);
+        slot[ACC_NONFINITE] = nonfinite;
+        slot[ACC_V2] = v2;
+        slot[ACC_D] = dn;
     }
 }
 
@@ -224,7 +233,20 @@ extern "C" __global__ void lanton_dot(LeafBatch batch, GroupArgs g) {
     for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x)
         s += (double)a.noise_in[base + i] * a.noise_out[base + i];
     s = block_sum(s, shared);
-    if (threadIdx.x == 0) atomicAdd(g.acc + (long long)(a.group_layer + l) * ACC_N + ACC_DOT, s);
+    if (threadIdx.x == 0) partial_slot(g, a.group_layer + l, chunk)[ACC_DOT] = s;
+}
+
+// acc[first .. first + count) of every group layer = its chunks' partial sums, added in chunk
+// order: the same bits whatever order the blocks ran in (no floating-point atomics). Slots past
+// a layer's own chunks hold the zeros the step starts with. One thread per layer.
+extern "C" __global__ void lanton_sum_chunks(GroupArgs g, int group_layers, int first, int count) {
+    const long long l = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (l >= group_layers) return;
+    for (int q = first; q < first + count; ++q) {
+        double s = 0;
+        for (int c = 0; c < g.chunk_stride; ++c) s += partial_slot(g, l, c)[q];
+        g.acc[l * ACC_N + q] = s;
+    }
 }
 
 // One thread per layer: chunks = ceil(layers / BLOCK) blocks per leaf.
@@ -342,7 +364,7 @@ struct GemmArgs {
     int trans_a, trans_b;
     float alpha, beta;
 };
-static_assert(sizeof(GemmArgs) == 88, "GemmArgs layout must match src/cuda/step.rs");
+static_assert(sizeof(GemmArgs) == 88, "GemmArgs layout must match src/cuda/args.rs");
 
 #define GEMM_TILE 64
 #define GEMM_DEPTH 16

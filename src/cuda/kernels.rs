@@ -9,6 +9,7 @@ pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Stats,
+    SumChunks,
     Prepare,
     Dot,
     Track,
@@ -20,8 +21,8 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 9] = [
-        Kernel::Stats, Kernel::Prepare, Kernel::Dot, Kernel::Track, Kernel::Reference, Kernel::AffineDiag, Kernel::Apply,
+    pub const ALL: [Kernel; 10] = [
+        Kernel::Stats, Kernel::SumChunks, Kernel::Prepare, Kernel::Dot, Kernel::Track, Kernel::Reference, Kernel::AffineDiag, Kernel::Apply,
         Kernel::NoiseGemm, Kernel::NoiseGemmTc,
     ];
 
@@ -29,6 +30,7 @@ impl Kernel {
     pub const fn name(self) -> &'static str {
         match self {
             Kernel::Stats => "lanton_stats",
+            Kernel::SumChunks => "lanton_sum_chunks",
             Kernel::Prepare => "lanton_prepare",
             Kernel::Dot => "lanton_dot",
             Kernel::Track => "lanton_track",
@@ -38,6 +40,11 @@ impl Kernel {
             Kernel::NoiseGemm => "lanton_noise_gemm",
             Kernel::NoiseGemmTc => "lanton_noise_gemm_tc",
         }
+    }
+
+    /// A per-leaf pass: its first argument is a `LeafBatch` (multi-tensor launch).
+    pub const fn per_leaf(self) -> bool {
+        matches!(self, Kernel::Stats | Kernel::Prepare | Kernel::Dot | Kernel::Track | Kernel::Apply)
     }
 
     /// The kernel named `name`, if it is one of ours.

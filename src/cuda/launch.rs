@@ -5,7 +5,7 @@
 //! enqueues the same work: the noise estimate's launches (lanton_noise_gemm) read the step
 //! count themselves and return at once unless it refreshes the tracker.
 
-use super::args::{batches, GemmArgs, GroupArgs, LeafArgs, LeafBatch, BLOCK};
+use super::args::{batches, GemmArgs, GroupArgs, LeafArgs, LeafBatch, ACC_DOT, ACC_NONFINITE, BLOCK};
 use super::device::{self, Gemm, Grid, Session, CUBLAS_COMPUTE_32F};
 use super::kernels::Kernel;
 use super::plan::{noise_gemm_kernel, ns_dtype_size, Plan, ShapeClass};
@@ -220,7 +220,22 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
         }
         Ok(())
     };
+    let mut group_layers = plan.group_layers as i32;
+    // The per-(layer, chunk) partial sums of lanton_stats or lanton_dot, added in chunk order
+    // into acc[first .. first + count) of every layer.
+    let sum_chunks = |g: &mut GroupArgs, mut first: i32, mut count: i32, group_layers: &mut i32| -> Result<(), String> {
+        let grid = Grid { x: (*group_layers as u32).div_ceil(BLOCK).max(1), y: 1, block: BLOCK };
+        // SAFETY: lanton_sum_chunks(GroupArgs, int, int, int); the plan carved acc and partials
+        // for every layer of the group and chunk_stride slots each.
+        unsafe {
+            s.launch(Kernel::SumChunks, grid, &mut [
+                g as *mut GroupArgs as *mut c_void, group_layers as *mut i32 as *mut c_void,
+                &mut first as *mut i32 as *mut c_void, &mut count as *mut i32 as *mut c_void,
+            ])
+        }
+    };
     per_leaf(Kernel::Stats, &mut plan.leaves, g)?;
+    sum_chunks(g, ACC_NONFINITE, 3, &mut group_layers)?; // non-finite count, ||V||^2, ||D||
     per_leaf(Kernel::Prepare, &mut plan.leaves, g)?;
     if plan.noise_polar {
         // The polar factor of D0 (kept in n0 for the inner product): one step n0 -> n1, then
@@ -233,9 +248,9 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
             a.noise_out = (polar as usize + (a.noise_in as usize - at(o.n0) as usize)) as *const f32;
         }
         per_leaf(Kernel::Dot, &mut plan.leaves, g)?;
+        sum_chunks(g, ACC_DOT, 1, &mut group_layers)?;
     }
     per_leaf(Kernel::Track, &mut plan.leaves, g)?;
-    let mut group_layers = plan.group_layers as i32;
     // SAFETY: as above; one block reduces the group's H/valid scratch.
     unsafe {
         s.launch(Kernel::Reference, Grid { x: 1, y: 1, block: BLOCK },

@@ -3,7 +3,7 @@
 //! computed on the host from the layout and the scratch address. Pure: tests build it without
 //! a GPU, and `lanton_cuda_scratch_bytes` sizes the scratch from the same function.
 
-use super::args::{GroupArgs, LeafArgs};
+use super::args::{chunks_per_layer, GroupArgs, LeafArgs, ACC_N};
 use super::device::{CUDA_R_16BF, CUDA_R_32F};
 use super::kernels::Kernel;
 use super::CudaError;
@@ -12,8 +12,6 @@ use crate::step::{self, Kind, LayerShape, RatioStat};
 use crate::tensor::Dtype;
 use std::ffi::c_void;
 
-/// f64 accumulators per layer (the reductions of lanton_stats and lanton_dot).
-const ACC_N: usize = 4;
 const CUBLAS_WORKSPACE: usize = 32 << 20;
 /// Alignment of every carved sub-buffer (and of cuBLAS's workspace).
 const ALIGN: usize = 256;
@@ -88,6 +86,8 @@ pub(super) fn ns_dtype_size(f32_ops: bool) -> (i32, i32, usize) {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Offsets {
     pub acc: usize,
+    /// The per-(layer, chunk) partial sums that lanton_sum_chunks adds in order into `acc`.
+    pub partials: usize,
     pub reference: usize,
     pub h: usize,
     pub valid: usize,
@@ -137,6 +137,8 @@ pub struct ScratchLayout {
     pub len: usize,
     /// The hidden group's noise work runs polar iterations (their buffers are carved).
     pub noise_polar: bool,
+    /// Partial-sum slots per layer: the most chunks any layer of the group is reduced in.
+    pub chunk_stride: usize,
 }
 
 /// Lays out the scratch of one group step. The one definition of its size: `Plan::new` uses it
@@ -174,8 +176,10 @@ pub fn scratch_layout(kind: Kind, noise_adaptive: bool, opts: CudaOptions, shape
     let (_, _, ns_size) = ns_dtype_size(opts.ns_f32);
     let (noise_elems, noise_gram) = if noise_polar { (elems, gram_max) } else { (0, 0) };
     let mut carve = Carve::default();
+    let chunk_stride = shapes.iter().map(|sh| chunks_per_layer(sh.layer_len())).max().unwrap_or(1);
     let mut o = Offsets {
         acc: carve.take(group_layers * ACC_N * 8),
+        partials: carve.take(group_layers * chunk_stride * ACC_N * 8),
         reference: carve.take(16),
         h: carve.take(group_layers * 4),
         valid: carve.take(group_layers * 4),
@@ -197,7 +201,7 @@ pub fn scratch_layout(kind: Kind, noise_adaptive: bool, opts: CudaOptions, shape
     o.n2 = carve.take(noise_elems * 4);
     o.na = carve.take(noise_gram * 4);
     o.nb = carve.take(noise_gram * 4);
-    ScratchLayout { classes, class_of, offsets: o, len: carve.len, noise_polar }
+    ScratchLayout { classes, class_of, offsets: o, len: carve.len, noise_polar, chunk_stride }
 }
 
 impl Plan {
@@ -206,7 +210,7 @@ impl Plan {
         let hidden = cfg.kind == Kind::Hidden;
         let shapes: Vec<LayerShape> = layout.leaves.iter().map(|l| l.shape).collect();
         let group_layers: usize = shapes.iter().map(|sh| sh.layers).sum();
-        let ScratchLayout { classes, class_of, offsets: o, len, noise_polar } =
+        let ScratchLayout { classes, class_of, offsets: o, len, noise_polar, chunk_stride } =
             scratch_layout(cfg.kind, cfg.noise_adaptive, opts, &shapes, scratch);
         let (dt_ns, _, ns_size) = ns_dtype_size(opts.ns_f32);
         let at = |off: usize| (scratch + off) as *mut c_void;
@@ -218,6 +222,7 @@ impl Plan {
             group_h: at(o.h) as *mut f32,
             group_valid: at(o.valid) as *mut f32,
             reference: at(o.reference) as *mut f64,
+            partials: at(o.partials) as *mut f64,
             kind: match cfg.kind { Kind::Hidden => 0, Kind::Embed => 1, Kind::Vector => 2 },
             noise_every: cfg.noise_every as i32,
             noise_adaptive: cfg.noise_adaptive as i32,
@@ -229,6 +234,7 @@ impl Plan {
             vector_eps: cfg.vector_eps,
             ratio_power: cfg.ratio_power,
             ratio_floor: cfg.ratio_floor,
+            chunk_stride: chunk_stride as i32,
         };
         let mut leaves = Vec::with_capacity(layout.leaves.len());
         let mut group_layer = 0usize;

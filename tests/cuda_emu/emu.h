@@ -2,7 +2,8 @@
 // CPU in tests (tests/cuda_emulated.rs): each block runs with one fiber (ucontext) per CUDA
 // thread, all on the calling OS thread; __syncthreads is a block barrier, warp shuffles go
 // through a per-warp barrier, and a fiber that waits at a barrier yields to the next one.
-// Blocks run one after another (the kernels never rely on inter-block order). Fibers, not OS
+// Blocks run one after another, first to last or last to first (the kernels never rely on
+// inter-block order). Fibers, not OS
 // threads: a barrier then costs two context switches per thread instead of waking hundreds of
 // threads on a 2-core machine (the suite took minutes with threads).
 #pragma once
@@ -120,6 +121,10 @@ inline void emu_fiber_main() {
     emu_fibers[emu_current].done = true;  // uc_link returns to the scheduler
 }
 
+// Blocks in reverse order (last first): a GPU runs blocks in any order, so no result may depend
+// on it (the test of deterministic reductions runs each launch both ways).
+inline bool emu_reverse_blocks = false;
+
 template <class F> void emu_run(unsigned gx, unsigned gy, unsigned block, F body) {
     constexpr size_t stack_bytes = 256 * 1024;  // the kernels' locals are a few hundred bytes
     static std::vector<std::unique_ptr<char[]>> stacks;  // kept across launches
@@ -131,8 +136,9 @@ template <class F> void emu_run(unsigned gx, unsigned gy, unsigned block, F body
     for (unsigned w = 0; w < (block + 31) / 32; ++w) emu_warp_barriers.push_back(emu_barrier{std::min(32u, block - 32 * w)});
     emu_barrier between_blocks{block};
     auto walk = [&] {
-        for (unsigned by = 0; by < gy; ++by)
-            for (unsigned bx = 0; bx < gx; ++bx) {
+        for (unsigned y = 0; y < gy; ++y)
+            for (unsigned x = 0; x < gx; ++x) {
+                const unsigned bx = emu_reverse_blocks ? gx - 1 - x : x, by = emu_reverse_blocks ? gy - 1 - y : y;
                 blockIdx = {bx, by, 1};
                 body();
                 between_blocks.arrive_and_wait();

@@ -3,12 +3,15 @@
 #include "../../src/cuda/kernels.cu"
 #include <string>
 
-extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned block, void** p) {
+extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned block, void** p, int reverse_blocks) {
     // One launch at a time: the emulated grid state is global (tests run on several threads).
     static std::mutex one_at_a_time;
     std::lock_guard<std::mutex> guard(one_at_a_time);
+    emu_reverse_blocks = reverse_blocks != 0;
     std::string k(name);
     if (k == "lanton_stats") emu_run(gx, gy, block, [&] { lanton_stats(*(LeafBatch*)p[0], *(GroupArgs*)p[1]); });
+    else if (k == "lanton_sum_chunks")
+        emu_run(gx, gy, block, [&] { lanton_sum_chunks(*(GroupArgs*)p[0], *(int*)p[1], *(int*)p[2], *(int*)p[3]); });
     else if (k == "lanton_prepare") emu_run(gx, gy, block, [&] { lanton_prepare(*(LeafBatch*)p[0], *(GroupArgs*)p[1]); });
     else if (k == "lanton_dot") emu_run(gx, gy, block, [&] { lanton_dot(*(LeafBatch*)p[0], *(GroupArgs*)p[1]); });
     else if (k == "lanton_track") emu_run(gx, gy, block, [&] { lanton_track(*(LeafBatch*)p[0], *(GroupArgs*)p[1]); });
