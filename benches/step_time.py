@@ -80,6 +80,7 @@ def contenders():
         "lanton K=10": ("tx", lambda: lanton.lanton(0.02, noise_every=10)),
         "lanton K=1, TF32 noise products": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton in-place noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
+        "lanton in-place K=10": ("fused", lambda: lanton.fused(0.02, noise_every=10)),
         "lanton noise off, f32 NS": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, ns_dtype="float32")),
         "lanton.reference noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, backend="reference")),
         "lanton.reference K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1, backend="reference")),
@@ -158,10 +159,12 @@ def time_one(kind, make, params, grad_sets, repeats, env=None):
 
 
 def time_cadences(rows, params, grad_sets, budget_s=CADENCE_BUDGET_S):
-    """{name: [mean step time of each round's cadence]}, the rows' steps taken in turn (at
-    least one cadence each, `budget_s` in all): ratios within a round are paired (drift cancels)."""
+    """({name: [mean step time of each round's cadence]}, {name: [slowest step / median step of
+    each cadence]}), the rows' steps taken in turn (at least one cadence each, `budget_s` in all):
+    ratios within a round are paired (drift cancels); the second is the cadence's spike."""
     timers = {name: stepper(kind, make, params, grad_sets) for name, (kind, make) in rows.items()}
     cadences = {name: [] for name in rows}
+    spikes = {name: [] for name in rows}
     while not cadences[next(iter(rows))] or sum(map(sum, cadences.values())) * CADENCE < budget_s:
         # Step by step in turn (each row's own state: its cadence runs on), so that a drift of
         # the machine's speed within a cadence falls on every row alike.
@@ -171,7 +174,8 @@ def time_cadences(rows, params, grad_sets, budget_s=CADENCE_BUDGET_S):
                 steps[name] += timed(1)
         for name in rows:
             cadences[name].append(statistics.mean(steps[name]))
-    return cadences
+            spikes[name].append(max(steps[name]) / statistics.median(steps[name]))
+    return cadences, spikes
 
 
 def paired_ratios(cadences, over):
@@ -198,6 +202,9 @@ def render(meta, results, backend, repeats):
             ratio = "-" if q is None else f"{q:.2f}" + (" (paired)" if name in r["paired_over_base"] and name != BASE else "")
             lines.append(f"| {name} | {1000 * sec:.1f} | {ratio} | {f'{sec / floor:.2f}' if floor else '-'} |")
         lines.append("")
+        if r.get("spike_over_median"):
+            cells = ", ".join(f"{n} {x:.2f}" for n, x in r["spike_over_median"].items())
+            lines += [f"Spikes: the slowest step of a cadence of {CADENCE} over its median step (median over cadences): {cells}.", ""]
         first = next(iter(r["paired_over_first_cadence_row"]), None)
         for name, q in [(n, q) for n, q in r["paired_over_first_cadence_row"].items() if n not in (first, BASE)]:
             rounds = ", ".join(f"{100 * (x - 1):+.1f}" for x in r["per_round_over_first_cadence_row"][name])
@@ -248,10 +255,10 @@ def main():
                 continue
             rows[name] = time_one(kind, make, params, grad_sets, args.repeats, ROW_ENV.get(name))
             print(f"  {set_name:>8} {name:<30} {1000 * rows[name]:10.1f} ms", flush=True)
-        cadences, per_round, per_round_base = {}, {}, {}
+        cadences, spikes, per_round, per_round_base = {}, {}, {}, {}
         budget = budgets.get(set_name, budgets.get("*", CADENCE_BUDGET_S)) if cadence_rows else None
         if cadence_rows:
-            cadences = time_cadences(cadence_rows, params, grad_sets, budget)
+            cadences, spikes = time_cadences(cadence_rows, params, grad_sets, budget)
             medians = {name: statistics.median(cs) for name, cs in cadences.items()}
             for name, sec in medians.items():
                 print(f"  {set_name:>8} {name:<30} {1000 * sec:10.1f} ms (cadences)", flush=True)
@@ -260,6 +267,7 @@ def main():
             per_round_base = paired_ratios(cadences, BASE) if BASE in cadences else {}
         results[set_name] = {"params": int(n_params), "seconds": rows, "cadence_budget_s": budget,
                              "cadences_s": cadences,
+                             "spike_over_median": {n: statistics.median(x) for n, x in spikes.items()},
                              "paired_over_first_cadence_row": {n: statistics.median(r) for n, r in per_round.items()},
                              "per_round_over_first_cadence_row": per_round,
                              "paired_over_base": {n: statistics.median(r) for n, r in per_round_base.items()}}

@@ -1,73 +1,121 @@
 #!/usr/bin/env bash
-# The CUDA path in one call, on a machine with a GPU and jax's CUDA plugin (no package index
-# needed): build, GPU test suite, CUDA graphs on vs off (bitwise), the no-host-sync check,
-# compute-sanitizer (memcheck, racecheck, synccheck) on a short case, step-time benchmark against
-# optax.contrib.muon (GPT-2 small, TinyLlama-1.1B). The table comes last; failures are listed at
-# the end (exit 1). Each step runs under a time limit and a failing step does not stop the
-# ones after it (a GPU lease is short: one call should report everything). The step-time table
-# is saved after each parameter set.
+# The GPU check in one call that fits a short device lease: parts in order of value, each under
+# min(its own limit, what is left of BUDGET_S), each part's results saved the moment it ends, so
+# a run cut short keeps everything it finished. A failing part does not stop the ones after it.
 #
-#   bash tests/gpu/run.sh                # builds with cargo if present
-#   LANTON_LIBRARY=/path/liblanton.so bash tests/gpu/run.sh   # a prebuilt library (no cargo there)
+#   1 device       jax sees a GPU; the library loads (its path and ABI)
+#   2 suite        the GPU test suite (tests/gpu/test_cuda.py: against the reference and the CPU
+#                  kernels for every kind and dtype, in place, non-finite, many leaves, TF32)
+#   3 no-sync      no conditional or host transfer in a steady-state step
+#   4 graphs       CUDA command buffers forced on vs off: parameters bitwise equal (f32/bf16/f16)
+#   5 step-time    GPT-2 small and TinyLlama-1.1B: noise off, K=10 (the default), K=1, in place,
+#                  optax Muon hidden-only and default (benches/step_time.py, with cadence spikes)
+#   6 profile      where one GPT-2-small step's time goes: wall vs device time, top kernels
+#                  (benches/step_profile.py)
+#   7 racecheck    compute-sanitizer racecheck, one of our kernels at a time (their names from
+#                  src/cuda/kernels.cu); then memcheck (every kernel) and synccheck on a short case
+#   8 gpt2-point   benches/gpt2_point.sh, only if GPT2_POINT=1 and time is left
 #
-# Results land in ${OUT:-benches/results}/step_time_gpu.{json,md}. Knobs: STEP_TIME_SETS
-# (default tiny,gpt2,tinyllama), STEP_TIME_ARGS (default --repeats 5), STEP_TIME_ONLY (contender
-# names separated by ';', default all), LIMIT_S (seconds per
-# step, default 300), SANITIZER_LIMIT_S (per tool, default 120). The whole default run does not
-# fit a 15-minute device lease; the first run (2026-12-04, H200, benches/results/gpu_2026-12-04.md)
-# took 362 s with LIMIT_S=150 SANITIZER_LIMIT_S=60 STEP_TIME_SETS=gpt2,tinyllama
-# STEP_TIME_ARGS="--repeats 5 --cadence-budget 8" and six STEP_TIME_ONLY rows (TinyLlama cut short).
-# For the next one: LIMIT_S=240, STEP_TIME_ARGS="--repeats 3 --cadence-budget 4" and STEP_TIME_ONLY
-# "lanton noise off;lanton K=10;optax muon (hidden only);lanton K=1;lanton K=1, TF32 noise
-# products;lanton in-place noise off;optax muon (default)" (the opt-in TF32 row is the question).
-set -euo pipefail
+#   bash tests/gpu/run.sh                                   # target/release/liblanton.so or cargo
+#   LANTON_LIBRARY=/path/liblanton.so bash tests/gpu/run.sh # a library built elsewhere
+#
+# The GPU machine has no cargo and no package index: build the library on the development machine
+# (cargo build --release --lib) and carry target/release/liblanton.so. Results: ${OUT:-
+# benches/results/gpu_<date>}/ (summary.md, one log per part, step_time_gpu.*, step_profile_gpu.*).
+# Knobs: BUDGET_S (default 450: 7.5 min, inside an 8-minute window), SETS (default gpt2,tinyllama),
+# LIMIT_SCALE (multiplies every part's own limit). Exit 1 if any part failed or did not run.
+set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-RESULTS=${OUT:-benches/results}
+RESULTS=${OUT:-benches/results/gpu_$(date +%F)}
+BUDGET=${BUDGET_S:-450}
+SCALE=${LIMIT_SCALE:-1}
+START=$SECONDS
 mkdir -p "$RESULTS"
+SUMMARY="$RESULTS/summary.md"
 
 if [ -z "${LANTON_LIBRARY:-}" ]; then
-  command -v cargo >/dev/null || { echo "no cargo here: build liblanton.so elsewhere and set LANTON_LIBRARY" >&2; exit 1; }
-  cargo build --release --lib
-  export LANTON_LIBRARY="$PWD/target/release/liblanton.so"
+  if [ -f target/release/liblanton.so ] && ! command -v cargo >/dev/null; then
+    export LANTON_LIBRARY="$PWD/target/release/liblanton.so"
+  elif command -v cargo >/dev/null; then
+    cargo build --release --lib && export LANTON_LIBRARY="$PWD/target/release/liblanton.so"
+  else
+    echo "no cargo and no target/release/liblanton.so: build the library elsewhere and set LANTON_LIBRARY" >&2
+    exit 1
+  fi
 fi
 export PYTHONPATH="$PWD/jax_bindings:$PWD/benches:$PWD/tests/python${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import jax, lanton; print(jax.devices(), lanton.library_info()); assert jax.default_backend() == 'gpu'"
 
-LIMIT=${LIMIT_S:-300}
+{
+  echo "# GPU check ($(date -u +%FT%TZ))"
+  echo
+  echo "Budget ${BUDGET} s; device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo unknown)."
+  echo
+  echo "| part | status | seconds | log |"
+  echo "|---|---|---:|---|"
+} >"$SUMMARY"
+
 FAILED=()
-echo "== NVRTC kernels for this device and the GPU test suite"
-timeout "$LIMIT" "$PY" -m pytest -q tests/gpu/test_cuda.py || FAILED+=("test_cuda")
+# part NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S * SCALE, what is left), logs it to
+# $RESULTS/NAME.log and appends its line to the summary at once.
+part() {
+  local name=$1 limit=$2
+  shift 2
+  limit=$(awk -v l="$limit" -v s="$SCALE" 'BEGIN { printf "%d", l * s }')
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt 15 ]; then
+    echo "| $name | not run (budget spent) | 0 | |" >>"$SUMMARY"
+    FAILED+=("$name (not run)")
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit} s, ${left} s left)"
+  local t0=$SECONDS status rc
+  timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+  rc=$?
+  tail -n 25 "$RESULTS/$name.log"
+  case $rc in
+    0) status=passed ;;
+    124) status="timed out after ${limit} s"; FAILED+=("$name") ;;
+    *) status="FAILED (exit $rc)"; FAILED+=("$name") ;;
+  esac
+  echo "| $name | $status | $((SECONDS - t0)) | [$name.log]($name.log) |" >>"$SUMMARY"
+}
 
-echo "== no host sync: no conditional or host transfer in a steady-state step"
-timeout "$LIMIT" "$PY" tests/gpu/graph_check.py no-sync || FAILED+=("no-sync")
-
-echo "== CUDA graphs: command buffers forced on for every custom call vs off, bitwise (f32/bf16/f16, 50 donated fused steps)"
+part device 60 "$PY" -c "import jax, lanton; print(jax.devices(), lanton.library_info()); assert jax.default_backend() == 'gpu', 'no GPU backend'"
+part suite 150 env LANTON_REQUIRE_GPU=1 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_cuda.py --junitxml="$RESULTS/suite.xml"
+part no-sync 60 "$PY" tests/gpu/graph_check.py no-sync
 TMP=$(mktemp -d)
-if XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=+CUSTOM_CALL" \
-     timeout "$LIMIT" "$PY" tests/gpu/graph_check.py dump "$TMP/graphs_on.npz" \
-   && XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
-     timeout "$LIMIT" "$PY" tests/gpu/graph_check.py dump "$TMP/graphs_off.npz" \
-   && "$PY" tests/gpu/graph_check.py compare "$TMP/graphs_on.npz" "$TMP/graphs_off.npz"; then :; else FAILED+=("graphs"); fi
-
-echo "== step time against optax.contrib.muon"
-timeout "$LIMIT" "$PY" benches/step_time.py --sets "${STEP_TIME_SETS:-tiny,gpt2,tinyllama}" ${STEP_TIME_ARGS:---repeats 5} \
-  ${STEP_TIME_ONLY:+--only "$STEP_TIME_ONLY"} --out "$RESULTS/step_time_gpu" || FAILED+=("step time")
-
-# memcheck over every kernel (cuBLAS's too: a wrong leading dimension shows there); racecheck and
-# synccheck over ours (lanton_*), which are the ones with shared memory and barriers.
-echo "== compute-sanitizer (memcheck, racecheck, synccheck) on a short case"
+part graphs 150 bash -c "
+  XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_FLAGS='${XLA_FLAGS:-} --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=+CUSTOM_CALL' \
+    '$PY' tests/gpu/graph_check.py dump '$TMP/graphs_on.npz' &&
+  XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_FLAGS='${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=' \
+    '$PY' tests/gpu/graph_check.py dump '$TMP/graphs_off.npz' &&
+  '$PY' tests/gpu/graph_check.py compare '$TMP/graphs_on.npz' '$TMP/graphs_off.npz'"
+part step-time 200 "$PY" benches/step_time.py --sets "${SETS:-gpt2,tinyllama}" --repeats 3 --cadence-budget gpt2=20,tinyllama=40 \
+  --only "lanton noise off;lanton K=10;lanton K=1;lanton in-place K=10;optax muon (hidden only);optax muon (default)" \
+  --out "$RESULTS/step_time_gpu"
+part profile 90 "$PY" benches/step_profile.py --set gpt2 --rows "lanton K=10;lanton noise off;optax muon (hidden only)" \
+  --steps 10 --out "$RESULTS/step_profile_gpu"
 if command -v compute-sanitizer >/dev/null; then
-  for tool in memcheck racecheck synccheck; do
-    only=(); [ "$tool" = memcheck ] || only=(--kernel-name kns=lanton_)
-    timeout "${SANITIZER_LIMIT_S:-120}" compute-sanitizer --tool "$tool" "${only[@]}" --error-exitcode 1 \
-      "$PY" tests/gpu/sanitize_case.py || FAILED+=("sanitizer $tool")
+  # One kernel at a time: the 2026-12-04 run's racecheck over all of them stopped with an internal
+  # sanitizer error; this names the kernel that trips it.
+  for k in $(sed -n 's/^extern "C" __global__ void \([a-z_0-9]*\)(.*/\1/p' src/cuda/kernels.cu); do
+    part "racecheck-$k" 40 compute-sanitizer --tool racecheck --kernel-name "kns=$k" --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
   done
+  part memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
+  part synccheck 60 compute-sanitizer --tool synccheck --kernel-name kns=lanton_ --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
 else
-  echo "compute-sanitizer not found: SKIPPED"
+  echo "| compute-sanitizer | not found on this machine | 0 | |" >>"$SUMMARY"
+fi
+if [ "${GPT2_POINT:-0}" = 1 ]; then
+  part gpt2-point 600 bash benches/gpt2_point.sh
 fi
 
+echo >>"$SUMMARY"
+echo "Total: $((SECONDS - START)) s." >>"$SUMMARY"
+cat "$SUMMARY"
 if [ ${#FAILED[@]} -gt 0 ]; then
   printf 'FAILED: %s\n' "${FAILED[@]}" >&2
   exit 1

@@ -1,8 +1,11 @@
-"""GPU test suite (run by tests/gpu/run.sh on a machine with jax's CUDA plugin; skipped elsewhere).
+"""GPU test suite (run by tests/gpu/run.sh on a machine with jax's CUDA plugin; skipped elsewhere,
+except under LANTON_REQUIRE_GPU=1, which run.sh sets: there a missing GPU fails every test).
 
 The CUDA custom calls against lanton.reference (pure JAX, same device) and against the CPU
 kernels, for every group kind, f32 and bf16, odd shapes and many leaves, over enough steps that
 the noise tracker is refreshed (K = 2: G_prev stored on odd steps, used on even ones)."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,8 @@ import pytest
 
 import lanton
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs jax's CUDA backend")
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu" and os.environ.get("LANTON_REQUIRE_GPU") != "1",
+                                reason="needs jax's CUDA backend")
 
 
 def model(dtype, key=0, many=1):

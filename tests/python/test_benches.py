@@ -93,7 +93,41 @@ def test_step_time_table_and_json(tmp_path):
     assert "| optax muon (hidden only) |" in table and "| 1.00 |" in table  # the ratio's base
     assert "(paired)" in table
     assert "lanton K=10 over lanton noise off, paired cadences" in table and "(rounds: " in table
+    # The cadence's spike: its slowest step over its median step, per row.
+    assert all(x >= 1.0 for x in tiny["spike_over_median"].values()) and set(tiny["spike_over_median"]) == set(seconds)
+    assert "Spikes: the slowest step of a cadence" in table
     assert table.strip() in out  # the same table is printed
+
+
+@pytest.mark.heavy(8)
+def test_step_profile_runs_on_cpu(tmp_path):
+    # On CPU the trace has no device tracks: wall time only, said so in the table.
+    run_bench("step_profile.py", "--set", "tiny", "--rows", "lanton K=10;optax muon (hidden only)", "--steps", 2,
+              "--out", tmp_path / "sp")
+    rows = json.loads((tmp_path / "sp.json").read_text())["rows"]
+    assert set(rows) == {"lanton K=10", "optax muon (hidden only)"}
+    assert all(r["wall_s"] > 0 and r["device"] is None for r in rows.values())
+    assert "no device tracks" in (tmp_path / "sp.md").read_text()
+
+
+def test_step_profile_device_time_is_the_union_of_gpu_kernel_intervals():
+    # A synthetic Perfetto trace: two GPU streams with overlapping kernels, and host events that
+    # must not count. Busy = [0, 15] + [20, 25] us = 20 us over 2 steps.
+    sys.path.insert(0, str(BENCHES))
+    try:
+        from step_profile import device_summary
+    finally:
+        sys.path.remove(str(BENCHES))
+    meta = lambda pid, name: {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+    x = lambda pid, tid, ts, dur, name: {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}
+    events = [meta(7, "/device:GPU:0"), meta(9, "/host:CPU"),
+              x(7, 1, 0.0, 10.0, "lanton_apply"), x(7, 2, 5.0, 10.0, "sm90_gemm"), x(7, 1, 20.0, 5.0, "lanton_apply"),
+              x(9, 3, 0.0, 1000.0, "PjitFunction(step)")]
+    got = device_summary(events, steps=2)
+    assert got["busy_s"] == pytest.approx(10e-6) and got["kernels"] == 1.5
+    assert [k["name"] for k in got["top"]] == ["lanton_apply", "sm90_gemm"]
+    assert got["top"][0]["s_per_step"] == pytest.approx(7.5e-6)
+    assert device_summary([meta(9, "/host:CPU"), x(9, 3, 0.0, 5.0, "op")], steps=1) is None
 
 
 @pytest.mark.heavy(16)
