@@ -69,10 +69,21 @@ thread_local! {
     static LAUNCHES: RefCell<[Seen; KERNEL_NAMES.len()]> = RefCell::new([Seen::default(); KERNEL_NAMES.len()]);
     /// cuBLAS products asked for, by operand dtype: (f32, bf16).
     static GEMMS: RefCell<(usize, usize)> = const { RefCell::new((0, 0)) };
+    /// Every operation queued, in order, when recording (Some): kernels with their grids,
+    /// products with their shapes, copies and fills with their sizes.
+    static SEQUENCE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
 }
 
 fn take_launches() -> [Seen; KERNEL_NAMES.len()] {
     LAUNCHES.with(|l| std::mem::take(&mut *l.borrow_mut()))
+}
+
+fn record(op: impl FnOnce() -> String) {
+    SEQUENCE.with(|s| {
+        if let Some(seq) = s.borrow_mut().as_mut() {
+            seq.push(op());
+        }
+    });
 }
 
 fn take_gemms() -> (usize, usize) {
@@ -114,6 +125,7 @@ impl Queue for HostQueue {
         } else {
             0
         };
+        record(|| format!("{name_k} grid {}x{} block {}", grid.x, grid.y, grid.block));
         LAUNCHES.with(|l| {
             let seen = &mut l.borrow_mut()[k as usize];
             seen.launches += 1;
@@ -129,6 +141,7 @@ impl Queue for HostQueue {
     fn gemm(&self, g: &Gemm) -> Result<(), String> {
         assert!(g.dtype == CUDA_R_32F || g.dtype == CUDA_R_16BF);
         cublas_checks(g)?;
+        record(|| format!("gemm {:?}", (g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.batch, g.dtype)));
         GEMMS.with(|n| {
             let n = &mut *n.borrow_mut();
             if g.dtype == CUDA_R_32F { n.0 += 1 } else { n.1 += 1 }
@@ -159,6 +172,7 @@ impl Queue for HostQueue {
         Ok(())
     }
     fn copy(&self, dst: *mut c_void, src: *const c_void, bytes: usize) -> Result<(), String> {
+        record(|| format!("copy {bytes}"));
         if !std::ptr::eq(dst, src) {
             // SAFETY: both are frame buffers of `bytes` (decoded sizes).
             unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
@@ -166,6 +180,7 @@ impl Queue for HostQueue {
         Ok(())
     }
     fn zero(&self, dst: *mut c_void, words: usize) -> Result<(), String> {
+        record(|| format!("zero {words}"));
         // SAFETY: scratch of at least `words` words.
         unsafe { std::ptr::write_bytes(dst as *mut u32, 0, words) };
         Ok(())
@@ -716,5 +731,31 @@ fn results_are_bitwise_the_same_in_any_block_order() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn every_step_enqueues_the_same_operations_in_the_same_order() {
+    // K = 3 over 6 steps: plain steps (1, 4), steps that store G_prev (2, 5) and noise steps
+    // (3, 6) queue one sequence: the same kernels with the same grids, the same products with the
+    // same shapes, the same copies and fills, in the same order (the device decides from its step
+    // count what each launch does). Each step starts with the scratch fill.
+    SEQUENCE.with(|s| *s.borrow_mut() = Some(Vec::new()));
+    trajectory("hidden", &hidden_specs(dtype::F32), 3, 6, emulated_update, false, "bfloat16", None, true, None);
+    let seq = SEQUENCE.with(|s| s.borrow_mut().take()).unwrap();
+    let mut steps: Vec<Vec<String>> = Vec::new();
+    for op in seq {
+        if op.starts_with("zero ") {
+            steps.push(Vec::new());
+        }
+        steps.last_mut().expect("a step starts with the scratch fill").push(op);
+    }
+    assert_eq!(steps.len(), 6);
+    for (t, step) in steps.iter().enumerate().skip(1) {
+        assert_eq!(step, &steps[0], "step {} queues other operations than step 1", t + 1);
+    }
+    let first = &steps[0];
+    for want in ["lanton_stats", "lanton_sum_chunks", "lanton_noise_gemm ", "lanton_dot", "gemm (", "lanton_apply"] {
+        assert!(first.iter().any(|op| op.starts_with(want)), "no {want} in {first:?}");
     }
 }
