@@ -35,8 +35,12 @@ def bench_env(**extra):
     return env
 
 
-def run_bench(script, *args, timeout=900):
-    proc = subprocess.run([sys.executable, str(BENCHES / script), *map(str, args)], cwd=BENCHES, env=bench_env(),
+def run_bench(script, *args, timeout=900, tiny_model=True):
+    """Runs a benchmark script; `tiny_model=False` keeps the script's own model (no LANTON_MODEL)."""
+    env = bench_env()
+    if not tiny_model:
+        env.pop("LANTON_MODEL")
+    proc = subprocess.run([sys.executable, str(BENCHES / script), *map(str, args)], cwd=BENCHES, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -315,3 +319,20 @@ def test_gpt2_point_script_and_a_second_report_from_one_journal(tmp_path):
     assert "**Partial:**" not in out and not (tmp_path / "second" / "runs.jsonl").exists()
     assert json.loads((tmp_path / "second" / "results.json").read_text())["summary"]["lanton_p05_median"]["finals"] == \
         [next(r for r in runs if r["variant"] == "lanton_p05_median")["val_loss"][-1]]
+
+
+@pytest.mark.heavy(10)
+def test_step_hlo_counts_arrays_and_launches_and_bounds_lantons(tmp_path):
+    # The compiled step's host-side shape (issue 40): lanton is one custom call per group; its
+    # arrays and fusions may not grow past the baseline of 2026-12-07 (benches/results/
+    # step_hlo_cpu.md: tiny model, 36 leaves: 325 arrays in, 145 fusions; packing the per-layer
+    # state per group is to lower these bounds).
+    run_bench("step_hlo.py", "--sets", "tiny", "--rows", "lanton K=10;optax muon (hidden only)", "--out", tmp_path / "h",
+              tiny_model=False)
+    rows = json.loads((tmp_path / "h.json").read_text())["results"]["tiny"]["rows"]
+    lanton_row, muon = rows["lanton K=10"], rows["optax muon (hidden only)"]
+    assert lanton_row["custom_calls"] == 3 and muon["custom_calls"] == 0
+    assert lanton_row["custom_call_targets"] == ["lanton_step_update"]
+    assert lanton_row["arrays_in"] <= 325 and lanton_row["fusions"] <= 145, lanton_row
+    assert muon["fusions"] > 0 and muon["arrays_in"] > 0
+    assert "| lanton K=10 |" in (tmp_path / "h.md").read_text()
