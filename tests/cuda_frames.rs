@@ -152,6 +152,11 @@ fn scratch_bytes_of_the_c_abi_equal_the_handlers_plan() {
         }
     }
     assert!(seen.len() > 12, "the groups above should need many different sizes: {seen:?}");
+    // The deterministic reductions' slots: as many per layer as the longest layer has chunks
+    // (3,000 elements: 3 blocks of 1,024), for all 301 layers, inside the zeroed prefix.
+    let (plan, _, _) = probe(&mut step_frame("vector", &groups[5], 3, &mut Rng::new(4)));
+    assert_eq!(plan.group.chunk_stride, 3);
+    assert!(plan.offsets.partials + 301 * 3 * 4 * 8 <= plan.offsets.zeroed);
     // Absent options take the handler's defaults (noise work on, bf16 operands).
     let specs = two_leaves(dtype::F32);
     let (plan, _, _) = probe(&mut frame("hidden", dtype::F32));
@@ -262,14 +267,16 @@ fn hidden_plan_batches_same_shapes_and_points_into_the_frame() {
     assert_eq!(plan.group_layers, 6);
     assert_eq!(plan.leaves.iter().map(|l| l.group_layer).collect::<Vec<_>>(), vec![0, 2, 3]);
     // Every sub-buffer inside the allocation, 256-byte aligned, not overlapping.
-    let mut spans = [(o.acc, 6 * 4 * 8), (o.reference, 16), (o.h, 24), (o.valid, 24), (o.workspace, o.workspace_len),
+    // One partial-sum slot per layer here (128-element layers fit one block), ACC_N doubles each.
+    assert_eq!(plan.group.chunk_stride, 1);
+    let mut spans = [(o.acc, 6 * 4 * 8), (o.partials, 6 * 4 * 8), (o.reference, 16), (o.h, 24), (o.valid, 24), (o.workspace, o.workspace_len),
                          (o.x, (640 + 240) * 2), (o.y, (640 + 240) * 2), (o.n0, (640 + 240) * 4)];
     spans.sort();
     for w in spans.windows(2) {
         assert!(w[0].0 + w[0].1 <= w[1].0, "scratch spans overlap: {w:?}");
     }
     assert!(spans.iter().all(|&(off, len)| off % 256 == 0 && off + len <= plan.len));
-    assert!(o.zeroed >= o.valid + 24 && o.zeroed <= o.workspace);
+    assert!(o.zeroed >= o.valid + 24 && o.zeroed >= o.partials + 6 * 4 * 8 && o.zeroed <= o.workspace);
     // Kernel arguments point at the frame's buffers, with the right dtypes and scales.
     for (leaf, (out, grad)) in plan.leaves.iter().zip(&bufs) {
         assert_eq!((leaf.out as usize, leaf.grad as usize), (*out, *grad));
