@@ -71,7 +71,7 @@ __device__ __forceinline__ void store(void* p, int dt, long long i, float v) {
     else ((u16*)p)[i] = f32_to_f16(v);
 }
 
-// One leaf of the group, passed by value (layout mirrored by `LeafArgs` in src/cuda/step.rs).
+// One leaf of the group, passed by value (layout mirrored by `LeafArgs` in src/cuda/args.rs).
 struct LeafArgs {
     const void* param;   // parameters (read; in place: also written)
     void* out;           // the update (optax) or the parameters (in place)
@@ -353,7 +353,7 @@ extern "C" __global__ void lanton_affine_diag(const void* A, void* B, int dt, in
 }
 
 // One f32 strided-batched product, column-major with cuBLAS's conventions (layout mirrored by
-// `GemmArgs` in src/cuda/step.rs): C = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n,
+// `GemmArgs` in src/cuda/args.rs): C = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n,
 // C not read when beta = 0.
 struct GemmArgs {
     const float* a;
@@ -430,7 +430,7 @@ extern "C" __global__ void lanton_noise_gemm(GemmArgs p, GroupArgs g) {
 // lanton_noise_gemm on tensor cores: the same product, tiles, gate and launch shape, with each
 // warp's 32 x 16 share of the 64 x 64 C tile computed by mma.sync m16n8k8 with TF32 operands
 // (10-bit mantissa, rounded to nearest) and f32 accumulation. Ampere and newer; selected by the
-// host only there (src/cuda/step.rs noise_gemm_kernel), the body is empty for older targets.
+// host only there (src/cuda/plan.rs noise_gemm_kernel), the body is empty for older targets.
 #define TC_DEPTH 32
 #define TC_PAD (GEMM_TILE + 4)  // row stride 68 words: a warp's fragment reads hit 32 different banks
 __device__ __forceinline__ u32 to_tf32(float x) {
