@@ -704,7 +704,7 @@ fn noise_estimate_within_one_percent_of_svd_with_tf32_products() {
 #[test]
 fn results_are_bitwise_the_same_in_any_block_order() {
     // A GPU runs a launch's blocks in any order. With fixed-order reductions (each block writes
-    // its partial sums to its own slot, lanton_sum_chunks adds them in chunk order; no
+    // its partial sums to its own slot, lanton_sum_chunks adds them in a fixed order; no
     // floating-point atomics) every result, and the whole scratch with its f64 accumulators, is
     // bitwise the same when the blocks run last to first. Layers over several blocks: hidden
     // 40 x 64 (3 chunks), embed 50 x 64 (4), vector 3,000 (3); K = 2 over 4 steps (noise steps

@@ -4,7 +4,7 @@
 // One group step = these launches on XLA's stream, in this order:
 //   lanton_stats    per leaf: per-layer non-finite count, ||V||^2 and the noise difference's norm
 //                   (each block's partial sums in its own slot)
-//   lanton_sum_chunks  one thread per layer: the slots added in chunk order (deterministic)
+//   lanton_sum_chunks  one block per layer: the slots added in a fixed order (deterministic)
 //   lanton_prepare  per leaf: momentum write, Newton-Schulz input V/||V||, noise input D/||D||,
 //                   G_prev store
 //   [Newton-Schulz on the noise inputs with lanton_noise_gemm (or lanton_noise_gemm_tc, TF32
@@ -104,7 +104,7 @@ struct GroupArgs {
     float* group_h;      // H per group layer (after tracking)
     float* group_valid;
     double* reference;   // [0] reference alpha, [1] count of valid layers
-    double* partials;    // ACC_N per (group layer, chunk): each block's sums, added in chunk order
+    double* partials;    // ACC_N per (group layer, chunk): each block's sums, added in a fixed order
     int kind, noise_every, noise_adaptive, nesterov, ratio_stat, noise_work;
     float ratio_eps, vector_eps;
     float ratio_power, ratio_floor;  // r = max(floor, (alpha/ref)^power) (src/step RatioRule::shape)
@@ -180,7 +180,7 @@ extern "C" __global__ void lanton_stats(LeafBatch batch, GroupArgs g) {
     nonfinite = block_sum(nonfinite, shared);
     v2 = block_sum(v2, shared);
     dn = block_sum(dn, shared);
-    if (threadIdx.x == 0) {  // this block's slot; lanton_sum_chunks adds the chunks in order
+    if (threadIdx.x == 0) {  // this block's slot; lanton_sum_chunks adds the chunks in a fixed order
         double* slot = partial_slot(g, a.group_layer + l, chunk);
         slot[ACC_NONFINITE] = nonfinite;
         slot[ACC_V2] = v2;
@@ -236,16 +236,19 @@ extern "C" __global__ void lanton_dot(LeafBatch batch, GroupArgs g) {
     if (threadIdx.x == 0) partial_slot(g, a.group_layer + l, chunk)[ACC_DOT] = s;
 }
 
-// acc[first .. first + count) of every group layer = its chunks' partial sums, added in chunk
-// order: the same bits whatever order the blocks ran in (no floating-point atomics). Slots past
-// a layer's own chunks hold the zeros the step starts with. One thread per layer.
+// acc[first .. first + count) of every group layer = its chunks' partial sums, in a fixed order
+// (thread i adds chunks i, i + BLOCK, ... in turn, then block_sum's fixed tree): the same bits
+// whatever order the blocks of lanton_stats or lanton_dot ran in (no floating-point atomics).
+// Slots past a layer's own chunks hold the zeros the step starts with. One block per layer.
 extern "C" __global__ void lanton_sum_chunks(GroupArgs g, int group_layers, int first, int count) {
-    const long long l = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long l = blockIdx.x;  // grid: group_layers blocks (uniform across the block)
     if (l >= group_layers) return;
+    __shared__ double shared[32];
     for (int q = first; q < first + count; ++q) {
         double s = 0;
-        for (int c = 0; c < g.chunk_stride; ++c) s += partial_slot(g, l, c)[q];
-        g.acc[l * ACC_N + q] = s;
+        for (int c = threadIdx.x; c < g.chunk_stride; c += blockDim.x) s += partial_slot(g, l, c)[q];
+        s = block_sum(s, shared);
+        if (threadIdx.x == 0) g.acc[l * ACC_N + q] = s;
     }
 }
 

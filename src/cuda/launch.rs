@@ -221,10 +221,11 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
         Ok(())
     };
     let mut group_layers = plan.group_layers as i32;
-    // The per-(layer, chunk) partial sums of lanton_stats or lanton_dot, added in chunk order
+    // The per-(layer, chunk) partial sums of lanton_stats or lanton_dot, added in a fixed order
     // into acc[first .. first + count) of every layer.
     let sum_chunks = |g: &mut GroupArgs, mut first: i32, mut count: i32, group_layers: &mut i32| -> Result<(), String> {
-        let grid = Grid { x: (*group_layers as u32).div_ceil(BLOCK).max(1), y: 1, block: BLOCK };
+        // One block per layer: its (up to 1,024) slots added by the block's threads in a fixed order.
+        let grid = Grid { x: *group_layers as u32, y: 1, block: BLOCK };
         // SAFETY: lanton_sum_chunks(GroupArgs, int, int, int); the plan carved acc and partials
         // for every layer of the group and chunk_stride slots each.
         unsafe {

@@ -86,7 +86,7 @@ pub(super) fn ns_dtype_size(f32_ops: bool) -> (i32, i32, usize) {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Offsets {
     pub acc: usize,
-    /// The per-(layer, chunk) partial sums that lanton_sum_chunks adds in order into `acc`.
+    /// The per-(layer, chunk) partial sums that lanton_sum_chunks adds in a fixed order into `acc`.
     pub partials: usize,
     pub reference: usize,
     pub h: usize,
