@@ -135,6 +135,20 @@ def test_non_finite_gradient_skips_the_layer_on_gpu():
     assert np.any(np.asarray(u["block0"]["o"]) != 0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_two_runs_of_the_same_steps_are_bitwise_equal_on_gpu(dtype):
+    # Deterministic GPU results (issue 40): the kernels' reductions use no floating-point atomics
+    # (fixed-order partial sums, lanton_sum_chunks), so the same steps from the same state give
+    # the same bits, noise steps (K = 2) included; a large embedding spreads its layers over many
+    # blocks, where atomics would add in the order the blocks happened to finish.
+    params = {**model(dtype, many=2), "big": (0.1 * jax.random.normal(jax.random.key(7), (4096, 256))).astype(dtype)}
+    gpu = jax.devices("gpu")[0]
+    first, st1 = run(params, 5, gpu, backend="ffi")
+    second, st2 = run(params, 5, gpu, backend="ffi")
+    for a, b in zip(jax.tree.leaves((first, st1)), jax.tree.leaves((second, st2))):
+        assert np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True), "two runs of the same steps differ"
+
+
 def test_tf32_noise_products_match_the_reference(monkeypatch):
     # LANTON_NOISE_GEMM=tf32 (opt-in): the noise estimate's products on lanton_noise_gemm_tc
     # (mma.sync, TF32 operands). Its fragment layout is only emulated on the CPU (from the PTX
