@@ -221,6 +221,15 @@ unsafe extern "C" fn emulated_inplace(f: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI
     run_emulated(f)
 }
 
+/// Leaf i's state results (momentum, prev_grad, noise, valid, prev_step) become the next step's
+/// state arguments.
+fn carry_state(f: &mut Frame, i: usize) {
+    let (a, r) = (2 + 7 * i, 7 * i);
+    for (ak, rk) in [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5)] {
+        f.args[a + ak].data = f.rets[r + rk].data.clone();
+    }
+}
+
 fn buffer_like(b: &OwnedBuffer, v: &[f32]) -> OwnedBuffer {
     if b.dtype == dtype::BF16 { OwnedBuffer::bf16(&b.dims, v) } else { OwnedBuffer::f32(&b.dims, v) }
 }
@@ -276,16 +285,14 @@ fn raw_trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: H
             f.args[2 + 7 * i + 1] = buffer_like(gb, &g);
         }
         f.call(handler).unwrap();
-        out.push(f.rets.iter().map(|r| OwnedBuffer { dtype: r.dtype, dims: r.dims.clone(), data: r.data.clone(), alias_of_arg: r.alias_of_arg }).collect::<Vec<_>>());
+        out.push(f.rets.clone());
         for i in 0..specs.len() {
             let (a, r) = (2 + 7 * i, 7 * i);
             let p = f.args[a].to_f32();
             let o = f.rets[r].to_f32();
             let next: Vec<f32> = if in_place { o } else { p.iter().zip(&o).map(|(x, d)| x + d).collect() };
             f.args[a] = buffer_like(&f.args[a], &next);
-            for (ak, rk) in [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5)] {
-                f.args[a + ak].data = f.rets[r + rk].data.clone();
-            }
+            carry_state(&mut f, i);
         }
     }
     out
@@ -622,9 +629,7 @@ fn noise_after_two_steps(specs: &[LeafSpec], g1: &[f32], g2: &[f32], handler: Ha
         f.args[1] = OwnedBuffer::i32(&[], &[t]);
         f.args[3] = buffer_like(&f.args[3], g);
         f.call(handler).unwrap();
-        for (ak, rk) in [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5)] {
-            f.args[2 + ak].data = f.rets[rk].data.clone();
-        }
+        carry_state(&mut f, 0);
     }
     f.rets[3].to_f32()
 }

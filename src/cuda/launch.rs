@@ -223,20 +223,21 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
     let mut group_layers = plan.group_layers as i32;
     // The per-(layer, chunk) partial sums of lanton_stats or lanton_dot, added in a fixed order
     // into acc[first .. first + count) of every layer.
-    let sum_chunks = |g: &mut GroupArgs, mut first: i32, mut count: i32, group_layers: &mut i32| -> Result<(), String> {
+    let sum_chunks = |g: &mut GroupArgs, mut first: i32, mut count: i32| -> Result<(), String> {
+        let mut layers = group_layers;
         // One block per layer: its (up to 1,024) slots added by the block's threads in a fixed order.
-        let grid = Grid { x: *group_layers as u32, y: 1, block: BLOCK };
+        let grid = Grid { x: layers as u32, y: 1, block: BLOCK };
         // SAFETY: lanton_sum_chunks(GroupArgs, int, int, int); the plan carved acc and partials
         // for every layer of the group and chunk_stride slots each.
         unsafe {
             s.launch(Kernel::SumChunks, grid, &mut [
-                g as *mut GroupArgs as *mut c_void, group_layers as *mut i32 as *mut c_void,
+                g as *mut GroupArgs as *mut c_void, &mut layers as *mut i32 as *mut c_void,
                 &mut first as *mut i32 as *mut c_void, &mut count as *mut i32 as *mut c_void,
             ])
         }
     };
     per_leaf(Kernel::Stats, &mut plan.leaves, g)?;
-    sum_chunks(g, ACC_NONFINITE, 3, &mut group_layers)?; // non-finite count, ||V||^2, ||D||
+    sum_chunks(g, ACC_NONFINITE, 3)?; // non-finite count, ||V||^2, ||D||
     per_leaf(Kernel::Prepare, &mut plan.leaves, g)?;
     if plan.noise_polar {
         // The polar factor of D0 (kept in n0 for the inner product): one step n0 -> n1, then
@@ -249,7 +250,7 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
             a.noise_out = (polar as usize + (a.noise_in as usize - at(o.n0) as usize)) as *const f32;
         }
         per_leaf(Kernel::Dot, &mut plan.leaves, g)?;
-        sum_chunks(g, ACC_DOT, 1, &mut group_layers)?;
+        sum_chunks(g, ACC_DOT, 1)?;
     }
     per_leaf(Kernel::Track, &mut plan.leaves, g)?;
     // SAFETY: as above; one block reduces the group's H/valid scratch.

@@ -66,9 +66,8 @@ impl<'a> BufferRef<'a> {
     /// The buffer by address for the floors below (`what` names it if XLA's dtype is one
     /// lanton's buffers never hold).
     pub fn raw(&self, what: &str) -> FfiResult<RawTensor<'a>> {
-        let dtype = super::api::dtype::to_tensor(self.dtype).ok_or_else(|| {
-            FfiError::invalid(format!("{what}: unsupported dtype {}", super::api::dtype::name(self.dtype)))
-        })?;
+        let dtype = dtype::to_tensor(self.dtype)
+            .ok_or_else(|| FfiError::invalid(format!("{what}: unsupported dtype {}", dtype::name(self.dtype))))?;
         Ok(RawTensor { data: self.data, len: self.elems, dtype, _call: std::marker::PhantomData })
     }
 }

@@ -3,6 +3,7 @@
 use super::*;
 
 /// An owned buffer: 8-byte aligned storage, dims, dtype.
+#[derive(Clone)]
 pub struct OwnedBuffer {
     pub dtype: i32,
     pub dims: Vec<i64>,
