@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import re
 import sys
 from pathlib import Path
@@ -23,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
-import optax  # noqa: E402
 
 from report import emit  # noqa: E402
-from step_time import contenders, param_set  # noqa: E402
+from step_time import contenders, donated_step, param_set  # noqa: E402
 
 ROWS = "lanton K=10;lanton in-place K=10;lanton noise off;optax muon (hidden only);optax adamw"
 
@@ -63,12 +61,7 @@ def compiled_step(kind, make, params, grads):
     else:
         tx = make()
         state = tx.init(params)
-
-        @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def fn(p, s, g):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
+        fn = donated_step(tx)
         args = (params, state, grads)
     return fn.lower(*args).compile().as_text(), len(jax.tree.leaves(state))
 

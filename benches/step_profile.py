@@ -73,8 +73,7 @@ def device_summary(events, steps):
 
 def profile_row(kind, make, params, grad_sets, steps):
     """Wall seconds per step and the device summary of `steps` warm steps."""
-    timed = stepper(kind, make, params, grad_sets)
-    timed(2)  # past compilation and the first noise step
+    timed = stepper(kind, make, params, grad_sets)  # compiled and warm
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             t0 = time.perf_counter()

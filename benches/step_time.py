@@ -99,6 +99,18 @@ CADENCE = 10
 CADENCE_BUDGET_S = 3.0
 
 
+def donated_step(tx):
+    """The timed training-loop step: jitted update + apply_updates, params and state donated
+    (in place, as in real training)."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return step
+
+
 def stepper(kind, make, params, grad_sets):
     """A warm `timed(n)` -> the n step times; gradients alternate between two sets so that
     G - G_prev != 0 (a repeated gradient would make the noise estimate trivially zero)."""
@@ -117,12 +129,7 @@ def stepper(kind, make, params, grad_sets):
         tx = make()
         p = jax.tree.map(jnp.copy, params)  # donated below
         s = tx.init(p)
-
-        @functools.partial(jax.jit, donate_argnums=(0, 1))  # params and state in place, as in real training
-        def _step(p, s, g):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
+        _step = donated_step(tx)
         step = lambda p, s: _step(p, s, next_grads())
     for _ in range(2):  # compile, then one warm step (t = 2: the first noise step for K = 1)
         p, s = jax.block_until_ready(step(p, s))
