@@ -7,7 +7,6 @@
 // threads: a barrier then costs two context switches per thread instead of waking hundreds of
 // threads on a 2-core machine (the suite took minutes with threads).
 #pragma once
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -64,12 +63,6 @@ template <class T> T __shfl_down_sync(unsigned, T v, int o) {
     T r = (lane + o < 32 && src < blockDim.x) ? (T)emu_shfl[src] : v;
     bar.arrive_and_wait();
     return r;
-}
-// Fibers switch only at barriers, so a read-modify-write is atomic as it stands.
-inline double atomicAdd(double* p, double v) {
-    double old = *p;
-    *p = old + v;
-    return old;
 }
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
