@@ -78,6 +78,9 @@ VARIANTS = {
                           "3. the median reference, r = min(1, (alpha/median)^0.5)"),
     "hybrid_p05_median": ("hybrid", {**P05, "ratio_stat": "median"}, LANTON_GRID, False,
                           "2 + 3. the hybrid with the median reference (p = 0.5)"),
+    # Issue 40: the same rule with each layer refreshed on its own phase (1/K of each shape per step).
+    "lanton_p05_median_staggered": ("lanton", {**P05, "ratio_stat": "median", "noise_schedule": "staggered"}, LANTON_GRID,
+                                    False, "the default rule with the staggered noise schedule"),
     "lanton_p05_nesterov": ("lanton", {**P05, "beta1": 0.95, "nesterov": True}, LANTON_GRID, False,
                             "3. p = 0.5 with Muon's momentum (beta1 0.95, Nesterov) instead of 0.8, plain"),
     # The embed/vector groups' step relative to the hidden group's is the one factor the rate sweep

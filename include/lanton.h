@@ -14,9 +14,10 @@
  * devices, which an older library would ignore and so compute every update on every device;
  * 5: the `ratio_power` and `ratio_floor` attributes shape the ratio, which an older library would
  * ignore; 6: the `noise_relative` attribute, likewise; 7: `owned_layers` removed, and refused
- * by name, since the shim's exchange divides the work).
+ * by name, since the shim's exchange divides the work; 8: a trailing `phases` argument, every
+ * layer's noise phase, and the `noise_schedule` option, which an older library would ignore).
  */
-#define LANTON_ABI_VERSION 7
+#define LANTON_ABI_VERSION 8
 
 #define LANTON_OK 0
 
@@ -99,6 +100,26 @@ int32_t lanton_cuda_scratch_bytes(const char *plan_json,
                                   uint64_t *bytes,
                                   char *err,
                                   size_t err_len);
+
+/**
+ * Every layer's noise phase for a group, in leaf order (`step::noise_phases`): the trailing
+ * `phases` argument of the XLA targets, which the CUDA targets need for a staggered
+ * schedule. `config_json` as for `lanton_step_host_f32` (its "noise_schedule" and
+ * "noise_every" decide); `dims` holds (layers, rows, cols) per leaf; `out` receives
+ * `out_len` int32 values, which must equal the group's total layers. Returns LANTON_OK, or
+ * LANTON_ERR_INVALID (or LANTON_ERR_PANIC) with a NUL-terminated message in `err`.
+ *
+ * # Safety
+ * `config_json` is null or NUL-terminated; `dims` is null or holds 3 * `n_leaves` values; `out`
+ * is null or holds `out_len` writable values; `err` is null or holds `err_len` bytes.
+ */
+int32_t lanton_noise_phases(const char *config_json,
+                            const uint64_t *dims,
+                            size_t n_leaves,
+                            int32_t *out,
+                            size_t out_len,
+                            char *err,
+                            size_t err_len);
 
 /**
  * One LANTON step for one group of f32 leaves in host memory, parameters updated in place.

@@ -6,7 +6,7 @@ use crate::cpu::{self, LeafIo, ParamIo, PoolError};
 use crate::cuda::{self, CudaOptions};
 use crate::tensor::{Tensor, TensorMut};
 use crate::step::options::{self, Options, CONFIG_KEYS};
-use crate::step::{self, Hyper, Kind, LayerShape, NuclearEstimator, RatioStat, StepConfig, HYPER_LEN};
+use crate::step::{self, Hyper, Kind, LayerShape, NoiseSchedule, NuclearEstimator, RatioStat, StepConfig, HYPER_LEN};
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -17,8 +17,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// devices, which an older library would ignore and so compute every update on every device;
 /// 5: the `ratio_power` and `ratio_floor` attributes shape the ratio, which an older library would
 /// ignore; 6: the `noise_relative` attribute, likewise; 7: `owned_layers` removed, and refused
-/// by name, since the shim's exchange divides the work).
-pub const LANTON_ABI_VERSION: u32 = 7;
+/// by name, since the shim's exchange divides the work; 8: a trailing `phases` argument, every
+/// layer's noise phase, and the `noise_schedule` option, which an older library would ignore).
+pub const LANTON_ABI_VERSION: u32 = 8;
 
 pub const LANTON_OK: i32 = 0;
 pub const LANTON_ERR_INVALID: i32 = 1;
@@ -113,8 +114,13 @@ pub fn config_to_json(cfg: &StepConfig) -> String {
         NuclearEstimator::GramEigen => "eigen",
         NuclearEstimator::Polar => "polar",
     };
+    let schedule = match cfg.noise_schedule {
+        NoiseSchedule::Synchronous => "synchronous",
+        NoiseSchedule::Staggered => "staggered",
+    };
     serde_json::json!({
         "kind": cfg.kind.to_string(), "ns_coeffs": cfg.ns_coeffs, "noise_every": cfg.noise_every,
+        "noise_schedule": schedule,
         "noise_adaptive": cfg.noise_adaptive, "ratio_stat": stat, "ratio_eps": cfg.ratio_eps,
         "ratio_power": cfg.ratio_power, "ratio_floor": cfg.ratio_floor, "noise_relative": cfg.noise_relative,
         "nesterov": cfg.nesterov, "vector_eps": cfg.vector_eps, "noise_estimator": estimator,
@@ -222,6 +228,53 @@ pub unsafe extern "C" fn lanton_cuda_scratch_bytes(plan_json: *const c_char, byt
     finish(result, err, err_len, "lanton_cuda_scratch_bytes")
 }
 
+/// Every layer's noise phase for a group, in leaf order (`step::noise_phases`): the trailing
+/// `phases` argument of the XLA targets, which the CUDA targets need for a staggered
+/// schedule. `config_json` as for `lanton_step_host_f32` (its "noise_schedule" and
+/// "noise_every" decide); `dims` holds (layers, rows, cols) per leaf; `out` receives
+/// `out_len` int32 values, which must equal the group's total layers. Returns LANTON_OK, or
+/// LANTON_ERR_INVALID (or LANTON_ERR_PANIC) with a NUL-terminated message in `err`.
+///
+/// # Safety
+/// `config_json` is null or NUL-terminated; `dims` is null or holds 3 * `n_leaves` values; `out`
+/// is null or holds `out_len` writable values; `err` is null or holds `err_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn lanton_noise_phases(
+    config_json: *const c_char,
+    dims: *const u64,
+    n_leaves: usize,
+    out: *mut i32,
+    out_len: usize,
+    err: *mut c_char,
+    err_len: usize,
+) -> i32 {
+    let invalid = |m: String| (LANTON_ERR_INVALID, m);
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<(), (i32, String)> {
+        if config_json.is_null() || (dims.is_null() && n_leaves > 0) || (out.is_null() && out_len > 0) {
+            return Err(invalid("config_json, dims and out must not be null".into()));
+        }
+        // SAFETY: non-null and NUL-terminated per this function's contract.
+        let text = unsafe { CStr::from_ptr(config_json) }.to_str().map_err(|_| invalid("config_json is not UTF-8".into()))?;
+        let cfg = config_from_json(text).map_err(invalid)?;
+        let count = n_leaves.checked_mul(3).ok_or_else(|| invalid(format!("{n_leaves} leaves overflow")))?;
+        // SAFETY: `dims` holds 3 * n_leaves values per the contract.
+        let dims = unsafe { host(dims, count, "dims", 0) }.map_err(invalid)?;
+        let shapes: Vec<LayerShape> = dims
+            .chunks(3)
+            .map(|d| LayerShape { layers: d[0] as usize, rows: d[1] as usize, cols: d[2] as usize, rows_are_input: true })
+            .collect();
+        let layers = shapes.iter().try_fold(0usize, |n, s| n.checked_add(s.layers));
+        if layers != Some(out_len) {
+            return Err(invalid(format!("out holds {out_len} values, but the leaves have {layers:?} layers")));
+        }
+        let phases = step::noise_phases(cfg.noise_schedule, cfg.noise_every, &shapes);
+        // SAFETY: `out` holds out_len writable values per the contract, and phases.len() == out_len.
+        unsafe { host_mut(out, out_len, "out", 0) }.map_err(invalid)?.copy_from_slice(&phases);
+        Ok(())
+    }));
+    finish(result, err, err_len, "lanton_noise_phases")
+}
+
 /// Writes `msg` NUL-terminated into `buf[..len]`, truncated (at a UTF-8 character boundary)
 /// to fit; nothing if `buf` is null or `len` is 0.
 fn write_error(buf: *mut c_char, len: usize, msg: &str) {
@@ -316,7 +369,9 @@ pub unsafe extern "C" fn lanton_step_host_f32(
                 });
             }
         }
-        cpu::group_step(&cfg, &h, step, &mut io).map_err(|e: PoolError| (LANTON_ERR_ENV, e.to_string()))
+        let shapes: Vec<LayerShape> = io.iter().map(|l| l.shape).collect();
+        let phases = step::noise_phases(cfg.noise_schedule, cfg.noise_every, &shapes);
+        cpu::group_step(&cfg, &h, step, &phases, &mut io).map_err(|e: PoolError| (LANTON_ERR_ENV, e.to_string()))
     }));
     finish(result, err, err_len, "lanton_step_host_f32")
 }

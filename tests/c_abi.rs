@@ -47,6 +47,33 @@ fn host_step_matches_reference() {
 }
 
 #[test]
+fn host_step_takes_the_staggered_schedule() {
+    // Three layers of one shape, K = 3: phases 0, 1, 2 (the C ABI derives them, step::noise_phases).
+    let text = r#"{"kind": "hidden", "noise_every": 3, "noise_schedule": "staggered"}"#;
+    let cfg = lanton::capi::config_from_json(text).unwrap();
+    assert_eq!(cfg.noise_schedule, lanton::step::NoiseSchedule::Staggered);
+    let mut rng = Rng::new(79);
+    let shape = lanton::step::LayerShape { layers: 3, rows: 6, cols: 10, rows_are_input: true };
+    let p0 = rng.normals(180, 0.5);
+    let mut leaf = OwnedLeaf::new(shape, p0.clone());
+    let hyper = [0.05, 0.9, 0.9, 0.0, 0.2];
+    let h = lanton::step::Hyper::from_slice(&hyper).unwrap();
+    let mut refs = vec![RefLeaf::new(shape, &p0)];
+    for t in 1..=5 {
+        let grad = rng.normals(180, 1.0);
+        call(text, &hyper, t, &mut leaf, &grad).unwrap();
+        ref_group_step(&cfg, &h, t, &mut refs, &[grad]);
+        assert!(max_abs_diff(&leaf.param, &refs[0].param) < 1e-4, "t={t}");
+        assert_eq!(leaf.prev_step, refs[0].prev_step, "t={t}");
+    }
+    // Stored on steps 2 (phase 0), 3 (phase 1), 4 (phase 2); all three measured by step 5.
+    assert_eq!(leaf.prev_step, vec![5, 3, 4]);
+    assert!(leaf.valid.iter().all(|&v| v == 1.0));
+    let err = lanton::capi::config_from_json(r#"{"kind": "hidden", "noise_schedule": "random"}"#).unwrap_err();
+    assert!(err.contains("'noise_schedule': expected synchronous or staggered"), "{err}");
+}
+
+#[test]
 fn host_step_takes_the_noise_to_signal_option() {
     use lanton::capi::config_from_json;
     let err = config_from_json(r#"{"kind": "hidden", "noise_relative": 1}"#).unwrap_err();

@@ -18,8 +18,9 @@ mod common;
 use common::*;
 use half::bf16;
 use lanton::cuda::device::{Gemm, Grid, CUDA_R_16BF, CUDA_R_32F};
-use lanton::cuda::{enqueue_on, noise_gemm_kernel, plan_in_scratch, GemmArgs, GroupArgs, Kernel, LeafBatch, Queue, KERNEL_NAMES};
+use lanton::cuda::{enqueue_on, noise_gemm_kernel, plan_in_scratch, GemmArgs, Kernel, LeafBatch, Queue, KERNEL_NAMES};
 use lanton::ffi::api::*;
+use lanton::step::{noise_phases, LayerShape, NoiseSchedule};
 use lanton::handlers::{decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_update_cpu};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
@@ -193,6 +194,9 @@ thread_local! {
     static IN_PLACE: RefCell<bool> = const { RefCell::new(false) };
     /// `ratio_stat` for the next trajectories, on both sides (None: the frame's default).
     static STAT: RefCell<Option<&'static str>> = const { RefCell::new(None) };
+    /// The staggered noise schedule in `raw_trajectory`: the CPU handler derives the phases from
+    /// the attribute, the CUDA one takes them as the trailing argument (step::noise_phases).
+    static STAGGERED: RefCell<bool> = const { RefCell::new(false) };
     /// LANTON_NOISE_GEMM for the next emulated steps (a device with tensor cores).
     static NOISE_GEMM: RefCell<Option<&'static str>> = const { RefCell::new(None) };
 }
@@ -263,6 +267,16 @@ fn raw_trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: H
     f.set_attr("noise_estimator", Attr::Str("polar".into()));
     if let Some(stat) = STAT.with(|s| *s.borrow()) {
         f.set_attr("ratio_stat", Attr::Str(stat.into()));
+    }
+    if STAGGERED.with(|s| *s.borrow()) {
+        f.set_attr("noise_schedule", Attr::Str("staggered".into()));
+        if cuda {
+            let shapes: Vec<LayerShape> = specs.iter().map(|s| LayerShape {
+                layers: s.dims[0] as usize, rows: s.dims[1] as usize, cols: s.dims[2] as usize, rows_are_input: s.rows_are_input,
+            }).collect();
+            let phases = noise_phases(NoiseSchedule::Staggered, k as u32, &shapes);
+            f.args.push(OwnedBuffer::i32(&[phases.len() as i64], &phases));
+        }
     }
     if cuda {
         add_scratch(&mut f, cuda_scratch_bytes(&scratch_plan_json(kind, specs, true, true, ns_dtype)).unwrap());
@@ -368,8 +382,24 @@ fn a_non_finite_gradient_skips_its_layer_like_the_cpu() {
 }
 
 #[test]
+fn staggered_schedule_matches_the_cpu_with_non_finite_gradients_on_due_steps() {
+    // K = 3 over 4 steps: the (16, 8) class's five layers have phases 0 1 | 2 0 1 and the (12, 20)
+    // layer phase 0, so steps 2, 3 and 4 each measure some layers and skip the others. A NaN in
+    // leaf 0's last layer on its noise step (t = 4), then in leaf 2's last layer on the step it
+    // stores G_prev (t = 3): its next step must not measure.
+    STAGGERED.with(|s| *s.borrow_mut() = true);
+    let got = compare_shaped("hidden", &hidden_specs(dtype::F32), 3, "float32", 2e-4, false, Some((0, 4)), None);
+    compare_shaped("hidden", &hidden_specs(dtype::F32), 3, "float32", 2e-4, true, Some((2, 3)), None);
+    STAGGERED.with(|s| *s.borrow_mut() = false);
+    // prev_step after step 4 (results 5, 12, 19): a layer of phase p last stored on the step
+    // t <= 4 with t = p - 1 (mod 3).
+    let stored: Vec<f32> = [5, 12, 19].iter().flat_map(|&j| got[3][j].clone()).collect();
+    assert_eq!(stored, vec![2.0, 3.0, 2.0, 4.0, 2.0, 3.0], "phases 0 1, 0, 2 0 1");
+}
+
+#[test]
 fn more_leaves_than_one_launch_holds() {
-    // 30 leaves: two multi-tensor launches per pass (24 + 6), mixed shapes and layer counts.
+    // 30 leaves: two multi-tensor launches per pass (23 + 7), mixed shapes and layer counts.
     let specs: Vec<LeafSpec> = (0..30)
         .map(|i| LeafSpec { dims: [1 + (i % 3) as i64, 6 + (i % 4) as i64, 5 + (i % 5) as i64], dtype: dtype::F32, rows_are_input: i % 2 == 0 })
         .collect();
@@ -543,7 +573,7 @@ fn product(g: &GemmArgs, a: &[f32], b: &[f32], c0: &[f32], batch: usize) -> Vec<
 }
 
 #[test]
-fn noise_gemm_multiplies_on_noise_steps_and_leaves_other_steps_alone() {
+fn noise_gemm_multiplies_the_due_matrices_and_leaves_the_others_alone() {
     noise_gemm_case("lanton_noise_gemm");
 }
 
@@ -553,15 +583,14 @@ fn tensor_core_noise_gemm_multiplies_within_tf32_rounding() {
 }
 
 /// Several 64 x 64 tiles with ragged edges, both transposes, beta = 0 (C never read: it starts
-/// as NaN) and beta != 0, a batch of 2; then the gate: off-cadence steps and a group without
-/// noise adaptation must leave C bitwise as it was. The TF32 kernel rounds each operand to 11
+/// as NaN) and beta != 0, a batch of 2; the gate: a matrix whose `due` flag is 0 (not measured
+/// this step) must keep C bitwise as it was. The TF32 kernel rounds each operand to 11
 /// significant bits: within 2^-10 |alpha| sum |a||b| of the f64 product (a wrong fragment
 /// layout is off by the size of the entries themselves).
 fn noise_gemm_case(name: &str) {
     let tf32 = name.ends_with("_tc");
     let mut rng = Rng::new(5);
     let (m, n, k, batch) = (70usize, 130usize, 40usize, 2usize);
-    let hyper = [0.1f32, 0.9, 0.99, 0.0, 1.0];
     for (trans_a, trans_b, beta) in [(false, false, 0.0f32), (true, false, 0.5), (false, true, 0.0), (true, true, -1.5)] {
         let lda = if trans_a { k + 3 } else { m + 1 };
         let ldb = if trans_b { n } else { k + 2 };
@@ -570,44 +599,36 @@ fn noise_gemm_case(name: &str) {
         let a = rng.normals(sa * batch, 1.0);
         let b = rng.normals(sb * batch, 1.0);
         let c0 = if beta == 0.0 { vec![f32::NAN; sc * batch] } else { rng.normals(sc * batch, 1.0) };
-        for (t, adaptive, runs) in [(4, 1, true), (3, 1, false), (1, 1, false), (4, 0, false)] {
+        // Matrix z is multiplied only if due[1 + z] (the flags of a batch that starts at index 1).
+        for due in [[9, 1, 1], [9, 0, 0], [9, 0, 1], [9, 1, 0]] {
             let mut c = c0.clone();
-            let step = [t];
             let mut args = GemmArgs {
                 a: a.as_ptr(), b: b.as_ptr(), c: c.as_mut_ptr(), stride_a: sa as i64, stride_b: sb as i64,
                 stride_c: sc as i64, m: m as i32, n: n as i32, k: k as i32, lda: lda as i32, ldb: ldb as i32,
                 ldc: ldc as i32, trans_a: trans_a as i32, trans_b: trans_b as i32, alpha: 0.75, beta,
-            };
-            let mut group = GroupArgs {
-                hyper: hyper.as_ptr(), step: step.as_ptr(), acc: std::ptr::null_mut(), group_h: std::ptr::null_mut(),
-                group_valid: std::ptr::null_mut(), reference: std::ptr::null_mut(), partials: std::ptr::null_mut(),
-                kind: 0, noise_every: 2, noise_adaptive: adaptive, nesterov: 0, ratio_stat: 0, noise_work: 1,
-                ratio_eps: 1e-8, vector_eps: 1e-8, ratio_power: 1.0, ratio_floor: 0.0, chunk_stride: 0,
+                due: due.as_ptr(), due_first: 1, unused: 0,
             };
             let grid = Grid { x: (m.div_ceil(64) * n.div_ceil(64)) as u32, y: batch as u32, block: 256 };
             // SAFETY: the arguments lanton_noise_gemm takes; every operand holds the batch.
-            unsafe {
-                HostQueue.launch(kernel(name), grid, &mut [
-                    &mut args as *mut GemmArgs as *mut c_void, &mut group as *mut GroupArgs as *mut c_void,
-                ])
-            }
-            .unwrap();
-            let what = format!("{name}: trans ({trans_a}, {trans_b}) beta {beta} t {t} adaptive {adaptive}");
-            if runs {
-                let want = product(&args, &a, &b, &c0, batch);
-                let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
-                let size = product(&GemmArgs { alpha: args.alpha.abs(), beta: 0.0, ..args }, &abs(&a), &abs(&b), &c0, batch);
-                for z in 0..batch {
-                    for j in 0..n {
-                        for i in 0..m {
-                            let at = z * sc + i + j * ldc;
-                            let tol = 1e-4 * (1.0 + want[at].abs()) + if tf32 { size[at] / 1024.0 } else { 0.0 };
-                            assert!((c[at] - want[at]).abs() <= tol, "{what}: C[{z}][{i},{j}] {} vs {}", c[at], want[at]);
-                        }
+            unsafe { HostQueue.launch(kernel(name), grid, &mut [&mut args as *mut GemmArgs as *mut c_void]) }.unwrap();
+            let what = format!("{name}: trans ({trans_a}, {trans_b}) beta {beta} due {due:?}");
+            let want = product(&args, &a, &b, &c0, batch);
+            let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+            let size = product(&GemmArgs { alpha: args.alpha.abs(), beta: 0.0, ..args }, &abs(&a), &abs(&b), &c0, batch);
+            for z in 0..batch {
+                let mine = z * sc..(z + 1) * sc;
+                if due[1 + z] == 0 {
+                    let kept = c[mine.clone()].iter().zip(&c0[mine]).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(kept, "{what}: C[{z}] was written");
+                    continue;
+                }
+                for j in 0..n {
+                    for i in 0..m {
+                        let at = z * sc + i + j * ldc;
+                        let tol = 1e-4 * (1.0 + want[at].abs()) + if tf32 { size[at] / 1024.0 } else { 0.0 };
+                        assert!((c[at] - want[at]).abs() <= tol, "{what}: C[{z}][{i},{j}] {} vs {}", c[at], want[at]);
                     }
                 }
-            } else {
-                assert!(c.iter().zip(&c0).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: C was written");
             }
         }
     }

@@ -46,6 +46,9 @@ fn cuda_handlers_validate_before_touching_the_device() {
         let mut f = frame("hidden", dtype::F32);
         f.set_attr("noise_relative", Attr::Bool(true));
         expect_error(&mut f, h, &["'noise_relative'", "CPU only"]);
+        let mut f = frame("hidden", dtype::F32);
+        f.set_attr("noise_schedule", Attr::Str("staggered".into()));
+        expect_error(&mut f, h, &["noise_schedule 'staggered' needs the trailing 'phases' argument on the CUDA targets"]);
     }
 }
 

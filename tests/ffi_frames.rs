@@ -144,6 +144,33 @@ fn rejects_bad_attributes() {
 }
 
 #[test]
+fn phases_argument_is_checked_and_sets_each_layers_cadence() {
+    // two_leaves: 1 + 2 layers. K = 3, t = 1: a layer of phase 2 stores G_prev (step 2 measures
+    // it), one of phase 0 does not.
+    let with = |phases: OwnedBuffer| {
+        let mut f = base();
+        f.set_attr("noise_every", Attr::I64(3));
+        f.args.push(phases);
+        f
+    };
+    let mut f = with(OwnedBuffer::i32(&[3], &[2, 0, 2]));
+    f.call(lanton_step_update_cpu).unwrap();
+    assert_eq!((f.rets[5].to_f32(), f.rets[12].to_f32()), (vec![1.0], vec![0.0, 1.0]));
+    // Absent: the attribute's schedule (synchronous: phase 0, nothing stored at t = 1).
+    let mut f = base();
+    f.set_attr("noise_every", Attr::I64(3));
+    f.call(lanton_step_update_cpu).unwrap();
+    assert_eq!((f.rets[5].to_f32(), f.rets[12].to_f32()), (vec![0.0], vec![0.0, 0.0]));
+    expect_error(&mut with(OwnedBuffer::f32(&[3], &[2.0, 0.0, 2.0])), lanton_step_update_cpu,
+                 &["argument 'phases'", "expected int32, got float32"]);
+    expect_error(&mut with(OwnedBuffer::i32(&[2], &[2, 0])), lanton_step_update_cpu,
+                 &["argument 'phases' (one per layer of the group)", "expected shape [3], got [2]"]);
+    let mut f = with(OwnedBuffer::i32(&[3], &[0, 0, 0]));
+    f.args.push(OwnedBuffer::i32(&[3], &[0, 0, 0]));
+    expect_error(&mut f, lanton_step_update_cpu, &["expected 2 + 7 x (number of leaves) arguments, and optionally the phases, got 18"]);
+}
+
+#[test]
 fn rejects_bad_step_argument_types_and_overlap() {
     let mut f = base();
     f.args[1] = OwnedBuffer::i32(&[], &[0]);

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use lanton::cpu::{group_step, LeafIo, ParamIo};
 use lanton::tensor::{Tensor, TensorMut};
-use lanton::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig};
+use lanton::step::{noise_phases, Hyper, Kind, LayerShape, NoiseSchedule, RatioStat, StepConfig};
 
 type Leaf = OwnedLeaf;
 
@@ -33,7 +33,8 @@ fn leaf_io<'a>(lf: &'a mut Leaf, g: &'a [f32], in_place: bool) -> LeafIo<'a> {
 
 fn step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [Leaf], grads: &[Vec<f32>]) {
     let mut io: Vec<LeafIo> = leaves.iter_mut().zip(grads).map(|(lf, g)| leaf_io(lf, g, false)).collect();
-    group_step(cfg, h, t, &mut io).unwrap();
+    let phases = noise_phases(cfg.noise_schedule, cfg.noise_every, &io.iter().map(|l| l.shape).collect::<Vec<_>>());
+    group_step(cfg, h, t, &phases, &mut io).unwrap();
     for lf in leaves.iter_mut() {
         lf.param.iter_mut().zip(&lf.update).for_each(|(p, u)| *p += u);
     }
@@ -134,15 +135,15 @@ fn run_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adap
 #[allow(clippy::too_many_arguments)]
 fn run_shaped_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat,
                                 steps: i32, shaping: (f32, f32)) {
-    run_configured_against_reference(kind, k, nesterov, wd, noise_adaptive, stat, steps, shaping, false);
+    run_configured_against_reference(kind, k, nesterov, wd, noise_adaptive, stat, steps, shaping, false, NoiseSchedule::Synchronous);
 }
 
 /// Runs the kernels and the f64 reference side by side for `steps` steps, checking every step;
 /// returns the kernels' leaves.
 #[allow(clippy::too_many_arguments)]
 fn run_configured_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat,
-                                    steps: i32, (power, floor): (f32, f32), relative: bool) -> Vec<Leaf> {
-    let mut cfg = StepConfig { noise_every: 1, ..StepConfig::paper(kind) };
+                                    steps: i32, (power, floor): (f32, f32), relative: bool, schedule: NoiseSchedule) -> Vec<Leaf> {
+    let mut cfg = StepConfig { noise_every: 1, noise_schedule: schedule, ..StepConfig::paper(kind) };
     cfg.noise_relative = relative;
     cfg.ratio_power = power;
     cfg.ratio_floor = floor;
@@ -209,6 +210,23 @@ fn hidden_matches_reference_k1_and_k3() {
 }
 
 #[test]
+fn staggered_schedule_matches_reference_and_refreshes_each_layer_once_per_k_steps() {
+    // K = 3 over 9 steps: each shape class's layers on their own phases (the f64 reference counts
+    // them itself), every kind; then the phases seen in prev_step: a layer of phase p stores
+    // G_prev on steps t + 1 = p (mod 3), so after step 9 its prev_step is 8, 9 or 7 for p = 0, 1, 2.
+    for kind in [Kind::Hidden, Kind::Embed, Kind::Vector] {
+        let leaves = run_configured_against_reference(kind, 3, false, 0.0, true, RatioStat::Median, 9, (0.5, 0.0), false,
+                                                      NoiseSchedule::Staggered);
+        let shapes: Vec<LayerShape> = leaves.iter().map(|l| l.shape).collect();
+        let phases = noise_phases(NoiseSchedule::Staggered, 3, &shapes);
+        let stored: Vec<i32> = leaves.iter().flat_map(|l| l.prev_step.clone()).collect();
+        let want: Vec<i32> = phases.iter().map(|&p| [8, 9, 7][p as usize]).collect();
+        assert_eq!(stored, want, "{kind}: phases {phases:?}");
+        assert!(phases.iter().any(|&p| p != 0), "{kind}: every layer in phase 0: {phases:?}");
+    }
+}
+
+#[test]
 fn shaped_ratios_match_reference() {
     // Tempered (p = 0.5) and floored: every kind, against the f64 reference's own formula.
     run_shaped_against_reference(Kind::Hidden, 1, false, 0.0, true, RatioStat::Max, 5, (0.5, 0.4));
@@ -221,7 +239,7 @@ fn shaped_ratios_match_reference() {
 #[test]
 fn median_reference_matches_reference() {
     for (kind, k, shaping) in [(Kind::Hidden, 1, (1.0, 0.0)), (Kind::Embed, 2, (0.5, 0.0)), (Kind::Vector, 1, (0.5, 0.3))] {
-        let leaves = run_configured_against_reference(kind, k, false, 0.0, true, RatioStat::Median, 6, shaping, false);
+        let leaves = run_configured_against_reference(kind, k, false, 0.0, true, RatioStat::Median, 6, shaping, false, NoiseSchedule::Synchronous);
         let r: Vec<f32> = leaves.iter().flat_map(|l| l.ratio.clone()).collect();
         assert!(r.iter().all(|&x| x <= 1.0) && r.contains(&1.0) && r.iter().any(|&x| x < 1.0), "{kind}: {r:?}");
     }
@@ -232,8 +250,8 @@ fn median_reference_matches_reference() {
 #[test]
 fn relative_noise_matches_reference() {
     for (kind, k, stat) in [(Kind::Hidden, 1, RatioStat::Max), (Kind::Embed, 2, RatioStat::Mean), (Kind::Vector, 1, RatioStat::Max)] {
-        let relative = run_configured_against_reference(kind, k, false, 0.0, true, stat, 6, (1.0, 0.0), true);
-        let absolute = run_configured_against_reference(kind, k, false, 0.0, true, stat, 6, (1.0, 0.0), false);
+        let relative = run_configured_against_reference(kind, k, false, 0.0, true, stat, 6, (1.0, 0.0), true, NoiseSchedule::Synchronous);
+        let absolute = run_configured_against_reference(kind, k, false, 0.0, true, stat, 6, (1.0, 0.0), false, NoiseSchedule::Synchronous);
         let (hr, ha): (Vec<f32>, Vec<f32>) = (relative.iter().flat_map(|l| l.noise.clone()).collect(),
                                               absolute.iter().flat_map(|l| l.noise.clone()).collect());
         assert!(hr.iter().zip(&ha).any(|(a, b)| (a - b).abs() > 1e-3 * b.abs()), "{kind}: {hr:?} vs {ha:?}");
@@ -311,7 +329,7 @@ fn large_embed_in_place_equals_update_applied() {
     for t in 1..=3 {
         let g = rng.normals(n, 1.0);
         step(&cfg, &h, t, std::slice::from_mut(&mut upd), std::slice::from_ref(&g));
-        group_step(&cfg, &h, t, &mut [leaf_io(&mut inp, &g, true)]).unwrap();
+        group_step(&cfg, &h, t, &[0, 0], &mut [leaf_io(&mut inp, &g, true)]).unwrap();
         assert_eq!(upd.momentum, inp.momentum, "t={t}");
         assert_eq!(upd.noise, inp.noise, "t={t}");
         let moved = upd.param.iter().zip(&inp.param).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);

@@ -9,6 +9,9 @@ RATIO_STATS = ("max", "mean", "min", "median")
 # The noise estimate's nuclear norm: each platform's kernels have a default ("auto": Gram
 # eigenvalues on CPU, polar iteration on CUDA); "polar" runs everywhere, "eigen" on CPU only.
 NOISE_ESTIMATORS = ("auto", "eigen", "polar")
+# When layers refresh their noise tracker, once every K steps (src/step/mod.rs NoiseSchedule):
+# all on the same steps (the paper's), or a fixed 1/K of each shape class per step.
+NOISE_SCHEDULES = ("synchronous", "staggered")
 # Keller Jordan's quintic Newton-Schulz coefficients (muon.py), 5 steps.
 NS_DEFAULT = (3.4445, -4.7750, 2.0315)
 NS_DEFAULT_STEPS = 5
@@ -21,6 +24,7 @@ class StepConfig:
     kind: str
     ns_coeffs: tuple = (NS_DEFAULT,) * NS_DEFAULT_STEPS
     noise_every: int = 10
+    noise_schedule: str = "synchronous"
     noise_adaptive: bool = True
     # The reference of alpha: the group's median (r capped at 1), our default since a fading layer
     # under the paper's max throttled every other (benches/results/quality_other_text).
@@ -46,6 +50,8 @@ class StepConfig:
             raise ValueError(f"ns_dtype must be 'bfloat16' or 'float32', got {self.ns_dtype!r}")
         if self.noise_estimator not in NOISE_ESTIMATORS:
             raise ValueError(f"lanton option 'noise_estimator' must be one of {NOISE_ESTIMATORS}, got {self.noise_estimator!r}")
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"lanton option 'noise_schedule' must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}")
         if self.kind not in KINDS:
             raise ValueError(f"unknown group kind {self.kind!r}; expected one of {KINDS}")
         if self.ratio_stat not in RATIO_STATS:

@@ -24,9 +24,12 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-ABI_VERSION = 7  # must equal LANTON_ABI_VERSION in src/capi.rs
+from ._plan import noise_phases
+
+ABI_VERSION = 8  # must equal LANTON_ABI_VERSION in src/capi.rs
 # The handlers report XLA FFI API 0.3 (src/ffi/api.rs); jaxlib accepts it from 0.10.0 on. Older
 # jaxlib refuses the registration when its CPU backend starts, which breaks every computation of
 # the process, so the loader refuses first.
@@ -264,8 +267,9 @@ def newton_schulz_runs() -> int:
     return int(lib.lanton_newton_schulz_runs())
 
 
-def group_step(config, hyper, t, leaves, names, *, in_place: bool):
-    """One fused FFI call for a whole group. `leaves` holds per leaf the tuple
+def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
+    """One fused FFI call for a whole group. `phases`: every layer's noise phase, int32, in leaf
+    order (default: the phases of `config.noise_schedule`, `_plan.noise_phases`). `leaves` holds per leaf the tuple
     (param, grad, momentum, prev_grad, noise, valid, prev_step, rows_are_input, (L, R, C)):
     param, grad, momentum and prev_grad of one shape whose row-major order is (layers, rows,
     cols) = (L, R, C), the per-layer state of L elements in any shape. The arrays go to the
@@ -296,12 +300,16 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool):
             aliases[base_a + a] = base_r + r
         if in_place:
             aliases[base_a] = base_r
+    if phases is None:
+        phases = noise_phases(config.noise_schedule, config.noise_every, [lf[8] for lf in leaves])
+    args.append(jnp.asarray(phases, jnp.int32))
     target = "lanton_step_inplace" if in_place else "lanton_step_update"
     call = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases, vmap_method="sequential")
     attrs = dict(
         kind=config.kind,
         ns_coeffs=np.asarray(config.ns_coeffs, np.float32).reshape(-1),
         noise_every=int(config.noise_every),
+        noise_schedule=config.noise_schedule,
         noise_adaptive=bool(config.noise_adaptive),
         ratio_stat=config.ratio_stat,
         ratio_eps=np.float32(config.ratio_eps),

@@ -117,11 +117,12 @@ class _Bucket:
     slots: np.ndarray = None
 
 
-def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place):
+def split_group_step(mesh, axes, config, hyper, count, args, names, phases, *, in_place):
     """One group step divided over the devices of `axes` (see the module docstring). `args` as
     for `_ffi.group_step`, plus per leaf its numbers of leading layer axes and of row axes:
     (param, grad, momentum, prev_grad, noise, valid, prev_step, rows_are_input, (L, R, C),
-    batch_axes, row_axes).
+    batch_axes, row_axes); `phases` every layer's noise phase in leaf order (dealt with its
+    layer, so the schedule is one device's).
     Returns per leaf (out, momentum, prev_grad, noise, valid, prev_step, ratio) like
     `_ffi.group_step`, each laid out like the input it comes from."""
     devices = int(np.prod([mesh.shape[a] for a in axes]))
@@ -149,9 +150,10 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place)
         owner_config = dataclasses.replace(config, ratio_power=0.0, ratio_floor=0.0)
         # The kernel reads X only for the decay, zero here, and only in layers whose gradient is
         # finite: the gradient stands in, in f32, the direction's dtype.
-        leaves = [(run[0].astype(jnp.float32), *run, b.rows_are_input, run[0].shape) for b, run in zip(buckets, runs)]
+        leaves = [(run[0].astype(jnp.float32), *run[:6], b.rows_are_input, run[0].shape) for b, run in zip(buckets, runs)]
         outs = _ffi.group_step(owner_config, owner_hyper, count, leaves,
-                               ["+".join(names[i] for i in b.leaves) for b in buckets], in_place=False)
+                               ["+".join(names[i] for i in b.leaves) for b in buckets], in_place=False,
+                               phases=jnp.concatenate([run[6] for run in runs]))
         per_leaf = {}
         for b, o in zip(buckets, outs):
             per_leaf.update(zip(b.leaves, _collect(b, o, [args[i][8][0] for i in b.leaves], devices, ax)))
@@ -185,10 +187,12 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, *, in_place)
 
     params = [a[0] for a in args]
     bigs = [list(a[1:4]) for a in args]
-    smalls = [list(a[4:7]) for a in args]
+    starts = np.cumsum([0] + [a[8][0] for a in args])
+    leaf_phases = [jnp.asarray(np.asarray(phases)[starts[i]:starts[i + 1]], jnp.int32) for i in range(len(args))]
+    smalls = [list(a[4:7]) + [ph] for a, ph in zip(args, leaf_phases)]
     big_specs = [[spec(x, c) for x in big] for big, c in zip(bigs, cuts)]
     param_specs = [spec(p, c) for p, c in zip(params, cuts)]
-    in_specs = (P(), P(), param_specs, big_specs, [[P()] * 3 for _ in args])
+    in_specs = (P(), P(), param_specs, big_specs, [[P()] * 4 for _ in args])
     out_specs = [((ps,) + tuple(bs[1:]) + (P(),) * 4) for ps, bs in zip(param_specs, big_specs)]
     # A mesh with explicit axes types every array with its sharding: the operands are laid out
     # as the shard_map takes them, and the results given their inputs' layout back (an automatic
@@ -272,7 +276,7 @@ def _place(buckets, devices):
 
 def _deal(b, local, devices, ax, me):
     """This device's run of bucket `b`: (grad, momentum, prev_grad) as whole (k, R, C)
-    matrices and (noise, valid, prev_step) of k layers. The bucket's layers are stacked and
+    matrices and (noise, valid, prev_step, phase) of k layers. The bucket's layers are stacked and
     padded (`_place`) with layers whose gradient is NaN (the kernel skips them); device i's run
     is rows [i k, (i + 1) k) of the padded stack."""
     if b.how == LAYERS:
@@ -287,7 +291,7 @@ def _deal(b, local, devices, ax, me):
         return jnp.concatenate(xs + [jnp.full((1,) + xs[0].shape[1:], fill, xs[0].dtype)])[b.source]
 
     big = [stack([local[i][0][j] for i in b.leaves], np.nan if j == 0 else 0) for j in range(3)]
-    small = [stack([local[i][1][j] for i in b.leaves], 0) for j in range(3)]
+    small = [stack([local[i][1][j] for i in b.leaves], 0) for j in range(len(local[b.leaves[0]][1]))]
     if b.how == WHOLE:
         big = [jax.lax.dynamic_slice_in_dim(x, me * k, k) for x in big]
     else:  # shards of every layer -> whole layers of this device's run

@@ -70,6 +70,22 @@ def _plan_leaf(index, name, group_name, kind, shape, spec: Optional[DimSpec]) ->
                  tuple(shape[a] for a in batch), rows_in, len(red))
 
 
+def noise_phases(schedule: str, every: int, dims) -> np.ndarray:
+    """Every layer's noise phase (its tracker is refreshed on steps t = phase mod K), leaf by leaf
+    for leaves of (L, R, C) `dims`: zeros for "synchronous", and for "staggered" a layer's index
+    among the group's layers of its (R, C), mod K. The twin of src/step/mod.rs `noise_phases`
+    (tested equal through the FFI)."""
+    total = sum(int(d[0]) for d in dims)
+    if schedule == "synchronous":
+        return np.zeros(total, np.int32)
+    seen, out = {}, []
+    for L, R, C in dims:
+        first = seen.get((int(R), int(C)), 0)
+        out += [(first + j) % int(every) for j in range(int(L))]
+        seen[(int(R), int(C))] = first + int(L)
+    return np.asarray(out, np.int32).reshape(total)
+
+
 def _to_permuted(x, lf: _Leaf):
     """The leaf with its axes in (batch..., rows..., cols...) order: (L, R, C) in row-major
     order. No reshape: the kernels take the shape as it is (see _ffi.group_step)."""

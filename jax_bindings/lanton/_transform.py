@@ -18,7 +18,7 @@ from . import _checks, _ffi, _mesh, _plan, _state, reference
 from ._config import StepConfig
 from ._options import (DEFAULT_GROUPS, KIND_SCALE, SUPPORTED_DTYPES, Group, ScalarOrSchedule, check_array, check_group,
                        flag, static)
-from ._plan import _from_permuted, _to_permuted
+from ._plan import _from_permuted, _to_permuted, noise_phases
 from ._state import LantonState
 
 
@@ -28,7 +28,7 @@ class _Lanton:
     def __init__(self, learning_rate, beta1, beta2, weight_decay, scale, *, noise_every, noise_adaptive, nesterov,
                  ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend,
                  ns_dtype=None, noise_estimator=None, mesh=None, mesh_axes=None, ratio_power=None,
-                 ratio_floor=None, noise_relative=None):
+                 ratio_floor=None, noise_relative=None, noise_schedule=None):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
         if backend != "reference":
@@ -58,6 +58,7 @@ class _Lanton:
             kind="hidden",
             ns_coeffs=StepConfig.ns_coeffs if ns_coeffs is None else _checks.ns_coeffs(ns_coeffs),
             noise_every=static("noise_every", noise_every, StepConfig.noise_every, lambda v: _checks.positive_int("noise_every", v)),
+            noise_schedule=static("noise_schedule", noise_schedule, StepConfig.noise_schedule, str),
             noise_adaptive=static("noise_adaptive", noise_adaptive, StepConfig.noise_adaptive, flag("noise_adaptive")),
             ratio_stat=static("ratio_stat", ratio_stat, StepConfig.ratio_stat, str),
             ratio_eps=static("ratio_eps", ratio_eps, StepConfig.ratio_eps, lambda v: float(_checks.real("ratio_eps", v, lo=0.0))),
@@ -170,13 +171,14 @@ class _Lanton:
                     lf.canonical,
                 ))
             names = [lf.name for lf in group]
+            phases = noise_phases(config.noise_schedule, config.noise_every, [lf.canonical for lf in group])
             if mesh is not None and all(math.prod(lf.canonical) > 0 for lf in group):
                 results = _mesh.split_group_step(mesh, axes, config, hyper, count,
                                                  [a + (len(lf.batch_shape), lf.row_axes) for a, lf in zip(args, group)],
-                                                 names,
+                                                 names, phases,
                                                  in_place=in_place)
             else:
-                results = step_fn(config, hyper, count, args, names, in_place=in_place)
+                results = step_fn(config, hyper, count, args, names, in_place=in_place, phases=phases)
             for lf, fin, (out, mom, prev, noise, valid, pstep, ratio) in zip(group, finite, results):
                 i = lf.index
                 out_leaves[i] = _from_permuted(out, lf)
@@ -240,6 +242,7 @@ def lanton(
     ratio_power: Optional[float] = None,
     ratio_floor: Optional[float] = None,
     noise_relative: Optional[bool] = None,
+    noise_schedule: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LANTON: layer-wise noise-adaptive learning rates on geometry-aware (Muon-style) updates.
 
@@ -269,6 +272,10 @@ def lanton(
         3-seed protocol picked for the median reference (benches/results/quality), about optax
         Muon's tuned rate there (0.00707).
       noise_every: K, refresh the noise estimate every K steps (default 10, as in the paper).
+      noise_schedule: which steps refresh which layers, each once every K steps: "synchronous"
+        (the default, the paper's: every layer on steps t = 0 mod K) or "staggered" (layer i of
+        each shape class of a group on steps t = i mod K: every step does the same 1/K of the
+        noise work, with no burst every K steps; ALGORITHM.md allows it).
       noise_adaptive: False gives the noise-off baseline (r = 1: D-Muon / Scion-like).
       nesterov: use b1*B + (1-b1)*G as the direction's input.
       ratio_stat: reference statistic of alpha in the group ("median", "max", "mean", "min").
@@ -320,7 +327,7 @@ def lanton(
     it) the noise is then measured as ||G - G2|| instead of ||G_t - G_{t-1}||, and no gradient is
     kept across steps. Without it, Option I (the default) runs.
 
-    Structural options (noise_every, ratio_eps, ratio_power, ratio_floor, noise_relative, ns_coeffs,
+    Structural options (noise_every, noise_schedule, ratio_eps, ratio_power, ratio_floor, noise_relative, ns_coeffs,
     nesterov, noise_adaptive, groups, momentum_dtype) are compiled into the kernel. `optax.inject_hyperparams(lanton)` injects
     learning_rate, beta1, beta2, weight_decay and scale; pass callables for labels/dim_numbers
     and explicit numeric structural options through `static_args`.
@@ -329,7 +336,7 @@ def lanton(
               ratio_eps=ratio_eps, ns_coeffs=ns_coeffs, labels=labels, groups=groups, dim_numbers=dim_numbers,
               momentum_dtype=momentum_dtype, backend=backend, ns_dtype=ns_dtype, noise_estimator=noise_estimator,
               mesh=mesh, mesh_axes=mesh_axes, ratio_power=ratio_power, ratio_floor=ratio_floor,
-              noise_relative=noise_relative)
+              noise_relative=noise_relative, noise_schedule=noise_schedule)
     impl = _make(learning_rate, beta1, beta2, weight_decay, scale, kw)
 
     def update_fn(updates, state, params=None, *, second_grad=None, **extra_args):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ._config import NUCLEAR_SCHEDULE, StepConfig
+from ._plan import noise_phases
 from ._rules import group_ratios
 
 f32 = jnp.float32
@@ -115,13 +116,20 @@ def update_scale(kind, scale, shape):
     return scale
 
 
-def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bool = False):
-    """Pure-JAX twin of the fused call; see lanton._ffi.group_step for the layout."""
+def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bool = False, phases=None):
+    """Pure-JAX twin of the fused call; see lanton._ffi.group_step for the layout and `phases`."""
     del names
-    canon = [_canonical(lf) for lf in leaves]
+    if phases is None:
+        phases = noise_phases(config.noise_schedule, config.noise_every, [lf[8] for lf in leaves])
+    phases = jnp.asarray(phases, jnp.int32)
+    canon, at = [], 0
+    for lf in leaves:
+        n = int(lf[8][0])
+        canon.append(_canonical(lf, phases[at:at + n]))
+        at += n
     runs = _merged(canon)
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-    merged = [tuple(cat([canon[i][k] for i in run]) for k in range(7)) + (canon[run[0]][7],) for run in runs]
+    merged = [tuple(cat([canon[i][k] for i in run]) for k in range(8)) + (canon[run[0]][8],) for run in runs]
     outs = [None] * len(leaves)
     for run, out in zip(runs, _group_step(config, hyper, t, merged, in_place)):
         at = 0
@@ -154,21 +162,22 @@ def _merged(leaves):
     return runs
 
 
-def _canonical(leaf):
-    """A leaf's arrays as (L, R, C) matrices and (L,) per-layer vectors."""
+def _canonical(leaf, phases):
+    """A leaf's arrays as (L, R, C) matrices and (L,) per-layer vectors, its layers' phases last."""
     param, grad, mom, prev, noise, valid, pstep, rows_in, dims = leaf
     mats = [x.reshape(dims) for x in (param, grad, mom, prev)]
-    return (*mats, *(x.reshape(-1) for x in (noise, valid, pstep)), rows_in)
+    return (*mats, *(x.reshape(-1) for x in (noise, valid, pstep)), phases, rows_in)
 
 
 def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
     lr, b1, b2, wd, scale = (hyper[i] for i in range(5))
     k = int(config.noise_every)
-    noise_step = config.noise_adaptive & (t >= 2) & (t % k == 0)
-    keep = config.noise_adaptive & ((t + 1) % k == 0)
+    # src/step/mod.rs is_noise_step: t >= 2 and t = phase (mod K), per layer.
+    due = lambda t, phase: config.noise_adaptive & (t >= 2) & ((t - phase) % k == 0)
 
     phase1 = []
-    for param, grad, mom, prev, noise, valid, pstep, rows_in in leaves:
+    for param, grad, mom, prev, noise, valid, pstep, phase, rows_in in leaves:
+        noise_step, keep = due(t, phase), due(t + 1, phase)
         g = grad.astype(f32)
         finite = jnp.all(jnp.isfinite(g), axis=(1, 2))
         fin3 = finite[:, None, None]
@@ -199,7 +208,7 @@ def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
         ratios = jnp.ones_like(all_noise)
 
     outs, start = [], 0
-    for (param, grad, mom, prev, noise, valid, pstep, rows_in), (b_new, prev_new, noise_new, valid_new, pstep_new, finite) in zip(
+    for (param, grad, mom, prev, noise, valid, pstep, _phase, rows_in), (b_new, prev_new, noise_new, valid_new, pstep_new, finite) in zip(
         leaves, phase1
     ):
         n_layers = param.shape[0]

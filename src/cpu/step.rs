@@ -118,6 +118,8 @@ struct Layer<'a> {
     valid: &'a mut f32,
     prev_step: &'a mut i32,
     ratio: &'a mut f32,
+    /// Its noise phase: steps t = phase (mod K) refresh its tracker (`StepConfig::is_noise_step`).
+    phase: i32,
     /// It gets a zero update and keeps X this step: its gradient was not finite (phase 1 sets
     /// this, and then leaves its state as it was).
     skipped: bool,
@@ -147,9 +149,11 @@ impl Layer<'_> {
     }
 }
 
-/// Every layer of every leaf, in leaf order (the order of the group's ratio statistic).
-fn split_layers<'b>(leaves: &'b mut [LeafIo]) -> Vec<Layer<'b>> {
+/// Every layer of every leaf, in leaf order (the order of the group's ratio statistic and of
+/// `phases`, one per layer).
+fn split_layers<'b>(leaves: &'b mut [LeafIo], phases: &[i32]) -> Vec<Layer<'b>> {
     let mut out = Vec::new();
+    let mut phase = phases.iter().copied();
     for leaf in leaves.iter_mut().filter(|lf| lf.shape.layers > 0) {
         // (A leaf without layers has no data; its layer size need not be allocatable.)
         let (shape, n) = (leaf.shape, leaf.shape.layer_len());
@@ -172,6 +176,7 @@ fn split_layers<'b>(leaves: &'b mut [LeafIo]) -> Vec<Layer<'b>> {
                 valid,
                 prev_step,
                 ratio,
+                phase: phase.next().unwrap_or(0),
                 skipped: false,
             });
         }
@@ -210,15 +215,16 @@ where
     });
 }
 
-/// One LANTON step for every layer of every leaf of one group. Runs on lanton's GEMM pool;
-/// fails (touching nothing) if that pool cannot run, e.g. `LANTON_NUM_THREADS` is invalid.
-pub fn group_step(cfg: &StepConfig, hyper: &Hyper, t: i32, leaves: &mut [LeafIo]) -> Result<(), PoolError> {
-    super::gemm::pool()?.install(|| group_step_on_pool(cfg, hyper, t, leaves));
+/// One LANTON step for every layer of every leaf of one group; `phases` holds every layer's
+/// noise phase in leaf order (`step::noise_phases`; callers check its length). Runs on lanton's
+/// GEMM pool; fails (touching nothing) if that pool cannot run, e.g. `LANTON_NUM_THREADS` is invalid.
+pub fn group_step(cfg: &StepConfig, hyper: &Hyper, t: i32, phases: &[i32], leaves: &mut [LeafIo]) -> Result<(), PoolError> {
+    super::gemm::pool()?.install(|| group_step_on_pool(cfg, hyper, t, phases, leaves));
     Ok(())
 }
 
-fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [LeafIo]) {
-    let mut layers = split_layers(leaves);
+fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, phases: &[i32], leaves: &mut [LeafIo]) {
+    let mut layers = split_layers(leaves, phases);
     // Phase 1: momentum and the noise tracker, per layer.
     for_each_layer(&mut layers, |layer, s| track(cfg, h, t, layer, s));
     // Phase 2: the within-group ratio r from every layer's tracker.
@@ -250,7 +256,7 @@ fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch
     layer.momentum.read(0, &mut s.b);
     kernels::momentum(&mut s.b, &s.g, h.beta1);
     layer.momentum.write(0, &s.b);
-    if cfg.is_noise_step(t) && step::prev_grad_usable(*layer.prev_step, t) {
+    if cfg.is_noise_step(t, layer.phase) && step::prev_grad_usable(*layer.prev_step, t) {
         layer.prev_grad.read(0, &mut s.d);
         s.d.iter_mut().zip(&s.g).for_each(|(d, &g)| *d = g - *d);
         let mut n = dual_norm(cfg.kind, cfg.nuclear, &s.d, &shape, &mut s.ns);
@@ -259,7 +265,7 @@ fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch
         }
         layer.record_noise(n, h.beta2);
     }
-    if cfg.stores_prev_grad(t) {
+    if cfg.stores_prev_grad(t, layer.phase) {
         layer.prev_grad.write(0, &s.g);
         *layer.prev_step = t;
     }
@@ -310,8 +316,8 @@ fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
     if layer.skipped {
         return; // Non-finite gradient: this layer's state stays as it was.
     }
-    let noise_now = cfg.is_noise_step(t) && step::prev_grad_usable(*layer.prev_step, t);
-    let keep = cfg.stores_prev_grad(t);
+    let noise_now = cfg.is_noise_step(t, layer.phase) && step::prev_grad_usable(*layer.prev_step, t);
+    let keep = cfg.stores_prev_grad(t, layer.phase);
     let pieces = grads.into_par_iter().zip(layer.momentum.chunks_mut(CHUNK)).zip(layer.prev_grad.chunks_mut(CHUNK));
     // (l1 of G - G_prev, l1 of the new momentum B) over the pieces; the second only if needed.
     let (noise_l1, signal_l1): (f64, f64) = pieces

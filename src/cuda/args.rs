@@ -36,6 +36,7 @@ pub struct LeafArgs {
     pub ns_out: *const c_void,
     pub noise_out: *const f32,
     pub layer_len: i64,
+    pub noise_slot: i32,
     pub layers: i32,
     pub group_layer: i32,
     pub dt_param: i32,
@@ -47,10 +48,10 @@ pub struct LeafArgs {
     pub shape_scale: f32,
     pub dual_factor: f32,
 }
-const _: () = assert!(std::mem::size_of::<LeafArgs>() == 152);
+const _: () = assert!(std::mem::size_of::<LeafArgs>() == 160);
 
-/// Leaves per multi-tensor launch (kernel parameters stay under 4 KB).
-pub const MAX_LEAVES: usize = 24;
+/// Leaves per multi-tensor launch (kernel parameters stay under 4 KB: a LeafBatch and a GroupArgs).
+pub const MAX_LEAVES: usize = 23;
 
 /// Mirrors `struct LeafBatch` in kernels.cu: up to MAX_LEAVES leaves in one launch.
 #[repr(C)]
@@ -61,7 +62,8 @@ pub struct LeafBatch {
     pub chunks: [i32; MAX_LEAVES],
     pub count: i32,
 }
-const _: () = assert!(std::mem::size_of::<LeafBatch>() == 3848);
+const _: () = assert!(std::mem::size_of::<LeafBatch>() == 3872);
+const _: () = assert!(std::mem::size_of::<LeafBatch>() + std::mem::size_of::<GroupArgs>() <= 4096);
 
 /// Mirrors `struct GroupArgs` in kernels.cu.
 #[repr(C)]
@@ -74,6 +76,10 @@ pub struct GroupArgs {
     pub group_valid: *mut f32,
     pub reference: *mut f64,
     pub partials: *mut f64,
+    /// Noise phase per group layer (null: all 0).
+    pub phases: *const i32,
+    /// Per noise matrix: its noise estimate runs this step (written by lanton_prepare).
+    pub due: *mut i32,
     pub kind: i32,
     pub noise_every: i32,
     pub noise_adaptive: i32,
@@ -86,7 +92,7 @@ pub struct GroupArgs {
     pub ratio_floor: f32,
     pub chunk_stride: i32,
 }
-const _: () = assert!(std::mem::size_of::<GroupArgs>() == 104);
+const _: () = assert!(std::mem::size_of::<GroupArgs>() == 120);
 
 /// Mirrors `struct GemmArgs` in kernels.cu: one f32 product of lanton_noise_gemm.
 #[repr(C)]
@@ -108,13 +114,18 @@ pub struct GemmArgs {
     pub trans_b: i32,
     pub alpha: f32,
     pub beta: f32,
+    /// Matrix y of the batch is multiplied only if due[due_first + y].
+    pub due: *const i32,
+    pub due_first: i32,
+    pub unused: i32,
 }
-const _: () = assert!(std::mem::size_of::<GemmArgs>() == 88);
+const _: () = assert!(std::mem::size_of::<GemmArgs>() == 104);
 
 impl GemmArgs {
     /// The kernel's launches for an f32 product: grid x = 64 x 64 tiles of C, y = matrices of
-    /// the batch, in slices of at most MAX_GRID_Y matrices.
-    pub fn launches(g: &Gemm) -> Result<Vec<(GemmArgs, Grid)>, String> {
+    /// the batch, in slices of at most MAX_GRID_Y matrices; matrix z of the batch is multiplied
+    /// only if `due[due_first + z]`.
+    pub fn launches(g: &Gemm, due: *const i32, due_first: usize) -> Result<Vec<(GemmArgs, Grid)>, String> {
         if g.dtype != CUDA_R_32F {
             return Err("lanton_noise_gemm multiplies f32 operands only".into());
         }
@@ -139,7 +150,7 @@ impl GemmArgs {
                     a: skip(g.a, g.stride_a, first), b: skip(g.b, g.stride_b, first), c: skip(g.c, g.stride_c, first),
                     stride_a: g.stride_a, stride_b: g.stride_b, stride_c: g.stride_c, m: g.m, n: g.n, k: g.k, lda: g.lda,
                     ldb: g.ldb, ldc: g.ldc, trans_a: g.trans_a as i32, trans_b: g.trans_b as i32, alpha: g.alpha,
-                    beta: g.beta,
+                    beta: g.beta, due, due_first: (due_first + first) as i32, unused: 0,
                 };
                 (args, Grid { x: tiles as u32, y: (batch - first).min(MAX_GRID_Y) as u32, block: BLOCK })
             })

@@ -9,7 +9,9 @@
 //                   G_prev store
 //   [Newton-Schulz on the noise inputs with lanton_noise_gemm (or lanton_noise_gemm_tc, TF32
 //    tensor cores, opt-in), then lanton_dot: <D0, polar(D0)> per layer, and lanton_sum_chunks;
-//    every launch but the last returns at once unless the device step count is a noise step]
+//    each block returns at once unless its matrix is due this step (its phase, the device step
+//    count and a usable G_prev: the `due` flags lanton_prepare writes), so a staggered schedule
+//    costs the same 1/K of the noise work every step]
 //   lanton_track    per leaf: H, valid and prev_step per layer; H/valid copied to group scratch
 //   lanton_reference  one block: the group's reference alpha (max/mean/min/median over valid layers)
 //   [cuBLAS Newton-Schulz on the direction inputs]
@@ -87,6 +89,7 @@ struct LeafArgs {
     const void* ns_out;  // direction Newton-Schulz result (hidden), this leaf's first layer
     const float* noise_out;  // polar factor of noise_in
     long long layer_len; // rows * cols
+    int noise_slot;      // index of this leaf's first layer among the noise matrices (hidden, noise work)
     int layers;
     int group_layer;     // index of this leaf's first layer among the group's layers
     int dt_param, dt_grad, dt_mom, dt_prev, dt_ns;
@@ -94,7 +97,7 @@ struct LeafArgs {
     float shape_scale;   // s(kind, shape) / scale: sqrt(max(rows, cols)) for hidden, else 1
     float dual_factor;   // dual-norm factor of the kind and shape
 };
-static_assert(sizeof(LeafArgs) == 152, "LeafArgs layout must match src/cuda/args.rs");
+static_assert(sizeof(LeafArgs) == 160, "LeafArgs layout must match src/cuda/args.rs");
 
 // Structural options and the group's scratch, identical for every leaf of a call.
 struct GroupArgs {
@@ -105,22 +108,24 @@ struct GroupArgs {
     float* group_valid;
     double* reference;   // [0] reference alpha, [1] count of valid layers
     double* partials;    // ACC_N per (group layer, chunk): each block's sums, added in a fixed order
+    const int* phases;   // noise phase per group layer (null: 0 for every layer, the synchronous schedule)
+    int* due;            // per noise matrix: 1 if its noise estimate runs this step (zeroed scratch)
     int kind, noise_every, noise_adaptive, nesterov, ratio_stat, noise_work;
     float ratio_eps, vector_eps;
     float ratio_power, ratio_floor;  // r = max(floor, (alpha/ref)^power) (src/step RatioRule::shape)
     int chunk_stride;    // partial slots per layer: the most chunks any layer of the group has
 };
-static_assert(sizeof(GroupArgs) == 104, "GroupArgs layout must match src/cuda/args.rs");
+static_assert(sizeof(GroupArgs) == 120, "GroupArgs layout must match src/cuda/args.rs");
 
 // Up to MAX_LEAVES leaves per launch (the batch stays under the 4 KB kernel-parameter limit).
-#define MAX_LEAVES 24
+#define MAX_LEAVES 23
 struct LeafBatch {
     LeafArgs leaf[MAX_LEAVES];
     int first_block[MAX_LEAVES + 1];  // prefix sum of each leaf's blocks
     int chunks[MAX_LEAVES];           // blocks per layer (per-layer passes) or per leaf (track)
     int count;
 };
-static_assert(sizeof(LeafBatch) == 3848, "LeafBatch layout must match src/cuda/args.rs");
+static_assert(sizeof(LeafBatch) == 3872, "LeafBatch layout must match src/cuda/args.rs");
 
 // This block's leaf j, its block index within the leaf, and the leaf's blocks per layer.
 struct Where { int j, local, chunks; };
@@ -130,11 +135,12 @@ __device__ __forceinline__ Where locate(const LeafBatch& b) {
     return {j, (int)blockIdx.x - b.first_block[j], b.chunks[j]};
 }
 
+// src/step/mod.rs is_noise_step: t >= 2 and t = phase (mod K), any phase taken mod K.
 // 64-bit: callers ask about t + 1, which must not overflow at t = INT_MAX (as on the CPU).
-__device__ __forceinline__ bool cadence_due(long long t, int every) { return t >= 2 && (t % (long long)every) == 0; }
-__device__ __forceinline__ bool is_noise_step(const GroupArgs& g, long long t) {
-    return g.noise_adaptive && cadence_due(t, g.noise_every);
+__device__ __forceinline__ bool is_noise_step(const GroupArgs& g, long long t, int phase) {
+    return g.noise_adaptive && t >= 2 && (t - (long long)phase) % (long long)g.noise_every == 0;  // (a zero remainder has no sign)
 }
+__device__ __forceinline__ int phase_of(const GroupArgs& g, long long group_layer) { return g.phases ? g.phases[group_layer] : 0; }
 __device__ __forceinline__ bool prev_usable(int prev_step, int t) { return prev_step >= 1 && prev_step == t - 1; }
 
 // Block-wide sum, result valid in thread 0.
@@ -163,7 +169,8 @@ extern "C" __global__ void lanton_stats(LeafBatch batch, GroupArgs g) {
     __shared__ double shared[32];
     const int t = *g.step;
     const float b1 = g.hyper[1];
-    const bool noise = g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t);
+    const int phase = phase_of(g, a.group_layer + l);
+    const bool noise = g.noise_work && is_noise_step(g, t, phase) && prev_usable(a.prev_step[l], t);
     const long long base = (long long)l * a.layer_len;
     double nonfinite = 0, v2 = 0, dn = 0;
     for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x) {
@@ -197,9 +204,12 @@ extern "C" __global__ void lanton_prepare(LeafBatch batch, GroupArgs g) {
     const float b1 = g.hyper[1];
     const double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
     const bool finite = acc[ACC_NONFINITE] == 0.0;
-    const bool noise = finite && g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t);
-    const bool keep = finite && is_noise_step(g, (long long)t + 1);
-    const bool noise_inputs = g.kind == KIND_HIDDEN && g.noise_work && is_noise_step(g, t);
+    const int phase = phase_of(g, a.group_layer + l);
+    const bool noise = finite && g.noise_work && is_noise_step(g, t, phase) && prev_usable(a.prev_step[l], t);
+    const bool keep = finite && is_noise_step(g, (long long)t + 1, phase);
+    // Only a measured layer's polar factor is computed (lanton_noise_gemm reads `due`).
+    const bool noise_inputs = g.kind == KIND_HIDDEN && a.noise_in && noise;
+    if (noise_inputs && chunk == 0 && threadIdx.x == 0) g.due[a.noise_slot + l] = 1;
     const float inv_v = (float)(1.0 / (sqrt(acc[ACC_V2]) + 1e-7));
     const double dnorm = sqrt(acc[ACC_D]);
     const float inv_d = (noise && dnorm > 0.0 && isfinite(dnorm)) ? (float)(1.0 / dnorm) : 0.f;
@@ -214,19 +224,19 @@ extern "C" __global__ void lanton_prepare(LeafBatch batch, GroupArgs g) {
         }
         if (g.kind == KIND_HIDDEN) {
             store(a.ns_in, a.dt_ns, base + i, finite ? v * inv_v : 0.f);  // a skipped layer's NaN stays out
-            if (noise_inputs)  // every layer's: a layer without a usable G_prev goes in as zeros
+            if (noise_inputs)  // D / ||D|| (zeros for D = 0)
                 a.noise_in[base + i] = inv_d != 0.f ? (gr - load(a.prev_grad, a.dt_prev, base + i)) * inv_d : 0.f;
         }
         if (keep) store(a.prev_grad, a.dt_prev, base + i, gr);
     }
 }
 
-// <D0, P> per layer, on noise steps (P is only computed then). grid: the batch's blocks, block BLOCK.
+// <D0, P> per layer measured this step (P is only computed then). grid: the batch's blocks, block BLOCK.
 extern "C" __global__ void lanton_dot(LeafBatch batch, GroupArgs g) {
-    if (!is_noise_step(g, *g.step)) return;  // uniform across the launch
     const Where w = locate(batch);
     const LeafArgs& a = batch.leaf[w.j];
     const int l = w.local / w.chunks, chunk = w.local % w.chunks;
+    if (!g.due[a.noise_slot + l]) return;  // uniform across the block; the slot keeps its zero
     __shared__ double shared[32];
     const long long base = (long long)l * a.layer_len;
     double s = 0;
@@ -262,7 +272,8 @@ extern "C" __global__ void lanton_track(LeafBatch batch, GroupArgs g) {
     const double* acc = g.acc + (long long)(a.group_layer + l) * ACC_N;
     const bool finite = acc[ACC_NONFINITE] == 0.0;
     float h = a.noise[l], valid = a.valid[l];
-    if (finite && g.noise_work && is_noise_step(g, t) && prev_usable(a.prev_step[l], t)) {
+    const int phase = phase_of(g, a.group_layer + l);
+    if (finite && g.noise_work && is_noise_step(g, t, phase) && prev_usable(a.prev_step[l], t)) {
         double raw = g.kind == KIND_HIDDEN ? sqrt(acc[ACC_D]) * acc[ACC_DOT]
                    : g.kind == KIND_EMBED  ? acc[ACC_D]
                                            : sqrt(acc[ACC_D]);
@@ -273,7 +284,7 @@ extern "C" __global__ void lanton_track(LeafBatch batch, GroupArgs g) {
             if (n > 0.f) valid = 1.f;
         }
     }
-    if (finite && is_noise_step(g, (long long)t + 1)) a.prev_step[l] = t;
+    if (finite && is_noise_step(g, (long long)t + 1, phase)) a.prev_step[l] = t;
     a.noise[l] = h;
     a.valid[l] = valid;
     g.group_h[a.group_layer + l] = h;
@@ -342,13 +353,12 @@ extern "C" __global__ void lanton_reference(GroupArgs g, int group_layers) {
 }
 
 // Newton-Schulz helper: B = b*A + a*I for a batch of s x s matrices (dtype dt). Gated like
-// lanton_noise_gemm when gate_step is set (the noise estimate's iterations): nothing happens
-// unless *gate_step is due every gate_every steps (the caller enqueues that work only for a
-// noise-adaptive group with noise work on, so the cadence is the whole of is_noise_step).
+// lanton_noise_gemm when `due` is set (the noise estimate's iterations): matrix m of the batch
+// only if due[due_first + m].
 extern "C" __global__ void lanton_affine_diag(const void* A, void* B, int dt, int s, long long total, float a, float b,
-                                              const int* gate_step, int gate_every) {
-    if (gate_step && !cadence_due(*gate_step, gate_every)) return;
+                                              const int* due, int due_first) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        if (due && !due[due_first + i / ((long long)s * s)]) continue;
         long long within = i % ((long long)s * s);
         float diag = (within / s == within % s) ? a : 0.f;
         store(B, dt, i, b * load(A, dt, i) + diag);
@@ -366,8 +376,10 @@ struct GemmArgs {
     int m, n, k, lda, ldb, ldc;
     int trans_a, trans_b;
     float alpha, beta;
+    const int* due;      // matrix y of the batch is multiplied only if due[due_first + y]
+    int due_first, unused;
 };
-static_assert(sizeof(GemmArgs) == 88, "GemmArgs layout must match src/cuda/args.rs");
+static_assert(sizeof(GemmArgs) == 104, "GemmArgs layout must match src/cuda/args.rs");
 
 #define GEMM_TILE 64
 #define GEMM_DEPTH 16
@@ -391,13 +403,13 @@ __device__ __forceinline__ void stage_tiles(const GemmArgs& p, const float* A, c
     }
 }
 // The noise estimate's products. cuBLAS cannot skip work on a value that lives on the device,
-// so these run on our kernel, which reads the step count and returns at once unless the step
-// refreshes the noise tracker: every step enqueues the same launches (no conditional, no host
-// synchronization), and steps between refreshes pay only their launch latency.
+// so these run on our kernel, whose blocks return at once unless their matrix is due this step
+// (lanton_prepare's flags): every step enqueues the same launches (no conditional, no host
+// synchronization), and only the measured matrices cost more than a block's launch.
 // grid: x = 64 x 64 tiles of C (column-major tile order), y = the batch; block BLOCK (each
 // thread 4 x 4 outputs, strided by 16 so a warp's loads and stores are contiguous).
-extern "C" __global__ void lanton_noise_gemm(GemmArgs p, GroupArgs g) {
-    if (!is_noise_step(g, *g.step)) return;  // uniform across the launch: no thread waits at a barrier
+extern "C" __global__ void lanton_noise_gemm(GemmArgs p) {
+    if (!p.due[p.due_first + blockIdx.y]) return;  // uniform across the block: no thread waits at a barrier
     __shared__ float sa[GEMM_DEPTH][GEMM_TILE + 1], sb[GEMM_DEPTH][GEMM_TILE + 1];
     const int tiles_m = (p.m + GEMM_TILE - 1) / GEMM_TILE;
     const int i0 = (int)(blockIdx.x % tiles_m) * GEMM_TILE, j0 = (int)(blockIdx.x / tiles_m) * GEMM_TILE;
@@ -459,9 +471,9 @@ __device__ __forceinline__ void mma_tf32(float d[4], const u32 a[4], const u32 b
 #endif
 }
 
-extern "C" __global__ void lanton_noise_gemm_tc(GemmArgs p, GroupArgs g) {
+extern "C" __global__ void lanton_noise_gemm_tc(GemmArgs p) {
 #if defined(LANTON_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
-    if (!is_noise_step(g, *g.step)) return;  // uniform across the launch: no thread waits at a barrier
+    if (!p.due[p.due_first + blockIdx.y]) return;  // uniform across the block: no thread waits at a barrier
     __shared__ float sa[TC_DEPTH][TC_PAD], sb[TC_DEPTH][TC_PAD];
     const int tiles_m = (p.m + GEMM_TILE - 1) / GEMM_TILE;
     const int i0 = (int)(blockIdx.x % tiles_m) * GEMM_TILE, j0 = (int)(blockIdx.x / tiles_m) * GEMM_TILE;

@@ -2,8 +2,8 @@
 //! a `Plan`, enqueued in stream order on a `Queue` (XLA's stream through `device::Session`; the
 //! host emulation in tests/cuda_emulated.rs). No host synchronization: the step count and the
 //! hyperparameters stay on the device and the kernels apply `crate::step`'s rules. Every step
-//! enqueues the same work: the noise estimate's launches (lanton_noise_gemm) read the step
-//! count themselves and return at once unless it refreshes the tracker.
+//! enqueues the same work: the noise estimate's blocks (lanton_noise_gemm) return at once
+//! unless their layer is measured this step (its phase and the device step count).
 
 use super::args::{batches, GemmArgs, GroupArgs, LeafArgs, LeafBatch, ACC_DOT, ACC_NONFINITE, BLOCK};
 use super::device::{self, Gemm, Grid, Session, CUBLAS_COMPUTE_32F};
@@ -19,36 +19,34 @@ use std::ffi::c_void;
 enum Products {
     /// cuBLAS: the direction, needed on every step.
     Cublas,
-    /// lanton_noise_gemm or lanton_noise_gemm_tc, and a gated
-    /// lanton_affine_diag, under the group's cadence: the noise estimate, whose launches do
-    /// nothing unless the device step count refreshes the tracker.
-    Gated(GroupArgs, Kernel),
+    /// lanton_noise_gemm or lanton_noise_gemm_tc, and a gated lanton_affine_diag: the noise
+    /// estimate, whose blocks do nothing unless their matrix's flag in `due` (one per noise
+    /// matrix, set by lanton_prepare for the layers measured this step) is set.
+    Gated { due: *const i32, kernel: Kernel },
 }
 
 impl Products {
-    fn multiply<Q: Queue>(self, s: &Q, g: &Gemm) -> Result<(), String> {
+    /// `first`: the index of the batch's first matrix among the noise matrices.
+    fn multiply<Q: Queue>(self, s: &Q, g: &Gemm, first: usize) -> Result<(), String> {
         match self {
             Products::Cublas => s.gemm(g),
-            Products::Gated(mut group, kernel) => {
-                for (mut args, grid) in GemmArgs::launches(g)? {
-                    // SAFETY: GemmArgs/GroupArgs mirror the kernel's structs (sizes asserted on
-                    // both sides); the operands are the plan's scratch ranges, sized for the batch.
-                    unsafe {
-                        s.launch(kernel, grid, &mut [
-                            &mut args as *mut GemmArgs as *mut c_void, &mut group as *mut GroupArgs as *mut c_void,
-                        ])?
-                    };
+            Products::Gated { due, kernel } => {
+                for (mut args, grid) in GemmArgs::launches(g, due, first)? {
+                    // SAFETY: GemmArgs mirrors the kernel's struct (sizes asserted on both sides);
+                    // the operands are the plan's scratch ranges, sized for the batch, and `due`
+                    // holds a flag for every noise matrix.
+                    unsafe { s.launch(kernel, grid, &mut [&mut args as *mut GemmArgs as *mut c_void])? };
                 }
                 Ok(())
             }
         }
     }
 
-    /// lanton_affine_diag's gate: (step count, every) or (null, 0) for "always".
-    fn gate(self) -> (*const i32, i32) {
+    /// lanton_affine_diag's gate: the flags (null for "always") and the batch's first index.
+    fn gate(self, first: usize) -> (*const i32, i32) {
         match self {
             Products::Cublas => (std::ptr::null(), 0),
-            Products::Gated(group, _) => (group.step, group.noise_every),
+            Products::Gated { due, .. } => (due, first as i32),
         }
     }
 }
@@ -73,7 +71,6 @@ fn newton_schulz<Q: Queue>(
     s: &Q, classes: &[ShapeClass], x: *mut c_void, y: *mut c_void, a: *mut c_void, bm: *mut c_void,
     f32_ops: bool, coeffs: &[[f32; 3]], products: Products,
 ) -> Result<*mut c_void, String> {
-    let (gate_step, gate_every) = products.gate();
     let (dt, cuda_dt, size) = ns_dtype_size(f32_ops);
     let at = |p: *mut c_void, elems: usize| (p as usize + elems * size) as *mut c_void;
     // A class of zero-size matrices has nothing to multiply (and would hand cuBLAS ld = 0).
@@ -82,6 +79,7 @@ fn newton_schulz<Q: Queue>(
         let (mat, gram) = ((c.rows * c.cols) as i64, (c.small() * c.small()) as i64);
         let (mut src, mut dst) = (at(x, c.base), at(y, c.base));
         let batch = c.batch as i32;
+        let (gate_due, gate_first) = products.gate(c.first);
         for &[ca, cb, cc] in coeffs {
             // Row-major R x C is column-major P = X^T (C x R, ld C). Rows <= cols: A = P^T P;
             // else A = P P^T (the transposed problem), with no data transposition.
@@ -91,28 +89,28 @@ fn newton_schulz<Q: Queue>(
                 batched((true, false), (r, r, cl), 1.0, xs, xs, 0.0, am, batch, cuda_dt)
             } else {
                 batched((false, true), (cl, cl, r), 1.0, xs, xs, 0.0, am, batch, cuda_dt)
-            })?;
+            }, c.first)?;
             // Bm = b*A + a*I, then Bm += c*A*A.
             let total = gram * c.batch as i64;
             let (mut pa, mut pb, mut pdt, mut psm, mut ptot, mut pca, mut pcb) = (a, bm, dt, sm, total, ca, cb);
-            let (mut pstep, mut pevery) = (gate_step, gate_every);
+            let (mut pdue, mut pfirst) = (gate_due, gate_first);
             let grid = Grid { x: (total as u64).div_ceil(BLOCK as u64 * 4).clamp(1, 4096) as u32, y: 1, block: BLOCK };
             // SAFETY: A and Bm hold `total` elements of dtype dt.
             unsafe {
                 s.launch(Kernel::AffineDiag, grid, &mut [
                     &mut pa as *mut _ as *mut c_void, &mut pb as *mut _ as *mut c_void, &mut pdt as *mut _ as *mut c_void,
                     &mut psm as *mut _ as *mut c_void, &mut ptot as *mut _ as *mut c_void, &mut pca as *mut _ as *mut c_void,
-                    &mut pcb as *mut _ as *mut c_void, &mut pstep as *mut _ as *mut c_void,
-                    &mut pevery as *mut _ as *mut c_void,
+                    &mut pcb as *mut _ as *mut c_void, &mut pdue as *mut _ as *mut c_void,
+                    &mut pfirst as *mut _ as *mut c_void,
                 ])?;
             }
-            products.multiply(s, &batched((false, false), (sm, sm, sm), cc, am, am, 1.0, bp, batch, cuda_dt))?;
+            products.multiply(s, &batched((false, false), (sm, sm, sm), cc, am, am, 1.0, bp, batch, cuda_dt), c.first)?;
             // X' = X Bm (rows <= cols) or Bm X (the transposed problem).
             products.multiply(s, &if c.rows <= c.cols {
                 batched((false, false), (cl, r, r), 1.0, xs, bp, 0.0, xd, batch, cuda_dt)
             } else {
                 batched((false, false), (cl, r, cl), 1.0, bp, xs, 0.0, xd, batch, cuda_dt)
-            })?;
+            }, c.first)?;
             std::mem::swap(&mut src, &mut dst);
         }
     }
@@ -241,9 +239,9 @@ pub fn enqueue_on<Q: Queue>(s: &Q, layout: &StepLayout, plan: &mut Plan) -> Resu
     per_leaf(Kernel::Prepare, &mut plan.leaves, g)?;
     if plan.noise_polar {
         // The polar factor of D0 (kept in n0 for the inner product): one step n0 -> n1, then
-        // n1 and n2 alternate. Gated on the device step count: a no-op unless it is a noise step.
+        // n1 and n2 alternate. Gated per matrix: only the layers measured this step cost work.
         let schedule = step::nuclear_schedule();
-        let gated = Products::Gated(*g, plan.noise_gemm);
+        let gated = Products::Gated { due: g.due, kernel: plan.noise_gemm };
         newton_schulz(s, &plan.classes, at(o.n0), at(o.n1), at(o.na), at(o.nb), true, &schedule[..1], gated)?;
         let polar = newton_schulz(s, &plan.classes, at(o.n1), at(o.n2), at(o.na), at(o.nb), true, &schedule[1..], gated)?;
         for a in plan.leaves.iter_mut() {
@@ -281,17 +279,18 @@ mod tests {
         let base = 0x1000_0000usize;
         let g = batched((true, false), (100, 100, 70), 1.0, (base as *mut c_void, 70, 7000), (base as *mut c_void, 70, 7000),
                         0.0, ((2 * base) as *mut c_void, 100, 10_000), 70_000, CUDA_R_32F);
-        let l = GemmArgs::launches(&g).unwrap();
+        let l = GemmArgs::launches(&g, std::ptr::null(), 7).unwrap();
+        assert_eq!((l[0].0.due_first, l[1].0.due_first), (7, 7 + MAX_GRID_Y as i32));
         assert_eq!(l.len(), 2);
         assert_eq!((l[0].1.x, l[0].1.y, l[1].1.y), (4, MAX_GRID_Y as u32, (70_000 - MAX_GRID_Y) as u32));
         assert_eq!(l[1].0.a as usize, base + MAX_GRID_Y * 7000 * 4);
         assert_eq!(l[1].0.c as usize, 2 * base + MAX_GRID_Y * 10_000 * 4);
         let bf16 = Gemm { dtype: CUDA_R_16BF, ..g };
-        assert!(GemmArgs::launches(&bf16).is_err());
+        assert!(GemmArgs::launches(&bf16, std::ptr::null(), 0).is_err());
         let empty = Gemm { n: 0, ..bf16 };
-        assert!(GemmArgs::launches(&Gemm { dtype: CUDA_R_32F, ..empty }).unwrap().is_empty());
+        assert!(GemmArgs::launches(&Gemm { dtype: CUDA_R_32F, ..empty }, std::ptr::null(), 0).unwrap().is_empty());
         let huge = batched((false, false), (i32::MAX - 10, 1, 1), 1.0, (base as *mut c_void, i32::MAX, 0),
                            (base as *mut c_void, 1, 0), 0.0, (base as *mut c_void, i32::MAX, 0), 1, CUDA_R_32F);
-        assert!(matches!(GemmArgs::launches(&huge), Err(e) if e.contains("32-bit")));
+        assert!(matches!(GemmArgs::launches(&huge, std::ptr::null(), 0), Err(e) if e.contains("32-bit")));
     }
 }

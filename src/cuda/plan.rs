@@ -48,6 +48,8 @@ pub struct ShapeClass {
     pub cols: usize,
     /// Offset (elements) of the class's first matrix in the Newton-Schulz buffers.
     pub base: usize,
+    /// Index of the class's first matrix among all classes' (the noise products' `due` flags).
+    pub first: usize,
     pub batch: usize,
 }
 
@@ -91,6 +93,8 @@ pub struct Offsets {
     pub reference: usize,
     pub h: usize,
     pub valid: usize,
+    /// Per noise matrix, whether its estimate runs this step (i32 flags lanton_prepare sets).
+    pub due: usize,
     /// Bytes from the start that are zeroed before the step (the accumulators above).
     pub zeroed: usize,
     pub workspace: usize,
@@ -160,16 +164,18 @@ pub fn scratch_layout(kind: Kind, noise_adaptive: bool, opts: CudaOptions, shape
             continue;
         }
         let idx = classes.iter().position(|c| c.rows == sh.rows && c.cols == sh.cols).unwrap_or_else(|| {
-            classes.push(ShapeClass { rows: sh.rows, cols: sh.cols, base: 0, batch: 0 });
+            classes.push(ShapeClass { rows: sh.rows, cols: sh.cols, base: 0, first: 0, batch: 0 });
             classes.len() - 1
         });
         class_of.push((idx, classes[idx].batch));
         classes[idx].batch += sh.layers;
     }
     // Layer sizes first: a class of zero-size layers may have a huge row or column count.
-    let (mut elems, mut gram_max) = (0usize, 0usize);
+    let (mut elems, mut gram_max, mut matrices) = (0usize, 0usize, 0usize);
     for c in classes.iter_mut() {
         c.base = elems;
+        c.first = matrices;
+        matrices += c.batch;
         elems += c.batch * (c.rows * c.cols);
         gram_max = gram_max.max(c.batch * (c.small() * c.small()));
     }
@@ -183,6 +189,7 @@ pub fn scratch_layout(kind: Kind, noise_adaptive: bool, opts: CudaOptions, shape
         reference: carve.take(16),
         h: carve.take(group_layers * 4),
         valid: carve.take(group_layers * 4),
+        due: carve.take(matrices * 4),
         ..Offsets::default()
     };
     o.zeroed = carve.len;
@@ -223,6 +230,8 @@ impl Plan {
             group_valid: at(o.valid) as *mut f32,
             reference: at(o.reference) as *mut f64,
             partials: at(o.partials) as *mut f64,
+            phases: layout.phases.as_ref().map_or(std::ptr::null(), |p| p.data as *const i32),
+            due: at(o.due) as *mut i32,
             kind: match cfg.kind { Kind::Hidden => 0, Kind::Embed => 1, Kind::Vector => 2 },
             noise_every: cfg.noise_every as i32,
             noise_adaptive: cfg.noise_adaptive as i32,
@@ -259,6 +268,7 @@ impl Plan {
                 ns_out: std::ptr::null(), // the Newton-Schulz result buffer is known after enqueueing it
                 noise_out: std::ptr::null(),
                 layer_len: sh.layer_len() as i64,
+                noise_slot: if noise_polar { (classes[ci].first + within) as i32 } else { -1 },
                 layers: sh.layers as i32,
                 group_layer: group_layer as i32,
                 dt_param: leaf.param.ret.dtype.code(),

@@ -5,7 +5,7 @@ use super::decode::{decode_call, RETS_PER_LEAF};
 use crate::cpu::{self, LeafIo, ParamIo};
 use crate::ffi::{CallFrame, FfiError, FfiResult};
 use crate::step::layout::{LeafBuffers, Pair, StepLayout};
-use crate::step::{Hyper, StepConfig};
+use crate::step::{self, Hyper, StepConfig};
 use crate::tensor::TensorMut;
 
 /// Everything the CPU step needs, borrowed from the frame.
@@ -13,12 +13,19 @@ pub struct DecodedStep<'a> {
     pub config: StepConfig,
     pub hyper: Hyper,
     pub t: i32,
+    /// Every layer's noise phase, leaf order: the call's, or `step::noise_phases`.
+    pub phases: Vec<i32>,
     pub leaves: Vec<LeafIo<'a>>,
 }
 
 /// The CPU view of a decoded call: host slices, state inputs copied into their results.
 pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<DecodedStep<'a>> {
-    let (StepLayout { config, hyper: hyper_b, step: step_b, leaves: bufs, scratch, .. }, set) = decode_call(call, in_place)?;
+    let (layout, set) = decode_call(call, in_place)?;
+    let phases = match &layout.phases {
+        Some(b) => set.input_i32(b, "argument 'phases'")?.to_vec(),
+        None => step::noise_phases(layout.config.noise_schedule, layout.config.noise_every, &layout.shapes()),
+    };
+    let StepLayout { config, hyper: hyper_b, step: step_b, leaves: bufs, scratch, .. } = layout;
     if scratch.is_some() {
         return Err(FfiError::invalid(format!(
             "the CPU targets take no scratch result: expected {RETS_PER_LEAF} x {} results, got one more",
@@ -62,12 +69,12 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
             ratio: set.output(&ratio, &name)?.into_f32(&name).map_err(FfiError::invalid)?,
         });
     }
-    Ok(DecodedStep { config, hyper, t, leaves })
+    Ok(DecodedStep { config, hyper, t, phases, leaves })
 }
 
 pub(super) fn run_cpu_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
     let mut d = decode_step_call(call, in_place)?;
-    cpu::group_step(&d.config, &d.hyper, d.t, &mut d.leaves).map_err(|e| match e {
+    cpu::group_step(&d.config, &d.hyper, d.t, &d.phases, &mut d.leaves).map_err(|e| match e {
         cpu::PoolError::Env(m) => FfiError::precondition(m),
         cpu::PoolError::Build(m) => FfiError::internal(m),
     })

@@ -6,7 +6,7 @@ use super::decode::decode_layout;
 use crate::cuda::{self, CudaError, CudaOptions};
 use crate::ffi::{CallFrame, FfiError, FfiResult};
 use crate::step::layout::StepLayout;
-use crate::step::NuclearEstimator;
+use crate::step::{NoiseSchedule, NuclearEstimator};
 
 /// The CUDA kernels index layers with 32-bit integers: refuse a group they cannot address.
 pub fn check_cuda_limits(layout: &StepLayout) -> FfiResult<()> {
@@ -42,6 +42,13 @@ pub(super) fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
             "attribute 'noise_relative': the noise-to-signal measure runs on CPU only (an ablation option); \
              the CUDA kernels measure the paper's absolute noise",
         ));
+    }
+    if layout.phases.is_none() && layout.config.noise_schedule != NoiseSchedule::Synchronous {
+        return Err(FfiError::invalid(format!(
+            "{}: noise_schedule 'staggered' needs the trailing 'phases' argument on the CUDA targets (int32, one per \
+             layer of the group: step::noise_phases; the CPU targets compute it when absent)",
+            layout.describe()
+        )));
     }
     let opts = decode_cuda_options(call)?;
     check_cuda_limits(&layout)?;

@@ -5,7 +5,10 @@
 //! Call layout (shared with jax_bindings/lanton/_ffi.py):
 //!   args: hyper f32[5] (lr, beta1, beta2, weight_decay, scale), step i32[] (t, 1-based),
 //!         then per leaf: param (L,R,C), grad (L,R,C), momentum (L,R,C), prev_grad (L,R,C),
-//!         noise f32[L], valid f32[L], prev_step i32[L]
+//!         noise f32[L], valid f32[L], prev_step i32[L]; then optionally phases i32[layers of the
+//!         group] (every layer's noise phase in leaf order, `step::noise_phases`; absent: the
+//!         phases of the `noise_schedule` attribute, which the CPU targets compute and the CUDA
+//!         targets require as data unless synchronous)
 //!   rets per leaf: update or new param (L,R,C), momentum, prev_grad, noise, valid, prev_step,
 //!         ratio f32[L]; then, for the CUDA targets only, scratch u8[bytes] (bytes from
 //!         `lanton_cuda_scratch_bytes`, src/capi.rs: the handler allocates nothing)
@@ -120,12 +123,14 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
 pub fn decode_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<(StepLayout<'a>, BufferSet)> {
     let config = decode_config(call)?;
     let nargs = call.num_args();
-    if nargs < GROUP_ARGS || (nargs - GROUP_ARGS) % ARGS_PER_LEAF != 0 {
+    // 2 + 7n arguments, or 2 + 7n + 1 with the phases last.
+    if nargs < GROUP_ARGS || (nargs - GROUP_ARGS) % ARGS_PER_LEAF > 1 {
         return Err(FfiError::invalid(format!(
-            "expected 2 + {ARGS_PER_LEAF} x (number of leaves) arguments, got {nargs}"
+            "expected 2 + {ARGS_PER_LEAF} x (number of leaves) arguments, and optionally the phases, got {nargs}"
         )));
     }
     let n_leaves = (nargs - GROUP_ARGS) / ARGS_PER_LEAF;
+    let has_phases = (nargs - GROUP_ARGS) % ARGS_PER_LEAF == 1;
     // 7 results per leaf, then optionally one scratch result (7n + 1 is never a multiple of 7).
     let leaf_rets = n_leaves * RETS_PER_LEAF;
     let nrets = call.num_rets();
@@ -267,8 +272,18 @@ pub fn decode_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<(StepL
         let (grad, ratio) = (grad.raw(&what(1, false))?, ratio.raw(&what(6, true))?);
         leaves.push(LeafBuffers { name, shape, grad, state, param: param_io, ratio });
     }
+    let phases = if has_phases {
+        let b = call.arg(nargs - 1)?;
+        let layers: usize = leaves.iter().map(|l| l.shape.layers).sum();
+        expect_dtype(&b, dtype::S32, "argument 'phases'")?;
+        expect_dims(&b, &[layers as i64], "argument 'phases' (one per layer of the group)")?;
+        set.claim(&b, false, "phases");
+        Some(b.raw("argument 'phases'")?)
+    } else {
+        None
+    };
     set.seal()?;
     let (hyper, step) = (hyper_b.raw("argument 'hyper'")?, step_b.raw("argument 'step'")?);
     let scratch = scratch.map(|b| b.raw("result 'scratch'")).transpose()?;
-    Ok((StepLayout { config, in_place, hyper, step, leaves, scratch }, set))
+    Ok((StepLayout { config, in_place, hyper, step, leaves, phases, scratch }, set))
 }

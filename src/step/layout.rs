@@ -34,12 +34,20 @@ pub struct StepLayout<'a> {
     pub hyper: RawTensor<'a>,
     pub step: RawTensor<'a>,
     pub leaves: Vec<LeafBuffers<'a>>,
+    /// Every layer's noise phase (i32, leaf order), if the call passes them; otherwise the
+    /// phases of `config.noise_schedule` (`step::noise_phases`).
+    pub phases: Option<RawTensor<'a>>,
     /// The trailing uint8 scratch result (rank 1), if the call has one (the CUDA targets need
     /// it, the CPU targets refuse it); its size is checked against the plan by the backend.
     pub scratch: Option<RawTensor<'a>>,
 }
 
 impl StepLayout<'_> {
+    /// The layers' shapes, leaf by leaf.
+    pub fn shapes(&self) -> Vec<super::LayerShape> {
+        self.leaves.iter().map(|l| l.shape).collect()
+    }
+
     /// Names the group in errors: its kind and its leaves (the first few).
     pub fn describe(&self) -> String {
         let names: Vec<&str> = self.leaves.iter().take(3).map(|l| l.name.as_str()).collect();

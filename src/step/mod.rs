@@ -10,6 +10,9 @@
 //!       relative (option): n = n / dual_norm(B)   noise-to-signal (B: this step's momentum)
 //!       H = b2*H + (1-b2)*n^2;  valid |= n > 0      (dropped, H and valid kept, unless finite)
 //!   if step t+1 is a noise step: G_prev = G
+//! noise steps of layer l: t >= 2 with t = phase_l (mod K)    phase_l: 0 for every layer (the
+//!   paper's synchronous cadence), or staggered: l's index among the group's layers of its
+//!   shape, mod K, so every step refreshes about 1/K of each shape (`noise_phases`)
 //! alpha_l = (H_l + eps)^(-1/2) for valid l;  r_l = alpha_l / stat_{valid j}(alpha_j), else 1
 //! shaped (options):  r_l = max(r_min, r_l^p)     default p = 0.5, r_min = 0 (docs/decisions.md);
 //!                                                 the paper's rule: p = 1, stat = max (`paper`)
@@ -124,14 +127,61 @@ impl NuclearEstimator {
     }
 }
 
+/// When each layer's noise tracker is refreshed, once every K steps (ALGORITHM.md §2 allows
+/// either): all layers on the same steps, or a fixed 1/K of each shape class per step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoiseSchedule {
+    /// Every layer on steps t = 0 (mod K): the paper's cadence (the noise work comes in bursts).
+    Synchronous,
+    /// Layer i of a shape class (counted over the group in leaf order) on steps t = i (mod K):
+    /// every step does the same amount of noise work (no spike every K steps).
+    Staggered,
+}
+
+impl NoiseSchedule {
+    pub fn parse(s: &str) -> Option<NoiseSchedule> {
+        match s {
+            "synchronous" => Some(NoiseSchedule::Synchronous),
+            "staggered" => Some(NoiseSchedule::Staggered),
+            _ => None,
+        }
+    }
+}
+
+/// Each layer's phase (steps t = phase mod K refresh its tracker), in leaf order: the one
+/// definition of the schedule's map (the Python package's `_plan.noise_phases` is its twin,
+/// tested equal through the FFI). A shape class is (rows, cols).
+pub fn noise_phases(schedule: NoiseSchedule, every: u32, shapes: &[LayerShape]) -> Vec<i32> {
+    let total: usize = shapes.iter().map(|s| s.layers).sum();
+    if schedule == NoiseSchedule::Synchronous {
+        return vec![0; total];
+    }
+    let mut seen: Vec<((usize, usize), u64)> = Vec::new();
+    let mut out = Vec::with_capacity(total);
+    for sh in shapes {
+        let key = (sh.rows, sh.cols);
+        let at = seen.iter().position(|(k, _)| *k == key).unwrap_or_else(|| {
+            seen.push((key, 0));
+            seen.len() - 1
+        });
+        for _ in 0..sh.layers {
+            out.push((seen[at].1 % every.max(1) as u64) as i32);
+            seen[at].1 += 1;
+        }
+    }
+    out
+}
+
 /// Structural choices: compile-time attributes of the custom call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepConfig {
     pub kind: Kind,
     /// One (a, b, c) triple per Newton-Schulz step (hidden only).
     pub ns_coeffs: Vec<[f32; 3]>,
-    /// K: the noise tracker is refreshed on steps t >= 2 with t % K == 0.
+    /// K: a layer's noise tracker is refreshed on steps t >= 2 with t = phase (mod K).
     pub noise_every: u32,
+    /// How the phases are chosen (`noise_phases`); the kernels take them as data.
+    pub noise_schedule: NoiseSchedule,
     /// false: r = 1 always and no noise work (the D-Muon / Scion-like baseline).
     pub noise_adaptive: bool,
     pub ratio_stat: RatioStat,
@@ -163,6 +213,7 @@ impl StepConfig {
             kind,
             ns_coeffs: vec![NS_DEFAULT; NS_DEFAULT_STEPS],
             noise_every: 10,
+            noise_schedule: NoiseSchedule::Synchronous,
             noise_adaptive: true,
             ratio_stat: RatioStat::Median,
             ratio_eps: 1e-30,
@@ -200,19 +251,20 @@ impl StepConfig {
         Ok(())
     }
 
-    /// Is the noise tracker refreshed on step t (1-based)? Step 1 has no previous gradient.
+    /// Is the noise tracker of a layer of this `phase` refreshed on step t (1-based)? Step 1
+    /// has no previous gradient. Any phase is taken mod K (so data cannot make it undefined).
     /// (In i64: K may exceed i32::MAX, and t + 1 must not overflow at t = i32::MAX.)
-    pub fn is_noise_step(&self, t: i32) -> bool {
-        self.is_noise_step_i64(t as i64)
+    pub fn is_noise_step(&self, t: i32, phase: i32) -> bool {
+        self.is_noise_step_i64(t as i64, phase)
     }
 
-    fn is_noise_step_i64(&self, t: i64) -> bool {
-        self.noise_adaptive && t >= 2 && t % self.noise_every.max(1) as i64 == 0
+    fn is_noise_step_i64(&self, t: i64, phase: i32) -> bool {
+        self.noise_adaptive && t >= 2 && (t - phase as i64).rem_euclid(self.noise_every.max(1) as i64) == 0
     }
 
     /// Must G be kept as G_prev on step t? Only when step t+1 will use it.
-    pub fn stores_prev_grad(&self, t: i32) -> bool {
-        self.is_noise_step_i64(t as i64 + 1)
+    pub fn stores_prev_grad(&self, t: i32, phase: i32) -> bool {
+        self.is_noise_step_i64(t as i64 + 1, phase)
     }
 }
 
@@ -396,25 +448,56 @@ mod tests {
     fn cadence_rules() {
         let mut c = StepConfig::new(Kind::Hidden);
         c.noise_every = 1;
-        assert!(!c.is_noise_step(1));
-        assert!(c.is_noise_step(2) && c.is_noise_step(3));
-        assert!(c.stores_prev_grad(1));
+        assert!(!c.is_noise_step(1, 0));
+        assert!(c.is_noise_step(2, 0) && c.is_noise_step(3, 0));
+        assert!(c.stores_prev_grad(1, 0));
         c.noise_every = 10;
-        let noise: Vec<i32> = (1..=40).filter(|&t| c.is_noise_step(t)).collect();
+        let noise: Vec<i32> = (1..=40).filter(|&t| c.is_noise_step(t, 0)).collect();
         assert_eq!(noise, vec![10, 20, 30, 40]);
-        let stores: Vec<i32> = (1..=40).filter(|&t| c.stores_prev_grad(t)).collect();
+        let stores: Vec<i32> = (1..=40).filter(|&t| c.stores_prev_grad(t, 0)).collect();
         assert_eq!(stores, vec![9, 19, 29, 39]);
+        // Phase 3: steps 3, 13, ...; phase 1 skips step 1 (no previous gradient); any phase mod K.
+        let noise: Vec<i32> = (1..=40).filter(|&t| c.is_noise_step(t, 3)).collect();
+        assert_eq!(noise, vec![3, 13, 23, 33]);
+        let noise: Vec<i32> = (1..=40).filter(|&t| c.is_noise_step(t, 1)).collect();
+        assert_eq!(noise, vec![11, 21, 31]);
+        assert!((1..=40).all(|t| c.is_noise_step(t, 13) == c.is_noise_step(t, 3) && c.is_noise_step(t, -7) == c.is_noise_step(t, 3)));
+        let stores: Vec<i32> = (1..=40).filter(|&t| c.stores_prev_grad(t, 1)).collect();
+        assert_eq!(stores, vec![10, 20, 30, 40]);
         c.noise_adaptive = false;
-        assert!((1..=40).all(|t| !c.is_noise_step(t) && !c.stores_prev_grad(t)));
+        assert!((1..=40).all(|t| !c.is_noise_step(t, 0) && !c.stores_prev_grad(t, 0) && !c.is_noise_step(t, 5)));
         // The extremes of t and K (the C ABI accepts K up to u32::MAX).
         c.noise_adaptive = true;
         c.noise_every = 1;
-        assert!(c.is_noise_step(i32::MAX) && c.stores_prev_grad(i32::MAX));
+        assert!(c.is_noise_step(i32::MAX, 0) && c.stores_prev_grad(i32::MAX, 0));
         c.noise_every = u32::MAX;
-        assert!((1..=1000).chain([i32::MAX]).all(|t| !c.is_noise_step(t) && !c.stores_prev_grad(t)));
+        assert!((1..=1000).chain([i32::MAX]).all(|t| !c.is_noise_step(t, 0) && !c.stores_prev_grad(t, 0)));
+        assert!(c.is_noise_step(i32::MAX, i32::MAX) && c.is_noise_step(i32::MAX, i32::MIN) && !c.is_noise_step(i32::MAX, 5));
         c.noise_every = 1 << 31;
-        assert!(!c.is_noise_step(i32::MAX) && c.stores_prev_grad(i32::MAX));
+        assert!(!c.is_noise_step(i32::MAX, 0) && c.stores_prev_grad(i32::MAX, 0));
         assert!(prev_grad_usable(9, 10) && !prev_grad_usable(8, 10) && !prev_grad_usable(0, 1));
+    }
+
+    #[test]
+    fn staggered_phases_count_within_each_shape_class() {
+        let sh = |layers, rows, cols| LayerShape { layers, rows, cols, rows_are_input: true };
+        let shapes = [sh(2, 4, 8), sh(3, 8, 8), sh(3, 4, 8), sh(0, 4, 8), sh(1, 8, 4)];
+        assert_eq!(noise_phases(NoiseSchedule::Synchronous, 3, &shapes), vec![0; 9]);
+        // (4, 8): 0 1 | 2 0 1; (8, 8): 0 1 2; (8, 4) is its own class.
+        assert_eq!(noise_phases(NoiseSchedule::Staggered, 3, &shapes), vec![0, 1, 0, 1, 2, 2, 0, 1, 0]);
+        assert_eq!(noise_phases(NoiseSchedule::Staggered, 1, &shapes), vec![0; 9]);
+        // Every layer is refreshed once per K steps, and each step refreshes ceil or floor of n/K
+        // of a class of n layers.
+        let cfg = StepConfig { noise_every: 4, noise_schedule: NoiseSchedule::Staggered, ..StepConfig::new(Kind::Hidden) };
+        let phases = noise_phases(cfg.noise_schedule, cfg.noise_every, &[sh(10, 4, 4)]);
+        for t in 5..=40 {
+            let due = phases.iter().filter(|&&p| cfg.is_noise_step(t, p)).count();
+            assert!(due == 2 || due == 3, "step {t}: {due} of 10 due");
+        }
+        for &p in &phases {
+            assert_eq!((5..=8).filter(|&t| cfg.is_noise_step(t, p)).count(), 1);
+            assert!((4..=7).all(|t| cfg.stores_prev_grad(t, p) == cfg.is_noise_step(t + 1, p)));
+        }
     }
 
     #[test]

@@ -3,13 +3,14 @@
 //! adapter. The defaults are `StepConfig::new`'s, the bounds are checked here and in
 //! `StepConfig::validate`: once for both front ends.
 
-use super::{Kind, NuclearEstimator, RatioStat, StepConfig};
+use super::{Kind, NoiseSchedule, NuclearEstimator, RatioStat, StepConfig};
 
 /// The option names the decoder reads (`kind` is required, every other one optional).
-pub const CONFIG_KEYS: [&str; 12] = [
+pub const CONFIG_KEYS: [&str; 13] = [
     "kind",
     "ns_coeffs",
     "noise_every",
+    "noise_schedule",
     "noise_adaptive",
     "ratio_stat",
     "ratio_eps",
@@ -50,6 +51,10 @@ pub fn decode(src: &impl Options) -> Result<StepConfig, String> {
             return Err(format!("'noise_every': expected an integer from 1 to {}, got {k}", i32::MAX));
         }
         cfg.noise_every = k as u32;
+    }
+    if let Some(s) = src.text("noise_schedule")? {
+        cfg.noise_schedule = NoiseSchedule::parse(&s)
+            .ok_or_else(|| format!("'noise_schedule': expected synchronous or staggered, got '{s}'"))?;
     }
     if let Some(s) = src.text("ratio_stat")? {
         cfg.ratio_stat =
@@ -127,6 +132,7 @@ mod tests {
             (vec![("kind", "hidden"), ("noise_every", "2147483648")], "got 2147483648"),
             (vec![("kind", "hidden"), ("ns_coeffs", "1,2")], "'ns_coeffs': expected (a, b, c) triples"),
             (vec![("kind", "hidden"), ("ratio_stat", "mode")], "'ratio_stat': expected max, mean, min or median"),
+            (vec![("kind", "hidden"), ("noise_schedule", "random")], "'noise_schedule': expected synchronous or staggered, got 'random'"),
             (vec![("kind", "hidden"), ("ratio_power", "-1")], "ratio_power must be finite and >= 0"),
         ] {
             let err = decode(&Map(pairs.into_iter().collect())).unwrap_err();

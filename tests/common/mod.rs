@@ -6,7 +6,7 @@
 #![allow(unused_imports)]
 
 use lanton::ffi::api::*;
-use lanton::step::{Hyper, Kind, LayerShape, RatioStat, StepConfig};
+use lanton::step::{Hyper, Kind, LayerShape, NoiseSchedule, RatioStat, StepConfig};
 use std::ffi::{c_void, CStr};
 
 mod data;

@@ -156,14 +156,19 @@ pub fn ref_direction(cfg: &StepConfig, v: &[f64], shape: &LayerShape) -> Vec<f64
 /// The LANTON group step in f64, written independently of the kernel from ALGORITHM.md.
 /// Returns each leaf's update (delta).
 pub fn ref_group_step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [RefLeaf], grads: &[Vec<f32>]) -> Vec<Vec<f64>> {
-    let k = cfg.noise_every as i32;
-    let noise_step = cfg.noise_adaptive && t >= 2 && t % k == 0;
-    let keep = cfg.noise_adaptive && (t + 1) >= 2 && (t + 1) % k == 0;
+    let k = cfg.noise_every as i64;
+    // Phases: 0, or (staggered) the layer's count among earlier layers of its (rows, cols), mod K.
+    let mut before: std::collections::HashMap<(usize, usize), i64> = Default::default();
     let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
     let mut skipped = Vec::new();
     for (leaf, g) in leaves.iter_mut().zip(grads) {
         let n = leaf.shape.layer_len();
         for l in 0..leaf.shape.layers {
+            let seen = before.entry((leaf.shape.rows, leaf.shape.cols)).or_insert(0);
+            let phase = if cfg.noise_schedule == NoiseSchedule::Staggered { *seen % k } else { 0 };
+            *seen += 1;
+            let due = |t: i64| cfg.noise_adaptive && t >= 2 && (t - phase) % k == 0;
+            let (noise_step, keep) = (due(t as i64), due(t as i64 + 1));
             let r = l * n..(l + 1) * n;
             let gl: Vec<f64> = g[r.clone()].iter().map(|&x| x as f64).collect();
             let bad = gl.iter().any(|x| !x.is_finite());

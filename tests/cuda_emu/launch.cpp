@@ -23,9 +23,9 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
                                *(float*)p[5], *(float*)p[6], *(const int**)p[7], *(int*)p[8]);
         });
     else if (k == "lanton_noise_gemm")
-        emu_run(gx, gy, block, [&] { lanton_noise_gemm(*(GemmArgs*)p[0], *(GroupArgs*)p[1]); });
+        emu_run(gx, gy, block, [&] { lanton_noise_gemm(*(GemmArgs*)p[0]); });
     else if (k == "lanton_noise_gemm_tc")
-        emu_run(gx, gy, block, [&] { lanton_noise_gemm_tc(*(GemmArgs*)p[0], *(GroupArgs*)p[1]); });
+        emu_run(gx, gy, block, [&] { lanton_noise_gemm_tc(*(GemmArgs*)p[0]); });
     else return 1;
     return 0;
 }

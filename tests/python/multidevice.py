@@ -274,7 +274,7 @@ def memory(options):
 def variants(params, grads):
     """Other options, FSDP-sharded with the work split, against one device: Nesterov, noise
     relative to the signal, the mean statistic, the paper's power with a floor; the median
-    statistic; Option II."""
+    statistic; the staggered noise schedule; Option II."""
     import lanton
     mesh = make_mesh("fsdp_in")
     ps = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec_for("fsdp_in", path, x)), params)
@@ -294,6 +294,10 @@ def variants(params, grads):
     out["median"], got_m = one_device_and_split(dict(learning_rate=0.02, noise_every=2, ratio_stat="median", ratio_power=0.5))
     r_m = np.concatenate([np.ravel(v["ratio"]) for v in lanton.layer_stats(got_m[1]).values()])
     out["median_ratios_capped_and_vary"] = bool(r_m.max() <= 1.0 and np.ptp(r_m) > 1e-3)
+    # The staggered noise schedule: each layer's phase travels with it to the device that owns it.
+    out["staggered"], got_st = one_device_and_split(dict(learning_rate=0.02, noise_every=3, noise_schedule="staggered"))
+    stored = np.concatenate([np.ravel(x) for x in jax.tree.leaves(lanton_state(got_st[1]).prev_step) if hasattr(x, "shape")])
+    out["staggered_phases_vary"] = bool(len(set(stored.tolist())) == 3)
     # Option II: a second gradient per step (the next step's, as a stand-in).
     tx = lanton.lanton(learning_rate=0.02, noise_every=2)
 

@@ -165,14 +165,16 @@ def test_reference_merges_same_shape_leaves_without_changing_a_step(monkeypatch)
         x = lambda s=1.0: (s * jax.random.normal(next(ks), (n, r, c))).astype(dt)
         noise = jax.random.uniform(next(ks), (n,), minval=0.5, maxval=50.0)
         leaves.append((x(), x(), x(0.3), x(), noise, jnp.ones(n), jnp.full(n, 9, jnp.int32), rows_in, (n, r, c)))
-    runs = reference._merged([reference._canonical(lf) for lf in leaves])
+    canonical = lambda lf: reference._canonical(lf, jnp.zeros(lf[8][0], jnp.int32))
+    runs = reference._merged([canonical(lf) for lf in leaves])
     assert sorted(map(sorted, runs)) == [[0, 1, 5], [2], [3], [4], [6]]
     hyper = jnp.array([0.05, 0.8, 0.9, 0.1, 0.2], jnp.float32)
-    for stat in ("max", "median"):
-        config = StepConfig(kind="hidden", noise_every=10, ratio_stat=stat, noise_estimator="eigen")
+    # (The staggered schedule: merged runs keep every layer's own phase; t = 10 measures phase 0.)
+    for stat, schedule in (("max", "synchronous"), ("median", "staggered")):
+        config = StepConfig(kind="hidden", noise_every=10, ratio_stat=stat, noise_estimator="eigen", noise_schedule=schedule)
         merged = reference.group_step(config, hyper, jnp.int32(10), leaves)
         monkeypatch.setattr(reference, "MERGE_CAP", 2 * 8 * 12 + 1)  # splits run [0, 1, 5] after leaf 0
-        assert sorted(map(sorted, reference._merged([reference._canonical(lf) for lf in leaves])))[0] == [0]
+        assert sorted(map(sorted, reference._merged([canonical(lf) for lf in leaves])))[0] == [0]
         capped = reference.group_step(config, hyper, jnp.int32(10), leaves)
         monkeypatch.setattr(reference, "MERGE_CAP", 0)  # one leaf per run
         alone = reference.group_step(config, hyper, jnp.int32(10), leaves)

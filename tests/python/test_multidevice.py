@@ -70,11 +70,14 @@ def test_fused_divides_the_work_and_two_meshes_are_refused():
 @pytest.mark.heavy(30)
 def test_other_options_split_as_on_one_device():
     # Nesterov, noise relative to the signal, the mean statistic, power 1 with a floor; and
-    # the median statistic; Option II (a second gradient per step): FSDP with the work split
+    # the median statistic; the staggered schedule; Option II (a second gradient per step): FSDP with the work split
     # equals one device.
     (r,) = results(launch(["variants"], 8))
     assert r["options"] <= TOL["params"] and r["option2"] <= TOL["params"] and r["ratios_vary"], r
     assert r["median"] <= TOL["params"] and r["median_ratios_capped_and_vary"], r
+    # The staggered schedule: the same phases as one device (layers last stored G_prev on three
+    # different steps).
+    assert r["staggered"] <= TOL["params"] and r["staggered_phases_vary"], r
 
 
 @pytest.mark.heavy(27)
