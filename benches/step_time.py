@@ -5,8 +5,9 @@ Params and state donated, as in a training loop; warm steps, outputs blocked on;
 Muon (hidden-only) from the same run.
 
 lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step), `K=10` (the
-default cadence) and, on GPU, `K=1, TF32 noise products` (LANTON_NOISE_GEMM=tf32: the opt-in
-tensor-core kernel for the noise estimate's products). `K=10`, `noise off` and the ratios' base, optax Muon (hidden only), are timed
+default cadence), `K=10 staggered` (noise_schedule="staggered": a tenth of each shape's layers
+measured every step) and, on GPU, `K=1, TF32 noise products` (LANTON_NOISE_GEMM=tf32: the opt-in
+tensor-core kernel for the noise estimate's products). `K=10`, `K=10 staggered`, `noise off` and the ratios' base, optax Muon (hidden only), are timed
 over whole cadences of 10 consecutive steps (each of K=10's holds one noise step and one step
 that stores G_prev), the rows' steps taken in turn so that the machine's drift falls on all: the
 median over cadences of the mean step time, with as many cadences as fit in the set's budget
@@ -78,9 +79,11 @@ def contenders():
         "lanton noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False)),
         "lanton K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton K=10": ("tx", lambda: lanton.lanton(0.02, noise_every=10)),
+        "lanton K=10 staggered": ("tx", lambda: lanton.lanton(0.02, noise_every=10, noise_schedule="staggered")),
         "lanton K=1, TF32 noise products": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton in-place noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
         "lanton in-place K=10": ("fused", lambda: lanton.fused(0.02, noise_every=10)),
+        "lanton in-place K=10 staggered": ("fused", lambda: lanton.fused(0.02, noise_every=10, noise_schedule="staggered")),
         "lanton noise off, f32 NS": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, ns_dtype="float32")),
         "lanton.reference noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, backend="reference")),
         "lanton.reference K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1, backend="reference")),
@@ -94,7 +97,7 @@ def contenders():
 # that a drift of the machine's speed falls on all alike: K = 10 against noise-off (the first) and
 # against the ratios' base, optax Muon, whose steps all cost the same.
 BASE = "optax muon (hidden only)"
-CADENCE_ROWS = ("lanton noise off", "lanton K=10", BASE)
+CADENCE_ROWS = ("lanton noise off", "lanton K=10", "lanton K=10 staggered", BASE)
 CADENCE = 10
 CADENCE_BUDGET_S = 3.0
 
