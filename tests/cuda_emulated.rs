@@ -766,9 +766,16 @@ fn every_step_enqueues_the_same_operations_in_the_same_order() {
     // (3, 6) queue one sequence: the same kernels with the same grids, the same products with the
     // same shapes, the same copies and fills, in the same order (the device decides from its step
     // count what each launch does). Each step starts with the scratch fill.
-    SEQUENCE.with(|s| *s.borrow_mut() = Some(Vec::new()));
-    trajectory("hidden", &hidden_specs(dtype::F32), 3, 6, emulated_update, false, "bfloat16", None, true, None);
-    let seq = SEQUENCE.with(|s| s.borrow_mut().take()).unwrap();
+    // The staggered schedule (every step measures some layers) queues that sequence too.
+    let record = |staggered: bool| {
+        STAGGERED.with(|s| *s.borrow_mut() = staggered);
+        SEQUENCE.with(|s| *s.borrow_mut() = Some(Vec::new()));
+        trajectory("hidden", &hidden_specs(dtype::F32), 3, 6, emulated_update, false, "bfloat16", None, true, None);
+        STAGGERED.with(|s| *s.borrow_mut() = false);
+        SEQUENCE.with(|s| s.borrow_mut().take()).unwrap()
+    };
+    let (seq, staggered) = (record(false), record(true));
+    assert_eq!(seq, staggered, "the staggered schedule queues other operations");
     let mut steps: Vec<Vec<String>> = Vec::new();
     for op in seq {
         if op.starts_with("zero ") {
