@@ -269,7 +269,8 @@ def newton_schulz_runs() -> int:
 
 def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
     """One fused FFI call for a whole group. `phases`: every layer's noise phase, int32, in leaf
-    order (default: the phases of `config.noise_schedule`, `_plan.noise_phases`). `leaves` holds per leaf the tuple
+    order (default: the phases of `config.noise_schedule`, `_plan.noise_phases`; none passed for
+    the synchronous schedule, whose phases are all 0 by definition). `leaves` holds per leaf the tuple
     (param, grad, momentum, prev_grad, noise, valid, prev_step, rows_are_input, (L, R, C)):
     param, grad, momentum and prev_grad of one shape whose row-major order is (layers, rows,
     cols) = (L, R, C), the per-layer state of L elements in any shape. The arrays go to the
@@ -300,9 +301,13 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
             aliases[base_a + a] = base_r + r
         if in_place:
             aliases[base_a] = base_r
-    if phases is None:
-        phases = noise_phases(config.noise_schedule, config.noise_every, [lf[8] for lf in leaves])
-    args.append(jnp.asarray(phases, jnp.int32))
+    # The phases go as data (the split deals them with their layers). A synchronous call leaves
+    # them out, its phases being all 0, which the library takes without them (and XLA need not
+    # materialize a constant of zeros: one more fusion per group).
+    if config.noise_schedule != "synchronous":
+        if phases is None:
+            phases = noise_phases(config.noise_schedule, config.noise_every, [lf[8] for lf in leaves])
+        args.append(jnp.asarray(phases, jnp.int32))
     target = "lanton_step_inplace" if in_place else "lanton_step_update"
     call = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases, vmap_method="sequential")
     attrs = dict(
