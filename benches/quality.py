@@ -53,10 +53,11 @@ except ImportError:
     tqdm = None
 
 LANTON_GRID = [0.015, 0.03, 0.06]
-# Every variant names its ratio power and reference statistic, so a journal entry keeps its
-# meaning when lanton's defaults change (they did: ratio_power 1 -> 0.5, ratio_stat max -> median).
-P1 = {"ratio_power": 1.0, "ratio_stat": "max"}
-P05 = {"ratio_power": 0.5, "ratio_stat": "max"}
+# Every variant names its ratio power, reference statistic and noise schedule, so a journal entry
+# keeps its meaning when lanton's defaults change (they did: ratio_power 1 -> 0.5, ratio_stat
+# max -> median, noise_schedule synchronous -> staggered; every run before 2026-12-07 was synchronous).
+P1 = {"ratio_power": 1.0, "ratio_stat": "max", "noise_schedule": "synchronous"}
+P05 = {"ratio_power": 0.5, "ratio_stat": "max", "noise_schedule": "synchronous"}
 # name -> (contender of optimizers.make, lanton options, learning-rate grid, Option II?, what it isolates)
 VARIANTS = {
     "muon": ("muon", {}, [0.01, 0.02, 0.04], False, "optax.contrib.muon, hidden only, tuned Adam part (the baseline)"),

@@ -5,11 +5,12 @@ Params and state donated, as in a training loop; warm steps, outputs blocked on;
 Muon (hidden-only) from the same run.
 
 lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step), `K=10` (the
-default cadence), `K=10 staggered` (noise_schedule="staggered": a tenth of each shape's layers
-measured every step) and, on GPU, `K=1, TF32 noise products` (LANTON_NOISE_GEMM=tf32: the opt-in
-tensor-core kernel for the noise estimate's products). `K=10`, `K=10 staggered`, `noise off` and the ratios' base, optax Muon (hidden only), are timed
-over whole cadences of 10 consecutive steps (each of K=10's holds one noise step and one step
-that stores G_prev), the rows' steps taken in turn so that the machine's drift falls on all: the
+default cadence: every layer measured on every tenth step), `K=10 staggered`
+(noise_schedule="staggered": a tenth of each shape's layers measured on every step) and, on GPU,
+`K=1, TF32 noise products` (LANTON_NOISE_GEMM=tf32: the opt-in tensor-core kernel for the noise
+estimate's products). `K=10`, `K=10 staggered`, `noise off` and the ratios' base, optax Muon
+(hidden only), are timed over whole cadences of 10 consecutive steps (each holds every layer's noise step and G_prev
+store once), the rows' steps taken in turn so that the machine's drift falls on all: the
 median over cadences of the mean step time, with as many cadences as fit in the set's budget
 (`--cadence-budget`, default 3 s; at least one each). K=10 over noise-off and these rows' ratios
 to Muon are medians of per-round ratios (paired). The others: a median of repeats, ratio to

@@ -24,6 +24,9 @@ class StepConfig:
     kind: str
     ns_coeffs: tuple = (NS_DEFAULT,) * NS_DEFAULT_STEPS
     noise_every: int = 10
+    # Every layer's noise on the same steps (the paper's cadence). "staggered" spreads the work
+    # evenly; it trained level on the plays but behind on the Python text (benches/results/
+    # quality_staggered*), so it is an option, not the default.
     noise_schedule: str = "synchronous"
     noise_adaptive: bool = True
     # The reference of alpha: the group's median (r capped at 1), our default since a fading layer

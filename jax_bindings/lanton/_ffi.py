@@ -304,17 +304,21 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
     # The phases go as data (the split deals them with their layers). A synchronous call leaves
     # them out, its phases being all 0, which the library takes without them (and XLA need not
     # materialize a constant of zeros: one more fusion per group).
-    if config.noise_schedule != "synchronous":
+    schedule = config.noise_schedule
+    if schedule != "synchronous":
         if phases is None:
-            phases = noise_phases(config.noise_schedule, config.noise_every, [lf[8] for lf in leaves])
-        args.append(jnp.asarray(phases, jnp.int32))
+            phases = noise_phases(schedule, config.noise_every, [lf[8] for lf in leaves])
+        if isinstance(phases, np.ndarray) and not phases.any():
+            schedule = "synchronous"  # e.g. a group of one layer per shape: the same step, no constant
+        else:
+            args.append(jnp.asarray(phases, jnp.int32))
     target = "lanton_step_inplace" if in_place else "lanton_step_update"
     call = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases, vmap_method="sequential")
     attrs = dict(
         kind=config.kind,
         ns_coeffs=np.asarray(config.ns_coeffs, np.float32).reshape(-1),
         noise_every=int(config.noise_every),
-        noise_schedule=config.noise_schedule,
+        noise_schedule=schedule,
         noise_adaptive=bool(config.noise_adaptive),
         ratio_stat=config.ratio_stat,
         ratio_eps=np.float32(config.ratio_eps),

@@ -226,9 +226,16 @@ impl StepConfig {
         }
     }
 
-    /// The paper's rule (as reconstructed): r = alpha / max alpha, K = 10.
+    /// The paper's rule (as reconstructed): r = alpha / max alpha, K = 10, every layer's noise
+    /// refreshed on the same steps.
     pub fn paper(kind: Kind) -> Self {
-        StepConfig { ratio_stat: RatioStat::Max, ratio_power: 1.0, ratio_floor: 0.0, ..StepConfig::new(kind) }
+        StepConfig {
+            ratio_stat: RatioStat::Max,
+            ratio_power: 1.0,
+            ratio_floor: 0.0,
+            noise_schedule: NoiseSchedule::Synchronous,
+            ..StepConfig::new(kind)
+        }
     }
 
     #[allow(clippy::neg_cmp_op_on_partial_ord)] // !(x >= 0) also rejects NaN

@@ -388,8 +388,14 @@ def test_the_paper_preset_is_the_papers_rule_over_lantons_other_defaults():
         return p, state
 
     got, _ = run(lanton.paper(noise_every=2))
-    want, _ = run(lanton.lanton(0.03, ratio_stat="max", ratio_power=1.0, ratio_floor=0.0, noise_every=2))
+    want, _ = run(lanton.lanton(0.03, ratio_stat="max", ratio_power=1.0, ratio_floor=0.0, noise_every=2,
+                                noise_schedule="synchronous"))
     jax.tree.map(np.testing.assert_array_equal, got, want)
+    # The paper's cadence by default, the staggered one on request.
+    stag, _ = run(lanton.paper(noise_every=2, noise_schedule="staggered"))
+    want, _ = run(lanton.lanton(0.03, ratio_stat="max", ratio_power=1.0, ratio_floor=0.0, noise_every=2,
+                                noise_schedule="staggered"))
+    jax.tree.map(np.testing.assert_array_equal, stag, want)
     # ... and not lanton's own rule at the same rate and cadence.
     ours, _ = run(lanton.lanton(0.03, noise_every=2))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ours)))

@@ -50,10 +50,11 @@ def _model(rng):
 LABELS = {"a": "hidden", "b": "hidden", "c": "hidden", "wte": "embed", "ln": {"scale": "vector"}}
 
 
-def _run(backend, schedule, steps=9, every=3, nan_at=None):
+def _run(backend, schedule, steps=9, every=3, nan_at=None, make=lanton.lanton):
     rng = np.random.default_rng(0)
     params = _model(rng)
-    tx = lanton.lanton(0.02, noise_every=every, noise_schedule=schedule, labels=LABELS, backend=backend)
+    chosen = {} if schedule is None else {"noise_schedule": schedule}
+    tx = make(0.02, noise_every=every, labels=LABELS, backend=backend, **chosen)
     state = tx.init(params)
     step = jax.jit(tx.update)
     history = []
@@ -96,10 +97,13 @@ def test_fused_kernels_equal_the_reference_and_refresh_each_layer_once_per_k_ste
 
 def test_synchronous_is_the_default_and_the_papers_cadence():
     p_default, _ = _run("ffi", None)
-    p_sync, h_sync = _run("ffi", "synchronous")
+    p_sync, _ = _run("ffi", "synchronous")
     for a, b in zip(jax.tree.leaves(p_default), jax.tree.leaves(p_sync)):
         np.testing.assert_array_equal(a, b)
-    assert {int(x) for s in jax.tree.leaves(h_sync[-1].prev_step) for x in np.ravel(s)} == {8}
+    # Synchronous: every layer stored G_prev last on step 8 (K = 3), also under lanton.paper.
+    for make in (lanton.lanton, lanton.paper):
+        _, h_sync = _run("ffi", None, make=make)
+        assert {int(x) for s in jax.tree.leaves(h_sync[-1].prev_step) for x in np.ravel(s)} == {8}
 
 
 def test_an_unknown_schedule_is_refused_by_name():
