@@ -56,13 +56,15 @@ LANTON_GRID = [0.015, 0.03, 0.06]
 # Every variant names its ratio power, reference statistic and noise schedule, so a journal entry
 # keeps its meaning when lanton's defaults change (they did: ratio_power 1 -> 0.5, ratio_stat
 # max -> median, noise_schedule synchronous -> staggered; every run before 2026-12-07 was synchronous).
-P1 = {"ratio_power": 1.0, "ratio_stat": "max", "noise_schedule": "synchronous"}
-P05 = {"ratio_power": 0.5, "ratio_stat": "max", "noise_schedule": "synchronous"}
+# Since 2026-12-07 lanton's default steps the non-hidden leaves by NAdamW (other="adam"); every
+# variant before it used the LMO geometry there, and says so (other="lmo").
+P1 = {"ratio_power": 1.0, "ratio_stat": "max", "noise_schedule": "synchronous", "other": "lmo"}
+P05 = {"ratio_power": 0.5, "ratio_stat": "max", "noise_schedule": "synchronous", "other": "lmo"}
 # name -> (contender of optimizers.make, lanton options, learning-rate grid, Option II?, what it isolates)
 VARIANTS = {
     "muon": ("muon", {}, [0.01, 0.02, 0.04], False, "optax.contrib.muon, hidden only, tuned Adam part (the baseline)"),
     "lanton": ("lanton", P1, LANTON_GRID, False, "lanton, the paper's ratio r = alpha/max alpha (K = 10)"),
-    "lanton_noise_off": ("lanton_noise_off", {}, LANTON_GRID, False, "1. lanton with r = 1 (D-Muon / Scion-like)"),
+    "lanton_noise_off": ("lanton_noise_off", {"other": "lmo"}, LANTON_GRID, False, "1. lanton with r = 1 (D-Muon / Scion-like)"),
     "hybrid": ("hybrid", P1, LANTON_GRID, False, "2. lanton on hidden matrices + Muon's Adam part on the rest"),
     "hybrid_noise_off": ("hybrid", {"noise_adaptive": False}, LANTON_GRID, False, "2. the same with r = 1"),
     "lanton_p05": ("lanton", P05, LANTON_GRID, False, "3. tempered ratio r = (alpha/ref)^0.5"),
@@ -97,6 +99,10 @@ VARIANTS = {
     "lanton_p05_b2_095": ("lanton", {**P05, "beta2": 0.95}, LANTON_GRID, False,
                           "3. p = 0.5 with the noise EMA at beta2 0.95 instead of 0.9"),
     "lanton_option2": ("lanton", {**P1, "noise_every": 1}, LANTON_GRID, True, "Option II: noise from a second gradient (2x samples)"),
+    # Issue 41: lanton's default since 2026-12-07, the hybrid recipe in lanton's own kernels (NAdamW for
+    # the non-hidden leaves at 0.4 x the rate: 3e-3 at 0.0075, the hybrid's Adam rate).
+    "default": ("lanton", {"noise_schedule": "synchronous", "other": "adam"}, LANTON_GRID, False,
+                "lanton's default: the median rule (p = 0.5) on hidden matrices, fused NAdamW on the rest"),
     "lanton_p05_option2": ("lanton", {**P05, "noise_every": 1}, LANTON_GRID, True,
                            "Option II at p = 0.5: noise from a second gradient every step (2x samples)"),
 }

@@ -41,7 +41,7 @@ import optax  # noqa: E402
 
 import lanton  # noqa: E402
 from gpt import CONFIG, init_params, model_overrides  # noqa: E402
-from optimizers import hidden_only_dims  # noqa: E402
+from optimizers import hidden_only_dims, hybrid  # noqa: E402
 from report import emit  # noqa: E402
 
 
@@ -81,6 +81,10 @@ def contenders():
         "lanton K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton K=10": ("tx", lambda: lanton.lanton(0.02, noise_every=10)),
         "lanton K=10 staggered": ("tx", lambda: lanton.lanton(0.02, noise_every=10, noise_schedule="staggered")),
+        # Issue 41: the default's Adam part in lanton's kernels vs the same recipe as optax.multi_transform
+        # (lanton on the hidden matrices, optax.adamw beside it), and vs the LMO steps for those leaves.
+        "hybrid K=10 (multi_transform)": ("tx", lambda: hybrid(0.02, 0.4 * 0.02, noise_every=10)),
+        "lanton K=10, other=lmo": ("tx", lambda: lanton.lanton(0.02, noise_every=10, other="lmo")),
         "lanton K=1, TF32 noise products": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton in-place noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
         "lanton in-place K=10": ("fused", lambda: lanton.fused(0.02, noise_every=10)),

@@ -124,6 +124,7 @@ pub fn config_to_json(cfg: &StepConfig) -> String {
         "noise_adaptive": cfg.noise_adaptive, "ratio_stat": stat, "ratio_eps": cfg.ratio_eps,
         "ratio_power": cfg.ratio_power, "ratio_floor": cfg.ratio_floor, "noise_relative": cfg.noise_relative,
         "nesterov": cfg.nesterov, "vector_eps": cfg.vector_eps, "noise_estimator": estimator,
+        "adam_eps": cfg.adam_eps, "adam_eps_root": cfg.adam_eps_root,
     })
     .to_string()
 }
@@ -154,7 +155,7 @@ pub fn config_from_json(text: &str) -> Result<StepConfig, String> {
 }
 
 /// The scratch bytes of one CUDA group call, from its JSON description: an object with
-/// "kind" (hidden, embed or vector) and "leaves" (a list of [layers, rows, cols], one per leaf,
+/// "kind" (hidden, embed, vector or adam) and "leaves" (a list of [layers, rows, cols], one per leaf,
 /// in call order), both required, and "noise_adaptive" (default true), "noise_work" (the
 /// call's `noise_work` attribute, default true) and "ns_dtype" ("bfloat16", the default, or
 /// "float32"). Computed by `cuda::scratch_layout`, the function the handler lays its scratch
@@ -166,7 +167,7 @@ pub fn cuda_scratch_bytes_from_json(text: &str) -> Result<u64, String> {
     if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("plan: unknown key '{k}' (known: {known:?})"));
     }
-    let kind_s = obj.get("kind").and_then(|k| k.as_str()).ok_or("plan: 'kind' (hidden, embed or vector) is required")?;
+    let kind_s = obj.get("kind").and_then(|k| k.as_str()).ok_or("plan: 'kind' (hidden, embed, vector or adam) is required")?;
     let kind = Kind::parse(kind_s).ok_or_else(|| format!("plan: unknown kind '{kind_s}'"))?;
     let flag = |k: &str| -> Result<bool, String> {
         obj.get(k).map(|x| x.as_bool().ok_or(format!("plan: '{k}' must be true or false"))).transpose().map(|b| b.unwrap_or(true))

@@ -258,6 +258,10 @@ fn raw_trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: H
     let mut rng = Rng::new(77);
     let mut f = step_frame(kind, specs, 1, &mut rng);
     f.set_attr("noise_every", Attr::I64(k));
+    if kind == "adam" {  // no noise tracking; Nesterov (NAdamW), as the library's adam groups
+        f.set_attr("noise_adaptive", Attr::Bool(false));
+        f.set_attr("nesterov", Attr::Bool(true));
+    }
     if let Some((power, floor)) = shaping {
         f.set_attr("ratio_power", Attr::F64(power));
         f.set_attr("ratio_floor", Attr::F64(floor));
@@ -373,6 +377,17 @@ fn embed_and_vector_match_cpu_kernels() {
                       LeafSpec { dims: [1, 1, 7], dtype: dtype::BF16, rows_are_input: true }];
     compare("vector", &vector, 1, "bfloat16", 1e-5, false, None);
     compare("vector", &vector, 2, "bfloat16", 1e-5, true, None);
+}
+
+#[test]
+fn adam_matches_cpu_kernels() {
+    // NAdamW's moments (nu in the G_prev buffer), bias corrections from the device step count, a
+    // layer skipped for a NaN on step 3; f32 and bf16 leaves, update and in place.
+    let adam = vec![LeafSpec { dims: [2, 8, 40], dtype: dtype::F32, rows_are_input: true },
+                    LeafSpec { dims: [1, 1, 7], dtype: dtype::BF16, rows_are_input: true },
+                    LeafSpec { dims: [1, 30, 20], dtype: dtype::F32, rows_are_input: true }];
+    compare("adam", &adam, 1, "bfloat16", 1e-5, false, Some((0, 3)));
+    compare("adam", &adam, 1, "bfloat16", 1e-5, true, Some((2, 2)));
 }
 
 #[test]

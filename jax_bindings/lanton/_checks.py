@@ -64,8 +64,8 @@ def ns_coeffs(value):
     return triples
 
 
-def learning_rate(value):
+def learning_rate(value, name="learning_rate"):
     if callable(value):
         return value  # a schedule: its values are traced
-    return real("learning_rate", value, lo=0.0)
+    return real(name, value, lo=0.0)
 

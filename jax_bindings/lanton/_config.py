@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-KINDS = ("hidden", "embed", "vector")
+KINDS = ("hidden", "embed", "vector", "adam")
+# The LMO geometries (src/step Kind): `adam` is elementwise NAdamW, optax.contrib.muon's Adam branch.
+LMO_KINDS = ("hidden", "embed", "vector")
 RATIO_STATS = ("max", "mean", "min", "median")
 # The noise estimate's nuclear norm: each platform's kernels have a default ("auto": Gram
 # eigenvalues on CPU, polar iteration on CUDA); "polar" runs everywhere, "eigen" on CPU only.
@@ -47,6 +49,10 @@ class StepConfig:
     # the reference always compute in f32.
     ns_dtype: str = "bfloat16"
     noise_estimator: str = "auto"
+    # The adam kind's D = m / (sqrt(v + eps_root) + eps): optax.contrib.muon's `eps` and
+    # `adam_eps_root` (its Adam branch is optax.adamw(eps=eps, eps_root=adam_eps_root)).
+    adam_eps: float = 1e-8
+    adam_eps_root: float = 0.0
 
     def __post_init__(self):
         if self.ns_dtype not in ("bfloat16", "float32"):
@@ -57,9 +63,17 @@ class StepConfig:
             raise ValueError(f"lanton option 'noise_schedule' must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}")
         if self.kind not in KINDS:
             raise ValueError(f"unknown group kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind == "adam" and (self.noise_adaptive or self.noise_relative):
+            raise ValueError("an adam group tracks no noise (its ratio is 1): its config needs noise_adaptive=False")
         if self.ratio_stat not in RATIO_STATS:
             raise ValueError(f"unknown ratio_stat {self.ratio_stat!r}; expected one of {RATIO_STATS}")
         if int(self.noise_every) < 1:
             raise ValueError(f"noise_every must be >= 1, got {self.noise_every}")
         if not self.ns_coeffs or any(len(c) != 3 for c in self.ns_coeffs):
             raise ValueError(f"ns_coeffs must be a non-empty sequence of (a, b, c) triples, got {self.ns_coeffs}")
+
+
+def adam_config(base: StepConfig, nesterov: bool) -> StepConfig:
+    """An adam group's config from the global one: no noise tracking, its own Nesterov setting
+    (src/step StepConfig::new(Kind::Adam): noise off, Nesterov on, the defaults of that kind)."""
+    return dataclasses.replace(base, kind="adam", noise_adaptive=False, noise_relative=False, nesterov=nesterov)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from . import _checks
-from ._config import KINDS
+from ._config import LMO_KINDS
 from .labels import SPLIT_GROUPS
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -19,10 +19,12 @@ ScalarOrSchedule = optax.ScalarOrSchedule  # optax's own annotation: its generic
 
 
 class Group(NamedTuple):
-    """A layer group: one LMO kind; optional per-group scale, weight decay and noise cadence.
+    """A layer group: one kind (an LMO geometry, or "adam"); optional per-group scale, weight
+    decay and noise cadence.
 
-    weight_decay=None takes the transformation's weight_decay for `hidden` and `embed` groups
-    and 0 for `vector` groups (norm gains and biases are not decayed)."""
+    weight_decay=None takes the transformation's weight_decay for `hidden` and `embed` groups,
+    0 for `vector` groups (norm gains and biases are not decayed) and `adam_weight_decay` for
+    `adam` groups; scale=None is 1 for `adam` groups (NAdamW's step as optax takes it)."""
 
     kind: str
     scale: Optional[float] = None
@@ -30,13 +32,25 @@ class Group(NamedTuple):
     noise_every: Optional[int] = None
 
 
-DEFAULT_GROUPS = {k: Group(k) for k in KINDS}
+# `other`: how the leaves that are not hidden matrices (labels "embed" and "vector") step.
+# "adam" (the default): NAdamW as optax.contrib.muon's Adam branch, the recipe that trained best
+# (docs/decisions.md, issue 41); "lmo": the paper's geometry, Signum for embeddings and heads, RMS
+# normalization for gains and biases.
+OTHER_GROUPS = {
+    "adam": {"hidden": Group("hidden"), "embed": Group("adam"), "vector": Group("adam")},
+    "lmo": {k: Group(k) for k in LMO_KINDS},
+}
+DEFAULT_GROUPS = OTHER_GROUPS["adam"]
 # A group without its own scale uses `scale` times its kind's factor: embeddings/heads (sign) and
 # gains/biases (RMS) step at half the hidden matrices' RMS by default. Tuned on the Shakespeare
 # GPT (benches/results/tuning/tune.md: 0.1 beat 0.2 and 0.4 at scale 0.2).
 KIND_SCALE = {"hidden": 1.0, "embed": 0.5, "vector": 0.5}
-# Labels that work as groups without being declared: the kinds, and the split hidden groups.
-IMPLICIT_GROUPS = {**DEFAULT_GROUPS, **{g: Group("hidden") for g in SPLIT_GROUPS}}
+
+
+def implicit_groups(other: str) -> dict:
+    """Labels that work as groups without being declared: the kinds (embed and vector as
+    `other` says), "adam", and the split hidden groups."""
+    return {**OTHER_GROUPS[other], "adam": Group("adam"), **{g: Group("hidden") for g in SPLIT_GROUPS}}
 
 
 def static(name, value, default, cast):

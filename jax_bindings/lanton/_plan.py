@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._options import IMPLICIT_GROUPS, check_array
+from ._options import check_array
 from .labels import DimSpec, default_dim_spec, default_labels, path_str, tree_context
 
 
@@ -86,6 +86,15 @@ def noise_phases(schedule: str, every: int, dims) -> np.ndarray:
     return np.asarray(out, np.int32).reshape(total)
 
 
+def layout_kind(kind: str, ndim: int) -> str:
+    """The kind whose layout a leaf takes: an adam leaf (elementwise, the layer only the unit of
+    the skip rule) is laid out as a matrix (batch axes are layers) or, below 2 axes, as a vector,
+    so that the kernels' view is a free reshape of a sharded leaf too."""
+    if kind != "adam":
+        return kind
+    return "hidden" if ndim >= 2 else "vector"
+
+
 def _to_permuted(x, lf: _Leaf):
     """The leaf with its axes in (batch..., rows..., cols...) order: (L, R, C) in row-major
     order. No reshape: the kernels take the shape as it is (see _ffi.group_step)."""
@@ -108,15 +117,19 @@ def _is_masked(x):
     return isinstance(x, optax.MaskedNode)
 
 
+# optax.contrib.muon's dimension numbers (optax >= 0.2.5; none in older optax).
+_MUON_DIMS = getattr(optax.contrib, "MuonDimensionNumbers", ())
+
+
 def _is_entry(x):
-    """A leaf of a labels / dim_numbers tree."""
-    return x is None or _is_masked(x) or isinstance(x, (DimSpec, str))
+    """A leaf of a labels / dim_numbers tree (optax.contrib.muon's dimension numbers count as DimSpecs)."""
+    return x is None or _is_masked(x) or isinstance(x, (DimSpec, str)) or isinstance(x, _MUON_DIMS)
 
 
-def plan(params, labels, dim_numbers, groups):
+def plan(params, labels, dim_numbers, groups, implicit):
     """(plan, treedef, leaves, groups): the groups' planned leaves (group name -> [_Leaf]), the
     parameters' structure and leaves, and the groups the labels use (`groups` and the implicit
-    ones a label names: a kind or a split name works as a group without being declared). A pure
+    ones a label names, `implicit`: a kind or a split name works as a group without being declared). A pure
     function: everything is decided from the names a user sees (labels.py: wrapper attributes
     such as NNX's `.value` dropped), so init and update agree whatever wrapper the tree has.
     Masked leaves (optax.multi_transform) belong to no group."""
@@ -135,8 +148,8 @@ def plan(params, labels, dim_numbers, groups):
         if not isinstance(label, str):
             raise TypeError(f"leaf '{name}': a label must be a group name (str) or None, got {label!r}")
         if label not in groups:
-            if label in IMPLICIT_GROUPS:  # a kind or split name works as a group even if `groups` omits it
-                groups[label] = IMPLICIT_GROUPS[label]
+            if label in implicit:  # a kind or split name works as a group even if `groups` omits it
+                groups[label] = implicit[label]
             else:
                 raise ValueError(
                     f"leaf '{name}' has label {label!r}, which is no group; known groups: {sorted(groups)}. "
@@ -145,7 +158,7 @@ def plan(params, labels, dim_numbers, groups):
         check_array(name, "parameter", leaf)
         if spec is not None and not isinstance(spec, DimSpec):
             spec = DimSpec(*spec)
-        kind = groups[label].kind
+        kind = layout_kind(groups[label].kind, len(leaf.shape))
         if spec is None:
             spec = default_dim_spec(context[name], kind)
         plan.setdefault(label, []).append(_plan_leaf(i, name, label, kind, tuple(leaf.shape), spec))

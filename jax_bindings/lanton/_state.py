@@ -16,7 +16,10 @@ from .labels import path_str
 class LantonState(NamedTuple):
     """Per leaf (a MaskedNode for leaves no group handles): momentum and previous gradient in
     the leaf's shape; noise H, validity, step of the stored gradient, last ratio r and the number
-    of steps skipped for a non-finite gradient, over the leaf's batch axes (one per layer)."""
+    of steps skipped for a non-finite gradient, over the leaf's batch axes (one per layer). A
+    leaf of an `adam` group keeps its second moment in `nu` (f32, the leaf's shape) and no
+    previous gradient (`prev_grad` is a MaskedNode there, `nu` elsewhere). A state made before
+    the adam kind existed has nu = None."""
 
     count: jax.Array
     momentum: Any
@@ -26,23 +29,32 @@ class LantonState(NamedTuple):
     prev_step: Any
     ratio: Any
     skipped: Any
+    nu: Any = None
 
 
 # Per-leaf state fields, and the shape each has: the leaf's ("param") or one per layer ("layers").
 STATE_FIELDS = {"momentum": "param", "prev_grad": "param", "noise": "layers", "valid": "layers",
-                "prev_step": "layers", "ratio": "layers", "skipped": "layers"}
+                "prev_step": "layers", "ratio": "layers", "skipped": "layers", "nu": "param"}
 
 
-def init_state(plan, treedef, leaves, momentum_dtype):
+def _holds(field, kind):
+    """Does a leaf of this kind have this state field? (G_prev for the LMO kinds, nu for adam.)"""
+    return {"prev_grad": kind != "adam", "nu": kind == "adam"}.get(field, True)
+
+
+def init_state(plan, treedef, leaves, momentum_dtype, kinds):
     """The state `init` returns for planned leaves: zeros, ratio 1 (a MaskedNode for every leaf no
-    group handles)."""
+    group handles, and for the field its kind does not keep). `kinds`: group name -> kind."""
     n = len(leaves)
     fields = {k: [optax.MaskedNode()] * n for k in STATE_FIELDS}
-    for group in plan.values():
+    for gname, group in plan.items():
         for lf in group:
             p = leaves[lf.index]
             fields["momentum"][lf.index] = jnp.zeros(p.shape, momentum_dtype)
-            fields["prev_grad"][lf.index] = jnp.zeros(p.shape, p.dtype)
+            if kinds[gname] == "adam":
+                fields["nu"][lf.index] = jnp.zeros(p.shape, jnp.float32)
+            else:
+                fields["prev_grad"][lf.index] = jnp.zeros(p.shape, p.dtype)
             fields["noise"][lf.index] = jnp.zeros(lf.batch_shape, jnp.float32)
             fields["valid"][lf.index] = jnp.zeros(lf.batch_shape, jnp.float32)
             fields["prev_step"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
@@ -50,11 +62,14 @@ def init_state(plan, treedef, leaves, momentum_dtype):
             fields["skipped"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
     return LantonState(count=jnp.zeros([], jnp.int32), **{k: treedef.unflatten(v) for k, v in fields.items()})
 
-def state_leaves(state, plan, treedef, p_leaves):
+def state_leaves(state, plan, treedef, p_leaves, kinds):
     """The state's per-leaf fields, checked against the plan: a state made for other
-    parameters, labels or shapes is refused naming the leaf, not mis-read."""
+    parameters, labels, shapes or kinds is refused naming the leaf, not mis-read."""
     if not isinstance(state, LantonState):
         raise TypeError(f"lanton expected its own LantonState, got {type(state).__name__}")
+    if state.nu is None:
+        # Made before lanton had its `adam` kind (until 2026-12-07 every group stepped by its LMO).
+        state = state._replace(nu=treedef.unflatten([optax.MaskedNode()] * treedef.num_leaves))
     st = {}
     for k in STATE_FIELDS:
         try:
@@ -64,12 +79,25 @@ def state_leaves(state, plan, treedef, p_leaves):
                 f"optimizer state field '{k}' does not match the parameters' structure: the state was made by "
                 "init() for other parameters; call init() again for this model"
             ) from None
-    for group in plan.values():
+    for gname, group in plan.items():
+        kind = kinds[gname]
         for lf in group:
             want = {"param": tuple(p_leaves[lf.index].shape), "layers": lf.batch_shape}
             for k, which in STATE_FIELDS.items():
                 x = st[k][lf.index]
-                if _is_masked(x) or not hasattr(x, "shape"):
+                has = not _is_masked(x) and hasattr(x, "shape")
+                if k in ("prev_grad", "nu") and has != _holds(k, kind):  # (momentum, checked first, is there)
+                    made, was = (("an LMO kind (embed, vector or hidden)", "'lmo'") if kind == "adam"
+                                 else ("the Adam part (kind 'adam')", "'adam'"))
+                    raise ValueError(
+                        f"leaf '{lf.name}' (group '{lf.group}', kind '{kind}'): this optimizer state was made when the "
+                        f"leaf was stepped by {made}. lanton's option 'other' decides how embeddings, heads, gains and "
+                        "biases step: 'adam' (NAdamW, the default) or 'lmo' (the paper's Signum / RMS steps, the "
+                        "default until 2026-12-07). To continue this state pass the 'other' (or groups) it was made "
+                        f"with, here lanton.lanton(..., other={was}); or call init() again")
+                if not _holds(k, kind):
+                    continue
+                if not has:
                     raise ValueError(
                         f"leaf '{lf.name}' (group '{lf.group}') has no optimizer state ('{k}' is {x!r}): the labels "
                         "changed since init(); call init() again"

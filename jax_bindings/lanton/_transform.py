@@ -15,9 +15,11 @@ import numpy as np
 import optax
 
 from . import _checks, _ffi, _mesh, _plan, _state, reference
-from ._config import StepConfig
-from ._options import (DEFAULT_GROUPS, KIND_SCALE, SUPPORTED_DTYPES, Group, ScalarOrSchedule, check_array, check_group,
-                       flag, static)
+from . import labels as lanton_labels
+from .labels import DimSpec
+from ._config import StepConfig, adam_config
+from ._options import (KIND_SCALE, OTHER_GROUPS, SUPPORTED_DTYPES, Group, ScalarOrSchedule, check_array, check_group,
+                       flag, implicit_groups, static)
 from ._plan import _from_permuted, _to_permuted, noise_phases
 from ._state import LantonState
 
@@ -28,7 +30,9 @@ class _Lanton:
     def __init__(self, learning_rate, beta1, beta2, weight_decay, scale, *, noise_every, noise_adaptive, nesterov,
                  ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend,
                  ns_dtype=None, noise_estimator=None, mesh=None, mesh_axes=None, ratio_power=None,
-                 ratio_floor=None, noise_relative=None, noise_schedule=None):
+                 ratio_floor=None, noise_relative=None, noise_schedule=None, other="adam",
+                 adam_learning_rate=None, adam_b1=0.9, adam_b2=0.999, adam_eps_root=None, adam_weight_decay=0.0,
+                 eps=None, weight_decay_mask=None):
         if backend not in ("auto", "ffi", "reference"):
             raise ValueError(f"backend must be 'auto', 'ffi' or 'reference', got {backend!r}")
         if backend != "reference":
@@ -45,9 +49,20 @@ class _Lanton:
             if isinstance(tree, str):
                 raise TypeError(f"lanton option '{what}' must be a pytree or a function of the params, got {tree!r}")
         self.labels, self.dim_numbers, self.backend = labels, dim_numbers, backend
+        if other not in OTHER_GROUPS:
+            raise ValueError(f"lanton option 'other' must be one of {sorted(OTHER_GROUPS)}, got {other!r}")
+        self.other = other
+        # The Adam part (groups of kind "adam"): optax.contrib.muon's Adam branch, NAdamW.
+        self.adam_learning_rate = (None if adam_learning_rate is None
+                                   else _checks.learning_rate(adam_learning_rate, "adam_learning_rate"))
+        self.adam_b1 = _checks.real("adam_b1", adam_b1, lo=0.0, hi=1.0, hi_open=True)
+        self.adam_b2 = _checks.real("adam_b2", adam_b2, lo=0.0, hi=1.0, hi_open=True)
+        self.adam_weight_decay = _checks.real("adam_weight_decay", adam_weight_decay, lo=0.0)
+        self.weight_decay_mask = weight_decay_mask
         if groups is not None and not isinstance(groups, dict):
             raise TypeError(f"lanton option 'groups' must be a dict of name -> lanton.Group, got {groups!r}")
-        self.groups = dict(DEFAULT_GROUPS if groups is None else groups)
+        self.groups = dict(OTHER_GROUPS[other] if groups is None else groups)
+        self.implicit = implicit_groups(other)
         for name, g in self.groups.items():
             check_group(name, g)
         self.momentum_dtype = jnp.dtype(static("momentum_dtype", momentum_dtype, "float32", lambda x: x))
@@ -66,24 +81,77 @@ class _Lanton:
             ratio_floor=static("ratio_floor", ratio_floor, StepConfig.ratio_floor, lambda v: float(_checks.real("ratio_floor", v, lo=0.0))),
             noise_relative=static("noise_relative", noise_relative, StepConfig.noise_relative, flag("noise_relative")),
             nesterov=static("nesterov", nesterov, StepConfig.nesterov, flag("nesterov")),
+            adam_eps=static("eps", eps, StepConfig.adam_eps, lambda v: float(_checks.real("eps", v, lo=0.0))),
+            adam_eps_root=static("adam_eps_root", adam_eps_root, StepConfig.adam_eps_root,
+                                 lambda v: float(_checks.real("adam_eps_root", v, lo=0.0))),
             ns_dtype=static("ns_dtype", ns_dtype, StepConfig.ns_dtype, str),
             noise_estimator=static("noise_estimator", noise_estimator, StepConfig.noise_estimator, str),
         )
+        # nesterov None: lanton's plain momentum on the LMO groups, Nesterov on the Adam part (as
+        # optax.contrib.muon's default); a bool sets both, as it does in optax.contrib.muon.
+        self.adam_nesterov = True if nesterov is None else self.base_config.nesterov
         for g in self.groups.values():
             self._group_config(g)  # every declared group's config is valid (its kind above all), now
         self.mesh, self.mesh_axes = _mesh.check_mesh(mesh, mesh_axes)
 
     def _group_config(self, g: Group) -> StepConfig:
+        if g.kind == "adam":
+            return adam_config(self.base_config, self.adam_nesterov)
         k = self.base_config.noise_every if g.noise_every is None else int(np.asarray(g.noise_every))
         return dataclasses.replace(self.base_config, kind=g.kind, noise_every=k)
 
+    def _group_hyper(self, g: Group, lr, count, decay):
+        """(lr, beta1, beta2, weight_decay, scale) of a group's call. `decay`: the group's leaves
+        are under weight decay (weight_decay_mask); adam groups take the Adam part's values."""
+        if g.kind == "adam":
+            if self.adam_learning_rate is None:
+                a_lr = ADAM_LR_FACTOR * lr
+            else:
+                a_lr = self.adam_learning_rate(count) if callable(self.adam_learning_rate) else self.adam_learning_rate
+            wd = self.adam_weight_decay if g.weight_decay is None else g.weight_decay
+            values = (a_lr, self.adam_b1, self.adam_b2, wd, 1.0 if g.scale is None else g.scale)
+        else:
+            wd = g.weight_decay if g.weight_decay is not None else (0.0 if g.kind == "vector" else self.weight_decay)
+            scale = g.scale if g.scale is not None else self.scale * KIND_SCALE[g.kind]
+            values = (lr, self.beta1, self.beta2, wd if decay else 0.0, scale)
+        return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
+
+    def _decayed_groups(self, params, plan, kinds):
+        """Group name -> whether weight_decay applies (optax.contrib.muon's `weight_decay_mask`,
+        for the LMO groups; a group is one call, so its leaves must agree)."""
+        if self.weight_decay_mask is None:
+            return {}
+        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_plan._is_masked)
+        names = [_plan.path_str(p) for p, _ in leaves_with_path]
+        mask = _plan.match(_plan._resolve(self.weight_decay_mask, params), treedef, "weight_decay_mask",
+                           leaves_with_path, names)
+        out = {}
+        for gname, group in plan.items():
+            if kinds[gname] == "adam":
+                continue  # the mask is the Muon part's (optax.contrib.muon): adam_weight_decay has none
+            values = {lf.name: bool(mask[lf.index]) for lf in group}
+            if len(set(values.values())) > 1:
+                on = sorted(k for k, v in values.items() if v)
+                off = sorted(k for k, v in values.items() if not v)
+                raise ValueError(
+                    f"lanton option 'weight_decay_mask' decays {on[:3]} but not {off[:3]} of group '{gname}': a group "
+                    "takes one weight decay; label the leaves without decay into a group of their own "
+                    "(labels=..., groups={..., 'no_decay': lanton.Group('hidden', weight_decay=0.0)})")
+            out[gname] = next(iter(values.values()), True)
+        return out
+
     def plan(self, params):
         """(plan, treedef, leaves) for these parameters (`_plan.plan`; nothing is kept)."""
-        return _plan.plan(params, self.labels, self.dim_numbers, self.groups)[:3]
+        return _plan.plan(params, self.labels, self.dim_numbers, self.groups, self.implicit)[:3]
+
+    def kinds(self, plan, groups=None):
+        """Group name -> kind, for the groups of `plan`."""
+        groups = self.groups if groups is None else groups
+        return {name: (groups.get(name) or self.implicit[name]).kind for name in plan}
 
     def init(self, params):
         plan, treedef, leaves = self.plan(params)
-        return _state.init_state(plan, treedef, leaves, self.momentum_dtype)
+        return _state.init_state(plan, treedef, leaves, self.momentum_dtype, self.kinds(plan))
 
     # -- step -------------------------------------------------------------------------------
     def _backend(self):
@@ -118,7 +186,8 @@ class _Lanton:
     def apply(self, grads, state: LantonState, params, *, in_place: bool, second_grad=None):
         if params is None:
             raise ValueError("lanton needs the parameters: call update(grads, state, params)")
-        plan, treedef, p_leaves, groups = _plan.plan(params, self.labels, self.dim_numbers, self.groups)
+        plan, treedef, p_leaves, groups = _plan.plan(params, self.labels, self.dim_numbers, self.groups, self.implicit)
+        kinds = self.kinds(plan, groups)
         g_leaves = _state.flatten_like(treedef, grads, "gradients")
         g2_leaves = None if second_grad is None else _state.flatten_like(treedef, second_grad, "second_grad")
         for group in plan.values():
@@ -131,27 +200,28 @@ class _Lanton:
                     check_array(lf.name, what, g)
                     if g.shape != p.shape:
                         raise ValueError(f"leaf '{lf.name}': {what} shape {g.shape} != parameter shape {p.shape}")
-        st = _state.state_leaves(state, plan, treedef, p_leaves)
+        st = _state.state_leaves(state, plan, treedef, p_leaves, kinds)
+        decayed = self._decayed_groups(params, plan, kinds)
         count = optax.safe_int32_increment(state.count)
         lr = self.learning_rate(state.count) if callable(self.learning_rate) else self.learning_rate
         step_fn = self._backend()
         mesh, axes = self._work_split(plan, p_leaves, g_leaves, step_fn)
         out_leaves = list(p_leaves) if in_place else list(g_leaves)
         new = {k: list(v) for k, v in st.items()}
-        for gname, group in plan.items():
+        for _, gname, group in _calls(plan, groups):
             g = groups[gname]
             config = self._group_config(g)
-            wd = g.weight_decay if g.weight_decay is not None else (0.0 if g.kind == "vector" else self.weight_decay)
-            scale = g.scale if g.scale is not None else self.scale * KIND_SCALE[g.kind]
-            hyper = jnp.stack([jnp.asarray(v, jnp.float32) for v in (lr, self.beta1, self.beta2, wd, scale)])
+            adam = g.kind == "adam"
+            hyper = self._group_hyper(g, lr, state.count, decayed.get(gname, True))
             args, finite = [], []
             for lf in group:
                 i = lf.index
                 grad = _to_permuted(g_leaves[i].astype(p_leaves[i].dtype), lf)
                 # The kernels skip a layer whose gradient is not finite; count it for the user.
                 finite.append(jnp.all(jnp.isfinite(grad.reshape(lf.canonical)), axis=(1, 2)))
-                prev, pstep = _to_permuted(st["prev_grad"][i], lf), st["prev_step"][i]
-                if g2_leaves is not None:
+                # An adam layer's G_prev slot holds its second moment nu (f32).
+                prev, pstep = _to_permuted(st["nu" if adam else "prev_grad"][i], lf), st["prev_step"][i]
+                if g2_leaves is not None and not adam:
                     # Option II: the kernels' G_prev is the second gradient, marked as stored on
                     # the step before, so a noise step measures ||G - G2||; a layer whose second
                     # gradient is not finite is marked unusable (its noise is left alone).
@@ -183,7 +253,9 @@ class _Lanton:
                 i = lf.index
                 out_leaves[i] = _from_permuted(out, lf)
                 new["momentum"][i] = _from_permuted(mom, lf)
-                if g2_leaves is None:
+                if adam:
+                    new["nu"][i] = _from_permuted(prev, lf)
+                elif g2_leaves is None:
                     new["prev_grad"][i] = _from_permuted(prev, lf)
                 else:  # Option II keeps no gradient across steps: the state's G_prev stays as it was
                     pstep = st["prev_step"][i]
@@ -192,6 +264,23 @@ class _Lanton:
                     new[k][i] = v
         new_state = LantonState(count=count, **{k: treedef.unflatten(v) for k, v in new.items()})
         return treedef.unflatten(out_leaves), new_state
+
+
+def _calls(plan, groups):
+    """The fused calls of a step, [(name, group name, leaves)]: one per group, except that adam
+    groups with the same settings share one (elementwise, their leaves do not interact: the
+    default's embed and vector labels step in a single call, named "embed+vector")."""
+    calls, by_key = [], {}
+    for gname, group in plan.items():
+        g = groups[gname]
+        key = (g.kind, g.scale, g.weight_decay) if g.kind == "adam" else ("group", gname)
+        if key in by_key:
+            name, first, leaves = calls[by_key[key]]
+            calls[by_key[key]] = (name + "+" + gname, first, leaves + list(group))
+        else:
+            by_key[key] = len(calls)
+            calls.append((gname, gname, list(group)))
+    return calls
 
 
 def _check_local_params(plan, p_leaves):
@@ -213,7 +302,99 @@ def _check_local_params(plan, p_leaves):
                 "lanton(..., mesh=False) if every device holds whole matrices of its own")
 
 
+# The Adam part's rate when `adam_learning_rate` is None: this fraction of `learning_rate` (and of
+# its schedule, step by step). optax.contrib.muon uses learning_rate itself; lanton's recipe was
+# measured with Muon's tuned Adam rate, 3e-3, beside lanton's 0.0075 (benches/results/quality,
+# hybrid_p05_median; docs/decisions.md).
+ADAM_LR_FACTOR = 0.4
+
+# optax.contrib.muon's options lanton cannot honour, with their neutral values and what to use instead.
+_MUON_REFUSED = {
+    "adaptive": (False, "lanton's own adaptive rate is its noise ratio (noise_adaptive=True); scaling by the dual "
+                        "norm of the update is not implemented"),
+    "preconditioning": ("frobenius", "lanton's Newton-Schulz normalizes by the Frobenius norm only"),
+}
+
+
+def _from_muon_names(beta1, scale, kw):
+    """optax.contrib.muon's argument names, mapped onto lanton's (README "From optax.contrib.muon"):
+    beta -> beta1, mu_dtype -> momentum_dtype, ns_coeffs (a triple or "standard") with ns_steps,
+    consistent_rms -> scale, muon_weight_dimension_numbers -> labels and dim_numbers (a leaf with
+    dimension numbers is hidden, a leaf with None goes to the Adam part); `eps` and the adam_*
+    options are the Adam part's. What lanton cannot honour is refused by name."""
+    kw = dict(kw)
+    for name, (neutral, instead) in _MUON_REFUSED.items():
+        value = kw.pop(name, neutral)
+        if value != neutral:
+            raise ValueError(f"lanton does not support optax.contrib.muon's {name}={value!r}: {instead}")
+    beta = kw.pop("beta", None)
+    if beta is not None:
+        if beta1 != _DEFAULT_BETA1:
+            raise TypeError("lanton: pass either beta1 or optax.contrib.muon's 'beta' (the same momentum), not both")
+        beta1 = beta
+    mu_dtype = kw.pop("mu_dtype", None)
+    if mu_dtype is not None:
+        if kw.get("momentum_dtype", "float32") != "float32":
+            raise TypeError("lanton: pass either momentum_dtype or optax.contrib.muon's 'mu_dtype', not both")
+        kw["momentum_dtype"] = mu_dtype
+    consistent_rms = kw.pop("consistent_rms", None)
+    if consistent_rms is not None:
+        if scale != _DEFAULT_SCALE:
+            raise TypeError("lanton: pass either scale or optax.contrib.muon's 'consistent_rms' (the same RMS target), not both")
+        scale = consistent_rms
+    coeffs, steps = kw.get("ns_coeffs"), kw.pop("ns_steps", None)
+    if isinstance(coeffs, str):
+        presets = getattr(getattr(optax.contrib, "_muon", None), "_NS_COEFFS_PRESET_DICT", {"standard": StepConfig.ns_coeffs[0]})
+        if coeffs not in presets:
+            raise ValueError(f"lanton option 'ns_coeffs': unknown preset {coeffs!r}; known: {sorted(presets)}")
+        coeffs = presets[coeffs]
+    if coeffs is not None and np.ndim(coeffs) == 1:  # one triple, repeated ns_steps times (Muon's form)
+        coeffs = (tuple(coeffs),) * (5 if steps is None else _checks.positive_int("ns_steps", steps))
+    elif steps is not None:
+        n = len(StepConfig.ns_coeffs if coeffs is None else coeffs)
+        if coeffs is not None and _checks.positive_int("ns_steps", steps) != n:
+            raise ValueError(f"lanton option 'ns_steps' ({steps}) must match the {n} triples given in ns_coeffs")
+        if coeffs is None:
+            coeffs = (StepConfig.ns_coeffs[0],) * _checks.positive_int("ns_steps", steps)
+    if coeffs is not None:
+        kw["ns_coeffs"] = coeffs
+    dims = kw.pop("muon_weight_dimension_numbers", None)
+    if dims is not None:
+        if kw.get("labels") is not None or kw.get("dim_numbers") is not None:
+            raise TypeError("lanton: pass either labels/dim_numbers or optax.contrib.muon's "
+                            "'muon_weight_dimension_numbers', not both")
+        kw["labels"], kw["dim_numbers"] = _muon_labels(dims)
+    return beta1, scale, kw
+
+
+def _muon_labels(dims):
+    """labels and dim_numbers functions from optax.contrib.muon's dimension numbers: a leaf with
+    an entry is a hidden matrix with those axes; a leaf with None steps with the Adam part (its
+    default label where that is not hidden: the LMO groups under other="lmo")."""
+    def entries(params):
+        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_plan._is_masked)
+        names = [_plan.path_str(p) for p, _ in leaves_with_path]
+        return treedef, _plan.match(_plan._resolve(dims, params), treedef, "muon_weight_dimension_numbers",
+                                    leaves_with_path, names)
+
+    def labels(params):
+        treedef, spec = entries(params)
+        default = treedef.flatten_up_to(lanton_labels.default_labels(params))
+        return treedef.unflatten(["hidden" if d is not None else ("adam" if k == "hidden" else k)
+                                  for d, k in zip(spec, default)])
+
+    def dim_numbers(params):
+        treedef, spec = entries(params)
+        return treedef.unflatten([None if d is None else DimSpec(*d) for d in spec])
+
+    return labels, dim_numbers
+
+
+_DEFAULT_BETA1, _DEFAULT_SCALE = 0.8, 0.2
+
+
 def _make(learning_rate, beta1, beta2, weight_decay, scale, kw) -> _Lanton:
+    beta1, scale, kw = _from_muon_names(beta1, scale, kw)
     return _Lanton(learning_rate, beta1, beta2, weight_decay, scale, **kw)
 
 
@@ -226,7 +407,7 @@ def lanton(
     *,
     noise_every: Optional[int] = None,
     noise_adaptive: bool = True,
-    nesterov: bool = False,
+    nesterov: Optional[bool] = None,
     ratio_stat: Optional[str] = None,
     ratio_eps: Optional[float] = None,
     ns_coeffs=None,
@@ -243,6 +424,21 @@ def lanton(
     ratio_floor: Optional[float] = None,
     noise_relative: Optional[bool] = None,
     noise_schedule: Optional[str] = None,
+    other: str = "adam",
+    adam_learning_rate: Optional[ScalarOrSchedule] = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.999,
+    adam_eps_root: Optional[float] = None,
+    adam_weight_decay: float = 0.0,
+    eps: Optional[float] = None,
+    beta: Optional[float] = None,
+    mu_dtype=None,
+    ns_steps: Optional[int] = None,
+    weight_decay_mask=None,
+    muon_weight_dimension_numbers=None,
+    consistent_rms: Optional[float] = None,
+    adaptive: bool = False,
+    preconditioning: str = "frobenius",
 ) -> optax.GradientTransformationExtraArgs:
     r"""LANTON: layer-wise noise-adaptive learning rates on geometry-aware (Muon-style) updates.
 
@@ -338,7 +534,11 @@ def lanton(
               ratio_eps=ratio_eps, ns_coeffs=ns_coeffs, labels=labels, groups=groups, dim_numbers=dim_numbers,
               momentum_dtype=momentum_dtype, backend=backend, ns_dtype=ns_dtype, noise_estimator=noise_estimator,
               mesh=mesh, mesh_axes=mesh_axes, ratio_power=ratio_power, ratio_floor=ratio_floor,
-              noise_relative=noise_relative, noise_schedule=noise_schedule)
+              noise_relative=noise_relative, noise_schedule=noise_schedule, other=other,
+              adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2, adam_eps_root=adam_eps_root,
+              adam_weight_decay=adam_weight_decay, eps=eps, beta=beta, mu_dtype=mu_dtype, ns_steps=ns_steps,
+              weight_decay_mask=weight_decay_mask, muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+              consistent_rms=consistent_rms, adaptive=adaptive, preconditioning=preconditioning)
     impl = _make(learning_rate, beta1, beta2, weight_decay, scale, kw)
 
     def update_fn(updates, state, params=None, *, second_grad=None, **extra_args):
@@ -351,12 +551,14 @@ def lanton(
 def paper(learning_rate: ScalarOrSchedule = 0.03, **kwargs) -> optax.GradientTransformationExtraArgs:
     """The paper's rule as reconstructed (docs/algorithm.md): r = alpha / max alpha over the group
     (`ratio_stat="max"`, `ratio_power=1.0`, no floor), K = 10 with every layer measured on the
-    same steps (`noise_schedule="synchronous"`, which may be overridden); any other option as
+    same steps (`noise_schedule="synchronous"`), the LMO geometry for every leaf (`other="lmo"`;
+    both may be overridden); any other option as
     `lanton()` takes it. The rate 0.03 is the one the 1500-step protocol picked for this rule on the
     Shakespeare GPT (benches/results/quality), where it trained worse than lanton's defaults."""
     rule = dict(ratio_stat="max", ratio_power=1.0, ratio_floor=0.0)
     clash = sorted(set(rule) & set(kwargs))
     if clash:
         raise TypeError(f"lanton.paper() fixes {clash}: use lanton.lanton(...) to choose them")
-    # The paper's cadence (every layer on the same steps) unless asked otherwise.
-    return lanton(learning_rate, **rule, **{"noise_schedule": "synchronous", **kwargs})
+    # The paper's cadence (every layer on the same steps) and geometry for every leaf (Signum for
+    # embeddings and heads, RMS for gains and biases) unless asked otherwise.
+    return lanton(learning_rate, **rule, **{"noise_schedule": "synchronous", "other": "lmo", **kwargs})

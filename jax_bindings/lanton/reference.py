@@ -10,6 +10,9 @@ One step for the layers l of a group (Hao et al., arXiv 2510.14009; ../shared/AL
     r_l = max(r_min, r_l^p), capped at 1 for stat = median       (StepConfig's defaults: median,
                                                                   p = 0.5, r_min = 0; the paper's: max, p = 1)
     X  <- X - lr*(wd*X + r_l*(s(shape)*D(B)))
+
+The adam kind (optax.contrib.muon's Adam branch, NAdamW; src/step AdamRule): nu = b2*nu + (1-b2)*G^2
+in the G_prev slot, D = NAdam's bias-corrected m / (sqrt(v + eps_root) + eps), r = 1, no noise.
 """
 
 from __future__ import annotations
@@ -110,6 +113,21 @@ def direction(config: StepConfig, v):
     return v / (rms + config.vector_eps)
 
 
+def bias_correction(decay, t):
+    """1 - decay^t in f32 (as optax forms it; the kernels round it from f64: within an ulp)."""
+    return 1.0 - jnp.power(jnp.asarray(decay, f32), jnp.asarray(t, f32))
+
+
+def adam_direction(config: StepConfig, mu, nu, g, b1, b2, t):
+    """NAdamW's direction from the new moments (optax.scale_by_adam; src/step AdamRule)."""
+    bc1, bc2 = bias_correction(b1, t), bias_correction(b2, t)
+    if config.nesterov:
+        m = b1 * (mu / bias_correction(b1, t + 1)) + (1 - b1) * (g / bc1)
+    else:
+        m = mu / bc1
+    return m / (jnp.sqrt(nu / bc2 + config.adam_eps_root) + config.adam_eps)
+
+
 def update_scale(kind, scale, shape):
     if kind == "hidden":
         return scale * jnp.sqrt(f32(max(shape[-2], shape[-1])))
@@ -196,6 +214,9 @@ def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
         valid_new = jnp.where(upd & (n > 0), f32(1), valid)
         store = keep & finite
         prev_new = jnp.where(store[:, None, None], grad.astype(prev.dtype), prev)
+        if config.kind == "adam":  # the G_prev slot holds the second moment nu
+            nu = b2 * prev.astype(f32) + (1 - b2) * (g * g)
+            prev_new = jnp.where(fin3, nu, prev.astype(f32)).astype(prev.dtype)
         pstep_new = jnp.where(store, t.astype(jnp.int32), pstep)
         phase1.append((b_new, prev_new, noise_new, valid_new, pstep_new, finite))
 
@@ -215,9 +236,12 @@ def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
         r = ratios[start:start + n_layers]
         start += n_layers
         v = b_new.astype(f32)
-        if config.nesterov:
-            v = b1 * v + (1 - b1) * grad.astype(f32)
-        d = direction(config, v)
+        if config.kind == "adam":
+            d = adam_direction(config, v, prev_new.astype(f32), grad.astype(f32), b1, b2, t)
+        else:
+            if config.nesterov:
+                v = b1 * v + (1 - b1) * grad.astype(f32)
+            d = direction(config, v)
         x = param.astype(f32)
         s = update_scale(config.kind, scale, param.shape)
         delta = -lr * (wd * x + r[:, None, None] * (s * d))  # the kernels' order (step::Write)

@@ -94,16 +94,18 @@ pub fn dual_norm(kind: Kind, nuclear: NuclearEstimator, d: &[f32], shape: &Layer
         Kind::Hidden => nuclear_norm(d, shape.rows, shape.cols, ns),
         Kind::Embed => kernels::l1(d),
         Kind::Vector => kernels::l2(d),
+        Kind::Adam => 0.0, // measures no noise (StepConfig::validate)
     };
     raw * step::dual_norm_factor(kind, shape)
 }
 
-/// D_kind(v) into `out`.
+/// D_kind(v) into `out` for the LMO kinds (an adam layer's direction is `apply_adam`'s).
 pub fn direction(cfg: &StepConfig, v: &[f32], shape: &LayerShape, out: &mut [f32], ns: &mut NsWorkspace) {
     match cfg.kind {
         Kind::Hidden => newton_schulz(v, shape.rows, shape.cols, &cfg.ns_coeffs, out, ns, true),
         Kind::Embed => kernels::sign(v, out),
         Kind::Vector => kernels::rms_normalize(v, cfg.vector_eps, out),
+        Kind::Adam => out.copy_from_slice(v), // not reached: `apply` sends adam layers to `apply_adam`
     }
 }
 
@@ -227,6 +229,11 @@ fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, phases: &[i32], leave
     let mut layers = split_layers(leaves, phases);
     // Phase 1: momentum and the noise tracker, per layer.
     for_each_layer(&mut layers, |layer, s| track(cfg, h, t, layer, s));
+    if cfg.kind == Kind::Adam {
+        // No ratios: the second moment, the direction and the write-out, per layer.
+        let rule = step::AdamRule::new(cfg, h, t);
+        return for_each_layer(&mut layers, |layer, _| apply_adam(&rule, h, layer));
+    }
     // Phase 2: the within-group ratio r from every layer's tracker.
     let noise: Vec<f32> = layers.iter().map(|l| *l.noise).collect();
     let valid: Vec<bool> = layers.iter().map(|l| *l.valid > 0.5).collect();
@@ -243,7 +250,7 @@ fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, phases: &[i32], leave
 
 /// Phase 1 for one layer: momentum, and on noise steps the tracker H from ||G - G_prev||.
 fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch) {
-    if cfg.kind == Kind::Embed {
+    if matches!(cfg.kind, Kind::Embed | Kind::Adam) {
         return track_elementwise(cfg, h, t, layer);
     }
     let shape = layer.shape;
@@ -300,7 +307,7 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
 /// memory bandwidth. 16 Ki f32 = 64 KiB, below malloc's mmap threshold.
 const CHUNK: usize = 1 << 14;
 
-/// `track` for an embed layer, piece by piece; the same arithmetic per element.
+/// `track` for an embed or adam layer, piece by piece; the same arithmetic per element.
 fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
     use rayon::prelude::*;
     let grads = layer.grad.chunks(CHUNK);
@@ -378,6 +385,36 @@ fn apply_elementwise(cfg: &StepConfig, h: &Hyper, layer: &mut Layer) {
                 b.iter_mut().zip(g.iter()).for_each(|(b, &g)| *b = beta1 * *b + (1.0 - beta1) * g);
             }
             kernels::sign(b, d);
+        }
+        piece.write_step((!skipped).then_some(&write), d, g);
+    });
+}
+
+/// Phase 3 for an adam layer, piece by piece (its momentum is already the new one, `track`):
+/// nu <- b2*nu + (1-b2)*G^2 in the G_prev buffer, D = `AdamRule::direction`, then the write-out
+/// delta = -lr * (wd * X + 1 * (s * D)). A skipped layer keeps nu and gets a zero update.
+fn apply_adam(rule: &step::AdamRule, h: &Hyper, layer: &mut Layer) {
+    use rayon::prelude::*;
+    let write = step::Write::new(Kind::Adam, h, &layer.shape, 1.0);
+    *layer.ratio = 1.0;
+    let skipped = layer.skipped;
+    let moms = layer.momentum.as_ref().chunks(CHUNK);
+    let grads = layer.grad.chunks(CHUNK);
+    let nus = layer.prev_grad.chunks_mut(CHUNK);
+    let buf = || (vec![0.0f32; CHUNK], vec![0.0f32; CHUNK], vec![0.0f32; CHUNK], vec![0.0f32; CHUNK]);
+    let pieces = layer.params.pieces(|x| x.chunks(CHUNK), |x| x.chunks_mut(CHUNK));
+    pieces.into_par_iter().zip(moms).zip(grads).zip(nus).for_each_init(buf, |(b, g, v, d), (((mut piece, mt), gt), mut nt)| {
+        let n = mt.len();
+        let (b, g, v, d) = (&mut b[..n], &mut g[..n], &mut v[..n], &mut d[..n]);
+        if !skipped {
+            mt.read(0, b);
+            gt.read(0, g);
+            nt.read(0, v);
+            for i in 0..n {
+                v[i] = rule.second_moment(v[i], g[i]);
+                d[i] = rule.direction(b[i], v[i], g[i]);
+            }
+            nt.write(0, v);
         }
         piece.write_step((!skipped).then_some(&write), d, g);
     });

@@ -91,8 +91,11 @@ pub struct GroupArgs {
     pub ratio_power: f32,
     pub ratio_floor: f32,
     pub chunk_stride: i32,
+    /// The adam kind's eps and eps_root.
+    pub adam_eps: f32,
+    pub adam_eps_root: f32,
 }
-const _: () = assert!(std::mem::size_of::<GroupArgs>() == 120);
+const _: () = assert!(std::mem::size_of::<GroupArgs>() == 128);
 
 /// Mirrors `struct GemmArgs` in kernels.cu: one f32 product of lanton_noise_gemm.
 #[repr(C)]

@@ -15,7 +15,8 @@
 //   lanton_track    per leaf: H, valid and prev_step per layer; H/valid copied to group scratch
 //   lanton_reference  one block: the group's reference alpha (max/mean/min/median over valid layers)
 //   [cuBLAS Newton-Schulz on the direction inputs]
-//   lanton_apply    per leaf: r per layer, direction, weight decay, write-out
+//   lanton_apply    per leaf: r per layer, direction, weight decay, write-out (the adam kind:
+//                   its second moment in the G_prev buffer and NAdamW's direction, r = 1)
 // The rules (cadence, usable G_prev, skipped layers) mirror src/step/mod.rs line for line.
 
 typedef unsigned short u16;
@@ -28,6 +29,7 @@ typedef unsigned int u32;
 #define KIND_HIDDEN 0
 #define KIND_EMBED 1
 #define KIND_VECTOR 2
+#define KIND_ADAM 3
 
 #define STAT_MAX 0
 #define STAT_MEAN 1
@@ -114,8 +116,9 @@ struct GroupArgs {
     float ratio_eps, vector_eps;
     float ratio_power, ratio_floor;  // r = max(floor, (alpha/ref)^power) (src/step RatioRule::shape)
     int chunk_stride;    // partial slots per layer: the most chunks any layer of the group has
+    float adam_eps, adam_eps_root;  // the adam kind's D = m / (sqrt(v + eps_root) + eps)
 };
-static_assert(sizeof(GroupArgs) == 120, "GroupArgs layout must match src/cuda/args.rs");
+static_assert(sizeof(GroupArgs) == 128, "GroupArgs layout must match src/cuda/args.rs");
 
 // Up to MAX_LEAVES leaves per launch (the batch stays under the 4 KB kernel-parameter limit).
 #define MAX_LEAVES 23
@@ -543,6 +546,24 @@ extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
         return;
     }
     const float s = g.hyper[4] * a.shape_scale;  // update_scale
+    if (g.kind == KIND_ADAM) {  // src/step AdamRule: nu <- b2 nu + (1 - b2) G^2, NAdamW's D
+        const int t = *g.step;
+        const float b2 = g.hyper[2];
+        const float bc1 = (float)(1.0 - pow((double)b1, (double)t)), bc2 = (float)(1.0 - pow((double)b2, (double)t));
+        const float bc1_next = (float)(1.0 - pow((double)b1, (double)t + 1.0));
+        for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x) {
+            const float gr = load(a.grad, a.dt_grad, base + i);
+            const float mu = load(a.momentum, a.dt_mom, base + i);  // already the new momentum
+            const float nu = b2 * load(a.prev_grad, a.dt_prev, base + i) + (1.f - b2) * (gr * gr);
+            store(a.prev_grad, a.dt_prev, base + i, nu);
+            const float m = g.nesterov ? b1 * (mu / bc1_next) + (1.f - b1) * (gr / bc1) : mu / bc1;
+            const float d = m / (sqrtf(nu / bc2 + g.adam_eps_root) + g.adam_eps);
+            float x = load(a.param, a.dt_param, base + i);
+            float delta = -lr * (wd * x + r * (s * d));  // step::Write's order
+            store(a.out, a.dt_param, base + i, a.in_place ? x + delta : delta);
+        }
+        return;
+    }
     float inv_rms = 0.f;
     if (g.kind == KIND_VECTOR) {
         float rms = (float)sqrt(acc[ACC_V2]) / sqrtf((float)a.layer_len);

@@ -232,7 +232,7 @@ impl Plan {
             partials: at(o.partials) as *mut f64,
             phases: layout.phases.as_ref().map_or(std::ptr::null(), |p| p.data as *const i32),
             due: at(o.due) as *mut i32,
-            kind: match cfg.kind { Kind::Hidden => 0, Kind::Embed => 1, Kind::Vector => 2 },
+            kind: match cfg.kind { Kind::Hidden => 0, Kind::Embed => 1, Kind::Vector => 2, Kind::Adam => 3 },
             noise_every: cfg.noise_every as i32,
             noise_adaptive: cfg.noise_adaptive as i32,
             nesterov: cfg.nesterov as i32,
@@ -244,6 +244,8 @@ impl Plan {
             ratio_power: cfg.ratio_power,
             ratio_floor: cfg.ratio_floor,
             chunk_stride: chunk_stride as i32,
+            adam_eps: cfg.adam_eps,
+            adam_eps_root: cfg.adam_eps_root,
         };
         let mut leaves = Vec::with_capacity(layout.leaves.len());
         let mut group_layer = 0usize;

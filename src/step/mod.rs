@@ -21,6 +21,16 @@
 //!   V = nesterov ? b1*B + (1-b1)*G : B
 //!   delta = -lr * (wd*X + r_l * (s(kind, shape) * D_kind(V)))    (this order on every path: `Write`)
 //! ```
+//!
+//! The `adam` kind is not an LMO geometry: it steps its leaves by NAdamW exactly as
+//! optax.contrib.muon's Adam branch does (`AdamRule`), with the same skip rule and write-out
+//! (r = 1, no noise tracking; its second moment nu, f32, lives in the G_prev buffer):
+//!
+//! ```text
+//!   B = b1*B + (1-b1)*G;  nu = b2*nu + (1-b2)*G^2
+//!   D = (b1*B/(1-b1^(t+1)) + (1-b1)*G/(1-b1^t)) / (sqrt(nu/(1-b2^t) + eps_root) + eps)   (Nesterov)
+//!   delta = -lr * (wd*X + 1 * (s * D))                                         s = scale (1 by default)
+//! ```
 
 use std::fmt;
 
@@ -36,6 +46,8 @@ pub enum Kind {
     Embed,
     /// RMS norm: B / (rms(B) + eps); noise in sqrt(d)*l2.
     Vector,
+    /// Elementwise NAdamW (optax.contrib.muon's Adam branch, `AdamRule`): no noise tracking, r = 1.
+    Adam,
 }
 
 impl Kind {
@@ -44,6 +56,7 @@ impl Kind {
             "hidden" => Some(Kind::Hidden),
             "embed" => Some(Kind::Embed),
             "vector" => Some(Kind::Vector),
+            "adam" => Some(Kind::Adam),
             _ => None,
         }
     }
@@ -55,6 +68,7 @@ impl fmt::Display for Kind {
             Kind::Hidden => "hidden",
             Kind::Embed => "embed",
             Kind::Vector => "vector",
+            Kind::Adam => "adam",
         })
     }
 }
@@ -202,27 +216,35 @@ pub struct StepConfig {
     pub vector_eps: f32,
     /// The noise estimate's nuclear norm (hidden groups).
     pub nuclear: NuclearEstimator,
+    /// eps and eps_root of the `adam` kind: D = m / (sqrt(v + eps_root) + eps) (optax's names).
+    pub adam_eps: f32,
+    pub adam_eps_root: f32,
 }
 
 impl StepConfig {
     /// lanton's defaults: the one set every front end uses for an option it is not given (the
     /// Python package's `StepConfig`, the XLA attributes, the C ABI's JSON keys; the reasons
     /// are in docs/decisions.md).
+    /// An `adam` group tracks no noise and uses Nesterov momentum (optax.contrib.muon's Adam
+    /// branch: `optax.adamw(nesterov=True)`), so its defaults differ in those two.
     pub fn new(kind: Kind) -> Self {
+        let adam = kind == Kind::Adam;
         StepConfig {
             kind,
             ns_coeffs: vec![NS_DEFAULT; NS_DEFAULT_STEPS],
             noise_every: 10,
             noise_schedule: NoiseSchedule::Synchronous,
-            noise_adaptive: true,
+            noise_adaptive: !adam,
             ratio_stat: RatioStat::Median,
             ratio_eps: 1e-30,
             ratio_power: 0.5,
             ratio_floor: 0.0,
             noise_relative: false,
-            nesterov: false,
+            nesterov: adam,
             vector_eps: 1e-8,
             nuclear: NuclearEstimator::Auto,
+            adam_eps: 1e-8,
+            adam_eps_root: 0.0,
         }
     }
 
@@ -254,6 +276,12 @@ impl StepConfig {
         }
         if self.kind == Kind::Hidden && self.ns_coeffs.is_empty() {
             return Err("hidden groups need at least one Newton-Schulz step".into());
+        }
+        if !(self.adam_eps >= 0.0 && self.adam_eps.is_finite()) || !(self.adam_eps_root >= 0.0 && self.adam_eps_root.is_finite()) {
+            return Err(format!("adam_eps and adam_eps_root must be finite and >= 0, got {} and {}", self.adam_eps, self.adam_eps_root));
+        }
+        if self.kind == Kind::Adam && (self.noise_adaptive || self.noise_relative) {
+            return Err("'noise_adaptive': an adam group tracks no noise (its ratio is 1); pass noise_adaptive false".into());
         }
         Ok(())
     }
@@ -366,7 +394,7 @@ pub fn checked_elements(layers: usize, rows: usize, cols: usize) -> Option<(usiz
 pub fn update_scale(kind: Kind, scale: f32, shape: &LayerShape) -> f32 {
     match kind {
         Kind::Hidden => scale * (shape.rows.max(shape.cols) as f32).sqrt(),
-        Kind::Embed | Kind::Vector => scale,
+        Kind::Embed | Kind::Vector | Kind::Adam => scale,
     }
 }
 
@@ -374,8 +402,57 @@ pub fn update_scale(kind: Kind, scale: f32, shape: &LayerShape) -> f32 {
 pub fn dual_norm_factor(kind: Kind, shape: &LayerShape) -> f32 {
     match kind {
         Kind::Hidden => (shape.d_out() as f32 / shape.d_in() as f32).sqrt(),
-        Kind::Embed => 1.0,
+        Kind::Embed | Kind::Adam => 1.0, // (an adam group measures no noise)
         Kind::Vector => (shape.layer_len() as f32).sqrt(),
+    }
+}
+
+/// 1 - decay^t, formed in f64 and rounded to f32 (the CUDA kernel's formula too).
+pub fn bias_correction(decay: f32, t: i64) -> f32 {
+    (1.0 - (decay as f64).powf(t as f64)) as f32
+}
+
+/// The `adam` kind's step on one element: NAdamW as optax.adamw computes it (optax's
+/// scale_by_adam; the CUDA kernel mirrors it). `Write` then applies the rate and weight decay.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamRule {
+    pub b1: f32,
+    pub b2: f32,
+    pub eps: f32,
+    pub eps_root: f32,
+    pub nesterov: bool,
+    /// 1 - b1^t, 1 - b1^(t+1), 1 - b2^t.
+    pub bc1: f32,
+    pub bc1_next: f32,
+    pub bc2: f32,
+}
+
+impl AdamRule {
+    pub fn new(cfg: &StepConfig, h: &Hyper, t: i32) -> AdamRule {
+        let t = t as i64;
+        AdamRule {
+            b1: h.beta1,
+            b2: h.beta2,
+            eps: cfg.adam_eps,
+            eps_root: cfg.adam_eps_root,
+            nesterov: cfg.nesterov,
+            bc1: bias_correction(h.beta1, t),
+            bc1_next: bias_correction(h.beta1, t + 1),
+            bc2: bias_correction(h.beta2, t),
+        }
+    }
+
+    /// nu <- b2*nu + (1-b2)*g^2 (the momentum B is the common b1*B + (1-b1)*G).
+    #[inline]
+    pub fn second_moment(&self, nu: f32, g: f32) -> f32 {
+        self.b2 * nu + (1.0 - self.b2) * (g * g)
+    }
+
+    /// D from the new moments `mu`, `nu` and the gradient `g`.
+    #[inline]
+    pub fn direction(&self, mu: f32, nu: f32, g: f32) -> f32 {
+        let m = if self.nesterov { self.b1 * (mu / self.bc1_next) + (1.0 - self.b1) * (g / self.bc1) } else { mu / self.bc1 };
+        m / ((nu / self.bc2 + self.eps_root).sqrt() + self.eps)
     }
 }
 

@@ -6,7 +6,7 @@
 use super::{Kind, NoiseSchedule, NuclearEstimator, RatioStat, StepConfig};
 
 /// The option names the decoder reads (`kind` is required, every other one optional).
-pub const CONFIG_KEYS: [&str; 13] = [
+pub const CONFIG_KEYS: [&str; 15] = [
     "kind",
     "ns_coeffs",
     "noise_every",
@@ -20,6 +20,8 @@ pub const CONFIG_KEYS: [&str; 13] = [
     "nesterov",
     "vector_eps",
     "noise_estimator",
+    "adam_eps",
+    "adam_eps_root",
 ];
 
 /// Named option values. Each getter returns `Ok(None)` when the option is absent and an error
@@ -36,8 +38,8 @@ pub trait Options {
 /// The configuration the options give, over `StepConfig::new`'s defaults. Errors name the
 /// option as `'name': ...`; the front end says where it came from (an attribute, a JSON key).
 pub fn decode(src: &impl Options) -> Result<StepConfig, String> {
-    let kind_s = src.text("kind")?.ok_or("'kind' (hidden, embed or vector) is required")?;
-    let kind = Kind::parse(&kind_s).ok_or_else(|| format!("'kind': expected one of hidden, embed, vector, got '{kind_s}'"))?;
+    let kind_s = src.text("kind")?.ok_or("'kind' (hidden, embed, vector or adam) is required")?;
+    let kind = Kind::parse(&kind_s).ok_or_else(|| format!("'kind': expected one of hidden, embed, vector, adam, got '{kind_s}'"))?;
     let mut cfg = StepConfig::new(kind);
     if let Some(flat) = src.numbers("ns_coeffs")? {
         if flat.len() % 3 != 0 {
@@ -83,6 +85,8 @@ pub fn decode(src: &impl Options) -> Result<StepConfig, String> {
     set_number("ratio_power", &mut cfg.ratio_power)?;
     set_number("ratio_floor", &mut cfg.ratio_floor)?;
     set_number("vector_eps", &mut cfg.vector_eps)?;
+    set_number("adam_eps", &mut cfg.adam_eps)?;
+    set_number("adam_eps_root", &mut cfg.adam_eps_root)?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -126,8 +130,10 @@ mod tests {
             .unwrap();
         assert_eq!((cfg.noise_every, cfg.ratio_stat, cfg.ns_coeffs.clone()), (3, RatioStat::Max, vec![[1.0, 2.0, 3.0]]));
         for (pairs, needle) in [
-            (vec![], "'kind' (hidden, embed or vector) is required"),
-            (vec![("kind", "conv")], "'kind': expected one of hidden, embed, vector, got 'conv'"),
+            (vec![], "'kind' (hidden, embed, vector or adam) is required"),
+            (vec![("kind", "conv")], "'kind': expected one of hidden, embed, vector, adam, got 'conv'"),
+            (vec![("kind", "adam"), ("noise_adaptive", "true")], "an adam group tracks no noise"),
+            (vec![("kind", "adam"), ("adam_eps", "-1")], "adam_eps and adam_eps_root must be finite and >= 0"),
             (vec![("kind", "hidden"), ("noise_every", "0")], "'noise_every': expected an integer from 1 to"),
             (vec![("kind", "hidden"), ("noise_every", "2147483648")], "got 2147483648"),
             (vec![("kind", "hidden"), ("ns_coeffs", "1,2")], "'ns_coeffs': expected (a, b, c) triples"),

@@ -136,6 +136,7 @@ pub fn ref_dual_norm(kind: Kind, d: &[f64], shape: &LayerShape) -> f64 {
         }
         Kind::Embed => d.iter().map(|x| x.abs()).sum(),
         Kind::Vector => d.iter().map(|x| x * x).sum::<f64>().sqrt(),
+        Kind::Adam => panic!("the LMO reference has no adam kind (tests/step_sequence.rs has its own)"),
     }
 }
 
@@ -150,6 +151,7 @@ pub fn ref_direction(cfg: &StepConfig, v: &[f64], shape: &LayerShape) -> Vec<f64
             let rms = (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt();
             v.iter().map(|x| x / (rms + cfg.vector_eps as f64)).collect()
         }
+        Kind::Adam => panic!("the LMO reference has no adam kind (tests/step_sequence.rs has its own)"),
     }
 }
 

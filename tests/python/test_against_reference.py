@@ -27,14 +27,17 @@ def run(backend, params, steps, **kw):
     return params, state
 
 
-CASES = list(itertools.product([1, 10], [0.0, 0.1], [True, False]))
+# The default (embeddings, head, gains and biases by NAdamW: other="adam"), and the LMO geometry
+# for every leaf (other="lmo": Signum and RMS groups).
+CASES = [(k, wd, a, "adam") for k, wd, a in itertools.product([1, 10], [0.0, 0.1], [True, False])] + [
+    (1, 0.1, True, "lmo"), (10, 0.0, True, "lmo"), (1, 0.0, False, "lmo")]
 
 
-@pytest.mark.parametrize("k,wd,adaptive", CASES)
-def test_f32_matches_reference(k, wd, adaptive):
+@pytest.mark.parametrize("k,wd,adaptive,other", CASES)
+def test_f32_matches_reference(k, wd, adaptive, other):
     params = transformer_params(jax.random.key(0))
     steps = 22
-    kw = dict(noise_every=k, weight_decay=wd, noise_adaptive=adaptive)
+    kw = dict(noise_every=k, weight_decay=wd, noise_adaptive=adaptive, other=other)
     pf, sf = run("ffi", params, steps, **kw)
     pr, sr = run("reference", params, steps, **kw)
     for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
@@ -49,7 +52,10 @@ def test_f32_matches_reference(k, wd, adaptive):
     ratios = np.concatenate([np.ravel(r) for r in jax.tree.leaves(sf.ratio)])
     if adaptive:
         assert (ratios < 0.999).any(), "noise adaptation never changed a ratio"
-        assert all(np.all(v == 1) for v in jax.tree.leaves(sf.valid))
+        # Every layer that tracks noise has measured some (adam leaves track none: valid stays 0).
+        kinds = jax.tree.leaves(lanton.default_labels(params))
+        tracks = [other == "lmo" or k == "hidden" for k in kinds]
+        assert all(np.all(v == t) for v, t in zip(jax.tree.leaves(sf.valid), tracks))
     else:
         assert np.all(ratios == 1.0)
 

@@ -45,11 +45,17 @@ def conditionals(text):
     return found
 
 
-@pytest.mark.parametrize("kw", [{}, {"noise_every": 1}, {"noise_adaptive": False}])
+def kinds_of(kw):
+    """The calls' kinds: the default's hidden group and one call for its Adam part (embeddings,
+    head, gains and biases); other="lmo": one per LMO group."""
+    return ["embed", "hidden", "vector"] if kw.get("other") == "lmo" else ["adam", "hidden"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"noise_every": 1}, {"noise_adaptive": False}, {"other": "lmo"}])
 def test_cuda_lowering_has_one_call_per_group_and_no_conditional(kw):
     text = lowered("cuda", **kw)
     found = calls(text)
-    assert sorted(k for _, k, _ in found) == ["embed", "hidden", "vector"], found
+    assert sorted(k for _, k, _ in found) == kinds_of(kw), found
     assert conditionals(text) == []
     assert "noise_work" not in text  # the handler's default: enqueued, gated on the device
     assert all(dt == "bfloat16" for _, _, dt in found)
@@ -67,7 +73,7 @@ def test_conditionals_are_seen():
 def test_cpu_lowering_has_one_call_per_group_and_options_pass_through():
     text = lowered("cpu", ns_dtype="float32")
     found = calls(text)
-    assert sorted(k for _, k, _ in found) == ["embed", "hidden", "vector"], found
+    assert sorted(k for _, k, _ in found) == kinds_of({}), found
     assert "noise_work" not in text
     assert all(dt == "float32" for _, _, dt in found)
 
@@ -99,7 +105,7 @@ def expected_scratch(line):
 @pytest.mark.parametrize("kw", [{}, {"ns_dtype": "float32"}, {"noise_adaptive": False}])
 def test_cuda_calls_have_a_scratch_result_sized_by_the_library(kw):
     lines = call_lines(lowered("cuda", **kw))
-    assert len(lines) == 3, lines
+    assert len(lines) == 2, lines  # the hidden group, the Adam part
     sizes = {}
     for line in lines:
         types = result_types(line)
@@ -122,7 +128,7 @@ def test_cuda_calls_have_a_scratch_result_sized_by_the_library(kw):
 def test_cpu_calls_have_no_scratch_result():
     for kw in ({}, {"noise_adaptive": False}):
         lines = call_lines(lowered("cpu", **kw))
-        assert len(lines) == 3, lines
+        assert len(lines) == 2, lines  # the hidden group, the Adam part
         for line in lines:
             types = result_types(line)
             assert len(types) % 7 == 0 and not any("ui8" in t for t in types), types
@@ -163,7 +169,7 @@ def test_the_work_split_lowers_for_cuda_without_conditionals():
     # collectives.
     mesh = jax.sharding.AbstractMesh((2,), ("x",))
     text = lowered("cuda", mesh=mesh)
-    assert sorted(k for _, k, _ in calls(text)) == ["embed", "hidden", "vector"]
+    assert sorted(k for _, k, _ in calls(text)) == kinds_of({})
     assert conditionals(text) == []
     assert "owned_layers" not in text
     assert "all_to_all" in text and "all_gather" in text

@@ -340,16 +340,17 @@ def test_unlabelled_leaves_pass_through_and_custom_groups():
 
 
 def test_embed_and_vector_groups_step_at_half_the_scale_by_default():
+    # The LMO groups (other="lmo"; the default steps these leaves by NAdamW, test_default_recipe).
     params = transformer_params(jax.random.key(3))
     grads = random_grads(jax.random.key(4), params)
-    tx = lanton.lanton(0.01, scale=0.2)
+    tx = lanton.lanton(0.01, scale=0.2, other="lmo")
     u, _ = tx.update(grads, tx.init(params), params)
     # Step 1: r = 1 and no weight decay, so embed is lr * 0.1 * sign and vector has RMS lr * 0.1.
     np.testing.assert_allclose(np.abs(np.asarray(u["wte"])), 0.01 * 0.1, rtol=1e-6)
     rms = float(np.sqrt(np.mean(np.square(np.asarray(u["ln_f"]["scale"])))))
     assert abs(rms - 0.01 * 0.1) < 1e-6, rms
     # A group's own scale overrides the kind factor.
-    tx = lanton.lanton(0.01, scale=0.2, groups={**lanton.DEFAULT_GROUPS, "embed": lanton.Group("embed", scale=0.3)})
+    tx = lanton.lanton(0.01, scale=0.2, other="lmo", groups={**lanton.DEFAULT_GROUPS, "embed": lanton.Group("embed", scale=0.3)})
     u, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(np.abs(np.asarray(u["wte"])), 0.01 * 0.3, rtol=1e-6)
 
@@ -369,7 +370,7 @@ def test_python_and_library_defaults_are_one_set():
     f32 = lambda x: float(np.float32(x))
     assert library.pop("kind") == python.pop("kind") == "hidden"
     assert [[f32(c) for c in t] for t in python.pop("ns_coeffs")] == library.pop("ns_coeffs")
-    for k in ("ratio_eps", "ratio_power", "ratio_floor", "vector_eps"):
+    for k in ("ratio_eps", "ratio_power", "ratio_floor", "vector_eps", "adam_eps", "adam_eps_root"):
         assert f32(python.pop(k)) == f32(library.pop(k)), k
     python.pop("ns_dtype")  # CUDA-only, an attribute of its own beside the step's options
     assert python == library
@@ -389,12 +390,12 @@ def test_the_paper_preset_is_the_papers_rule_over_lantons_other_defaults():
 
     got, _ = run(lanton.paper(noise_every=2))
     want, _ = run(lanton.lanton(0.03, ratio_stat="max", ratio_power=1.0, ratio_floor=0.0, noise_every=2,
-                                noise_schedule="synchronous"))
+                                noise_schedule="synchronous", other="lmo"))
     jax.tree.map(np.testing.assert_array_equal, got, want)
     # The paper's cadence by default, the staggered one on request.
     stag, _ = run(lanton.paper(noise_every=2, noise_schedule="staggered"))
     want, _ = run(lanton.lanton(0.03, ratio_stat="max", ratio_power=1.0, ratio_floor=0.0, noise_every=2,
-                                noise_schedule="staggered"))
+                                noise_schedule="staggered", other="lmo"))
     jax.tree.map(np.testing.assert_array_equal, stag, want)
     # ... and not lanton's own rule at the same rate and cadence.
     ours, _ = run(lanton.lanton(0.03, noise_every=2))

@@ -21,8 +21,13 @@ def grads_at(t, params):
     return jax.tree.map(lambda a, b: a + 0.5 * b, g, random_grads(jax.random.key(7), params))
 
 
+# These tests follow the noise of every LMO kind (embed and vector groups too): other="lmo" (the
+# default steps those leaves by NAdamW, which tracks no noise; test_default_recipe.py).
+LMO = dict(other="lmo")
+
+
 def run(params, steps, backend, second=None, **kw):
-    tx = lanton.lanton(learning_rate=0.05, backend=backend, **kw)
+    tx = lanton.lanton(learning_rate=0.05, backend=backend, **{**LMO, **kw})
     state = tx.init(params)
     upd = jax.jit(tx.update)
     for t in range(steps):
@@ -107,7 +112,7 @@ def test_relative_noise_of_a_layer_without_signal_is_dropped(backend):
     # A leaf whose gradient is always 0 has B = 0: its ratio 0/0 is dropped (H and valid stay 0,
     # r = 1), and nothing else is disturbed.
     params = transformer_params(jax.random.key(10))
-    tx = lanton.lanton(learning_rate=0.05, backend=backend, noise_every=1, noise_relative=True)
+    tx = lanton.lanton(learning_rate=0.05, backend=backend, noise_every=1, noise_relative=True, **LMO)
     state, upd = tx.init(params), jax.jit(tx.update)
     for t in range(4):
         g = grads_at(t, params)
@@ -126,7 +131,7 @@ def test_a_noise_norm_that_would_overflow_the_tracker_is_dropped(backend):
     # A gradient jump of ~1e20 (finite in f32) gives a norm whose square is not: H must not turn
     # inf (it would pin the layer's rate at 0 for good); the refresh is dropped instead.
     params = transformer_params(jax.random.key(11))
-    tx = lanton.lanton(learning_rate=0.05, backend=backend, noise_every=1)
+    tx = lanton.lanton(learning_rate=0.05, backend=backend, noise_every=1, **LMO)
     state, upd = tx.init(params), jax.jit(tx.update)
     prev_noise = None
     for t in range(5):
@@ -231,7 +236,7 @@ def quiet_proj(t, params):
 
 
 def run_grads(params, steps, backend, grads, **kw):
-    tx = lanton.lanton(learning_rate=0.05, backend=backend, noise_every=1, **kw)
+    tx = lanton.lanton(learning_rate=0.05, backend=backend, noise_every=1, **{**LMO, **kw})
     state, upd = tx.init(params), jax.jit(tx.update)
     for t in range(steps):
         u, state = upd(grads(t, params), state, params)
