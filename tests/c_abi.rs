@@ -108,7 +108,9 @@ fn host_step_errors_are_reported() {
     let e = call("{not json", &h, 1, &mut leaf, &g).unwrap_err();
     assert!(e.contains("not valid JSON"), "{e}");
     let e = call(r#"{"kind": "conv"}"#, &h, 1, &mut leaf, &g).unwrap_err();
-    assert!(e.contains("config: 'kind': expected one of hidden, embed, vector, got 'conv'"), "{e}");
+    assert!(e.contains("config: 'kind': expected one of hidden, embed, vector, adam, got 'conv'"), "{e}");
+    let e = call(r#"{"kind": "adam", "noise_adaptive": true}"#, &h, 1, &mut leaf, &g).unwrap_err();
+    assert!(e.contains("an adam group tracks no noise"), "{e}");
     let e = call(r#"{"kind": "embed", "noise_evry": 3}"#, &h, 1, &mut leaf, &g).unwrap_err();
     assert!(e.contains("unknown key 'noise_evry'"), "{e}");
     let e = call(r#"{"kind": "embed", "noise_every": 0}"#, &h, 1, &mut leaf, &g).unwrap_err();
@@ -130,4 +132,44 @@ fn absent_config_keys_take_the_one_set_of_defaults_and_the_defaults_read_back() 
     assert_eq!(config_from_json(&text).unwrap(), cfg);
     let paper = StepConfig { noise_every: 3, nesterov: true, ..StepConfig::paper(Kind::Embed) };
     assert_eq!(config_from_json(&config_to_json(&paper)).unwrap(), paper);
+    // The adam kind's own defaults (no noise, Nesterov: optax.contrib.muon's Adam branch), and its options.
+    let adam = config_from_json(r#"{"kind": "adam"}"#).unwrap();
+    assert_eq!(adam, StepConfig::new(Kind::Adam));
+    assert!(!adam.noise_adaptive && adam.nesterov && adam.adam_eps == 1e-8 && adam.adam_eps_root == 0.0);
+    let adam = config_from_json(r#"{"kind": "adam", "adam_eps": 0.001, "adam_eps_root": 1e-9, "nesterov": false}"#).unwrap();
+    assert!(!adam.nesterov && adam.adam_eps == 1e-3 && adam.adam_eps_root == 1e-9);
+    assert_eq!(config_from_json(&config_to_json(&adam)).unwrap(), adam);
+}
+
+#[test]
+fn host_step_runs_the_adam_kind() {
+    // Through the C ABI: the same bits as the CPU kernel called directly (tests/step_sequence.rs
+    // checks that against NAdamW in f64); nu in the G_prev buffer, r = 1, no noise tracked.
+    let mut rng = Rng::new(41);
+    let shape = lanton::step::LayerShape { layers: 2, rows: 3, cols: 8, rows_are_input: true };
+    let p0 = rng.normals(48, 0.5);
+    let (mut a, mut b) = (OwnedLeaf::new(shape, p0.clone()), OwnedLeaf::new(shape, p0));
+    let hyper = [0.01, 0.9, 0.999, 0.1, 1.0];
+    let cfg = lanton::step::StepConfig::new(lanton::step::Kind::Adam);
+    let h = lanton::step::Hyper::from_slice(&hyper).unwrap();
+    for t in 1..=3 {
+        let grad = rng.normals(48, 1.0);
+        call(r#"{"kind": "adam"}"#, &hyper, t, &mut a, &grad).unwrap();
+        use lanton::tensor::{Tensor, TensorMut};
+        let mut io = vec![lanton::cpu::LeafIo {
+            shape,
+            params: lanton::cpu::ParamIo::InPlace { param: TensorMut::F32(&mut b.param) },
+            grad: Tensor::F32(&grad),
+            momentum: TensorMut::F32(&mut b.momentum),
+            prev_grad: TensorMut::F32(&mut b.prev_grad),
+            noise: &mut b.noise,
+            valid: &mut b.valid,
+            prev_step: &mut b.prev_step,
+            ratio: &mut b.ratio,
+        }];
+        lanton::cpu::group_step(&cfg, &h, t, &[0, 0], &mut io).unwrap();
+        assert_eq!(a.param, b.param, "t={t}");
+        assert_eq!(a.prev_grad, b.prev_grad);
+    }
+    assert!(a.prev_grad.iter().all(|&v| v > 0.0) && a.ratio == vec![1.0, 1.0] && a.valid == vec![0.0, 0.0]);
 }

@@ -175,7 +175,7 @@ fn scratch_bytes_errors_are_reported() {
     let e = err(r#"{"kind": "hidden", "leaves": [], "noise_evry": 1}"#);
     assert!(e.contains("unknown key 'noise_evry'"), "{e}");
     let e = err(r#"{"leaves": []}"#);
-    assert!(e.contains("'kind' (hidden, embed or vector) is required"), "{e}");
+    assert!(e.contains("'kind' (hidden, embed, vector or adam) is required"), "{e}");
     let e = err(r#"{"kind": "conv", "leaves": []}"#);
     assert!(e.contains("unknown kind 'conv'"), "{e}");
     let e = err(r#"{"kind": "hidden"}"#);

@@ -118,7 +118,7 @@ fn rejects_wrong_counts_and_shapes() {
 fn rejects_bad_attributes() {
     let mut f = base();
     f.remove_attr("kind");
-    expect_error(&mut f, lanton_step_update_cpu, &["'kind' (hidden, embed or vector) is required"]);
+    expect_error(&mut f, lanton_step_update_cpu, &["'kind' (hidden, embed, vector or adam) is required"]);
     let mut f = base();
     f.set_attr("kind", Attr::Str("conv".into()));
     expect_error(&mut f, lanton_step_update_cpu, &["'kind'", "got 'conv'"]);
