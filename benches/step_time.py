@@ -74,6 +74,14 @@ def param_set(name):
 LOWER_BOUND_S = {"gpt2": 2.1e-3, "tinyllama": 49e-3}
 
 
+def _not_hidden(params):
+    return jax.tree.map(lambda k: None if k == "hidden" else k, lanton.default_labels(params))
+
+
+def _is_not_hidden(params):
+    return jax.tree.map(lambda k: k != "hidden", lanton.default_labels(params))
+
+
 def contenders():
     muon = lambda **kw: optax.contrib.muon(0.02, adam_learning_rate=3e-3, **kw)
     return {
@@ -85,6 +93,10 @@ def contenders():
         # (lanton on the hidden matrices, optax.adamw beside it), and vs the LMO steps for those leaves.
         "hybrid K=10 (multi_transform)": ("tx", lambda: hybrid(0.02, 0.4 * 0.02, noise_every=10)),
         "lanton K=10, other=lmo": ("tx", lambda: lanton.lanton(0.02, noise_every=10, other="lmo")),
+        # The Adam part alone (hidden matrices pass through in both): lanton's fused call vs optax.adamw.
+        "Adam part only: lanton": ("tx", lambda: lanton.lanton(0.02, labels=_not_hidden)),
+        "Adam part only: optax.adamw": ("tx", lambda: optax.masked(
+            optax.adamw(0.008, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, nesterov=True), _is_not_hidden)),
         "lanton K=1, TF32 noise products": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton in-place noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
         "lanton in-place K=10": ("fused", lambda: lanton.fused(0.02, noise_every=10)),
@@ -102,7 +114,8 @@ def contenders():
 # that a drift of the machine's speed falls on all alike: K = 10 against noise-off (the first) and
 # against the ratios' base, optax Muon, whose steps all cost the same.
 BASE = "optax muon (hidden only)"
-CADENCE_ROWS = ("lanton noise off", "lanton K=10", "lanton K=10 staggered", BASE)
+CADENCE_ROWS = ("lanton noise off", "lanton K=10", "lanton K=10 staggered", "hybrid K=10 (multi_transform)",
+                "lanton K=10, other=lmo", BASE)
 CADENCE = 10
 CADENCE_BUDGET_S = 3.0
 

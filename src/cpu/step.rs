@@ -250,7 +250,12 @@ fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, phases: &[i32], leave
 
 /// Phase 1 for one layer: momentum, and on noise steps the tracker H from ||G - G_prev||.
 fn track(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer, s: &mut Scratch) {
-    if matches!(cfg.kind, Kind::Embed | Kind::Adam) {
+    if cfg.kind == Kind::Adam {
+        // Its moments are updated with the write-out (`apply_adam`, one pass over the layer).
+        layer.skipped = !all_finite_chunks(&layer.grad);
+        return;
+    }
+    if cfg.kind == Kind::Embed {
         return track_elementwise(cfg, h, t, layer);
     }
     let shape = layer.shape;
@@ -307,19 +312,25 @@ fn apply(cfg: &StepConfig, h: &Hyper, layer: &mut Layer, s: &mut Scratch) {
 /// memory bandwidth. 16 Ki f32 = 64 KiB, below malloc's mmap threshold.
 const CHUNK: usize = 1 << 14;
 
-/// `track` for an embed or adam layer, piece by piece; the same arithmetic per element.
-fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
+/// Is every entry of `grad` finite? Piece by piece, over the pool.
+fn all_finite_chunks(grad: &Tensor) -> bool {
     use rayon::prelude::*;
-    let grads = layer.grad.chunks(CHUNK);
-    let buf = || vec![0.0f32; CHUNK];
-    layer.skipped = !grads
+    grad.chunks(CHUNK)
         .par_iter()
-        .map_init(buf, |g, gt| {
+        .map_init(|| vec![0.0f32; CHUNK], |g, gt| {
             let g = &mut g[..gt.len()];
             gt.read(0, g);
             kernels::all_finite(g)
         })
-        .all(|ok| ok);
+        .all(|ok| ok)
+}
+
+/// `track` for an embed layer, piece by piece; the same arithmetic per element.
+fn track_elementwise(cfg: &StepConfig, h: &Hyper, t: i32, layer: &mut Layer) {
+    use rayon::prelude::*;
+    let buf = || vec![0.0f32; CHUNK];
+    layer.skipped = !all_finite_chunks(&layer.grad);
+    let grads = layer.grad.chunks(CHUNK);
     if layer.skipped {
         return; // Non-finite gradient: this layer's state stays as it was.
     }
@@ -390,26 +401,30 @@ fn apply_elementwise(cfg: &StepConfig, h: &Hyper, layer: &mut Layer) {
     });
 }
 
-/// Phase 3 for an adam layer, piece by piece (its momentum is already the new one, `track`):
-/// nu <- b2*nu + (1-b2)*G^2 in the G_prev buffer, D = `AdamRule::direction`, then the write-out
-/// delta = -lr * (wd * X + 1 * (s * D)). A skipped layer keeps nu and gets a zero update.
+/// Phases 1 and 3 for an adam layer in one pass, piece by piece (`track` checked its gradient):
+/// B <- b1*B + (1-b1)*G, nu <- b2*nu + (1-b2)*G^2 in the G_prev buffer, D = `AdamRule::direction`
+/// of the moments as stored, then the write-out delta = -lr * (wd * X + 1 * (s * D)). A skipped
+/// layer keeps its moments and gets a zero update.
 fn apply_adam(rule: &step::AdamRule, h: &Hyper, layer: &mut Layer) {
     use rayon::prelude::*;
     let write = step::Write::new(Kind::Adam, h, &layer.shape, 1.0);
     *layer.ratio = 1.0;
     let skipped = layer.skipped;
-    let moms = layer.momentum.as_ref().chunks(CHUNK);
+    let moms = layer.momentum.chunks_mut(CHUNK);
     let grads = layer.grad.chunks(CHUNK);
     let nus = layer.prev_grad.chunks_mut(CHUNK);
     let buf = || (vec![0.0f32; CHUNK], vec![0.0f32; CHUNK], vec![0.0f32; CHUNK], vec![0.0f32; CHUNK]);
     let pieces = layer.params.pieces(|x| x.chunks(CHUNK), |x| x.chunks_mut(CHUNK));
-    pieces.into_par_iter().zip(moms).zip(grads).zip(nus).for_each_init(buf, |(b, g, v, d), (((mut piece, mt), gt), mut nt)| {
-        let n = mt.len();
+    pieces.into_par_iter().zip(moms).zip(grads).zip(nus).for_each_init(buf, |(b, g, v, d), (((mut piece, mut mt), gt), mut nt)| {
+        let n = gt.len();
         let (b, g, v, d) = (&mut b[..n], &mut g[..n], &mut v[..n], &mut d[..n]);
         if !skipped {
             mt.read(0, b);
             gt.read(0, g);
             nt.read(0, v);
+            kernels::momentum(b, g, rule.b1);
+            mt.write(0, b);
+            mt.read(0, b); // the momentum as stored (its dtype's rounding), as the CUDA kernel reads it
             for i in 0..n {
                 v[i] = rule.second_moment(v[i], g[i]);
                 d[i] = rule.direction(b[i], v[i], g[i]);

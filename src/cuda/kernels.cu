@@ -549,15 +549,18 @@ extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
     if (g.kind == KIND_ADAM) {  // src/step AdamRule: nu <- b2 nu + (1 - b2) G^2, NAdamW's D
         const int t = *g.step;
         const float b2 = g.hyper[2];
-        const float bc1 = (float)(1.0 - pow((double)b1, (double)t)), bc2 = (float)(1.0 - pow((double)b2, (double)t));
-        const float bc1_next = (float)(1.0 - pow((double)b1, (double)t + 1.0));
+        // src/step adam_factors: the bias corrections as three factors, in f64, rounded to f32.
+        const double bc1 = 1.0 - pow((double)b1, (double)t), bc2 = 1.0 - pow((double)b2, (double)t);
+        const float mu_f = (float)(g.nesterov ? (double)b1 / (1.0 - pow((double)b1, (double)t + 1.0)) : 1.0 / bc1);
+        const float grad_f = g.nesterov ? (float)((1.0 - (double)b1) / bc1) : 0.f;
+        const float nu_f = (float)(1.0 / bc2);
         for (long long i = chunk * (long long)blockDim.x + threadIdx.x; i < a.layer_len; i += (long long)w.chunks * blockDim.x) {
             const float gr = load(a.grad, a.dt_grad, base + i);
             const float mu = load(a.momentum, a.dt_mom, base + i);  // already the new momentum
             const float nu = b2 * load(a.prev_grad, a.dt_prev, base + i) + (1.f - b2) * (gr * gr);
             store(a.prev_grad, a.dt_prev, base + i, nu);
-            const float m = g.nesterov ? b1 * (mu / bc1_next) + (1.f - b1) * (gr / bc1) : mu / bc1;
-            const float d = m / (sqrtf(nu / bc2 + g.adam_eps_root) + g.adam_eps);
+            const float m = mu * mu_f + gr * grad_f;
+            const float d = m / (sqrtf(nu * nu_f + g.adam_eps_root) + g.adam_eps);
             float x = load(a.param, a.dt_param, base + i);
             float delta = -lr * (wd * x + r * (s * d));  // step::Write's order
             store(a.out, a.dt_param, base + i, a.in_place ? x + delta : delta);

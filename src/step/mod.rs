@@ -28,7 +28,7 @@
 //!
 //! ```text
 //!   B = b1*B + (1-b1)*G;  nu = b2*nu + (1-b2)*G^2
-//!   D = (b1*B/(1-b1^(t+1)) + (1-b1)*G/(1-b1^t)) / (sqrt(nu/(1-b2^t) + eps_root) + eps)   (Nesterov)
+//!   D = (b1/(1-b1^(t+1))*B + (1-b1)/(1-b1^t)*G) / (sqrt(nu/(1-b2^t) + eps_root) + eps)   (Nesterov)
 //!   delta = -lr * (wd*X + 1 * (s * D))                                         s = scale (1 by default)
 //! ```
 
@@ -407,39 +407,28 @@ pub fn dual_norm_factor(kind: Kind, shape: &LayerShape) -> f32 {
     }
 }
 
-/// 1 - decay^t, formed in f64 and rounded to f32 (the CUDA kernel's formula too).
-pub fn bias_correction(decay: f32, t: i64) -> f32 {
-    (1.0 - (decay as f64).powf(t as f64)) as f32
-}
-
 /// The `adam` kind's step on one element: NAdamW as optax.adamw computes it (optax's
-/// scale_by_adam; the CUDA kernel mirrors it). `Write` then applies the rate and weight decay.
+/// scale_by_adam), with the bias corrections folded into three factors (one division per element
+/// instead of three: within a few f32 ulps of optax's order; the CUDA kernel uses these factors).
+/// `Write` then applies the rate and weight decay.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamRule {
     pub b1: f32,
     pub b2: f32,
     pub eps: f32,
     pub eps_root: f32,
-    pub nesterov: bool,
-    /// 1 - b1^t, 1 - b1^(t+1), 1 - b2^t.
-    pub bc1: f32,
-    pub bc1_next: f32,
-    pub bc2: f32,
+    /// m = mu * mu_factor + g * grad_factor: b1/(1-b1^(t+1)) and (1-b1)/(1-b1^t) with Nesterov,
+    /// else 1/(1-b1^t) and 0.
+    pub mu_factor: f32,
+    pub grad_factor: f32,
+    /// 1/(1-b2^t).
+    pub nu_factor: f32,
 }
 
 impl AdamRule {
     pub fn new(cfg: &StepConfig, h: &Hyper, t: i32) -> AdamRule {
-        let t = t as i64;
-        AdamRule {
-            b1: h.beta1,
-            b2: h.beta2,
-            eps: cfg.adam_eps,
-            eps_root: cfg.adam_eps_root,
-            nesterov: cfg.nesterov,
-            bc1: bias_correction(h.beta1, t),
-            bc1_next: bias_correction(h.beta1, t + 1),
-            bc2: bias_correction(h.beta2, t),
-        }
+        let (mu_factor, grad_factor, nu_factor) = adam_factors(h.beta1, h.beta2, t, cfg.nesterov);
+        AdamRule { b1: h.beta1, b2: h.beta2, eps: cfg.adam_eps, eps_root: cfg.adam_eps_root, mu_factor, grad_factor, nu_factor }
     }
 
     /// nu <- b2*nu + (1-b2)*g^2 (the momentum B is the common b1*B + (1-b1)*G).
@@ -451,8 +440,21 @@ impl AdamRule {
     /// D from the new moments `mu`, `nu` and the gradient `g`.
     #[inline]
     pub fn direction(&self, mu: f32, nu: f32, g: f32) -> f32 {
-        let m = if self.nesterov { self.b1 * (mu / self.bc1_next) + (1.0 - self.b1) * (g / self.bc1) } else { mu / self.bc1 };
-        m / ((nu / self.bc2 + self.eps_root).sqrt() + self.eps)
+        let m = mu * self.mu_factor + g * self.grad_factor;
+        m / ((nu * self.nu_factor + self.eps_root).sqrt() + self.eps)
+    }
+}
+
+/// (mu_factor, grad_factor, nu_factor) of `AdamRule` at step t, formed in f64 and rounded to f32
+/// (the CUDA kernel's formula too).
+pub fn adam_factors(b1: f32, b2: f32, t: i32, nesterov: bool) -> (f32, f32, f32) {
+    let (b1, b2, t) = (b1 as f64, b2 as f64, t as f64);
+    let bc = |decay: f64, t: f64| 1.0 - decay.powf(t);
+    let nu = (1.0 / bc(b2, t)) as f32;
+    if nesterov {
+        ((b1 / bc(b1, t + 1.0)) as f32, ((1.0 - b1) / bc(b1, t)) as f32, nu)
+    } else {
+        ((1.0 / bc(b1, t)) as f32, 0.0, nu)
     }
 }
 
