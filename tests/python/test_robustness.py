@@ -18,7 +18,8 @@ from models import random_grads, train_nnx_lm, transformer_params
 
 
 def _plan(tx_impl_kwargs, params):
-    impl = _transform._make(0.02, 0.8, 0.9, 0.0, 0.2, {**_default_kw(), **tx_impl_kwargs})
+    # The LMO kinds' layouts (other="lmo"; the default lays its adam leaves out as matrices or vectors).
+    impl = _transform._make(0.02, 0.8, 0.9, 0.0, 0.2, {**_default_kw(), "other": "lmo", **tx_impl_kwargs})
     plan, _, _ = impl.plan(params)
     return {lf.name: lf for group in plan.values() for lf in group}
 
