@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import lanton  # noqa: E402
+from lanton._transform import ADAM_LR_FACTOR  # noqa: E402
 from gpt import CONFIG, init_params, model_overrides  # noqa: E402
 from optimizers import hidden_only_dims, hybrid  # noqa: E402
 from report import emit  # noqa: E402
@@ -91,7 +92,7 @@ def contenders():
         "lanton K=10 staggered": ("tx", lambda: lanton.lanton(0.02, noise_every=10, noise_schedule="staggered")),
         # Issue 41: the default's Adam part in lanton's kernels vs the same recipe as optax.multi_transform
         # (lanton on the hidden matrices, optax.adamw beside it), and vs the LMO steps for those leaves.
-        "hybrid K=10 (multi_transform)": ("tx", lambda: hybrid(0.02, 0.4 * 0.02, noise_every=10)),
+        "hybrid K=10 (multi_transform)": ("tx", lambda: hybrid(0.02, ADAM_LR_FACTOR * 0.02, noise_every=10)),
         "lanton K=10, other=lmo": ("tx", lambda: lanton.lanton(0.02, noise_every=10, other="lmo")),
         # The Adam part alone (hidden matrices pass through in both): lanton's fused call vs optax.adamw.
         "Adam part only: lanton": ("tx", lambda: lanton.lanton(0.02, labels=_not_hidden)),

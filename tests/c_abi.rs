@@ -155,18 +155,7 @@ fn host_step_runs_the_adam_kind() {
     for t in 1..=3 {
         let grad = rng.normals(48, 1.0);
         call(r#"{"kind": "adam"}"#, &hyper, t, &mut a, &grad).unwrap();
-        use lanton::tensor::{Tensor, TensorMut};
-        let mut io = vec![lanton::cpu::LeafIo {
-            shape,
-            params: lanton::cpu::ParamIo::InPlace { param: TensorMut::F32(&mut b.param) },
-            grad: Tensor::F32(&grad),
-            momentum: TensorMut::F32(&mut b.momentum),
-            prev_grad: TensorMut::F32(&mut b.prev_grad),
-            noise: &mut b.noise,
-            valid: &mut b.valid,
-            prev_step: &mut b.prev_step,
-            ratio: &mut b.ratio,
-        }];
+        let mut io = vec![b.io(&grad, true)];
         lanton::cpu::group_step(&cfg, &h, t, &[0, 0], &mut io).unwrap();
         assert_eq!(a.param, b.param, "t={t}");
         assert_eq!(a.prev_grad, b.prev_grad);

@@ -3,36 +3,14 @@
 
 mod common;
 use common::*;
-use lanton::cpu::{group_step, LeafIo, ParamIo};
-use lanton::tensor::{Tensor, TensorMut};
+use lanton::cpu::{group_step, LeafIo};
 use lanton::step::{noise_phases, Hyper, Kind, LayerShape, NoiseSchedule, RatioStat, StepConfig};
 
 type Leaf = OwnedLeaf;
 
 /// Runs one step in update mode and applies the update (as optax.apply_updates would).
-/// The kernel's view of an owned leaf with gradient `g`: the update written beside the
-/// parameters, or the parameters rewritten in place.
-fn leaf_io<'a>(lf: &'a mut Leaf, g: &'a [f32], in_place: bool) -> LeafIo<'a> {
-    let params = if in_place {
-        ParamIo::InPlace { param: TensorMut::F32(&mut lf.param) }
-    } else {
-        ParamIo::Update { param: Tensor::F32(&lf.param), update: TensorMut::F32(&mut lf.update) }
-    };
-    LeafIo {
-        shape: lf.shape,
-        params,
-        grad: Tensor::F32(g),
-        momentum: TensorMut::F32(&mut lf.momentum),
-        prev_grad: TensorMut::F32(&mut lf.prev_grad),
-        noise: &mut lf.noise,
-        valid: &mut lf.valid,
-        prev_step: &mut lf.prev_step,
-        ratio: &mut lf.ratio,
-    }
-}
-
 fn step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [Leaf], grads: &[Vec<f32>]) {
-    let mut io: Vec<LeafIo> = leaves.iter_mut().zip(grads).map(|(lf, g)| leaf_io(lf, g, false)).collect();
+    let mut io: Vec<LeafIo> = leaves.iter_mut().zip(grads).map(|(lf, g)| lf.io(g, false)).collect();
     let phases = noise_phases(cfg.noise_schedule, cfg.noise_every, &io.iter().map(|l| l.shape).collect::<Vec<_>>());
     group_step(cfg, h, t, &phases, &mut io).unwrap();
     for lf in leaves.iter_mut() {
@@ -330,7 +308,7 @@ fn large_embed_in_place_equals_update_applied() {
     for t in 1..=3 {
         let g = rng.normals(n, 1.0);
         step(&cfg, &h, t, std::slice::from_mut(&mut upd), std::slice::from_ref(&g));
-        group_step(&cfg, &h, t, &[0, 0], &mut [leaf_io(&mut inp, &g, true)]).unwrap();
+        group_step(&cfg, &h, t, &[0, 0], &mut [inp.io(&g, true)]).unwrap();
         assert_eq!(upd.momentum, inp.momentum, "t={t}");
         assert_eq!(upd.noise, inp.noise, "t={t}");
         let moved = upd.param.iter().zip(&inp.param).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);

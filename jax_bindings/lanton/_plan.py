@@ -165,6 +165,15 @@ def plan(params, labels, dim_numbers, groups, implicit):
     return plan, treedef, [leaf for _, leaf in leaves_with_path], groups
 
 
+def leaf_entries(tree_or_fn, params, what):
+    """(treedef, [entry per parameter leaf]) of an option given as a tree or a function of the
+    params (a weight-decay mask, Muon's dimension numbers; `plan` does the same for labels and
+    dim_numbers on the flattening it keeps), by `match`."""
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
+    names = [path_str(p) for p, _ in leaves_with_path]
+    return treedef, match(_resolve(tree_or_fn, params), treedef, what, leaves_with_path, names)
+
+
 def match(tree, treedef, what, leaves_with_path, names):
     """One entry of a labels / dim_numbers tree per parameter leaf (None: the leaf is left
     alone). The tree may mirror the parameters; be a prefix of them, an entry at a subtree's

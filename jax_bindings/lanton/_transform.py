@@ -51,7 +51,6 @@ class _Lanton:
         self.labels, self.dim_numbers, self.backend = labels, dim_numbers, backend
         if other not in OTHER_GROUPS:
             raise ValueError(f"lanton option 'other' must be one of {sorted(OTHER_GROUPS)}, got {other!r}")
-        self.other = other
         # The Adam part (groups of kind "adam"): optax.contrib.muon's Adam branch, NAdamW.
         self.adam_learning_rate = (None if adam_learning_rate is None
                                    else _checks.learning_rate(adam_learning_rate, "adam_learning_rate"))
@@ -121,10 +120,7 @@ class _Lanton:
         for the LMO groups; a group is one call, so its leaves must agree)."""
         if self.weight_decay_mask is None:
             return {}
-        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_plan._is_masked)
-        names = [_plan.path_str(p) for p, _ in leaves_with_path]
-        mask = _plan.match(_plan._resolve(self.weight_decay_mask, params), treedef, "weight_decay_mask",
-                           leaves_with_path, names)
+        _, mask = _plan.leaf_entries(self.weight_decay_mask, params, "weight_decay_mask")
         out = {}
         for gname, group in plan.items():
             if kinds[gname] == "adam":
@@ -372,10 +368,7 @@ def _muon_labels(dims):
     an entry is a hidden matrix with those axes; a leaf with None steps with the Adam part (its
     default label where that is not hidden: the LMO groups under other="lmo")."""
     def entries(params):
-        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_plan._is_masked)
-        names = [_plan.path_str(p) for p, _ in leaves_with_path]
-        return treedef, _plan.match(_plan._resolve(dims, params), treedef, "muon_weight_dimension_numbers",
-                                    leaves_with_path, names)
+        return _plan.leaf_entries(dims, params, "muon_weight_dimension_numbers")
 
     def labels(params):
         treedef, spec = entries(params)

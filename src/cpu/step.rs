@@ -424,7 +424,9 @@ fn apply_adam(rule: &step::AdamRule, h: &Hyper, layer: &mut Layer) {
             nt.read(0, v);
             kernels::momentum(b, g, rule.b1);
             mt.write(0, b);
-            mt.read(0, b); // the momentum as stored (its dtype's rounding), as the CUDA kernel reads it
+            if !matches!(mt, TensorMut::F32(_)) {
+                mt.read(0, b); // the momentum as stored (its dtype's rounding), as the CUDA kernel reads it
+            }
             for i in 0..n {
                 v[i] = rule.second_moment(v[i], g[i]);
                 d[i] = rule.direction(b[i], v[i], g[i]);

@@ -32,6 +32,29 @@ impl OwnedLeaf {
         }
     }
 
+    /// The CPU kernel's view of this leaf with gradient `grad`: the update written beside the
+    /// parameters, or the parameters rewritten in place.
+    pub fn io<'a>(&'a mut self, grad: &'a [f32], in_place: bool) -> lanton::cpu::LeafIo<'a> {
+        use lanton::cpu::{LeafIo, ParamIo};
+        use lanton::tensor::{Tensor, TensorMut};
+        let params = if in_place {
+            ParamIo::InPlace { param: TensorMut::F32(&mut self.param) }
+        } else {
+            ParamIo::Update { param: Tensor::F32(&self.param), update: TensorMut::F32(&mut self.update) }
+        };
+        LeafIo {
+            shape: self.shape,
+            params,
+            grad: Tensor::F32(grad),
+            momentum: TensorMut::F32(&mut self.momentum),
+            prev_grad: TensorMut::F32(&mut self.prev_grad),
+            noise: &mut self.noise,
+            valid: &mut self.valid,
+            prev_step: &mut self.prev_step,
+            ratio: &mut self.ratio,
+        }
+    }
+
     /// This leaf as the C ABI's descriptor with gradient `grad`: its pointers borrow `self`
     /// and `grad`, so both must outlive every call that uses it.
     pub fn c_leaf(&mut self, grad: &[f32]) -> lanton::capi::LantonLeafF32 {
