@@ -43,7 +43,10 @@ def make(name, lr, adam_lr=3e-3, **lanton_kw):
         kw = dict(lanton_kw)
         if name == "lanton_noise_off":
             kw["noise_adaptive"] = False
-        return lambda steps: lanton.lanton(learning_rate=schedule(lr, steps), **kw)
+        # The Adam part at adam_lr whatever the hidden rate (default: 0.4 x it, lanton's rule).
+        fixed_adam = kw.pop("adam_lr_fixed", False)
+        return lambda steps: lanton.lanton(learning_rate=schedule(lr, steps), **kw,
+                                           **({"adam_learning_rate": schedule(adam_lr, steps)} if fixed_adam else {}))
     if name == "hybrid":
         return lambda steps: hybrid(schedule(lr, steps), schedule(adam_lr, steps), **lanton_kw)
     if name == "muon":

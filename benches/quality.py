@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -103,6 +104,12 @@ VARIANTS = {
     # the non-hidden leaves at 0.4 x the rate: 3e-3 at 0.0075, the hybrid's Adam rate).
     "default": ("lanton", {"noise_schedule": "synchronous", "other": "adam"}, LANTON_GRID, False,
                 "lanton's default: the median rule (p = 0.5) on hidden matrices, fused NAdamW on the rest"),
+    # Issue 41's <= 0.8x ideas. 1: the median reference without its cap at 1 (the quieter half of
+    # the hidden group steps faster than the base rate). The Adam part stays at 3e-3 (the default's at
+    # 0.0075) whatever the hidden rate.
+    "default_uncapped": ("lanton", {"noise_schedule": "synchronous", "other": "adam", "ratio_cap": math.inf,
+                                    "adam_lr_fixed": True}, LANTON_GRID,
+                         False, "idea 1: the default without the cap r <= 1 (ratio_cap = inf)"),
     "lanton_p05_option2": ("lanton", {**P05, "noise_every": 1}, LANTON_GRID, True,
                            "Option II at p = 0.5: noise from a second gradient every step (2x samples)"),
 }

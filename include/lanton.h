@@ -15,9 +15,11 @@
  * 5: the `ratio_power` and `ratio_floor` attributes shape the ratio, which an older library would
  * ignore; 6: the `noise_relative` attribute, likewise; 7: `owned_layers` removed, and refused
  * by name, since the shim's exchange divides the work; 8: a trailing `phases` argument, every
- * layer's noise phase, and the `noise_schedule` option, which an older library would ignore).
+ * layer's noise phase, and the `noise_schedule` option, which an older library would ignore;
+ * 9: the `ratio_cap` option (r <= cap; JSON has no infinity, so any number above f32's range,
+ * e.g. 1e39, means no cap), which an older library would ignore).
  */
-#define LANTON_ABI_VERSION 8
+#define LANTON_ABI_VERSION 9
 
 #define LANTON_OK 0
 

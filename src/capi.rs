@@ -18,8 +18,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// 5: the `ratio_power` and `ratio_floor` attributes shape the ratio, which an older library would
 /// ignore; 6: the `noise_relative` attribute, likewise; 7: `owned_layers` removed, and refused
 /// by name, since the shim's exchange divides the work; 8: a trailing `phases` argument, every
-/// layer's noise phase, and the `noise_schedule` option, which an older library would ignore).
-pub const LANTON_ABI_VERSION: u32 = 8;
+/// layer's noise phase, and the `noise_schedule` option, which an older library would ignore;
+/// 9: the `ratio_cap` option (r <= cap; JSON has no infinity, so any number above f32's range,
+/// e.g. 1e39, means no cap), which an older library would ignore).
+pub const LANTON_ABI_VERSION: u32 = 9;
 
 pub const LANTON_OK: i32 = 0;
 pub const LANTON_ERR_INVALID: i32 = 1;
@@ -118,11 +120,13 @@ pub fn config_to_json(cfg: &StepConfig) -> String {
         NoiseSchedule::Synchronous => "synchronous",
         NoiseSchedule::Staggered => "staggered",
     };
+    // JSON has no infinity: "no cap" as a number above f32's range, which decodes back to it.
+    let cap = if cfg.ratio_cap.is_finite() { cfg.ratio_cap as f64 } else { 1e39 };
     serde_json::json!({
         "kind": cfg.kind.to_string(), "ns_coeffs": cfg.ns_coeffs, "noise_every": cfg.noise_every,
         "noise_schedule": schedule,
         "noise_adaptive": cfg.noise_adaptive, "ratio_stat": stat, "ratio_eps": cfg.ratio_eps,
-        "ratio_power": cfg.ratio_power, "ratio_floor": cfg.ratio_floor, "noise_relative": cfg.noise_relative,
+        "ratio_power": cfg.ratio_power, "ratio_floor": cfg.ratio_floor, "ratio_cap": cap, "noise_relative": cfg.noise_relative,
         "nesterov": cfg.nesterov, "vector_eps": cfg.vector_eps, "noise_estimator": estimator,
         "adam_eps": cfg.adam_eps, "adam_eps_root": cfg.adam_eps_root,
     })

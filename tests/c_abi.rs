@@ -132,6 +132,9 @@ fn absent_config_keys_take_the_one_set_of_defaults_and_the_defaults_read_back() 
     assert_eq!(config_from_json(&text).unwrap(), cfg);
     let paper = StepConfig { noise_every: 3, nesterov: true, ..StepConfig::paper(Kind::Embed) };
     assert_eq!(config_from_json(&config_to_json(&paper)).unwrap(), paper);
+    assert_eq!(paper.ratio_cap, f32::INFINITY); // written as 1e39, read back as no cap
+    let capped = StepConfig { ratio_cap: 2.5, ..paper };
+    assert_eq!(config_from_json(&config_to_json(&capped)).unwrap(), capped);
     // The adam kind's own defaults (no noise, Nesterov: optax.contrib.muon's Adam branch), and its options.
     let adam = config_from_json(r#"{"kind": "adam"}"#).unwrap();
     assert_eq!(adam, StepConfig::new(Kind::Adam));

@@ -194,6 +194,8 @@ thread_local! {
     static IN_PLACE: RefCell<bool> = const { RefCell::new(false) };
     /// `ratio_stat` for the next trajectories, on both sides (None: the frame's default).
     static STAT: RefCell<Option<&'static str>> = const { RefCell::new(None) };
+    /// The `ratio_cap` attribute in `raw_trajectory` (None: absent, the statistic's default).
+    static CAP: RefCell<Option<f64>> = const { RefCell::new(None) };
     /// The staggered noise schedule in `raw_trajectory`: the CPU handler derives the phases from
     /// the attribute, the CUDA one takes them as the trailing argument (step::noise_phases).
     static STAGGERED: RefCell<bool> = const { RefCell::new(false) };
@@ -271,6 +273,9 @@ fn raw_trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: H
     f.set_attr("noise_estimator", Attr::Str("polar".into()));
     if let Some(stat) = STAT.with(|s| *s.borrow()) {
         f.set_attr("ratio_stat", Attr::Str(stat.into()));
+    }
+    if let Some(cap) = CAP.with(|s| *s.borrow()) {
+        f.set_attr("ratio_cap", Attr::F64(cap));
     }
     if STAGGERED.with(|s| *s.borrow()) {
         f.set_attr("noise_schedule", Attr::Str("staggered".into()));
@@ -514,6 +519,23 @@ fn median_reference_matches_cpu_kernels() {
         let capped = last.iter().filter(|&&r| r == 1.0).count();
         assert!(last.iter().all(|&r| r <= 1.0) && 2 * capped >= last.len() && capped < last.len(), "{name}: {last:?}");
     }
+}
+
+#[test]
+fn uncapped_median_matches_cpu_kernels() {
+    // ratio_cap = inf: the quieter half of the group steps above the base rate (r > 1), the
+    // same on both backends; a cap of 1.1 stops it there.
+    STAT.with(|s| *s.borrow_mut() = Some("median"));
+    let mut last_of = |cap: f64| {
+        CAP.with(|s| *s.borrow_mut() = Some(cap));
+        let got = compare_shaped("hidden", &hidden_specs(dtype::F32), 1, "float32", 2e-4, false, None, Some((0.5, 0.0)));
+        got.last().unwrap().iter().skip(6).step_by(7).flatten().copied().collect::<Vec<f32>>()
+    };
+    let (free, capped) = (last_of(f64::INFINITY), last_of(1.1));
+    CAP.with(|s| *s.borrow_mut() = None);
+    STAT.with(|s| *s.borrow_mut() = None);
+    assert!(free.iter().any(|&r| r > 1.1) && free.iter().any(|&r| r < 1.0), "{free:?}");
+    assert!(capped.iter().all(|&r| r <= 1.1) && capped.contains(&1.1), "{capped:?}");
 }
 
 #[test]

@@ -129,6 +129,7 @@ fn run_configured_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32,
     cfg.nesterov = nesterov;
     cfg.noise_adaptive = noise_adaptive;
     cfg.ratio_stat = stat;
+    cfg.ratio_cap = CAP.with(|c| *c.borrow()).unwrap_or(stat.default_cap());
     let h = Hyper { lr: 0.02, beta1: 0.9, beta2: 0.8, weight_decay: wd, scale: 0.2 };
     let shapes = match kind {
         Kind::Hidden => vec![(1, 12, 20, true), (3, 16, 8, false), (1, 1, 10, true), (2, 9, 1, true)],
@@ -221,6 +222,25 @@ fn median_reference_matches_reference() {
         let leaves = run_configured_against_reference(kind, k, false, 0.0, true, RatioStat::Median, 6, shaping, false, NoiseSchedule::Synchronous);
         let r: Vec<f32> = leaves.iter().flat_map(|l| l.ratio.clone()).collect();
         assert!(r.iter().all(|&x| x <= 1.0) && r.contains(&1.0) && r.iter().any(|&x| x < 1.0), "{kind}: {r:?}");
+    }
+}
+
+thread_local! {
+    /// ratio_cap for `run_configured_against_reference` (None: the statistic's default).
+    static CAP: std::cell::RefCell<Option<f32>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Without the cap (ratio_cap = inf) the median reference lets the quieter half step faster
+/// (r > 1); with a cap of 1.3 no layer passes it: every kind against the f64 reference.
+#[test]
+fn uncapped_median_matches_reference() {
+    for (cap, kind, k) in [(f32::INFINITY, Kind::Hidden, 1), (f32::INFINITY, Kind::Embed, 2), (1.3, Kind::Vector, 1)] {
+        CAP.with(|c| *c.borrow_mut() = Some(cap));
+        let leaves = run_configured_against_reference(kind, k, false, 0.0, true, RatioStat::Median, 6, (0.5, 0.0), false,
+                                                      NoiseSchedule::Synchronous);
+        CAP.with(|c| *c.borrow_mut() = None);
+        let r: Vec<f32> = leaves.iter().flat_map(|l| l.ratio.clone()).collect();
+        assert!(r.iter().any(|&x| x > 1.0) && r.iter().all(|&x| x <= cap), "{kind}: {r:?}");
     }
 }
 

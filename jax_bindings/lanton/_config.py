@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Optional
 
 KINDS = ("hidden", "embed", "vector", "adam")
 # The LMO geometries (src/step Kind): `adam` is elementwise NAdamW, optax.contrib.muon's Adam branch.
@@ -19,6 +21,12 @@ NS_DEFAULT = (3.4445, -4.7750, 2.0315)
 NS_DEFAULT_STEPS = 5
 # Polar factor for the nuclear norm (src/step/mod.rs): lift, then the convergent (15, -10, 3)/8.
 NUCLEAR_SCHEDULE = (NS_DEFAULT,) * 5 + ((15 / 8, -10 / 8, 3 / 8),) * 2
+
+
+def default_ratio_cap(stat: str) -> float:
+    """The cap on r when none is given (src/step RatioStat::default_cap): 1 for the median (the
+    quieter half of the group steps at the base rate), none for the other statistics."""
+    return 1.0 if stat == "median" else math.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +47,8 @@ class StepConfig:
     # 3-seed protocol (benches/results/quality); p = 1, r_min = 0 is the paper's rule.
     ratio_power: float = 0.5
     ratio_floor: float = 0.0
+    # r <= ratio_cap (inf: no cap); None: the statistic's own (`default_ratio_cap`).
+    ratio_cap: Optional[float] = None
     # Noise measured relative to the layer's signal (our option): H tracks the squared
     # noise-to-signal ratio ||G - G_prev|| / ||B|| in the group's dual norm. CPU kernels and the
     # reference only.
@@ -67,10 +77,17 @@ class StepConfig:
             raise ValueError("an adam group tracks no noise (its ratio is 1): its config needs noise_adaptive=False")
         if self.ratio_stat not in RATIO_STATS:
             raise ValueError(f"unknown ratio_stat {self.ratio_stat!r}; expected one of {RATIO_STATS}")
+        cap = self.resolved_ratio_cap()
+        if not (cap > 0 and cap >= self.ratio_floor):
+            raise ValueError(f"lanton option 'ratio_cap' must be > 0 and >= ratio_floor ({self.ratio_floor}), got {cap}")
         if int(self.noise_every) < 1:
             raise ValueError(f"noise_every must be >= 1, got {self.noise_every}")
         if not self.ns_coeffs or any(len(c) != 3 for c in self.ns_coeffs):
             raise ValueError(f"ns_coeffs must be a non-empty sequence of (a, b, c) triples, got {self.ns_coeffs}")
+
+
+    def resolved_ratio_cap(self) -> float:
+        return default_ratio_cap(self.ratio_stat) if self.ratio_cap is None else float(self.ratio_cap)
 
 
 def adam_config(base: StepConfig, nesterov: bool) -> StepConfig:

@@ -29,7 +29,7 @@ import numpy as np
 
 from ._plan import noise_phases
 
-ABI_VERSION = 8  # must equal LANTON_ABI_VERSION in src/capi.rs
+ABI_VERSION = 9  # must equal LANTON_ABI_VERSION in src/capi.rs
 # The handlers report XLA FFI API 0.3 (src/ffi/api.rs); jaxlib accepts it from 0.10.0 on. Older
 # jaxlib refuses the registration when its CPU backend starts, which breaks every computation of
 # the process, so the loader refuses first.
@@ -324,6 +324,7 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
         ratio_eps=np.float32(config.ratio_eps),
         ratio_power=np.float32(config.ratio_power),
         ratio_floor=np.float32(config.ratio_floor),
+        ratio_cap=np.float32(config.resolved_ratio_cap()),
         noise_relative=bool(config.noise_relative),
         nesterov=bool(config.nesterov),
         vector_eps=np.float32(config.vector_eps),

@@ -26,6 +26,7 @@ the device index (no conditional, so no host sync on GPU).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +148,7 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, phases, *, i
         # no rate, decay or ratio (out = s * D): the ratio needs every device's trackers first.
         runs = [_deal(b, local, devices, ax, me) for b in buckets]
         owner_hyper = hyper.at[0].set(-1.0).at[3].set(0.0)
-        owner_config = dataclasses.replace(config, ratio_power=0.0, ratio_floor=0.0)
+        owner_config = dataclasses.replace(config, ratio_power=0.0, ratio_floor=0.0, ratio_cap=math.inf)
         # The kernel reads X only for the decay, zero here, and only in layers whose gradient is
         # finite: the gradient stands in, in f32, the direction's dtype.
         leaves = [(run[0].astype(jnp.float32), *run[:6], b.rows_are_input, run[0].shape) for b, run in zip(buckets, runs)]
@@ -162,7 +163,8 @@ def split_group_step(mesh, axes, config, hyper, count, args, names, phases, *, i
         noise = jnp.concatenate([o[3] for o in per_leaf])
         valid = jnp.concatenate([o[4] for o in per_leaf])
         ratios = (group_ratios(noise, valid > 0.5, config.ratio_stat, config.ratio_eps, config.ratio_power,
-                                         config.ratio_floor) if config.noise_adaptive else jnp.ones_like(noise))
+                               config.ratio_floor, config.resolved_ratio_cap())
+                  if config.noise_adaptive else jnp.ones_like(noise))
         lr, wd = hyper[0], hyper[3]
         results, start = [], 0
         for p, big, small, ((g, *_), _), (d, mom, prev, noise, valid, pstep), a, (how, _) in zip(

@@ -5,15 +5,19 @@ multi-device split (`_mesh`, which forms the ratios from the all-gathered tracke
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from ._config import default_ratio_cap
 
 f32 = jnp.float32
 
 
-def group_ratios(noise, valid, stat, eps, power=1.0, floor=0.0):
-    """r = max(floor, (alpha / stat_{valid}(alpha))^power), alpha = (H + eps)^(-1/2), capped at 1
-    for stat "median"; 1 where not valid."""
+def group_ratios(noise, valid, stat, eps, power=1.0, floor=0.0, cap=None):
+    """r = min(cap, max(floor, (alpha / stat_{valid}(alpha))^power)), alpha = (H + eps)^(-1/2);
+    1 where not valid. cap None: the statistic's (1 for "median", none for the others)."""
     alpha = jax.lax.rsqrt(noise + f32(eps))
     any_valid = jnp.any(valid)
     if stat == "max":
@@ -29,6 +33,7 @@ def group_ratios(noise, valid, stat, eps, power=1.0, floor=0.0):
     if power != 1.0:
         r = r ** f32(power)
     r = jnp.maximum(r, f32(floor))
-    if stat == "median":
-        r = jnp.minimum(r, 1.0)
+    cap = default_ratio_cap(stat) if cap is None else cap
+    if cap != math.inf:
+        r = jnp.minimum(r, f32(cap))
     return jnp.where(ok, r, 1.0)

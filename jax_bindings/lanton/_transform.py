@@ -24,13 +24,21 @@ from ._plan import _from_permuted, _to_permuted, noise_phases
 from ._state import LantonState
 
 
+def _ratio_cap(v) -> float:
+    """ratio_cap: a number > 0, or infinity for none."""
+    x = _checks.concrete(v)
+    if x is not None and x.shape == () and x.dtype.kind == "f" and float(x) == math.inf:
+        return math.inf
+    return float(_checks.real("ratio_cap", v, lo=0.0, lo_open=True))
+
+
 class _Lanton:
     """Holds the configuration; builds the per-step group calls."""
 
     def __init__(self, learning_rate, beta1, beta2, weight_decay, scale, *, noise_every, noise_adaptive, nesterov,
                  ratio_stat, ratio_eps, ns_coeffs, labels, groups, dim_numbers, momentum_dtype, backend,
                  ns_dtype=None, noise_estimator=None, mesh=None, mesh_axes=None, ratio_power=None,
-                 ratio_floor=None, noise_relative=None, noise_schedule=None, other="adam",
+                 ratio_floor=None, ratio_cap=None, noise_relative=None, noise_schedule=None, other="adam",
                  adam_learning_rate=None, adam_b1=0.9, adam_b2=0.999, adam_eps_root=None, adam_weight_decay=0.0,
                  eps=None, weight_decay_mask=None):
         if backend not in ("auto", "ffi", "reference"):
@@ -78,6 +86,7 @@ class _Lanton:
             ratio_eps=static("ratio_eps", ratio_eps, StepConfig.ratio_eps, lambda v: float(_checks.real("ratio_eps", v, lo=0.0))),
             ratio_power=static("ratio_power", ratio_power, StepConfig.ratio_power, lambda v: float(_checks.real("ratio_power", v, lo=0.0))),
             ratio_floor=static("ratio_floor", ratio_floor, StepConfig.ratio_floor, lambda v: float(_checks.real("ratio_floor", v, lo=0.0))),
+            ratio_cap=static("ratio_cap", ratio_cap, StepConfig.ratio_cap, _ratio_cap),
             noise_relative=static("noise_relative", noise_relative, StepConfig.noise_relative, flag("noise_relative")),
             nesterov=static("nesterov", nesterov, StepConfig.nesterov, flag("nesterov")),
             adam_eps=static("eps", eps, StepConfig.adam_eps, lambda v: float(_checks.real("eps", v, lo=0.0))),
@@ -415,6 +424,7 @@ def lanton(
     mesh_axes=None,
     ratio_power: Optional[float] = None,
     ratio_floor: Optional[float] = None,
+    ratio_cap: Optional[float] = None,
     noise_relative: Optional[bool] = None,
     noise_schedule: Optional[str] = None,
     other: str = "adam",
@@ -483,6 +493,9 @@ def lanton(
         (benches/results/quality). p < 1 narrows the spread of the layers' rates (p = 0: every
         layer at the base rate, noise still tracked); r_min bounds how far a noisy layer's rate
         may fall. Measured effects: README "Training quality".
+      ratio_cap: r = min(cap, shaped r) (our option). Default None: 1 for the median reference
+        (no layer steps faster than the group's rate), none for the others; float("inf") lifts
+        it, so the quieter half of the group steps faster than the base rate.
       noise_relative: measure each layer's noise relative to its signal (our option, default
         False): H tracks (||G - G_prev|| / ||B||)^2 in the group's dual norm, B the momentum, so a
         layer whose gradient is large but steady is not slowed for its size. CPU kernels and the
@@ -518,7 +531,7 @@ def lanton(
     it) the noise is then measured as ||G - G2|| instead of ||G_t - G_{t-1}||, and no gradient is
     kept across steps. Without it, Option I (the default) runs.
 
-    Structural options (noise_every, noise_schedule, ratio_eps, ratio_power, ratio_floor, noise_relative, ns_coeffs,
+    Structural options (noise_every, noise_schedule, ratio_eps, ratio_power, ratio_floor, ratio_cap, noise_relative, ns_coeffs,
     nesterov, noise_adaptive, groups, momentum_dtype) are compiled into the kernel. `optax.inject_hyperparams(lanton)` injects
     learning_rate, beta1, beta2, weight_decay and scale; pass callables for labels/dim_numbers
     and explicit numeric structural options through `static_args`.
@@ -527,7 +540,7 @@ def lanton(
               ratio_eps=ratio_eps, ns_coeffs=ns_coeffs, labels=labels, groups=groups, dim_numbers=dim_numbers,
               momentum_dtype=momentum_dtype, backend=backend, ns_dtype=ns_dtype, noise_estimator=noise_estimator,
               mesh=mesh, mesh_axes=mesh_axes, ratio_power=ratio_power, ratio_floor=ratio_floor,
-              noise_relative=noise_relative, noise_schedule=noise_schedule, other=other,
+              ratio_cap=ratio_cap, noise_relative=noise_relative, noise_schedule=noise_schedule, other=other,
               adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2, adam_eps_root=adam_eps_root,
               adam_weight_decay=adam_weight_decay, eps=eps, beta=beta, mu_dtype=mu_dtype, ns_steps=ns_steps,
               weight_decay_mask=weight_decay_mask, muon_weight_dimension_numbers=muon_weight_dimension_numbers,

@@ -224,7 +224,7 @@ def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
     all_valid = jnp.concatenate([p[3] > 0.5 for p in phase1])
     if config.noise_adaptive:
         ratios = group_ratios(all_noise, all_valid, config.ratio_stat, config.ratio_eps, config.ratio_power,
-                              config.ratio_floor)
+                              config.ratio_floor, config.resolved_ratio_cap())
     else:
         ratios = jnp.ones_like(all_noise)
 

@@ -94,6 +94,8 @@ pub struct GroupArgs {
     /// The adam kind's eps and eps_root.
     pub adam_eps: f32,
     pub adam_eps_root: f32,
+    /// r <= ratio_cap (infinity: no cap).
+    pub ratio_cap: f32,
 }
 const _: () = assert!(std::mem::size_of::<GroupArgs>() == 128);
 

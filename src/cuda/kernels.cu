@@ -114,9 +114,10 @@ struct GroupArgs {
     int* due;            // per noise matrix: 1 if its noise estimate runs this step (zeroed scratch)
     int kind, noise_every, noise_adaptive, nesterov, ratio_stat, noise_work;
     float ratio_eps, vector_eps;
-    float ratio_power, ratio_floor;  // r = max(floor, (alpha/ref)^power) (src/step RatioRule::shape)
+    float ratio_power, ratio_floor;  // r = min(cap, max(floor, (alpha/ref)^power)) (src/step RatioRule::shape)
     int chunk_stride;    // partial slots per layer: the most chunks any layer of the group has
     float adam_eps, adam_eps_root;  // the adam kind's D = m / (sqrt(v + eps_root) + eps)
+    float ratio_cap;     // r <= ratio_cap (inf: no cap)
 };
 static_assert(sizeof(GroupArgs) == 128, "GroupArgs layout must match src/cuda/args.rs");
 
@@ -535,7 +536,7 @@ extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
     {
         const double q = alpha_of(a.noise[l], g.ratio_eps) / ref;
         const double shaped = fmax(g.ratio_power == 1.f ? q : pow(q, (double)g.ratio_power), (double)g.ratio_floor);
-        r = (float)(g.ratio_stat == STAT_MEDIAN ? fmin(shaped, 1.0) : shaped);
+        r = (float)fmin(shaped, (double)g.ratio_cap);
     }
     if (chunk == 0 && threadIdx.x == 0) a.ratio[l] = r;
     const long long base = (long long)l * a.layer_len;

@@ -243,6 +243,7 @@ impl Plan {
             vector_eps: cfg.vector_eps,
             ratio_power: cfg.ratio_power,
             ratio_floor: cfg.ratio_floor,
+            ratio_cap: cfg.ratio_cap,
             chunk_stride: chunk_stride as i32,
             adam_eps: cfg.adam_eps,
             adam_eps_root: cfg.adam_eps_root,

@@ -16,7 +16,8 @@
 //! alpha_l = (H_l + eps)^(-1/2) for valid l;  r_l = alpha_l / stat_{valid j}(alpha_j), else 1
 //! shaped (options):  r_l = max(r_min, r_l^p)     default p = 0.5, r_min = 0 (docs/decisions.md);
 //!                                                 the paper's rule: p = 1, stat = max (`paper`)
-//! stat = median (the default): r_l = min(1, shaped r_l), so no single quiet layer sets everyone's rate
+//! capped (option):  r_l = min(cap, shaped r_l)  cap: 1 for stat = median (the default), so no single
+//!                                                 quiet layer sets everyone's rate; none for the others
 //! for every layer l:
 //!   V = nesterov ? b1*B + (1-b1)*G : B
 //!   delta = -lr * (wd*X + r_l * (s(kind, shape) * D_kind(V)))    (this order on every path: `Write`)
@@ -96,6 +97,13 @@ impl RatioStat {
             "median" => Some(RatioStat::Median),
             _ => None,
         }
+    }
+
+    /// The cap on r when none is given: 1 for `Median` (the quieter half steps at the base
+    /// rate), none (infinity) for the others, whose r is bounded by the statistic itself or not
+    /// meant to be.
+    pub fn default_cap(self) -> f32 {
+        if self == RatioStat::Median { 1.0 } else { f32::INFINITY }
     }
 }
 
@@ -206,6 +214,8 @@ pub struct StepConfig {
     /// layer's rate may fall. Defaults 0.5 and 0; the paper's r = alpha/ref is p = 1.
     pub ratio_power: f32,
     pub ratio_floor: f32,
+    /// r <= ratio_cap (infinity: no cap). Default `RatioStat::default_cap` of the statistic.
+    pub ratio_cap: f32,
     /// Noise measured relative to the layer's signal (our option, issue 14): H tracks
     /// (||G - G_prev|| / ||B||)^2 in the group's dual norm, B the momentum just updated, so a
     /// layer's rate follows its noise-to-signal ratio rather than its raw noise. false: the paper's
@@ -239,6 +249,7 @@ impl StepConfig {
             ratio_eps: 1e-30,
             ratio_power: 0.5,
             ratio_floor: 0.0,
+            ratio_cap: RatioStat::Median.default_cap(),
             noise_relative: false,
             nesterov: adam,
             vector_eps: 1e-8,
@@ -255,6 +266,7 @@ impl StepConfig {
             ratio_stat: RatioStat::Max,
             ratio_power: 1.0,
             ratio_floor: 0.0,
+            ratio_cap: RatioStat::Max.default_cap(),
             noise_schedule: NoiseSchedule::Synchronous,
             ..StepConfig::new(kind)
         }
@@ -273,6 +285,9 @@ impl StepConfig {
         }
         if !(self.ratio_floor >= 0.0 && self.ratio_floor.is_finite()) {
             return Err(format!("ratio_floor must be finite and >= 0, got {}", self.ratio_floor));
+        }
+        if !(self.ratio_cap > 0.0 && self.ratio_cap >= self.ratio_floor) {
+            return Err(format!("ratio_cap must be > 0 and >= ratio_floor ({}), got {}", self.ratio_floor, self.ratio_cap));
         }
         if self.kind == Kind::Hidden && self.ns_coeffs.is_empty() {
             return Err("hidden groups need at least one Newton-Schulz step".into());
@@ -470,31 +485,36 @@ pub struct RatioRule {
     pub eps: f32,
     pub power: f32,
     pub floor: f32,
+    pub cap: f32,
 }
 
 impl RatioRule {
     /// The paper's rule: r = alpha / stat(alpha).
     pub fn plain(stat: RatioStat, eps: f32) -> Self {
-        RatioRule { stat, eps, power: 1.0, floor: 0.0 }
+        RatioRule { stat, eps, power: 1.0, floor: 0.0, cap: stat.default_cap() }
     }
 
-    /// r = max(floor, (alpha / reference)^power), capped at 1 for `Median`, in f64 (the CUDA
-    /// kernel's formula too).
+    /// r = min(cap, max(floor, (alpha / reference)^power)), in f64 (the CUDA kernel's formula too).
     pub fn shape(&self, alpha_over_reference: f64) -> f64 {
         let r = if self.power == 1.0 { alpha_over_reference } else { alpha_over_reference.powf(self.power as f64) };
-        let r = r.max(self.floor as f64);
-        if self.stat == RatioStat::Median { r.min(1.0) } else { r }
+        r.max(self.floor as f64).min(self.cap as f64)
     }
 }
 
 impl StepConfig {
     pub fn ratio_rule(&self) -> RatioRule {
-        RatioRule { stat: self.ratio_stat, eps: self.ratio_eps, power: self.ratio_power, floor: self.ratio_floor }
+        RatioRule {
+            stat: self.ratio_stat,
+            eps: self.ratio_eps,
+            power: self.ratio_power,
+            floor: self.ratio_floor,
+            cap: self.ratio_cap,
+        }
     }
 }
 
-/// r_l = max(floor, (alpha_l / stat_{valid j} alpha_j)^power) with alpha = (H + eps)^(-1/2)
-/// (capped at 1 for `Median`); 1 where not valid.
+/// r_l = min(cap, max(floor, (alpha_l / stat_{valid j} alpha_j)^power)) with
+/// alpha = (H + eps)^(-1/2); 1 where not valid.
 pub fn group_ratios(noise: &[f32], valid: &[bool], rule: RatioRule, out: &mut [f32]) {
     let (stat, eps) = (rule.stat, rule.eps);
     let alpha = |h: f32| 1.0 / ((h as f64 + eps as f64).sqrt());
@@ -626,6 +646,13 @@ mod tests {
         let shaped = RatioRule { power: 0.5, floor: 0.7, ..RatioRule::plain(RatioStat::Median, 0.0) };
         group_ratios(&quiet, &[true; 4], shaped, &mut r);
         assert_eq!(r, [(2.0f64 / 3.0).sqrt() as f32, 1.0, 0.7, 1.0]);
+        // Without the cap the quieter half steps faster (median 3/4: r = 4/3 and 1e6 / (3/4));
+        // with a cap of 2 the quiet layer stops there.
+        group_ratios(&quiet, &[true; 4], RatioRule { cap: f32::INFINITY, ..RatioRule::plain(RatioStat::Median, 0.0) }, &mut r);
+        assert_eq!(&r[..3], &[2.0 / 3.0, 4.0 / 3.0, 1.0 / 3.0]);
+        assert!((r[3] / (1e6 / 0.75) - 1.0).abs() < 1e-3, "{r:?}");
+        group_ratios(&quiet, &[true; 4], RatioRule { cap: 2.0, ..RatioRule::plain(RatioStat::Median, 0.0) }, &mut r);
+        assert_eq!(r, [2.0 / 3.0, 4.0 / 3.0, 1.0 / 3.0, 2.0]);
         let mut xs = [3.0, 1.0, 2.0];
         assert_eq!(median(&mut xs), 2.0);
         assert!(median(&mut []).is_nan());

@@ -6,7 +6,7 @@
 use super::{Kind, NoiseSchedule, NuclearEstimator, RatioStat, StepConfig};
 
 /// The option names the decoder reads (`kind` is required, every other one optional).
-pub const CONFIG_KEYS: [&str; 15] = [
+pub const CONFIG_KEYS: [&str; 16] = [
     "kind",
     "ns_coeffs",
     "noise_every",
@@ -16,6 +16,7 @@ pub const CONFIG_KEYS: [&str; 15] = [
     "ratio_eps",
     "ratio_power",
     "ratio_floor",
+    "ratio_cap",
     "noise_relative",
     "nesterov",
     "vector_eps",
@@ -61,6 +62,7 @@ pub fn decode(src: &impl Options) -> Result<StepConfig, String> {
     if let Some(s) = src.text("ratio_stat")? {
         cfg.ratio_stat =
             RatioStat::parse(&s).ok_or_else(|| format!("'ratio_stat': expected max, mean, min or median, got '{s}'"))?;
+        cfg.ratio_cap = cfg.ratio_stat.default_cap();
     }
     if let Some(s) = src.text("noise_estimator")? {
         cfg.nuclear = NuclearEstimator::parse(&s)
@@ -84,6 +86,7 @@ pub fn decode(src: &impl Options) -> Result<StepConfig, String> {
     set_number("ratio_eps", &mut cfg.ratio_eps)?;
     set_number("ratio_power", &mut cfg.ratio_power)?;
     set_number("ratio_floor", &mut cfg.ratio_floor)?;
+    set_number("ratio_cap", &mut cfg.ratio_cap)?;
     set_number("vector_eps", &mut cfg.vector_eps)?;
     set_number("adam_eps", &mut cfg.adam_eps)?;
     set_number("adam_eps_root", &mut cfg.adam_eps_root)?;
@@ -129,6 +132,13 @@ mod tests {
         let cfg = decode(&Map([("kind", "hidden"), ("noise_every", "3"), ("ratio_stat", "max"), ("ns_coeffs", "1,2,3")].into()))
             .unwrap();
         assert_eq!((cfg.noise_every, cfg.ratio_stat, cfg.ns_coeffs.clone()), (3, RatioStat::Max, vec![[1.0, 2.0, 3.0]]));
+        // The cap follows the statistic unless given (median: 1, the others: none).
+        assert_eq!(cfg.ratio_cap, f32::INFINITY);
+        assert_eq!(decode(&Map([("kind", "hidden")].into())).unwrap().ratio_cap, 1.0);
+        let uncapped = decode(&Map([("kind", "hidden"), ("ratio_cap", "inf")].into())).unwrap();
+        assert_eq!((uncapped.ratio_stat, uncapped.ratio_cap), (RatioStat::Median, f32::INFINITY));
+        let capped = decode(&Map([("kind", "hidden"), ("ratio_cap", "2"), ("ratio_stat", "mean")].into())).unwrap();
+        assert_eq!(capped.ratio_cap, 2.0);
         for (pairs, needle) in [
             (vec![], "'kind' (hidden, embed, vector or adam) is required"),
             (vec![("kind", "conv")], "'kind': expected one of hidden, embed, vector, adam, got 'conv'"),
@@ -140,6 +150,9 @@ mod tests {
             (vec![("kind", "hidden"), ("ratio_stat", "mode")], "'ratio_stat': expected max, mean, min or median"),
             (vec![("kind", "hidden"), ("noise_schedule", "random")], "'noise_schedule': expected synchronous or staggered, got 'random'"),
             (vec![("kind", "hidden"), ("ratio_power", "-1")], "ratio_power must be finite and >= 0"),
+            (vec![("kind", "hidden"), ("ratio_cap", "0")], "ratio_cap must be > 0 and >= ratio_floor (0), got 0"),
+            (vec![("kind", "hidden"), ("ratio_cap", "0.5"), ("ratio_floor", "0.6")], "ratio_cap must be > 0 and >= ratio_floor"),
+            (vec![("kind", "hidden"), ("ratio_cap", "NaN")], "ratio_cap must be > 0"),
         ] {
             let err = decode(&Map(pairs.into_iter().collect())).unwrap_err();
             assert!(err.contains(needle), "{err:?} should contain {needle:?}");

@@ -227,8 +227,7 @@ pub fn ref_group_step(cfg: &StepConfig, h: &Hyper, t: i32, leaves: &mut [RefLeaf
             let r = l * n..(l + 1) * n;
             let ratio = if cfg.noise_adaptive && leaf.valid[l] && !alphas.is_empty() {
                 let q = 1.0 / (leaf.noise[l] + eps).sqrt() / reference;
-                let r = q.powf(cfg.ratio_power as f64).max(cfg.ratio_floor as f64);
-                if cfg.ratio_stat == RatioStat::Median { r.min(1.0) } else { r }
+                q.powf(cfg.ratio_power as f64).max(cfg.ratio_floor as f64).min(cfg.ratio_cap as f64)
             } else {
                 1.0
             };

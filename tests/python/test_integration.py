@@ -372,6 +372,9 @@ def test_python_and_library_defaults_are_one_set():
     assert [[f32(c) for c in t] for t in python.pop("ns_coeffs")] == library.pop("ns_coeffs")
     for k in ("ratio_eps", "ratio_power", "ratio_floor", "vector_eps", "adam_eps", "adam_eps_root"):
         assert f32(python.pop(k)) == f32(library.pop(k)), k
+    # None in Python: the statistic's own cap, the library's number for the median.
+    assert lanton.StepConfig(kind="hidden").resolved_ratio_cap() == library.pop("ratio_cap") == 1.0
+    python.pop("ratio_cap")
     python.pop("ns_dtype")  # CUDA-only, an attribute of its own beside the step's options
     assert python == library
 

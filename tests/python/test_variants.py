@@ -280,6 +280,46 @@ def test_median_reference_kernels_match_reference():
     np.testing.assert_allclose(ratios(sf), ratios(sr), rtol=2e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ratio_cap_lifts_or_moves_the_median_rules_cap(backend):
+    # ratio_cap=inf: r = (alpha / median alpha)^0.5 uncapped, so the quieter half steps faster
+    # (the faded layer most of all); a cap of 1.5 stops every layer there. By hand, per group.
+    params = transformer_params(jax.random.key(11))
+    for cap in (float("inf"), 1.5):
+        _, st = run_grads(params, 6, backend, quiet_proj, ratio_stat="median", ratio_power=0.5, ratio_cap=cap)
+        groups = {}
+        for kind, h, r in zip(jax.tree.leaves(lanton.default_labels(params)), jax.tree.leaves(st.noise),
+                              jax.tree.leaves(st.ratio)):
+            groups.setdefault(kind, []).append((np.ravel(h), np.ravel(r)))
+        for kind, items in groups.items():
+            h, r = (np.concatenate(x) for x in zip(*items))
+            alpha = 1 / np.sqrt(h.astype(np.float64) + 1e-30)
+            np.testing.assert_allclose(r, np.minimum(cap, np.sqrt(alpha / np.median(alpha))), rtol=1e-5,
+                                       err_msg=f"{kind} cap {cap}")
+        faded = np.asarray(st.ratio["blocks"][0]["mlp"]["proj"]).ravel()[0]
+        assert faded == pytest.approx(cap, rel=1e-6) if cap < 10 else faded > 10, (cap, faded)
+
+
+@pytest.mark.skipif("ffi" not in BACKENDS, reason="liblanton not built")
+def test_uncapped_median_kernels_match_reference():
+    params = transformer_params(jax.random.key(12))
+    kw = dict(ratio_stat="median", ratio_power=0.5, ratio_cap=float("inf"))
+    pf, sf = run_grads(params, 8, "ffi", quiet_proj, **kw)
+    pr, sr = run_grads(params, 8, "reference", quiet_proj, **kw)
+    for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(ratios(sf), ratios(sr), rtol=2e-3)
+    assert ratios(sf).max() > 1.0
+
+
+def test_ratio_cap_is_checked_by_name():
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="'ratio_cap' must be"):
+            lanton.lanton(ratio_cap=bad)
+    with pytest.raises(ValueError, match="'ratio_cap' must be > 0 and >= ratio_floor \\(0.5\\), got 0.25"):
+        lanton.lanton(ratio_cap=0.25, ratio_floor=0.5)
+
+
 def muon_adam_part():
     return optax.adamw(3e-3, b1=0.9, b2=0.999, weight_decay=0.0, nesterov=True)
 
