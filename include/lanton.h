@@ -17,7 +17,9 @@
  * by name, since the shim's exchange divides the work; 8: a trailing `phases` argument, every
  * layer's noise phase, and the `noise_schedule` option, which an older library would ignore;
  * 9: the `ratio_cap` option (r <= cap; JSON has no infinity, so any number above f32's range,
- * e.g. 1e39, means no cap), which an older library would ignore).
+ * e.g. 1e39, means no cap), which an older library would ignore, and every leaf's `skipped`
+ * counts, which the kernels now keep: a per-layer i32 argument and result of the XLA targets
+ * and a field of `LantonLeafF32`).
  */
 #define LANTON_ABI_VERSION 9
 
@@ -56,6 +58,10 @@ typedef struct LantonLeafF32 {
   float *valid;
   int32_t *prev_step;
   float *ratio;
+  /**
+   * Per layer: steps skipped for a non-finite gradient (one added on each such step).
+   */
+  int32_t *skipped;
 } LantonLeafF32;
 
 #ifdef __cplusplus

@@ -20,7 +20,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// by name, since the shim's exchange divides the work; 8: a trailing `phases` argument, every
 /// layer's noise phase, and the `noise_schedule` option, which an older library would ignore;
 /// 9: the `ratio_cap` option (r <= cap; JSON has no infinity, so any number above f32's range,
-/// e.g. 1e39, means no cap), which an older library would ignore).
+/// e.g. 1e39, means no cap), which an older library would ignore, and every leaf's `skipped`
+/// counts, which the kernels now keep: a per-layer i32 argument and result of the XLA targets
+/// and a field of `LantonLeafF32`).
 pub const LANTON_ABI_VERSION: u32 = 9;
 
 pub const LANTON_OK: i32 = 0;
@@ -48,6 +50,8 @@ pub struct LantonLeafF32 {
     pub valid: *mut f32,
     pub prev_step: *mut i32,
     pub ratio: *mut f32,
+    /// Per layer: steps skipped for a non-finite gradient (one added on each such step).
+    pub skipped: *mut i32,
 }
 
 /// The library version, e.g. "0.1.0" (static, NUL-terminated).
@@ -371,6 +375,7 @@ pub unsafe extern "C" fn lanton_step_host_f32(
                     valid: host_mut(lf.valid, l, "valid", i).map_err(invalid)?,
                     prev_step: host_mut(lf.prev_step, l, "prev_step", i).map_err(invalid)?,
                     ratio: host_mut(lf.ratio, l, "ratio", i).map_err(invalid)?,
+                    skipped: host_mut(lf.skipped, l, "skipped", i).map_err(invalid)?,
                 });
             }
         }

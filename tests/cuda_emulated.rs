@@ -21,7 +21,7 @@ use lanton::cuda::device::{Gemm, Grid, CUDA_R_16BF, CUDA_R_32F};
 use lanton::cuda::{enqueue_on, noise_gemm_kernel, plan_in_scratch, GemmArgs, Kernel, LeafBatch, Queue, KERNEL_NAMES};
 use lanton::ffi::api::*;
 use lanton::step::{noise_phases, LayerShape, NoiseSchedule};
-use lanton::handlers::{decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_update_cpu};
+use lanton::handlers::{decode_cuda_options, decode_layout, lanton_step_inplace_cpu, lanton_step_update_cpu, ARGS_PER_LEAF, RETS_PER_LEAF};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
 use std::path::PathBuf;
@@ -227,11 +227,11 @@ unsafe extern "C" fn emulated_inplace(f: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI
     run_emulated(f)
 }
 
-/// Leaf i's state results (momentum, prev_grad, noise, valid, prev_step) become the next step's
+/// Leaf i's state results (momentum, prev_grad, noise, valid, prev_step, skipped) become the next step's
 /// state arguments.
 fn carry_state(f: &mut Frame, i: usize) {
-    let (a, r) = (2 + 7 * i, 7 * i);
-    for (ak, rk) in [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5)] {
+    let (a, r) = (2 + ARGS_PER_LEAF * i, RETS_PER_LEAF * i);
+    for (ak, rk) in [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5), (7, 7)] {
         f.args[a + ak].data = f.rets[r + rk].data.clone();
     }
 }
@@ -250,7 +250,7 @@ type Shaping = Option<(f64, f64)>;
 fn trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: Handler, in_place: bool,
               ns_dtype: &str, nan_at: Option<(usize, i32)>, cuda: bool, shaping: Shaping) -> Vec<Vec<Vec<f32>>> {
     let raw = raw_trajectory(kind, specs, k, steps, handler, in_place, ns_dtype, nan_at, cuda, shaping);
-    raw.iter().map(|rets| rets[..7 * specs.len()].iter().map(|r| r.to_f32()).collect()).collect()
+    raw.iter().map(|rets| rets[..RETS_PER_LEAF * specs.len()].iter().map(|r| r.to_f32()).collect()).collect()
 }
 
 /// `trajectory`'s every result buffer after each step, as stored (the CUDA scratch included).
@@ -290,7 +290,7 @@ fn raw_trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: H
     if cuda {
         add_scratch(&mut f, cuda_scratch_bytes(&scratch_plan_json(kind, specs, true, true, ns_dtype)).unwrap());
     }
-    let leaf_rets = 7 * specs.len();
+    let leaf_rets = RETS_PER_LEAF * specs.len();
     let mut out = Vec::new();
     for t in 1..=steps {
         if cuda {
@@ -304,13 +304,13 @@ fn raw_trajectory(kind: &str, specs: &[LeafSpec], k: i64, steps: i32, handler: H
             if nan_at == Some((i, t)) {
                 g[n - 1] = f32::NAN; // last layer of leaf i
             }
-            let gb = &f.args[2 + 7 * i + 1];
-            f.args[2 + 7 * i + 1] = buffer_like(gb, &g);
+            let gb = &f.args[2 + ARGS_PER_LEAF * i + 1];
+            f.args[2 + ARGS_PER_LEAF * i + 1] = buffer_like(gb, &g);
         }
         f.call(handler).unwrap();
         out.push(f.rets.clone());
         for i in 0..specs.len() {
-            let (a, r) = (2 + 7 * i, 7 * i);
+            let (a, r) = (2 + ARGS_PER_LEAF * i, RETS_PER_LEAF * i);
             let p = f.args[a].to_f32();
             let o = f.rets[r].to_f32();
             let next: Vec<f32> = if in_place { o } else { p.iter().zip(&o).map(|(x, d)| x + d).collect() };
@@ -333,7 +333,7 @@ fn compare_shaped(kind: &str, specs: &[LeafSpec], k: i64, ns_dtype: &str, tol: f
     let want = trajectory(kind, specs, k, 4, cpu, in_place, "float32", nan_at, false, shaping);
     let got = trajectory(kind, specs, k, 4, emu, in_place, ns_dtype, nan_at, true, shaping);
     assert_eq!(device_memory_calls(), 0, "the step allocates nothing");
-    const NAMES: [&str; 7] = ["out", "momentum", "prev_grad", "noise", "valid", "prev_step", "ratio"];
+    const NAMES: [&str; RETS_PER_LEAF] = ["out", "momentum", "prev_grad", "noise", "valid", "prev_step", "ratio", "skipped"];
     for (t, (w, g)) in want.iter().zip(&got).enumerate() {
         for (j, (wb, gb)) in w.iter().zip(g).enumerate() {
             let scale = wb.iter().fold(1e-6f64, |m, &x| m.max((x as f64).abs()));
@@ -341,7 +341,7 @@ fn compare_shaped(kind: &str, specs: &[LeafSpec], k: i64, ns_dtype: &str, tol: f
             assert!(
                 err <= tol * scale,
                 "{kind} K={k} ns={ns_dtype} step {} leaf {} {}: max error {err:.3e} vs scale {scale:.3e}\nwant {:?}\ngot  {:?}",
-                t + 1, j / 7, NAMES[j % 7], &wb[..wb.len().min(6)], &gb[..gb.len().min(6)]
+                t + 1, j / RETS_PER_LEAF, NAMES[j % RETS_PER_LEAF], &wb[..wb.len().min(6)], &gb[..gb.len().min(6)]
             );
         }
     }
@@ -411,9 +411,9 @@ fn staggered_schedule_matches_the_cpu_with_non_finite_gradients_on_due_steps() {
     let got = compare_shaped("hidden", &hidden_specs(dtype::F32), 3, "float32", 2e-4, false, Some((0, 4)), None);
     compare_shaped("hidden", &hidden_specs(dtype::F32), 3, "float32", 2e-4, true, Some((2, 3)), None);
     STAGGERED.with(|s| *s.borrow_mut() = false);
-    // prev_step after step 4 (results 5, 12, 19): a layer of phase p last stored on the step
+    // prev_step after step 4 (results 5, 13, 21): a layer of phase p last stored on the step
     // t <= 4 with t = p - 1 (mod 3).
-    let stored: Vec<f32> = [5, 12, 19].iter().flat_map(|&j| got[3][j].clone()).collect();
+    let stored: Vec<f32> = [5, 13, 21].iter().flat_map(|&j| got[3][j].clone()).collect();
     assert_eq!(stored, vec![2.0, 3.0, 2.0, 4.0, 2.0, 3.0], "phases 0 1, 0, 2 0 1");
 }
 
@@ -449,9 +449,10 @@ fn zero_size_leaves_write_their_ratio_and_skip_cublas() {
     // usable noise estimate gets r = 1. The results start zeroed, so an unwritten ratio shows.
     let got = trajectory("hidden", &hidden, 1, 3, emulated_update, false, "float32", None, true, None);
     for step in &got {
-        assert_eq!(step[7 + 6], vec![1.0; 2], "leaf 1 (2 x 0 x 8) ratio");
-        assert_eq!(step[14 + 6], vec![1.0; 1], "leaf 2 (1 x 12 x 0) ratio");
-        assert!(step[21 + 6].is_empty());
+        let ratio = |leaf: usize| &step[RETS_PER_LEAF * leaf + 6];
+        assert_eq!(ratio(1), &vec![1.0; 2], "leaf 1 (2 x 0 x 8) ratio");
+        assert_eq!(ratio(2), &vec![1.0; 1], "leaf 2 (1 x 12 x 0) ratio");
+        assert!(ratio(3).is_empty());
     }
 }
 
@@ -498,7 +499,7 @@ fn layers_larger_than_one_block_reduce_across_blocks() {
 fn shaped_ratios_match_cpu_kernels() {
     // r = max(floor, (alpha/ref)^p): tempered and floored, on every kind.
     let got = compare_shaped("hidden", &hidden_specs(dtype::F32), 1, "float32", 2e-4, false, None, Some((0.5, 0.3)));
-    let ratios: Vec<f32> = got.iter().flat_map(|step| step.iter().skip(6).step_by(7).flatten().copied()).collect();
+    let ratios: Vec<f32> = got.iter().flat_map(|step| step.iter().skip(6).step_by(RETS_PER_LEAF).flatten().copied()).collect();
     assert!(ratios.iter().any(|&r| r > 0.3 && r < 0.999), "no tempered ratio strictly between floor and 1: {ratios:?}");
     let embed = vec![LeafSpec { dims: [1, 30, 8], dtype: dtype::F32, rows_are_input: true }, LeafSpec { dims: [2, 5, 8], dtype: dtype::F32, rows_are_input: false }];
     compare_shaped("embed", &embed, 1, "bfloat16", 1e-5, false, None, Some((0.25, 0.9)));
@@ -515,7 +516,7 @@ fn median_reference_matches_cpu_kernels() {
     let got_vector = compare_shaped("vector", &vector, 1, "bfloat16", 1e-5, false, None, None);
     STAT.with(|s| *s.borrow_mut() = None);
     for (name, steps) in [("hidden", &got), ("vector", &got_vector)] {
-        let last: Vec<f32> = steps.last().unwrap().iter().skip(6).step_by(7).flatten().copied().collect();
+        let last: Vec<f32> = steps.last().unwrap().iter().skip(6).step_by(RETS_PER_LEAF).flatten().copied().collect();
         let capped = last.iter().filter(|&&r| r == 1.0).count();
         assert!(last.iter().all(|&r| r <= 1.0) && 2 * capped >= last.len() && capped < last.len(), "{name}: {last:?}");
     }
@@ -529,7 +530,7 @@ fn uncapped_median_matches_cpu_kernels() {
     let mut last_of = |cap: f64| {
         CAP.with(|s| *s.borrow_mut() = Some(cap));
         let got = compare_shaped("hidden", &hidden_specs(dtype::F32), 1, "float32", 2e-4, false, None, Some((0.5, 0.0)));
-        got.last().unwrap().iter().skip(6).step_by(7).flatten().copied().collect::<Vec<f32>>()
+        got.last().unwrap().iter().skip(6).step_by(RETS_PER_LEAF).flatten().copied().collect::<Vec<f32>>()
     };
     let (free, capped) = (last_of(f64::INFINITY), last_of(1.1));
     CAP.with(|s| *s.borrow_mut() = None);
@@ -788,7 +789,7 @@ fn results_are_bitwise_the_same_in_any_block_order() {
             let (forward, reversed) = (run(false), run(true));
             for (t, (a, b)) in forward.iter().zip(&reversed).enumerate() {
                 for (j, (x, y)) in a.iter().zip(b).enumerate() {
-                    let what = if j == a.len() - 1 { "the scratch".to_string() } else { format!("leaf {} result {}", j / 7, j % 7) };
+                    let what = if j == a.len() - 1 { "the scratch".to_string() } else { format!("leaf {} result {}", j / RETS_PER_LEAF, j % RETS_PER_LEAF) };
                     let diff = x.data.iter().zip(&y.data).position(|(p, q)| p != q);
                     assert!(diff.is_none(), "{kind} {}: step {} {what} differs at word {diff:?} when the blocks run in reverse", dtype::name(dt), t + 1);
                 }

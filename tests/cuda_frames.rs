@@ -29,7 +29,7 @@ fn cuda_handlers_validate_before_touching_the_device() {
         f.args[3] = OwnedBuffer::zeros(dtype::F64, &[1, 12, 20]);
         expect_error(&mut f, h, &["blocks/0/kernel (grad)", "unsupported dtype float64"]);
         let mut f = frame("hidden", dtype::F32);
-        f.args[9] = OwnedBuffer::zeros(dtype::F32, &[2, 16, 9]);
+        f.args[2 + lanton::handlers::ARGS_PER_LEAF] = OwnedBuffer::zeros(dtype::F32, &[2, 16, 9]); // leaf 1's param
         expect_error(&mut f, h, &["blocks/1/kernel (grad)", "expected shape [2, 16, 9], got [2, 16, 8]"]);
         let mut f = frame("hidden", dtype::F32);
         f.set_attr("ns_dtype", Attr::Str("float8".into()));
@@ -100,7 +100,7 @@ fn the_scratch_result_is_checked_before_the_device_and_nothing_is_allocated() {
     let mut f = frame("hidden", dtype::F32);
     add_scratch(&mut f, 1);
     add_scratch(&mut f, 1);
-    expect_error(&mut f, lanton_step_update_cuda, &["expected 7 x 2 results for 2 leaves (plus one uint8 scratch result on CUDA), got 16"]);
+    expect_error(&mut f, lanton_step_update_cuda, &["expected 8 x 2 results for 2 leaves (plus one uint8 scratch result on CUDA), got 18"]);
     assert_eq!(device_memory_calls(), 0, "the CUDA handlers must not call DeviceMemory_Allocate/Free");
 }
 
@@ -109,7 +109,7 @@ fn cpu_handlers_refuse_a_scratch_result() {
     for h in [lanton::handlers::lanton_step_update_cpu as Handler, lanton::handlers::lanton_step_inplace_cpu] {
         let mut f = frame("hidden", dtype::F32);
         add_scratch(&mut f, 1024);
-        expect_error(&mut f, h, &["the CPU targets take no scratch result", "expected 7 x 2 results"]);
+        expect_error(&mut f, h, &["the CPU targets take no scratch result", "expected 8 x 2 results"]);
         let mut f = frame("vector", dtype::F32);
         f.call(h).unwrap();
     }

@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use lanton::ffi::api::*;
-use lanton::handlers::{lanton_step_inplace_cpu, lanton_step_update_cpu};
+use lanton::handlers::{lanton_step_inplace_cpu, lanton_step_update_cpu, ARGS_PER_LEAF, RETS_PER_LEAF};
 use lanton::step::{Hyper, Kind, LayerShape, StepConfig};
 
 /// Runs the same first steps through the f64 reference and compares the frame's results.
@@ -16,20 +16,20 @@ fn check_against_reference(f: &Frame, specs: &[LeafSpec], in_place: bool, tol: f
     let mut grads = Vec::new();
     for (i, s) in specs.iter().enumerate() {
         let shape = LayerShape { layers: s.dims[0] as usize, rows: s.dims[1] as usize, cols: s.dims[2] as usize, rows_are_input: s.rows_are_input };
-        refs.push(RefLeaf::new(shape, &f.args[2 + 7 * i].to_f32()));
-        grads.push(f.args[3 + 7 * i].to_f32());
+        refs.push(RefLeaf::new(shape, &f.args[2 + ARGS_PER_LEAF * i].to_f32()));
+        grads.push(f.args[3 + ARGS_PER_LEAF * i].to_f32());
     }
     let want = ref_group_step(&cfg, &h, 1, &mut refs, &grads);
     for (i, rf) in refs.iter().enumerate() {
-        let out = f.rets[7 * i].to_f32();
+        let out = f.rets[RETS_PER_LEAF * i].to_f32();
         let expect: Vec<f64> = if in_place { rf.param.clone() } else { want[i].clone() };
         let scale = want[i].iter().fold(0.0f64, |m, x| m.max(x.abs()));
         let err = max_abs_diff(&out, &expect);
         assert!(err <= tol * scale, "leaf {i}: err {err} vs scale {scale}");
-        let mom = f.rets[7 * i + 1].to_f32();
+        let mom = f.rets[RETS_PER_LEAF * i + 1].to_f32();
         assert!(max_abs_diff(&mom, &rf.momentum) < 1e-6 + tol * 0.1, "leaf {i}: momentum");
-        assert_eq!(f.rets[7 * i + 5].to_f32(), vec![1.0; rf.prev_step.len()], "leaf {i}: prev_step");
-        assert_eq!(f.rets[7 * i + 6].to_f32(), vec![1.0; rf.prev_step.len()], "leaf {i}: ratio at t=1");
+        assert_eq!(f.rets[RETS_PER_LEAF * i + 5].to_f32(), vec![1.0; rf.prev_step.len()], "leaf {i}: prev_step");
+        assert_eq!(f.rets[RETS_PER_LEAF * i + 6].to_f32(), vec![1.0; rf.prev_step.len()], "leaf {i}: ratio at t=1");
     }
 }
 
@@ -47,15 +47,15 @@ fn inplace_call_with_donated_buffers_matches_reference() {
     let mut f = step_frame("hidden", &specs, 1, &mut Rng::new(2));
     // Donation: result k of each leaf shares its input's storage.
     for i in 0..specs.len() {
-        for (r, a) in [(0, 0), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)] {
-            f.rets[7 * i + r].alias_of_arg = Some(2 + 7 * i + a);
+        for (r, a) in [(0, 0), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (7, 7)] {
+            f.rets[RETS_PER_LEAF * i + r].alias_of_arg = Some(2 + ARGS_PER_LEAF * i + a);
         }
     }
-    let params_before: Vec<Vec<f32>> = (0..specs.len()).map(|i| f.args[2 + 7 * i].to_f32()).collect();
+    let params_before: Vec<Vec<f32>> = (0..specs.len()).map(|i| f.args[2 + ARGS_PER_LEAF * i].to_f32()).collect();
     f.call(lanton_step_inplace_cpu).unwrap();
     // The donated inputs were overwritten; restore the parameters for the reference.
     for i in 0..specs.len() {
-        f.args[2 + 7 * i] = OwnedBuffer::f32(&specs[i].dims, &params_before[i]);
+        f.args[2 + ARGS_PER_LEAF * i] = OwnedBuffer::f32(&specs[i].dims, &params_before[i]);
     }
     check_against_reference(&f, &specs, true, 5e-3);
 }
@@ -96,12 +96,12 @@ fn rejects_wrong_dtypes() {
 fn rejects_wrong_counts_and_shapes() {
     let mut f = base();
     f.args.pop();
-    expect_error(&mut f, lanton_step_update_cpu, &["arguments", "got 15"]);
+    expect_error(&mut f, lanton_step_update_cpu, &["arguments", "got 17"]);
     let mut f = base();
     f.rets.pop();
-    expect_error(&mut f, lanton_step_update_cpu, &["results", "got 13"]);
+    expect_error(&mut f, lanton_step_update_cpu, &["results", "got 15"]);
     let mut f = base();
-    f.args[3 + 7] = OwnedBuffer::zeros(dtype::F32, &[2, 16, 9]);
+    f.args[3 + ARGS_PER_LEAF] = OwnedBuffer::zeros(dtype::F32, &[2, 16, 9]);
     expect_error(&mut f, lanton_step_update_cpu, &["blocks/1/kernel (grad)", "expected shape [2, 16, 8], got [2, 16, 9]"]);
     let mut f = base();
     f.args[2] = OwnedBuffer::zeros(dtype::F32, &[12, 20]);
@@ -155,19 +155,42 @@ fn phases_argument_is_checked_and_sets_each_layers_cadence() {
     };
     let mut f = with(OwnedBuffer::i32(&[3], &[2, 0, 2]));
     f.call(lanton_step_update_cpu).unwrap();
-    assert_eq!((f.rets[5].to_f32(), f.rets[12].to_f32()), (vec![1.0], vec![0.0, 1.0]));
+    let prev_steps = |f: &Frame| (f.rets[5].to_f32(), f.rets[RETS_PER_LEAF + 5].to_f32());
+    assert_eq!(prev_steps(&f), (vec![1.0], vec![0.0, 1.0]));
     // Absent: the attribute's schedule (synchronous: phase 0, nothing stored at t = 1).
     let mut f = base();
     f.set_attr("noise_every", Attr::I64(3));
     f.call(lanton_step_update_cpu).unwrap();
-    assert_eq!((f.rets[5].to_f32(), f.rets[12].to_f32()), (vec![0.0], vec![0.0, 0.0]));
+    assert_eq!(prev_steps(&f), (vec![0.0], vec![0.0, 0.0]));
     expect_error(&mut with(OwnedBuffer::f32(&[3], &[2.0, 0.0, 2.0])), lanton_step_update_cpu,
                  &["argument 'phases'", "expected int32, got float32"]);
     expect_error(&mut with(OwnedBuffer::i32(&[2], &[2, 0])), lanton_step_update_cpu,
                  &["argument 'phases' (one per layer of the group)", "expected shape [3], got [2]"]);
     let mut f = with(OwnedBuffer::i32(&[3], &[0, 0, 0]));
     f.args.push(OwnedBuffer::i32(&[3], &[0, 0, 0]));
-    expect_error(&mut f, lanton_step_update_cpu, &["expected 2 + 7 x (number of leaves) arguments, and optionally the phases, got 18"]);
+    expect_error(&mut f, lanton_step_update_cpu, &["expected 2 + 8 x (number of leaves) arguments, and optionally the phases, got 20"]);
+}
+
+#[test]
+fn the_kernels_count_skipped_steps_from_the_incoming_count() {
+    // two_leaves: 1 + 2 layers. A NaN in leaf 1's second layer: its count goes 4 -> 5, every
+    // other layer keeps its own, donated or not.
+    for donated in [false, true] {
+        let mut f = base();
+        let (a, r) = (2 + ARGS_PER_LEAF, RETS_PER_LEAF);
+        let mut g = f.args[a + 1].to_f32();
+        *g.last_mut().unwrap() = f32::NAN;
+        f.args[a + 1] = OwnedBuffer::f32(&[2, 16, 8], &g);
+        f.args[2 + 7] = OwnedBuffer::i32(&[1], &[2]);
+        f.args[a + 7] = OwnedBuffer::i32(&[2], &[3, 4]);
+        if donated {
+            for i in 0..2 {
+                f.rets[r * i + 7].alias_of_arg = Some(2 + ARGS_PER_LEAF * i + 7);
+            }
+        }
+        f.call(lanton_step_update_cpu).unwrap();
+        assert_eq!((f.rets[7].to_f32(), f.rets[r + 7].to_f32()), (vec![2.0], vec![3.0, 5.0]), "donated {donated}");
+    }
 }
 
 #[test]

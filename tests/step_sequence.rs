@@ -96,6 +96,7 @@ fn non_finite_gradient_leaves_state_untouched() {
     assert_eq!(lf.prev_step[1], before.3[1]);
     assert!(lf.update[24..].iter().all(|&u| u == 0.0));
     assert_eq!(&lf.param[24..], &p_before[24..]);
+    assert_eq!(lf.skipped, [0, 1], "the skip is counted for layer 1 only");
     // Layer 0 went on normally.
     assert_ne!(&lf.momentum[..24], &before.0[..24]);
     assert!(lf.param.iter().chain(&lf.momentum).chain(&lf.prev_grad).all(|x| x.is_finite()));
@@ -104,6 +105,7 @@ fn non_finite_gradient_leaves_state_untouched() {
     step(&cfg, &h, 4, &mut leaves, &[rng.normals(48, 1.0)]);
     assert_eq!(leaves[0].noise[1], noise1);
     assert_eq!(leaves[0].prev_step[1], 4);
+    assert_eq!(leaves[0].skipped, [0, 1]);
 }
 
 fn run_against_reference(kind: Kind, k: u32, nesterov: bool, wd: f32, noise_adaptive: bool, stat: RatioStat, steps: i32) {

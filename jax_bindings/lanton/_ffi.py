@@ -239,8 +239,8 @@ def library_info() -> dict:
     return {"path": str(_state["path"]), "version": lib.lanton_version().decode(), "abi": ABI_VERSION}
 
 
-ARGS_PER_LEAF = 7
-RETS_PER_LEAF = 7
+ARGS_PER_LEAF = 8
+RETS_PER_LEAF = 8
 
 
 @functools.lru_cache(maxsize=512)
@@ -267,7 +267,7 @@ def newton_schulz_runs() -> int:
     return int(lib.lanton_newton_schulz_runs())
 
 
-def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
+def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None, skipped=None):
     """One fused FFI call for a whole group. `phases`: every layer's noise phase, int32, in leaf
     order (default: the phases of `config.noise_schedule`, `_plan.noise_phases`; none passed for
     the synchronous schedule, whose phases are all 0 by definition). `leaves` holds per leaf the tuple
@@ -276,7 +276,10 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
     cols) = (L, R, C), the per-layer state of L elements in any shape. The arrays go to the
     kernel in their own shapes (a reshape of a donated buffer would make XLA copy it in and
     out); `layer_dims` tells it (L, R, C). Returns per leaf (out, momentum, prev_grad, noise,
-    valid, prev_step, ratio), each shaped like its input (ratio like noise).
+    valid, prev_step, ratio), each shaped like its input (ratio like noise), and with `skipped`
+    (per leaf, int32 like prev_step: the steps each layer was skipped for a non-finite gradient)
+    that count after this step as an eighth entry: the kernels count it, no pass of the shim's
+    own over the gradients. Without it the call counts from zero and drops the count.
 
     On CUDA the call has one more result, uint8[bytes]: the step's scratch (cuBLAS workspace,
     accumulators, Newton-Schulz buffers), sized by `cuda_scratch_bytes`. The handler allocates
@@ -284,8 +287,9 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
     scratch is dropped here; the CPU call has no such result."""
     load_library()
     args, out_types, aliases = [hyper, t], [], {}
-    for i, (param, grad, mom, prev, noise, valid, pstep, _rows_in, _dims) in enumerate(leaves):
-        args += [param, grad, mom, prev, noise, valid, pstep]
+    counts = [jnp.zeros(lf[6].shape, jnp.int32) for lf in leaves] if skipped is None else skipped
+    for i, ((param, grad, mom, prev, noise, valid, pstep, _rows_in, _dims), count) in enumerate(zip(leaves, counts)):
+        args += [param, grad, mom, prev, noise, valid, pstep, count]
         base_a, base_r = 2 + ARGS_PER_LEAF * i, RETS_PER_LEAF * i
         out_types += [
             jax.ShapeDtypeStruct(param.shape, param.dtype),
@@ -295,9 +299,10 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
             jax.ShapeDtypeStruct(valid.shape, valid.dtype),
             jax.ShapeDtypeStruct(pstep.shape, pstep.dtype),
             jax.ShapeDtypeStruct(noise.shape, noise.dtype),
+            jax.ShapeDtypeStruct(count.shape, jnp.int32),
         ]
         # State flows through in place; with donation XLA reuses the buffers.
-        for a, r in ((2, 1), (3, 2), (4, 3), (5, 4), (6, 5)):
+        for a, r in ((2, 1), (3, 2), (4, 3), (5, 4), (6, 5), (7, 7)):
             aliases[base_a + a] = base_r + r
         if in_place:
             aliases[base_a] = base_r
@@ -350,4 +355,5 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None):
         return list(with_scratch(*a, **attrs))[:-1]  # the scratch stays inside the step
 
     outs = jax.lax.platform_dependent(*args, cpu=lambda *a: list(call(*a, **attrs)), default=cuda)
-    return [tuple(outs[RETS_PER_LEAF * i: RETS_PER_LEAF * (i + 1)]) for i in range(len(leaves))]
+    keep = RETS_PER_LEAF if skipped is not None else RETS_PER_LEAF - 1
+    return [tuple(outs[RETS_PER_LEAF * i: RETS_PER_LEAF * i + keep]) for i in range(len(leaves))]

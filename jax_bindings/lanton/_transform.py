@@ -218,12 +218,15 @@ class _Lanton:
             config = self._group_config(g)
             adam = g.kind == "adam"
             hyper = self._group_hyper(g, lr, state.count, decayed.get(gname, True))
+            split = mesh is not None and all(math.prod(lf.canonical) > 0 for lf in group)
             args, finite = [], []
             for lf in group:
                 i = lf.index
                 grad = _to_permuted(g_leaves[i].astype(p_leaves[i].dtype), lf)
-                # The kernels skip a layer whose gradient is not finite; count it for the user.
-                finite.append(jnp.all(jnp.isfinite(grad.reshape(lf.canonical)), axis=(1, 2)))
+                if split:
+                    # The kernels skip a layer whose gradient is not finite and count it; the
+                    # split's call sees the exchanged matrices, so its count is formed here.
+                    finite.append(jnp.all(jnp.isfinite(grad.reshape(lf.canonical)), axis=(1, 2)))
                 # An adam layer's G_prev slot holds its second moment nu (f32).
                 prev, pstep = _to_permuted(st["nu" if adam else "prev_grad"][i], lf), st["prev_step"][i]
                 if g2_leaves is not None and not adam:
@@ -247,14 +250,17 @@ class _Lanton:
                 ))
             names = [lf.name for lf in group]
             phases = noise_phases(config.noise_schedule, config.noise_every, [lf.canonical for lf in group])
-            if mesh is not None and all(math.prod(lf.canonical) > 0 for lf in group):
+            if split:
                 results = _mesh.split_group_step(mesh, axes, config, hyper, count,
                                                  [a + (len(lf.batch_shape), lf.row_axes) for a, lf in zip(args, group)],
                                                  names, phases,
                                                  in_place=in_place)
+                results = [r + (st["skipped"][lf.index] + (~fin).astype(jnp.int32).reshape(lf.batch_shape),)
+                           for r, lf, fin in zip(results, group, finite)]
             else:
-                results = step_fn(config, hyper, count, args, names, in_place=in_place, phases=phases)
-            for lf, fin, (out, mom, prev, noise, valid, pstep, ratio) in zip(group, finite, results):
+                results = step_fn(config, hyper, count, args, names, in_place=in_place, phases=phases,
+                                  skipped=[st["skipped"][lf.index] for lf in group])
+            for lf, (out, mom, prev, noise, valid, pstep, ratio, skipped) in zip(group, results):
                 i = lf.index
                 out_leaves[i] = _from_permuted(out, lf)
                 new["momentum"][i] = _from_permuted(mom, lf)
@@ -264,7 +270,6 @@ class _Lanton:
                     new["prev_grad"][i] = _from_permuted(prev, lf)
                 else:  # Option II keeps no gradient across steps: the state's G_prev stays as it was
                     pstep = st["prev_step"][i]
-                skipped = st["skipped"][i] + (~fin).astype(jnp.int32).reshape(lf.batch_shape)
                 for k, v in (("noise", noise), ("valid", valid), ("prev_step", pstep), ("ratio", ratio), ("skipped", skipped)):
                     new[k][i] = v
         new_state = LantonState(count=count, **{k: treedef.unflatten(v) for k, v in new.items()})

@@ -134,8 +134,10 @@ def update_scale(kind, scale, shape):
     return scale
 
 
-def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bool = False, phases=None):
-    """Pure-JAX twin of the fused call; see lanton._ffi.group_step for the layout and `phases`."""
+def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bool = False, phases=None,
+               skipped=None):
+    """Pure-JAX twin of the fused call; see lanton._ffi.group_step for the layout, `phases` and
+    `skipped`."""
     del names
     if phases is None:
         phases = noise_phases(config.noise_schedule, config.noise_every, [lf[8] for lf in leaves])
@@ -156,7 +158,11 @@ def group_step(config: StepConfig, hyper, t, leaves, names=None, *, in_place: bo
             outs[i] = tuple(x[at:at + n] for x in out)
             at += n
     shapes = [(lf[0].shape, lf[4].shape) for lf in leaves]
-    return [tuple(x.reshape(p_shape if k < 3 else l_shape) for k, x in enumerate(out)) for out, (p_shape, l_shape) in zip(outs, shapes)]
+    outs = [tuple(x.reshape(p_shape if k < 3 else l_shape) for k, x in enumerate(out)) for out, (p_shape, l_shape) in zip(outs, shapes)]
+    if skipped is None:
+        return [out[:7] for out in outs]
+    # The kernels' count: one more step skipped where a layer's gradient was not finite.
+    return [out[:7] + (count + (~out[7]).astype(jnp.int32),) for out, count in zip(outs, skipped)]
 
 
 # Elements per merged batch of layers: bounds the copies that concatenation makes.
@@ -249,5 +255,5 @@ def _group_step(config: StepConfig, hyper, t, leaves, in_place: bool):
         out = (x + delta) if in_place else delta
         if in_place:
             out = jnp.where(finite[:, None, None], out, x)
-        outs.append((out.astype(param.dtype), b_new, prev_new, noise_new, valid_new, pstep_new, r))
+        outs.append((out.astype(param.dtype), b_new, prev_new, noise_new, valid_new, pstep_new, r, finite))
     return outs

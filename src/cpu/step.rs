@@ -65,6 +65,8 @@ pub struct LeafIo<'a> {
     pub noise: &'a mut [f32],
     pub valid: &'a mut [f32],
     pub prev_step: &'a mut [i32],
+    /// Steps each layer was skipped for a non-finite gradient (this step's skip adds one).
+    pub skipped: &'a mut [i32],
     pub ratio: &'a mut [f32],
 }
 
@@ -119,6 +121,7 @@ struct Layer<'a> {
     noise: &'a mut f32,
     valid: &'a mut f32,
     prev_step: &'a mut i32,
+    skipped_count: &'a mut i32,
     ratio: &'a mut f32,
     /// Its noise phase: steps t = phase (mod K) refresh its tracker (`StepConfig::is_noise_step`).
     phase: i32,
@@ -166,8 +169,9 @@ fn split_layers<'b>(leaves: &'b mut [LeafIo], phases: &[i32]) -> Vec<Layer<'b>> 
             .zip(leaf.grad.split(count, n))
             .zip(leaf.momentum.split_mut(count, n).into_iter().zip(leaf.prev_grad.split_mut(count, n)))
             .zip(leaf.noise.iter_mut().zip(leaf.valid.iter_mut()))
-            .zip(leaf.prev_step.iter_mut().zip(leaf.ratio.iter_mut()));
-        for ((((params, grad), (momentum, prev_grad)), (noise, valid)), (prev_step, ratio)) in per_layer {
+            .zip(leaf.prev_step.iter_mut().zip(leaf.ratio.iter_mut()))
+            .zip(leaf.skipped.iter_mut());
+        for (((((params, grad), (momentum, prev_grad)), (noise, valid)), (prev_step, ratio)), skipped_count) in per_layer {
             out.push(Layer {
                 shape,
                 params,
@@ -177,6 +181,7 @@ fn split_layers<'b>(leaves: &'b mut [LeafIo], phases: &[i32]) -> Vec<Layer<'b>> 
                 noise,
                 valid,
                 prev_step,
+                skipped_count,
                 ratio,
                 phase: phase.next().unwrap_or(0),
                 skipped: false,
@@ -227,8 +232,13 @@ pub fn group_step(cfg: &StepConfig, hyper: &Hyper, t: i32, phases: &[i32], leave
 
 fn group_step_on_pool(cfg: &StepConfig, h: &Hyper, t: i32, phases: &[i32], leaves: &mut [LeafIo]) {
     let mut layers = split_layers(leaves, phases);
-    // Phase 1: momentum and the noise tracker, per layer.
-    for_each_layer(&mut layers, |layer, s| track(cfg, h, t, layer, s));
+    // Phase 1: momentum and the noise tracker, per layer; a skipped layer is counted.
+    for_each_layer(&mut layers, |layer, s| {
+        track(cfg, h, t, layer, s);
+        if layer.skipped {
+            *layer.skipped_count = layer.skipped_count.saturating_add(1);
+        }
+    });
     if cfg.kind == Kind::Adam {
         // No ratios: the second moment, the direction and the write-out, per layer.
         let rule = step::AdamRule::new(cfg, h, t);

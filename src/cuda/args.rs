@@ -31,6 +31,8 @@ pub struct LeafArgs {
     pub valid: *mut f32,
     pub prev_step: *mut i32,
     pub ratio: *mut f32,
+    /// Per layer: steps skipped for a non-finite gradient (lanton_apply adds this step's).
+    pub skipped: *mut i32,
     pub ns_in: *mut c_void,
     pub noise_in: *mut f32,
     pub ns_out: *const c_void,
@@ -48,10 +50,10 @@ pub struct LeafArgs {
     pub shape_scale: f32,
     pub dual_factor: f32,
 }
-const _: () = assert!(std::mem::size_of::<LeafArgs>() == 160);
+const _: () = assert!(std::mem::size_of::<LeafArgs>() == 168);
 
 /// Leaves per multi-tensor launch (kernel parameters stay under 4 KB: a LeafBatch and a GroupArgs).
-pub const MAX_LEAVES: usize = 23;
+pub const MAX_LEAVES: usize = 22;
 
 /// Mirrors `struct LeafBatch` in kernels.cu: up to MAX_LEAVES leaves in one launch.
 #[repr(C)]
@@ -62,7 +64,7 @@ pub struct LeafBatch {
     pub chunks: [i32; MAX_LEAVES],
     pub count: i32,
 }
-const _: () = assert!(std::mem::size_of::<LeafBatch>() == 3872);
+const _: () = assert!(std::mem::size_of::<LeafBatch>() == 3880);
 const _: () = assert!(std::mem::size_of::<LeafBatch>() + std::mem::size_of::<GroupArgs>() <= 4096);
 
 /// Mirrors `struct GroupArgs` in kernels.cu.

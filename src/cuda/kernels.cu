@@ -86,6 +86,7 @@ struct LeafArgs {
     float* valid;
     int* prev_step;
     float* ratio;
+    int* skipped;        // result buffer, per layer: steps skipped for a non-finite gradient
     void* ns_in;         // direction Newton-Schulz input (hidden), this leaf's first layer
     float* noise_in;     // noise Newton-Schulz input (hidden, noise work), this leaf's first layer
     const void* ns_out;  // direction Newton-Schulz result (hidden), this leaf's first layer
@@ -99,7 +100,7 @@ struct LeafArgs {
     float shape_scale;   // s(kind, shape) / scale: sqrt(max(rows, cols)) for hidden, else 1
     float dual_factor;   // dual-norm factor of the kind and shape
 };
-static_assert(sizeof(LeafArgs) == 160, "LeafArgs layout must match src/cuda/args.rs");
+static_assert(sizeof(LeafArgs) == 168, "LeafArgs layout must match src/cuda/args.rs");
 
 // Structural options and the group's scratch, identical for every leaf of a call.
 struct GroupArgs {
@@ -122,14 +123,14 @@ struct GroupArgs {
 static_assert(sizeof(GroupArgs) == 128, "GroupArgs layout must match src/cuda/args.rs");
 
 // Up to MAX_LEAVES leaves per launch (the batch stays under the 4 KB kernel-parameter limit).
-#define MAX_LEAVES 23
+#define MAX_LEAVES 22
 struct LeafBatch {
     LeafArgs leaf[MAX_LEAVES];
     int first_block[MAX_LEAVES + 1];  // prefix sum of each leaf's blocks
     int chunks[MAX_LEAVES];           // blocks per layer (per-layer passes) or per leaf (track)
     int count;
 };
-static_assert(sizeof(LeafBatch) == 3872, "LeafBatch layout must match src/cuda/args.rs");
+static_assert(sizeof(LeafBatch) == 3880, "LeafBatch layout must match src/cuda/args.rs");
 
 // This block's leaf j, its block index within the leaf, and the leaf's blocks per layer.
 struct Where { int j, local, chunks; };
@@ -538,7 +539,10 @@ extern "C" __global__ void lanton_apply(LeafBatch batch, GroupArgs g) {
         const double shaped = fmax(g.ratio_power == 1.f ? q : pow(q, (double)g.ratio_power), (double)g.ratio_floor);
         r = (float)fmin(shaped, (double)g.ratio_cap);
     }
-    if (chunk == 0 && threadIdx.x == 0) a.ratio[l] = r;
+    if (chunk == 0 && threadIdx.x == 0) {  // once per layer (lanton_apply runs once per step)
+        a.ratio[l] = r;
+        if (!finite && a.skipped[l] < 0x7fffffff) a.skipped[l] += 1;
+    }
     const long long base = (long long)l * a.layer_len;
     if (!finite) {  // skipped: zero update, X kept
         if (!a.in_place)

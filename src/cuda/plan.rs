@@ -265,6 +265,7 @@ impl Plan {
                 noise: leaf.state[2].ret.data as *mut f32,
                 valid: leaf.state[3].ret.data as *mut f32,
                 prev_step: leaf.state[4].ret.data as *mut i32,
+                skipped: leaf.state[5].ret.data as *mut i32,
                 ratio: leaf.ratio.data as *mut f32,
                 ns_in: if hidden { at(o.x + ns_elem * ns_size) } else { std::ptr::null_mut() },
                 noise_in: if noise_polar { at(o.n0 + ns_elem * 4) as *mut f32 } else { std::ptr::null_mut() },

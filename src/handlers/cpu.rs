@@ -48,10 +48,14 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
             Ok(out)
         };
         let f32_out = |p: &Pair<'a>, what: &str| -> FfiResult<&'a mut [f32]> { float_out(p, what)?.into_f32(what).map_err(FfiError::invalid) };
-        let prev_step = set.output_i32(&state[4].ret, &name)?;
-        if !state[4].aliased {
-            prev_step.copy_from_slice(set.input_i32(&state[4].arg, &name)?);
-        }
+        let i32_out = |p: &Pair<'a>| -> FfiResult<&'a mut [i32]> {
+            let out = set.output_i32(&p.ret, &name)?;
+            if !p.aliased {
+                out.copy_from_slice(set.input_i32(&p.arg, &name)?);
+            }
+            Ok(out)
+        };
+        let (prev_step, skipped) = (i32_out(&state[4])?, i32_out(&state[5])?);
         let params = if in_place {
             ParamIo::InPlace { param: float_out(&param_io, &name)? }
         } else {
@@ -66,6 +70,7 @@ pub fn decode_step_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<D
             noise: f32_out(&state[2], &name)?,
             valid: f32_out(&state[3], &name)?,
             prev_step,
+            skipped,
             ratio: set.output(&ratio, &name)?.into_f32(&name).map_err(FfiError::invalid)?,
         });
     }

@@ -5,12 +5,13 @@
 //! Call layout (shared with jax_bindings/lanton/_ffi.py):
 //!   args: hyper f32[5] (lr, beta1, beta2, weight_decay, scale), step i32[] (t, 1-based),
 //!         then per leaf: param (L,R,C), grad (L,R,C), momentum (L,R,C), prev_grad (L,R,C),
-//!         noise f32[L], valid f32[L], prev_step i32[L]; then optionally phases i32[layers of the
+//!         noise f32[L], valid f32[L], prev_step i32[L], skipped i32[L] (steps skipped for a
+//!         non-finite gradient, counted by the kernels); then optionally phases i32[layers of the
 //!         group] (every layer's noise phase in leaf order, `step::noise_phases`; absent: the
 //!         phases of the `noise_schedule` attribute, which the CPU targets compute and the CUDA
 //!         targets require as data unless synchronous)
 //!   rets per leaf: update or new param (L,R,C), momentum, prev_grad, noise, valid, prev_step,
-//!         ratio f32[L]; then, for the CUDA targets only, scratch u8[bytes] (bytes from
+//!         ratio f32[L], skipped; then, for the CUDA targets only, scratch u8[bytes] (bytes from
 //!         `lanton_cuda_scratch_bytes`, src/capi.rs: the handler allocates nothing)
 //!   attrs: the step options of `step::options::CONFIG_KEYS` (kind required, the others default
 //!         to `StepConfig::new`'s), rows_are_input (one per leaf), leaf_names ("\n"-joined, optional),
@@ -25,11 +26,11 @@ use crate::step::layout::{LeafBuffers, Pair, StepLayout};
 use crate::step::options::{self, Options};
 use crate::step::{self, LayerShape, StepConfig, HYPER_LEN};
 
-pub const ARGS_PER_LEAF: usize = 7;
-pub const RETS_PER_LEAF: usize = 7;
+pub const ARGS_PER_LEAF: usize = 8;
+pub const RETS_PER_LEAF: usize = 8;
 pub const GROUP_ARGS: usize = 2;
-const ARG_NAMES: [&str; ARGS_PER_LEAF] = ["param", "grad", "momentum", "prev_grad", "noise", "valid", "prev_step"];
-const RET_NAMES: [&str; RETS_PER_LEAF] = ["out", "momentum", "prev_grad", "noise", "valid", "prev_step", "ratio"];
+const ARG_NAMES: [&str; ARGS_PER_LEAF] = ["param", "grad", "momentum", "prev_grad", "noise", "valid", "prev_step", "skipped"];
+const RET_NAMES: [&str; RETS_PER_LEAF] = ["out", "momentum", "prev_grad", "noise", "valid", "prev_step", "ratio", "skipped"];
 
 /// The call's attributes as the step's options (`step::options`, one decoder with the C ABI's
 /// JSON front end): a wrong type is refused by the call frame's readers, naming the attribute.
@@ -123,7 +124,7 @@ pub fn decode_layout<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<Step
 pub fn decode_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<(StepLayout<'a>, BufferSet)> {
     let config = decode_config(call)?;
     let nargs = call.num_args();
-    // 2 + 7n arguments, or 2 + 7n + 1 with the phases last.
+    // 2 + 8n arguments, or 2 + 8n + 1 with the phases last.
     if nargs < GROUP_ARGS || (nargs - GROUP_ARGS) % ARGS_PER_LEAF > 1 {
         return Err(FfiError::invalid(format!(
             "expected 2 + {ARGS_PER_LEAF} x (number of leaves) arguments, and optionally the phases, got {nargs}"
@@ -131,7 +132,7 @@ pub fn decode_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<(StepL
     }
     let n_leaves = (nargs - GROUP_ARGS) / ARGS_PER_LEAF;
     let has_phases = (nargs - GROUP_ARGS) % ARGS_PER_LEAF == 1;
-    // 7 results per leaf, then optionally one scratch result (7n + 1 is never a multiple of 7).
+    // 8 results per leaf, then optionally one scratch result (8n + 1 is never a multiple of 8).
     let leaf_rets = n_leaves * RETS_PER_LEAF;
     let nrets = call.num_rets();
     if nrets != leaf_rets && nrets != leaf_rets + 1 {
@@ -220,14 +221,14 @@ pub fn decode_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<(StepL
             }
             expect_dims(&b, param.dims, &what(k, false))?;
         }
-        for k in 4..7 {
+        for k in 4..8 {
             let b = a(k)?;
-            expect_dtype(&b, if k == 6 { dtype::S32 } else { dtype::F32 }, &what(k, false))?;
+            expect_dtype(&b, if k >= 6 { dtype::S32 } else { dtype::F32 }, &what(k, false))?;
             expect_per_layer(&b, layers, layer_dims.is_some(), &what(k, false))?;
         }
         // Results mirror their inputs; `out` has the parameter's dtype and shape.
-        let ret_src = [0usize, 2, 3, 4, 5, 6];
-        for (k, &src) in ret_src.iter().enumerate() {
+        let ret_src = [(0usize, 0usize), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (7, 7)];
+        for (k, src) in ret_src {
             let (rb, ab) = (r(k)?, a(src)?);
             expect_dtype(&rb, ab.dtype, &what(k, true))?;
             expect_dims(&rb, ab.dims, &what(k, true))?;
@@ -253,6 +254,7 @@ pub fn decode_call<'a>(call: &CallFrame<'a>, in_place: bool) -> FfiResult<(StepL
             link(4, 3, &mut set)?,
             link(5, 4, &mut set)?,
             link(6, 5, &mut set)?,
+            link(7, 7, &mut set)?,
         ];
         let param_io = if in_place {
             link(0, 0, &mut set)?

@@ -19,8 +19,8 @@ pub struct LeafBuffers<'a> {
     pub name: String,
     pub shape: LayerShape,
     pub grad: RawTensor<'a>,
-    /// (arg -> ret): momentum, prev_grad, noise, valid, prev_step.
-    pub state: [Pair<'a>; 5],
+    /// (arg -> ret): momentum, prev_grad, noise, valid, prev_step, skipped.
+    pub state: [Pair<'a>; 6],
     /// param -> out (aliased for the in-place variant when donated).
     pub param: Pair<'a>,
     pub ratio: RawTensor<'a>,

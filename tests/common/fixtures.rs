@@ -13,6 +13,7 @@ pub struct OwnedLeaf {
     pub valid: Vec<f32>,
     pub prev_step: Vec<i32>,
     pub ratio: Vec<f32>,
+    pub skipped: Vec<i32>,
     pub update: Vec<f32>,
 }
 
@@ -28,6 +29,7 @@ impl OwnedLeaf {
             valid: vec![0.0; l],
             prev_step: vec![0; l],
             ratio: vec![0.0; l],
+            skipped: vec![0; l],
             update: vec![0.0; n],
         }
     }
@@ -51,6 +53,7 @@ impl OwnedLeaf {
             noise: &mut self.noise,
             valid: &mut self.valid,
             prev_step: &mut self.prev_step,
+            skipped: &mut self.skipped,
             ratio: &mut self.ratio,
         }
     }
@@ -71,6 +74,7 @@ impl OwnedLeaf {
             valid: self.valid.as_mut_ptr(),
             prev_step: self.prev_step.as_mut_ptr(),
             ratio: self.ratio.as_mut_ptr(),
+            skipped: self.skipped.as_mut_ptr(),
         }
     }
 }

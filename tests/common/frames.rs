@@ -261,6 +261,7 @@ pub fn step_frame(kind: &str, specs: &[LeafSpec], t: i32, rng: &mut Rng) -> Fram
         f.args.push(OwnedBuffer::zeros(dtype::F32, &l));
         f.args.push(OwnedBuffer::zeros(dtype::F32, &l));
         f.args.push(OwnedBuffer::zeros(dtype::S32, &l));
+        f.args.push(OwnedBuffer::zeros(dtype::S32, &l)); // skipped
         f.rets.push(OwnedBuffer::zeros(s.dtype, &s.dims));
         f.rets.push(OwnedBuffer::zeros(dtype::F32, &s.dims));
         f.rets.push(OwnedBuffer::zeros(s.dtype, &s.dims));
@@ -268,6 +269,7 @@ pub fn step_frame(kind: &str, specs: &[LeafSpec], t: i32, rng: &mut Rng) -> Fram
         f.rets.push(OwnedBuffer::zeros(dtype::F32, &l));
         f.rets.push(OwnedBuffer::zeros(dtype::S32, &l));
         f.rets.push(OwnedBuffer::zeros(dtype::F32, &l));
+        f.rets.push(OwnedBuffer::zeros(dtype::S32, &l)); // skipped
     }
     f.set_attr("kind", Attr::Str(kind.into()));
     f.set_attr("ns_coeffs", Attr::F32Array([3.4445, -4.7750, 2.0315].repeat(5)));

@@ -176,6 +176,7 @@ pub fn run_c_abi_case(stats: &mut Stats, seed: u64, case: u64) {
             valid: field(per_layer, &mut rng, &mut arena) as *mut f32,
             prev_step: field(per_layer, &mut rng, &mut arena) as *mut i32,
             ratio: field(per_layer, &mut rng, &mut arena) as *mut f32,
+            skipped: field(per_layer, &mut rng, &mut arena) as *mut i32,
         };
         descs.push(desc);
     }

@@ -264,7 +264,7 @@ pub fn build(spec: &FrameSpec, rng: &mut Rng) -> Built {
         // run the noise estimate.
         if rng.one_in(2) {
             let prev = t.wrapping_sub(1) as u32 as u64;
-            for i in (GROUP_ARGS + 6..spec.args.len()).step_by(7) {
+            for i in (GROUP_ARGS + 6..spec.args.len()).step_by(lanton::handlers::ARGS_PER_LEAF) {
                 if let Some(pb) = own_block(i) {
                     let words = arena.usable[pb] / 8;
                     arena.blocks[pb][..words].fill(prev | (prev << 32));

@@ -8,7 +8,7 @@ use super::*;
 fn one_leaf_frame() -> FrameSpec {
     (0u64..)
         .map(|s| FrameSpec::well_formed(&mut Rng::new(s)))
-        .find(|f| f.args.len() == 9 && f.hyper.is_some() && f.step.is_some())
+        .find(|f| f.args.len() == 2 + lanton::handlers::ARGS_PER_LEAF && f.hyper.is_some() && f.step.is_some())
         .unwrap()
 }
 
@@ -130,6 +130,7 @@ fn regression_c_abi_zero_layer_leaf_and_loose_ns_coeffs() {
         valid: p,
         prev_step: ps,
         ratio: p,
+        skipped: ps,
     };
     // No layers: every array is empty (any pointer is valid for zero elements), but the
     // per-layer size used to size scratch: 2^62 elements panicked (capacity overflow), 2^40
@@ -156,6 +157,7 @@ fn regression_last_representable_step() {
     }
     let mut state = [0.5f32; 7]; // param, grad, momentum, prev_grad, noise, valid, ratio
     let mut steps = [0i32; 1];
+    let mut skipped = [0i32; 1];
     let p = state.as_mut_ptr();
     // SAFETY: offsets 0..7 lie inside `state`; every buffer is one distinct element.
     let at = |i: usize| unsafe { p.add(i) };
@@ -172,6 +174,7 @@ fn regression_last_representable_step() {
         valid: at(5),
         prev_step: steps.as_mut_ptr(),
         ratio: at(6),
+        skipped: skipped.as_mut_ptr(),
     };
     let cfg = c"{\"kind\": \"embed\", \"noise_every\": 1}";
     let hyper = [0.02f32, 0.9, 0.9, 0.0, 0.2];

@@ -227,6 +227,7 @@ impl FrameSpec {
             f.push_arg(dtype::F32, l.clone());
             f.push_arg(dtype::F32, l.clone());
             f.push_arg(dtype::S32, l.clone());
+            f.push_arg(dtype::S32, l.clone()); // skipped
             let rbase = f.rets.len();
             f.push_ret(dp, dims.clone());
             f.push_ret(dm, dims.clone());
@@ -235,8 +236,9 @@ impl FrameSpec {
             f.push_ret(dtype::F32, l.clone());
             f.push_ret(dtype::S32, l.clone());
             f.push_ret(dtype::F32, l.clone());
+            f.push_ret(dtype::S32, l.clone()); // skipped
             if donate {
-                for (r, a) in [(0, 0), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)] {
+                for (r, a) in [(0, 0), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (7, 7)] {
                     let id = f.args[base + a].buf.as_ref().unwrap().id;
                     f.rets[rbase + r].buf.as_mut().unwrap().data = Data::Share { id, offset: 0 };
                 }
