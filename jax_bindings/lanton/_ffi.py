@@ -301,8 +301,11 @@ def group_step(config, hyper, t, leaves, names, *, in_place: bool, phases=None, 
             jax.ShapeDtypeStruct(noise.shape, noise.dtype),
             jax.ShapeDtypeStruct(count.shape, jnp.int32),
         ]
-        # State flows through in place; with donation XLA reuses the buffers.
-        for a, r in ((2, 1), (3, 2), (4, 3), (5, 4), (6, 5), (7, 7)):
+        # State flows through in place; with donation XLA reuses the buffers. An adam group's
+        # tracker inputs (noise, valid, prev_step) are constants, not state (lanton._state
+        # ADAM_FIELDS): aliased, XLA would copy each into a buffer of its own first.
+        pairs = ((2, 1), (3, 2), (7, 7)) if config.kind == "adam" else ((2, 1), (3, 2), (4, 3), (5, 4), (6, 5), (7, 7))
+        for a, r in pairs:
             aliases[base_a + a] = base_r + r
         if in_place:
             aliases[base_a] = base_r

@@ -17,9 +17,9 @@ class LantonState(NamedTuple):
     """Per leaf (a MaskedNode for leaves no group handles): momentum and previous gradient in
     the leaf's shape; noise H, validity, step of the stored gradient, last ratio r and the number
     of steps skipped for a non-finite gradient, over the leaf's batch axes (one per layer). A
-    leaf of an `adam` group keeps its second moment in `nu` (f32, the leaf's shape) and no
-    previous gradient (`prev_grad` is a MaskedNode there, `nu` elsewhere). A state made before
-    the adam kind existed has nu = None."""
+    leaf of an `adam` group keeps its momentum, its second moment in `nu` (f32, the leaf's shape)
+    and its skipped count only (`ADAM_FIELDS`; the other fields are MaskedNodes there, `nu`
+    elsewhere). A state made before the adam kind existed has nu = None."""
 
     count: jax.Array
     momentum: Any
@@ -37,9 +37,25 @@ STATE_FIELDS = {"momentum": "param", "prev_grad": "param", "noise": "layers", "v
                 "prev_step": "layers", "ratio": "layers", "skipped": "layers", "nu": "param"}
 
 
+# What an adam leaf keeps: NAdamW's moments and the skipped count. Its noise tracker, validity,
+# G_prev step and ratio would be constants (no noise, r = 1): not state, so a step moves 3 arrays
+# per adam leaf through the jit, not 7 (optax.adamw: 2).
+ADAM_FIELDS = ("momentum", "nu", "skipped")
+
+
 def _holds(field, kind):
-    """Does a leaf of this kind have this state field? (G_prev for the LMO kinds, nu for adam.)"""
-    return {"prev_grad": kind != "adam", "nu": kind == "adam"}.get(field, True)
+    """Does a leaf of this kind have this state field? (G_prev and the noise tracker for the LMO
+    kinds; nu, and no tracker, for adam.)"""
+    if kind == "adam":
+        return field in ADAM_FIELDS
+    return field != "nu"
+
+
+def untracked(field, batch_shape):
+    """An adam layer's value of a field it does not keep: the kernels' input, and what
+    `layer_stats` reports (noise 0, not valid, no G_prev, r = 1)."""
+    dtype = jnp.int32 if field == "prev_step" else jnp.float32
+    return (jnp.ones if field == "ratio" else jnp.zeros)(batch_shape, dtype)
 
 
 def init_state(plan, treedef, leaves, momentum_dtype, kinds):
@@ -50,16 +66,11 @@ def init_state(plan, treedef, leaves, momentum_dtype, kinds):
     for gname, group in plan.items():
         for lf in group:
             p = leaves[lf.index]
-            fields["momentum"][lf.index] = jnp.zeros(p.shape, momentum_dtype)
-            if kinds[gname] == "adam":
-                fields["nu"][lf.index] = jnp.zeros(p.shape, jnp.float32)
-            else:
-                fields["prev_grad"][lf.index] = jnp.zeros(p.shape, p.dtype)
-            fields["noise"][lf.index] = jnp.zeros(lf.batch_shape, jnp.float32)
-            fields["valid"][lf.index] = jnp.zeros(lf.batch_shape, jnp.float32)
-            fields["prev_step"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
-            fields["ratio"][lf.index] = jnp.ones(lf.batch_shape, jnp.float32)
-            fields["skipped"][lf.index] = jnp.zeros(lf.batch_shape, jnp.int32)
+            made = {"momentum": jnp.zeros(p.shape, momentum_dtype), "nu": jnp.zeros(p.shape, jnp.float32),
+                    "prev_grad": jnp.zeros(p.shape, p.dtype), "skipped": jnp.zeros(lf.batch_shape, jnp.int32)}
+            for k in STATE_FIELDS:
+                if _holds(k, kinds[gname]):
+                    fields[k][lf.index] = made[k] if k in made else untracked(k, lf.batch_shape)
     return LantonState(count=jnp.zeros([], jnp.int32), **{k: treedef.unflatten(v) for k, v in fields.items()})
 
 def state_leaves(state, plan, treedef, p_leaves, kinds):
@@ -138,7 +149,10 @@ def layer_stats(opt_state) -> dict:
         flat = jax.tree_util.tree_flatten_with_path(state.noise, is_leaf=_is_masked)[0]
         rest = [jax.tree_util.tree_leaves(getattr(state, k), is_leaf=_is_masked) for k in ("ratio", "valid", "skipped")]
         for (path, noise), ratio, valid, skipped in zip(flat, *rest):
-            if _is_masked(noise):
-                continue
+            if _is_masked(skipped):
+                continue  # a leaf no group handles
+            if _is_masked(noise):  # an adam leaf: no tracker, r = 1
+                shape = jnp.shape(skipped)
+                noise, ratio, valid = (untracked(k, shape) for k in ("noise", "ratio", "valid"))
             out[path_str(path)] = {"noise": noise, "ratio": ratio, "valid": valid, "skipped": skipped}
     return out

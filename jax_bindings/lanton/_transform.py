@@ -21,7 +21,7 @@ from ._config import StepConfig, adam_config
 from ._options import (KIND_SCALE, OTHER_GROUPS, SUPPORTED_DTYPES, Group, ScalarOrSchedule, check_array, check_group,
                        flag, implicit_groups, static)
 from ._plan import _from_permuted, _to_permuted, noise_phases
-from ._state import LantonState
+from ._state import LantonState, untracked
 
 
 def _ratio_cap(v) -> float:
@@ -227,8 +227,11 @@ class _Lanton:
                     # The kernels skip a layer whose gradient is not finite and count it; the
                     # split's call sees the exchanged matrices, so its count is formed here.
                     finite.append(jnp.all(jnp.isfinite(grad.reshape(lf.canonical)), axis=(1, 2)))
-                # An adam layer's G_prev slot holds its second moment nu (f32).
-                prev, pstep = _to_permuted(st["nu" if adam else "prev_grad"][i], lf), st["prev_step"][i]
+                # An adam layer's G_prev slot holds its second moment nu (f32); it keeps no
+                # tracker, so the kernels get constants for it (and its results are dropped).
+                prev = _to_permuted(st["nu" if adam else "prev_grad"][i], lf)
+                noise, valid, pstep = ((untracked(k, lf.batch_shape) for k in ("noise", "valid", "prev_step")) if adam
+                                       else (st["noise"][i], st["valid"][i], st["prev_step"][i]))
                 if g2_leaves is not None and not adam:
                     # Option II: the kernels' G_prev is the second gradient, marked as stored on
                     # the step before, so a noise step measures ||G - G2||; a layer whose second
@@ -242,8 +245,8 @@ class _Lanton:
                     grad,
                     _to_permuted(st["momentum"][i], lf),
                     prev,
-                    st["noise"][i],
-                    st["valid"][i],
+                    noise,
+                    valid,
                     pstep,
                     lf.rows_are_input,
                     lf.canonical,
@@ -270,8 +273,10 @@ class _Lanton:
                     new["prev_grad"][i] = _from_permuted(prev, lf)
                 else:  # Option II keeps no gradient across steps: the state's G_prev stays as it was
                     pstep = st["prev_step"][i]
-                for k, v in (("noise", noise), ("valid", valid), ("prev_step", pstep), ("ratio", ratio), ("skipped", skipped)):
-                    new[k][i] = v
+                tracker = (("noise", noise), ("valid", valid), ("prev_step", pstep), ("ratio", ratio))
+                for k, v in tracker:
+                    new[k][i] = optax.MaskedNode() if adam else v
+                new["skipped"][i] = skipped
         new_state = LantonState(count=count, **{k: treedef.unflatten(v) for k, v in new.items()})
         return treedef.unflatten(out_leaves), new_state
 

@@ -118,8 +118,34 @@ def test_a_non_finite_gradient_skips_its_adam_leaf_and_is_counted():
     assert np.isfinite(np.asarray(state.nu["wte"])).all() and np.isfinite(np.asarray(state.momentum["wte"])).all()
     assert int(lanton.layer_stats(state)["wte"]["skipped"]) == 1
     assert int(lanton.layer_stats(state)["lm_head"]["skipped"]) == 0
+    assert int(lanton.layer_stats(ref_state)["wte"]["skipped"]) == 1  # the reference counts alike
     for a, b in zip(jax.tree.leaves(ups[3]), jax.tree.leaves(ref_ups[3])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-8)
+
+
+def test_an_adam_leaf_keeps_its_moments_and_skipped_count_only():
+    # The Adam part tracks no noise: its leaves keep momentum, nu and the skipped count (3 arrays,
+    # optax.adamw keeps 2), not the tracker's constants; layer_stats still reports them, at r = 1.
+    params = gpt_like(jax.random.key(5))
+    tx = lanton.lanton(noise_every=1)
+    state = tx.init(params)
+    kinds = {"wte": "adam", "lm_head": "adam", "blocks/0/ln/scale": "adam", "blocks/0/attn/kernel": "hidden"}
+    for name, kind in kinds.items():
+        path = name.split("/")
+        held = {}
+        for field in ("momentum", "prev_grad", "nu", "noise", "valid", "prev_step", "ratio", "skipped"):
+            x = getattr(state, field)
+            for k in path:
+                x = x[int(k)] if isinstance(x, list) else x[k]
+            held[field] = not isinstance(x, optax.MaskedNode)
+        want = {"momentum", "nu", "skipped"} if kind == "adam" else \
+            {"momentum", "prev_grad", "noise", "valid", "prev_step", "ratio", "skipped"}
+        assert {f for f, h in held.items() if h} == want, (name, held)
+    _, state, _ = run(tx, params, 3)
+    assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))  # the step keeps its shape
+    stats = lanton.layer_stats(state)
+    assert float(stats["wte"]["ratio"]) == 1.0 and float(stats["wte"]["noise"]) == 0.0
+    assert int(stats["wte"]["skipped"]) == 0 and float(stats["blocks/0/attn/kernel"]["noise"]) > 0
 
 
 def test_other_lmo_is_the_papers_geometry_for_every_leaf():
