@@ -79,6 +79,10 @@ def _not_hidden(params):
     return jax.tree.map(lambda k: None if k == "hidden" else k, lanton.default_labels(params))
 
 
+def _hidden_only(params):
+    return jax.tree.map(lambda k: k if k == "hidden" else None, lanton.default_labels(params))
+
+
 def _is_not_hidden(params):
     return jax.tree.map(lambda k: k != "hidden", lanton.default_labels(params))
 
@@ -94,6 +98,10 @@ def contenders():
         # (lanton on the hidden matrices, optax.adamw beside it), and vs the LMO steps for those leaves.
         "hybrid K=10 (multi_transform)": ("tx", lambda: hybrid(0.02, ADAM_LR_FACTOR * 0.02, noise_every=10)),
         "lanton K=10, other=lmo": ("tx", lambda: lanton.lanton(0.02, noise_every=10, other="lmo")),
+        # Where the default's extra time over the hybrid goes (noise off: the same work every step):
+        # the hidden matrices alone, and the hybrid, against "lanton noise off".
+        "lanton noise off, hidden only": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, labels=_hidden_only)),
+        "hybrid noise off (multi_transform)": ("tx", lambda: hybrid(0.02, ADAM_LR_FACTOR * 0.02, noise_adaptive=False)),
         # The Adam part alone (hidden matrices pass through in both): lanton's fused call vs optax.adamw.
         "Adam part only: lanton": ("tx", lambda: lanton.lanton(0.02, labels=_not_hidden)),
         "Adam part only: optax.adamw": ("tx", lambda: optax.masked(
