@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 import lanton
+from lanton._ffi import RETS_PER_LEAF
 from models import random_grads, transformer_params
 
 pytestmark = pytest.mark.skipif(not lanton.kernels_available(), reason="fused kernels unavailable")
@@ -109,7 +110,7 @@ def test_cuda_calls_have_a_scratch_result_sized_by_the_library(kw):
     sizes = {}
     for line in lines:
         types = result_types(line)
-        assert len(types) % 7 == 1, types  # 7 per leaf, then the scratch
+        assert len(types) % RETS_PER_LEAF == 1, types  # per leaf, then the scratch
         m = re.fullmatch(r"(\d+)xui8", types[-1])
         assert m, types[-1]
         assert int(m.group(1)) == expected_scratch(line) > 0
@@ -131,7 +132,7 @@ def test_cpu_calls_have_no_scratch_result():
         assert len(lines) == 2, lines  # the hidden group, the Adam part
         for line in lines:
             types = result_types(line)
-            assert len(types) % 7 == 0 and not any("ui8" in t for t in types), types
+            assert len(types) % RETS_PER_LEAF == 0 and not any("ui8" in t for t in types), types
 
 
 def test_scratch_bytes_errors_are_clear():
