@@ -110,6 +110,12 @@ VARIANTS = {
     "default_uncapped": ("lanton", {"noise_schedule": "synchronous", "other": "adam", "ratio_cap": math.inf,
                                     "adam_lr_fixed": True}, LANTON_GRID,
                          False, "idea 1: the default without the cap r <= 1 (ratio_cap = inf)"),
+    # 2 (a screening): the Adam part's rate, a factor sqrt(2) either way of 3e-3 (0.4 x 0.0075, taken
+    # from optax Muon's tuned Adam part, never swept for lanton's recipe).
+    "default_adam_lo": ("lanton", {"noise_schedule": "synchronous", "other": "adam", "adam_lr_fixed": True,
+                                   "adam_lr": 2.12e-3}, LANTON_GRID, False, "the default with the Adam part at 2.12e-3 (default 3e-3)"),
+    "default_adam_hi": ("lanton", {"noise_schedule": "synchronous", "other": "adam", "adam_lr_fixed": True,
+                                   "adam_lr": 4.24e-3}, LANTON_GRID, False, "the default with the Adam part at 4.24e-3 (default 3e-3)"),
     "lanton_p05_option2": ("lanton", {**P05, "noise_every": 1}, LANTON_GRID, True,
                            "Option II at p = 0.5: noise from a second gradient every step (2x samples)"),
 }
