@@ -85,8 +85,8 @@ class StepConfig:
         if not self.ns_coeffs or any(len(c) != 3 for c in self.ns_coeffs):
             raise ValueError(f"ns_coeffs must be a non-empty sequence of (a, b, c) triples, got {self.ns_coeffs}")
 
-
     def resolved_ratio_cap(self) -> float:
+        """The cap the kernels apply: `ratio_cap`, or the statistic's own when it is None."""
         return default_ratio_cap(self.ratio_stat) if self.ratio_cap is None else float(self.ratio_cap)
 
 

@@ -10,14 +10,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ._config import default_ratio_cap
-
 f32 = jnp.float32
 
 
-def group_ratios(noise, valid, stat, eps, power=1.0, floor=0.0, cap=None):
+def group_ratios(noise, valid, stat, eps, power, floor, cap):
     """r = min(cap, max(floor, (alpha / stat_{valid}(alpha))^power)), alpha = (H + eps)^(-1/2);
-    1 where not valid. cap None: the statistic's (1 for "median", none for the others)."""
+    1 where not valid. `cap`: `StepConfig.resolved_ratio_cap()` (math.inf: none)."""
     alpha = jax.lax.rsqrt(noise + f32(eps))
     any_valid = jnp.any(valid)
     if stat == "max":
@@ -33,7 +31,6 @@ def group_ratios(noise, valid, stat, eps, power=1.0, floor=0.0, cap=None):
     if power != 1.0:
         r = r ** f32(power)
     r = jnp.maximum(r, f32(floor))
-    cap = default_ratio_cap(stat) if cap is None else cap
     if cap != math.inf:
         r = jnp.minimum(r, f32(cap))
     return jnp.where(ok, r, 1.0)

@@ -66,11 +66,12 @@ def init_state(plan, treedef, leaves, momentum_dtype, kinds):
     for gname, group in plan.items():
         for lf in group:
             p = leaves[lf.index]
-            made = {"momentum": jnp.zeros(p.shape, momentum_dtype), "nu": jnp.zeros(p.shape, jnp.float32),
-                    "prev_grad": jnp.zeros(p.shape, p.dtype), "skipped": jnp.zeros(lf.batch_shape, jnp.int32)}
+            # Made only for the fields this leaf's kind keeps (a parameter-sized array each).
+            make = {"momentum": lambda: jnp.zeros(p.shape, momentum_dtype), "nu": lambda: jnp.zeros(p.shape, jnp.float32),
+                    "prev_grad": lambda: jnp.zeros(p.shape, p.dtype), "skipped": lambda: jnp.zeros(lf.batch_shape, jnp.int32)}
             for k in STATE_FIELDS:
                 if _holds(k, kinds[gname]):
-                    fields[k][lf.index] = made[k] if k in made else untracked(k, lf.batch_shape)
+                    fields[k][lf.index] = make[k]() if k in make else untracked(k, lf.batch_shape)
     return LantonState(count=jnp.zeros([], jnp.int32), **{k: treedef.unflatten(v) for k, v in fields.items()})
 
 def state_leaves(state, plan, treedef, p_leaves, kinds):
