@@ -104,6 +104,10 @@ VARIANTS = {
     # the non-hidden leaves at 0.4 x the rate: 3e-3 at 0.0075, the hybrid's Adam rate).
     "default": ("lanton", {"noise_schedule": "synchronous", "other": "adam"}, LANTON_GRID, False,
                 "lanton's default: the median rule (p = 0.5) on hidden matrices, fused NAdamW on the rest"),
+    # Issue 40's check of the staggered schedule, redone with the default since 2026-12-07 (only the
+    # hidden group measures noise there): the default with each hidden layer on its own phase.
+    "default_staggered": ("lanton", {"noise_schedule": "staggered", "other": "adam"}, LANTON_GRID, False,
+                          "the default with noise_schedule=\"staggered\" (1/K of each shape's layers measured per step)"),
     # Issue 41's <= 0.8x ideas. 1: the median reference without its cap at 1 (the quieter half of
     # the hidden group steps faster than the base rate). The Adam part stays at 3e-3 (the default's at
     # 0.0075) whatever the hidden rate.
@@ -116,6 +120,8 @@ VARIANTS = {
                                    "adam_lr": 2.12e-3}, LANTON_GRID, False, "the default with the Adam part at 2.12e-3 (default 3e-3)"),
     "default_adam_hi": ("lanton", {"noise_schedule": "synchronous", "other": "adam", "adam_lr_fixed": True,
                                    "adam_lr": 4.24e-3}, LANTON_GRID, False, "the default with the Adam part at 4.24e-3 (default 3e-3)"),
+    "default_adam_hi2": ("lanton", {"noise_schedule": "synchronous", "other": "adam", "adam_lr_fixed": True,
+                                    "adam_lr": 6e-3}, LANTON_GRID, False, "the default with the Adam part at 6e-3 (default 3e-3)"),
     "lanton_p05_option2": ("lanton", {**P05, "noise_every": 1}, LANTON_GRID, True,
                            "Option II at p = 0.5: noise from a second gradient every step (2x samples)"),
 }
