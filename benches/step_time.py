@@ -5,10 +5,10 @@ Params and state donated, as in a training loop; warm steps, outputs blocked on;
 Muon (hidden-only) from the same run.
 
 lanton rows: `noise off` (r = 1, no noise work), `K=1` (noise work every step), `K=10` (the
-default cadence: every layer measured on every tenth step), `K=10 staggered`
-(noise_schedule="staggered": a tenth of each shape's layers measured on every step) and, on GPU,
+default cadence, staggered since 2026-12-08: a tenth of each shape's layers measured on every
+step), `K=10 synchronous` (the paper's: every layer measured on every tenth step) and, on GPU,
 `K=1, TF32 noise products` (LANTON_NOISE_GEMM=tf32: the opt-in tensor-core kernel for the noise
-estimate's products). `K=10`, `K=10 staggered`, `noise off` and the ratios' base, optax Muon
+estimate's products). `K=10`, `K=10 synchronous`, `noise off` and the ratios' base, optax Muon
 (hidden only), are timed over whole cadences of 10 consecutive steps (each holds every layer's noise step and G_prev
 store once), the rows' steps taken in turn so that the machine's drift falls on all: the
 median over cadences of the mean step time, with as many cadences as fit in the set's budget
@@ -93,7 +93,7 @@ def contenders():
         "lanton noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False)),
         "lanton K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton K=10": ("tx", lambda: lanton.lanton(0.02, noise_every=10)),
-        "lanton K=10 staggered": ("tx", lambda: lanton.lanton(0.02, noise_every=10, noise_schedule="staggered")),
+        "lanton K=10 synchronous": ("tx", lambda: lanton.lanton(0.02, noise_every=10, noise_schedule="synchronous")),
         # Issue 41: the default's Adam part in lanton's kernels vs the same recipe as optax.multi_transform
         # (lanton on the hidden matrices, optax.adamw beside it), and vs the LMO steps for those leaves.
         "hybrid K=10 (multi_transform)": ("tx", lambda: hybrid(0.02, ADAM_LR_FACTOR * 0.02, noise_every=10)),
@@ -109,7 +109,7 @@ def contenders():
         "lanton K=1, TF32 noise products": ("tx", lambda: lanton.lanton(0.02, noise_every=1)),
         "lanton in-place noise off": ("fused", lambda: lanton.fused(0.02, noise_adaptive=False)),
         "lanton in-place K=10": ("fused", lambda: lanton.fused(0.02, noise_every=10)),
-        "lanton in-place K=10 staggered": ("fused", lambda: lanton.fused(0.02, noise_every=10, noise_schedule="staggered")),
+        "lanton in-place K=10 synchronous": ("fused", lambda: lanton.fused(0.02, noise_every=10, noise_schedule="synchronous")),
         "lanton noise off, f32 NS": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, ns_dtype="float32")),
         "lanton.reference noise off": ("tx", lambda: lanton.lanton(0.02, noise_adaptive=False, backend="reference")),
         "lanton.reference K=1": ("tx", lambda: lanton.lanton(0.02, noise_every=1, backend="reference")),
@@ -123,7 +123,7 @@ def contenders():
 # that a drift of the machine's speed falls on all alike: K = 10 against noise-off (the first) and
 # against the ratios' base, optax Muon, whose steps all cost the same.
 BASE = "optax muon (hidden only)"
-CADENCE_ROWS = ("lanton noise off", "lanton K=10", "lanton K=10 staggered", "hybrid K=10 (multi_transform)",
+CADENCE_ROWS = ("lanton noise off", "lanton K=10", "lanton K=10 synchronous", "hybrid K=10 (multi_transform)",
                 "lanton K=10, other=lmo", BASE)
 CADENCE = 10
 CADENCE_BUDGET_S = 3.0

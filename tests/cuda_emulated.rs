@@ -527,7 +527,7 @@ fn uncapped_median_matches_cpu_kernels() {
     // ratio_cap = inf: the quieter half of the group steps above the base rate (r > 1), the
     // same on both backends; a cap of 1.1 stops it there.
     STAT.with(|s| *s.borrow_mut() = Some("median"));
-    let mut last_of = |cap: f64| {
+    let last_of = |cap: f64| {
         CAP.with(|s| *s.borrow_mut() = Some(cap));
         let got = compare_shaped("hidden", &hidden_specs(dtype::F32), 1, "float32", 2e-4, false, None, Some((0.5, 0.0)));
         got.last().unwrap().iter().skip(6).step_by(RETS_PER_LEAF).flatten().copied().collect::<Vec<f32>>()

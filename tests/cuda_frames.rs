@@ -46,8 +46,11 @@ fn cuda_handlers_validate_before_touching_the_device() {
         let mut f = frame("hidden", dtype::F32);
         f.set_attr("noise_relative", Attr::Bool(true));
         expect_error(&mut f, h, &["'noise_relative'", "CPU only"]);
+        // (K = 3: the second leaf's two layers get phases 0 and 1; with K = 1 all would be 0 and
+        // the call needs no phases, as for the synchronous schedule.)
         let mut f = frame("hidden", dtype::F32);
         f.set_attr("noise_schedule", Attr::Str("staggered".into()));
+        f.set_attr("noise_every", Attr::I64(3));
         expect_error(&mut f, h, &["noise_schedule 'staggered' needs the trailing 'phases' argument on the CUDA targets"]);
     }
 }

@@ -157,9 +157,11 @@ fn phases_argument_is_checked_and_sets_each_layers_cadence() {
     f.call(lanton_step_update_cpu).unwrap();
     let prev_steps = |f: &Frame| (f.rets[5].to_f32(), f.rets[RETS_PER_LEAF + 5].to_f32());
     assert_eq!(prev_steps(&f), (vec![1.0], vec![0.0, 1.0]));
-    // Absent: the attribute's schedule (synchronous: phase 0, nothing stored at t = 1).
+    // Absent: the attribute's schedule (the default, staggered: phases 0 | 0 1 for these two shapes,
+    // so none stores G_prev at t = 1).
     let mut f = base();
     f.set_attr("noise_every", Attr::I64(3));
+    f.remove_attr("noise_schedule");
     f.call(lanton_step_update_cpu).unwrap();
     assert_eq!(prev_steps(&f), (vec![0.0], vec![0.0, 0.0]));
     expect_error(&mut with(OwnedBuffer::f32(&[3], &[2.0, 0.0, 2.0])), lanton_step_update_cpu,

@@ -34,10 +34,10 @@ class StepConfig:
     kind: str
     ns_coeffs: tuple = (NS_DEFAULT,) * NS_DEFAULT_STEPS
     noise_every: int = 10
-    # Every layer's noise on the same steps (the paper's cadence). "staggered" spreads the work
-    # evenly; it trained level on the plays but behind on the Python text (benches/results/
-    # quality_staggered*), so it is an option, not the default.
-    noise_schedule: str = "synchronous"
+    # Each layer's noise on its own phase: every step does the same 1/K of the noise work (no
+    # burst every K steps). The paper's cadence, every layer on the same steps, is "synchronous"
+    # (lanton.paper). Why: docs/decisions.md (benches/results/quality_default_staggered*).
+    noise_schedule: str = "staggered"
     noise_adaptive: bool = True
     # The reference of alpha: the group's median (r capped at 1), our default since a fading layer
     # under the paper's max throttled every other (benches/results/quality_other_text).

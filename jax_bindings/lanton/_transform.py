@@ -481,12 +481,11 @@ def lanton(
         3-seed protocol picked for the median reference (benches/results/quality), about optax
         Muon's tuned rate there (0.00707).
       noise_every: K, refresh the noise estimate every K steps (default 10, as in the paper).
-      noise_schedule: which steps refresh which layers, each once every K steps: "synchronous"
-        (the default, the paper's: every layer on steps t = 0 mod K) or "staggered" (layer i of
-        each shape class of a group on steps t = i mod K, so every step does the same 1/K of the
-        noise work, with no burst every K steps; ALGORITHM.md allows it). Staggered trained level
-        on the plays and behind on the Python text (3 paired seeds each,
-        benches/results/quality_staggered*).
+      noise_schedule: which steps refresh which layers, each once every K steps: "staggered"
+        (the default: layer i of each shape class of a group on steps t = i mod K, so every step
+        does the same 1/K of the noise work, with no burst every K steps; ALGORITHM.md allows
+        it) or "synchronous" (the paper's: every layer on steps t = 0 mod K; lanton.paper's).
+        Why the default: docs/decisions.md.
       noise_adaptive: False gives the noise-off baseline (r = 1: D-Muon / Scion-like).
       nesterov: use b1*B + (1-b1)*G as the direction's input.
       ratio_stat: reference statistic of alpha in the group ("median", "max", "mean", "min").

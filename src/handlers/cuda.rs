@@ -6,7 +6,7 @@ use super::decode::decode_layout;
 use crate::cuda::{self, CudaError, CudaOptions};
 use crate::ffi::{CallFrame, FfiError, FfiResult};
 use crate::step::layout::StepLayout;
-use crate::step::{NoiseSchedule, NuclearEstimator};
+use crate::step::{self, NuclearEstimator};
 
 /// The CUDA kernels index layers with 32-bit integers: refuse a group they cannot address.
 pub fn check_cuda_limits(layout: &StepLayout) -> FfiResult<()> {
@@ -43,7 +43,10 @@ pub(super) fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
              the CUDA kernels measure the paper's absolute noise",
         ));
     }
-    if layout.phases.is_none() && layout.config.noise_schedule != NoiseSchedule::Synchronous {
+    // Without the argument every layer is at phase 0: right for the synchronous schedule, and for
+    // a staggered one whose phases are all 0 anyway (K = 1, one layer per shape class).
+    let (schedule, every) = (layout.config.noise_schedule, layout.config.noise_every);
+    if layout.phases.is_none() && step::noise_phases(schedule, every, &layout.shapes()).iter().any(|&p| p != 0) {
         return Err(FfiError::invalid(format!(
             "{}: noise_schedule 'staggered' needs the trailing 'phases' argument on the CUDA targets (int32, one per \
              layer of the group: step::noise_phases; the CPU targets compute it when absent)",

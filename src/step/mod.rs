@@ -243,7 +243,7 @@ impl StepConfig {
             kind,
             ns_coeffs: vec![NS_DEFAULT; NS_DEFAULT_STEPS],
             noise_every: 10,
-            noise_schedule: NoiseSchedule::Synchronous,
+            noise_schedule: NoiseSchedule::Staggered,
             noise_adaptive: !adam,
             ratio_stat: RatioStat::Median,
             ratio_eps: 1e-30,

@@ -278,6 +278,8 @@ pub fn step_frame(kind: &str, specs: &[LeafSpec], t: i32, rng: &mut Rng) -> Fram
     f.set_attr("ratio_stat", Attr::Str("max".into()));
     // The paper's rule, spelled out (the library's defaults are p = 0.5 and the median).
     f.set_attr("ratio_power", Attr::F64(1.0));
+    // ... and its cadence, every layer on the same steps (the library's default is "staggered").
+    f.set_attr("noise_schedule", Attr::Str("synchronous".into()));
     f.set_attr("ratio_floor", Attr::F64(0.0));
     f.set_attr("ratio_eps", Attr::F64(1e-30));
     f.set_attr("nesterov", Attr::Bool(false));

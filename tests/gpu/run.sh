@@ -8,7 +8,7 @@
 #                  kernels for every kind and dtype, in place, non-finite, many leaves, TF32)
 #   3 no-sync      no conditional or host transfer in a steady-state step
 #   4 graphs       CUDA command buffers forced on vs off: parameters bitwise equal (f32/bf16/f16)
-#   5 step-time    GPT-2 small and TinyLlama-1.1B: noise off, K=10 (the default), K=10 staggered, K=1, in place,
+#   5 step-time    GPT-2 small and TinyLlama-1.1B: noise off, K=10 (the default, staggered), K=10 synchronous, K=1, in place,
 #                  optax Muon hidden-only and default (benches/step_time.py, with cadence spikes)
 #   6 profile      where one GPT-2-small step's time goes: wall vs device time, top kernels
 #                  (benches/step_profile.py)
@@ -94,9 +94,9 @@ part graphs 150 bash -c "
     '$PY' tests/gpu/graph_check.py dump '$TMP/graphs_off.npz' &&
   '$PY' tests/gpu/graph_check.py compare '$TMP/graphs_on.npz' '$TMP/graphs_off.npz'"
 part step-time 200 "$PY" benches/step_time.py --sets "${SETS:-gpt2,tinyllama}" --repeats 3 --cadence-budget gpt2=20,tinyllama=40 \
-  --only "lanton noise off;lanton K=10;lanton K=10 staggered;lanton K=1;lanton in-place K=10;lanton in-place K=10 staggered;optax muon (hidden only);optax muon (default)" \
+  --only "lanton noise off;lanton K=10;lanton K=10 synchronous;lanton K=1;lanton in-place K=10;lanton in-place K=10 synchronous;optax muon (hidden only);optax muon (default)" \
   --out "$RESULTS/step_time_gpu"
-part profile 90 "$PY" benches/step_profile.py --set gpt2 --rows "lanton K=10;lanton K=10 staggered;lanton noise off;optax muon (hidden only)" \
+part profile 90 "$PY" benches/step_profile.py --set gpt2 --rows "lanton K=10;lanton K=10 synchronous;lanton noise off;optax muon (hidden only)" \
   --steps 10 --out "$RESULTS/step_profile_gpu"
 if command -v compute-sanitizer >/dev/null; then
   # memcheck first, over every kernel (cuBLAS's too: a wrong leading dimension shows there). Some

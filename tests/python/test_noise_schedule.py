@@ -95,17 +95,22 @@ def test_fused_kernels_equal_the_reference_and_refresh_each_layer_once_per_k_ste
     assert all(0 < sum((t - p) % 3 == 0 for p in phases) < len(phases) for t in range(2, 10))
 
 
-def test_synchronous_is_the_default_and_the_papers_cadence():
-    p_default, _ = _run("ffi", None)
-    p_sync, _ = _run("ffi", "synchronous")
-    for a, b in zip(jax.tree.leaves(p_default), jax.tree.leaves(p_sync)):
+def _last_stored(history):
+    # (adam leaves, the default's embeddings and vectors, keep no G_prev step at all)
+    return {int(x) for s in jax.tree.leaves(history[-1].prev_step) for x in np.ravel(s)}
+
+
+def test_staggered_is_the_default_and_the_paper_synchronous():
+    p_default, h_default = _run("ffi", None)
+    p_stag, _ = _run("ffi", "staggered")
+    for a, b in zip(jax.tree.leaves(p_default), jax.tree.leaves(p_stag)):
         np.testing.assert_array_equal(a, b)
-    # Synchronous: every layer stored G_prev last on step 8 (K = 3), also under lanton.paper.
-    for make in (lanton.lanton, lanton.paper):
-        _, h_sync = _run("ffi", None, make=make)
-        # (adam leaves, the default's embeddings and vectors, keep no G_prev step at all)
-        stored = {int(x) for s in jax.tree.leaves(h_sync[-1].prev_step) for x in np.ravel(s)}
-        assert stored == {8}, stored
+    # Staggered: the hidden layers (phases 0, 1, 2 with K = 3) stored G_prev last on steps 8, 9, 7.
+    assert _last_stored(h_default) == {7, 8, 9}, _last_stored(h_default)
+    # Synchronous (lanton.paper's, or asked for): every layer stored G_prev last on step 8.
+    for make, schedule in ((lanton.paper, None), (lanton.lanton, "synchronous")):
+        _, h_sync = _run("ffi", schedule, make=make)
+        assert _last_stored(h_sync) == {8}, _last_stored(h_sync)
 
 
 def test_an_unknown_schedule_is_refused_by_name():
