@@ -6,7 +6,7 @@ use super::decode::decode_layout;
 use crate::cuda::{self, CudaError, CudaOptions};
 use crate::ffi::{CallFrame, FfiError, FfiResult};
 use crate::step::layout::StepLayout;
-use crate::step::{self, NuclearEstimator};
+use crate::step::{self, NoiseSchedule, NuclearEstimator};
 
 /// The CUDA kernels index layers with 32-bit integers: refuse a group they cannot address.
 pub fn check_cuda_limits(layout: &StepLayout) -> FfiResult<()> {
@@ -44,9 +44,14 @@ pub(super) fn run_cuda_step(call: &CallFrame, in_place: bool) -> FfiResult<()> {
         ));
     }
     // Without the argument every layer is at phase 0: right for the synchronous schedule, and for
-    // a staggered one whose phases are all 0 anyway (K = 1, one layer per shape class).
+    // a staggered one whose phases are all 0 anyway (K = 1, one layer per shape class). The phase
+    // map is built only in that second case (the shim sends a synchronous call without phases,
+    // every step).
     let (schedule, every) = (layout.config.noise_schedule, layout.config.noise_every);
-    if layout.phases.is_none() && step::noise_phases(schedule, every, &layout.shapes()).iter().any(|&p| p != 0) {
+    if layout.phases.is_none()
+        && schedule != NoiseSchedule::Synchronous
+        && step::noise_phases(schedule, every, &layout.shapes()).iter().any(|&p| p != 0)
+    {
         return Err(FfiError::invalid(format!(
             "{}: noise_schedule 'staggered' needs the trailing 'phases' argument on the CUDA targets (int32, one per \
              layer of the group: step::noise_phases; the CPU targets compute it when absent)",
