@@ -103,9 +103,10 @@ VARIANTS = {
     # Issue 41: lanton's default since 2026-12-07, the hybrid recipe in lanton's own kernels (NAdamW for
     # the non-hidden leaves at 0.4 x the rate: 3e-3 at 0.0075, the hybrid's Adam rate).
     "default": ("lanton", {"noise_schedule": "synchronous", "other": "adam"}, LANTON_GRID, False,
-                "lanton's default: the median rule (p = 0.5) on hidden matrices, fused NAdamW on the rest"),
+                "lanton's default (with the synchronous schedule, the default until 2026-12-08): the median rule (p = 0.5) on hidden matrices, fused NAdamW on the rest"),
     # Issue 40's check of the staggered schedule, redone with the default since 2026-12-07 (only the
-    # hidden group measures noise there): the default with each hidden layer on its own phase.
+    # hidden group measures noise there): the default with each hidden layer on its own phase, the
+    # library's default since 2026-12-08 (decisions.md).
     "default_staggered": ("lanton", {"noise_schedule": "staggered", "other": "adam"}, LANTON_GRID, False,
                           "the default with noise_schedule=\"staggered\" (1/K of each shape's layers measured per step)"),
     # Issue 41's <= 0.8x ideas. 1: the median reference without its cap at 1 (the quieter half of
